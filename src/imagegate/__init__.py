@@ -1,0 +1,7 @@
+"""imagegate: an OpenAI-compatible image gateway."""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""The gateway's error tree. Every failure a client can see is one of these.
+
+    GatewayError                      (status, type, code, param; rendered as OpenAI's envelope)
+    ├── InvalidRequest                400 invalid_request_error          (names the `param`)
+    │   ├── UnsupportedParameter      400 code=unsupported_parameter     (a table rejected it)
+    │   └── ContentPolicyViolation    400 code=content_policy_violation
+    ├── AuthenticationFailed          401 authentication_error
+    ├── InsufficientCredit            402 code=insufficient_credit       (upstream billing; never retried)
+    ├── NotFound                      404
+    │   └── ModelNotFound             404 code=model_not_found
+    ├── PayloadTooLarge               413 code=payload_too_large
+    ├── RateLimited                   429 rate_limit_error               (carries retry_after)
+    ├── UpstreamError                 502 upstream_error                 (a provider failed)
+    │   ├── UpstreamAuthFailed        502 code=upstream_auth_failed      (never echoes the key)
+    │   └── UpstreamTimeout           504 code=upstream_timeout
+    ├── ProviderUnavailable           503 code=provider_unavailable      (overloaded, runners down)
+    │   └── ProviderNotConfigured     503 code=provider_not_configured   (a key is missing)
+    └── InternalError                 500 server_error
+
+Two flags drive routing: `retryable` (the same call may be made again: the upstream
+did not accept it, or accepting it again costs nothing) and `fallback` (the next
+route may be tried). Client errors set neither.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationFailed",
+    "ContentPolicyViolation",
+    "GatewayError",
+    "InsufficientCredit",
+    "InternalError",
+    "InvalidRequest",
+    "ModelNotFound",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProviderNotConfigured",
+    "ProviderUnavailable",
+    "RateLimited",
+    "UnsupportedParameter",
+    "UpstreamAuthFailed",
+    "UpstreamError",
+    "UpstreamTimeout",
+]
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    retryable: bool = False
+    fallback: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+        fallback: bool | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.retry_after = retry_after
+        if retryable is not None:
+            self.retryable = retryable
+        if fallback is not None:
+            self.fallback = fallback
+        # Filled in by the service: the provider and upstream request id, when known.
+        self.provider: str | None = None
+        self.upstream_request_id: str | None = None
+        # True once money may have been spent upstream: clients must not retry blindly.
+        self.costly = False
+
+    def envelope(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class ContentPolicyViolation(InvalidRequest):
+    code = "content_policy_violation"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class InsufficientCredit(GatewayError):
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_credit"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    retryable = True
+    fallback = True
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    fallback = True
+
+
+class UpstreamAuthFailed(UpstreamError):
+    code = "upstream_auth_failed"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ProviderUnavailable(GatewayError):
+    status = 503
+    type = "upstream_error"
+    code = "provider_unavailable"
+    retryable = True
+    fallback = True
+
+
+class ProviderNotConfigured(ProviderUnavailable):
+    code = "provider_not_configured"
+    retryable = False
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"

@@ -1,0 +1,116 @@
+"""The adapter interface every provider implements.
+
+An adapter is thin: a parameter table per upstream model (pure data, applied by
+`core.params.apply_table`), `prepare_images` to turn input images into references the
+provider accepts (data URIs, uploads, or URLs passed through), `run` for the protocol
+itself (submit, poll, fetch result, cancel on cancellation), and `fetch` to download an
+output. Upstream failures are raised as `core.errors.GatewayError` subclasses.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+
+from imagegate.core.params import ParamTable
+from imagegate.core.request import InputImage, Operation
+from imagegate.core.sizes import SizePresets
+
+__all__ = [
+    "CallContext",
+    "Provider",
+    "ProviderImage",
+    "ProviderResult",
+    "Route",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One way to serve a public model: a provider, its model id, and per-route options."""
+
+    provider: str
+    model: str  # the upstream model id, e.g. "fal-ai/qwen-image-edit-2511"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float | None = None  # per-route deadline in seconds (overrides the global one)
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Per-call facts an adapter may need."""
+
+    request_id: str  # the gateway's x-request-id, for upstream logs
+    deadline: float  # absolute `time.monotonic()` by which the call must finish
+    operation: Operation
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderImage:
+    """One output image: bytes already in hand, or a URL to download. Width, height and
+    content type are what the provider reported (None when it did not say)."""
+
+    data: bytes | None = None
+    url: str | None = None
+    content_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderResult:
+    images: list[ProviderImage]
+    request_id: str | None = None  # the upstream's id for the job, reported to the client
+    seed: int | None = None
+    revised_prompt: str | None = None
+
+
+class Provider(abc.ABC):
+    """A provider adapter. One instance per gateway, sharing the app's `httpx.AsyncClient`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, http: httpx.AsyncClient, settings: Any) -> None:
+        self.http = http
+        self.settings = settings
+
+    @abc.abstractmethod
+    def check_configured(self) -> None:
+        """Raise ProviderNotConfigured (naming the missing setting) if this provider cannot run."""
+
+    @abc.abstractmethod
+    def models(self) -> Sequence[str]:
+        """The upstream model ids this adapter has tables for."""
+
+    @abc.abstractmethod
+    def table(self, model: str, operation: Operation) -> ParamTable:
+        """The parameter table for `model` and `operation`; KeyError if there is none."""
+
+    def size_presets(self, model: str) -> SizePresets | None:
+        """The model's native size grid (None: use the catalog's default presets)."""
+        return None
+
+    @abc.abstractmethod
+    async def prepare_images(
+        self, images: Sequence[InputImage], route: Route, *, dry_run: bool = False
+    ) -> list[str]:
+        """Provider-ready references for `images` (data URIs, uploaded file URLs, or the caller's
+        URLs). With `dry_run`, nothing is uploaded: uploads are shown as placeholders."""
+
+    @abc.abstractmethod
+    async def run(self, payload: dict[str, Any], route: Route, ctx: CallContext) -> ProviderResult:
+        """Run one upstream call. On cancellation (client gone, deadline), cancel the upstream job
+        best-effort, then re-raise."""
+
+    async def fetch(self, image: ProviderImage) -> bytes:
+        """Download an output image the provider returned as a URL."""
+        if image.data is not None:
+            return image.data
+        if image.url is None:
+            raise ValueError("provider image has neither bytes nor url")
+        response = await self.http.get(image.url, follow_redirects=True)
+        response.raise_for_status()
+        return response.content

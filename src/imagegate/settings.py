@@ -1,0 +1,216 @@
+"""Settings: the YAML config file, then the environment on top (pydantic-settings).
+
+Sources, strongest first: keyword arguments, `IMAGEGATE_*` environment variables (nested with
+`__`, e.g. `IMAGEGATE_PROVIDERS__FAL__QUEUE_URL`), the YAML file, the defaults below. The YAML
+file may reference the environment as `${NAME}` or `${NAME:-default}` (for secrets). There is
+no module-level instance: the app factory and the CLI call `load_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DeliverySettings",
+    "FalSettings",
+    "FetchSettings",
+    "LimitsSettings",
+    "ModelConfig",
+    "OpenAISettings",
+    "ProvidersSettings",
+    "ReplicateSettings",
+    "RouteConfig",
+    "RoutingSettings",
+    "Settings",
+    "StorageSettings",
+    "interpolate_env",
+    "load_settings",
+]
+
+DEFAULT_CONFIG = "imagegate.yaml"  # packaged under imagegate/defaults/ (configs/imagegate.yaml links to it)
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate_env(value: Any, environ: dict[str, str] | None = None) -> Any:
+    """Replace `${NAME}` / `${NAME:-default}` in every string of a YAML document."""
+    env = os.environ if environ is None else environ
+    if isinstance(value, str):
+        return _ENV_REF.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [interpolate_env(v, environ) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate_env(v, environ) for k, v in value.items()}
+    return value
+
+
+def _secret_or_none(value: Any) -> Any:
+    return None if value in ("", None) else value
+
+
+class FalSettings(BaseModel):
+    key: SecretStr | None = None  # FAL_KEY
+    key_id: SecretStr | None = None  # FAL_KEY_ID (with key_secret, when no key)
+    key_secret: SecretStr | None = None
+    queue_url: str = "https://queue.fal.run"
+    run_url: str = "https://fal.run"
+    rest_url: str = "https://rest.fal.ai"
+    mode: Literal["queue", "sync"] = "queue"
+    inline_max_bytes: int = 1_000_000  # inputs up to this size go as data URIs, larger ones are uploaded
+    poll_interval: float = 0.5
+    poll_max_interval: float = 3.0
+    status_stream: bool = False  # follow the SSE status stream instead of polling
+    sync_mode_b64: bool = False  # for b64_json, ask fal for data URIs instead of downloading
+
+    _empty = field_validator("key", "key_id", "key_secret", mode="before")(_secret_or_none)
+
+
+class ReplicateSettings(BaseModel):
+    api_token: SecretStr | None = None  # REPLICATE_API_TOKEN
+    base_url: str = "https://api.replicate.com/v1"
+    wait_seconds: int = Field(60, ge=1, le=60)  # `Prefer: wait=N`
+    inline_max_bytes: int = 256_000  # larger inputs go through the Files API
+    poll_interval: float = 0.5
+    poll_max_interval: float = 3.0
+
+    _empty = field_validator("api_token", mode="before")(_secret_or_none)
+
+
+class OpenAISettings(BaseModel):
+    api_key: SecretStr | None = None  # OPENAI_API_KEY
+    base_url: str = "https://api.openai.com/v1"
+
+    _empty = field_validator("api_key", mode="before")(_secret_or_none)
+
+
+class SandboxSettings(BaseModel):
+    delay_seconds: float = 0.0  # simulated model latency
+
+
+class ProvidersSettings(BaseModel):
+    fal: FalSettings = FalSettings()
+    replicate: ReplicateSettings = ReplicateSettings()
+    openai: OpenAISettings = OpenAISettings()
+    sandbox: SandboxSettings = SandboxSettings()
+
+
+class LimitsSettings(BaseModel):
+    max_image_bytes: int = 50 * 1024 * 1024  # per uploaded image (OpenAI: < 50 MB)
+    max_mask_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 100 * 1024 * 1024  # a whole request body
+    max_pixels: int = 40_000_000  # per input image (from its header, before decoding) and per output
+    max_images: int = 16
+    max_prompt_chars: int = 32_000
+
+
+class StorageSettings(BaseModel):
+    backend: Literal["local"] = "local"
+    path: Path = Path("data/images")
+    ttl_seconds: int = 3600
+
+
+class DeliverySettings(BaseModel):
+    url_mode: Literal["rehost", "passthrough"] = "rehost"
+    public_base_url: str | None = None  # e.g. https://images.example.com; default: the request's base URL
+    default_response_format: Literal["url", "b64_json"] = "url"
+
+
+class RoutingSettings(BaseModel):
+    deadline_seconds: float = 300.0  # per request, all routes and retries included
+    max_attempts: int = 3  # per route, for retryable failures
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    fanout_concurrency: int = 4  # parallel upstream calls for an emulated `n`
+    keepalive_seconds: float = 10.0  # SSE comment interval while streaming
+
+
+class FetchSettings(BaseModel):
+    """The guard for image URLs the gateway itself must fetch (the JSON form of edits)."""
+
+    allow_hosts: list[str] = []  # hosts exempt from the private-address block (operators, tests)
+    max_bytes: int = 50 * 1024 * 1024
+    timeout_seconds: float = 20.0
+
+
+class RouteConfig(BaseModel):
+    provider: str
+    model: str
+    options: dict[str, Any] = {}
+    timeout_seconds: float | None = None
+    url_mode: Literal["rehost", "passthrough"] | None = None
+
+
+class ModelConfig(BaseModel):
+    routes: list[RouteConfig] = Field(min_length=1)
+    owned_by: str = "imagegate"
+    created: int = 1_767_225_600  # 2026-01-01
+    description: str = ""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEGATE_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    image_workers: int | None = None  # threads for image work (default: CPU count)
+    log_level: str = "info"
+    limits: LimitsSettings = LimitsSettings()
+    storage: StorageSettings = StorageSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    routing: RoutingSettings = RoutingSettings()
+    fetch: FetchSettings = FetchSettings()
+    providers: ProvidersSettings = ProvidersSettings()
+    models: dict[str, ModelConfig] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings
+
+
+def _read_yaml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        text = resources.files("imagegate").joinpath("defaults", DEFAULT_CONFIG).read_text("utf-8")
+    else:
+        text = Path(path).read_text("utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping")
+    return interpolate_env(data)  # type: ignore[no-any-return]
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from `path` (or `$IMAGEGATE_CONFIG`, or the packaged default) plus the environment.
+
+    The environment wins over the file; `overrides` win over both."""
+    chosen = path or os.environ.get("IMAGEGATE_CONFIG") or None
+    file_data = _read_yaml(Path(chosen) if chosen else None)
+    env_data = Settings().model_dump(exclude_unset=True)  # the environment alone
+    merged = _deep_merge(_deep_merge(file_data, env_data), overrides)
+    return Settings.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -373,7 +373,7 @@ def _check(rule: Rule, value: Any) -> Any:
     if rule.choices is not None and value not in rule.choices:
         allowed = ", ".join(f"'{c}'" for c in rule.choices)
         raise InvalidRequest(f"Invalid value: '{value}'. Supported values are: {allowed}.", param=param)
-    if rule.min is not None and value < rule.min or rule.max is not None and value > rule.max:
+    if (rule.min is not None and value < rule.min) or (rule.max is not None and value > rule.max):
         raise InvalidRequest(
             f"Invalid value: {value}. '{param}' must be between {rule.min} and {rule.max} for this model.",
             param=param,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
+import httpx
 from PIL import Image
 
 Color = tuple[int, ...]
@@ -98,3 +101,27 @@ def _fit_color(color: Color, mode: str) -> Color | int:
     if len(color) >= bands:
         return tuple(color[:bands])
     return tuple(color) + (255,) * (bands - len(color))
+
+
+async def load_image_bytes(url: str, lookup: Callable[[str], bytes | None] | None = None) -> bytes | None:
+    """Best-effort fetch of an input image the way a fake "runner" would.
+
+    ``data:`` URIs are decoded; ``lookup(url)`` may resolve files the fake itself hosts; other URLs are
+    fetched only when they point at 127.0.0.1/localhost (never the real network). None if unavailable.
+    """
+    if not isinstance(url, str):
+        return None
+    parsed = parse_data_uri(url)
+    if parsed is not None:
+        return parsed[1]
+    if lookup is not None and (found := lookup(url)) is not None:
+        return found
+    host = urlsplit(url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            resp = await client.get(url)
+    except httpx.HTTPError:
+        return None
+    return resp.content if resp.status_code == 200 else None

@@ -6,14 +6,17 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import uvicorn
+from starlette.requests import Request
 
 
 class LocalServer:
@@ -120,3 +123,35 @@ def wait_until(condition: Callable[[], object], timeout: float = 2.0, interval: 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+@dataclass
+class RecordedRequest:
+    """One request as a fake upstream saw it. Header names are lower-cased."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes = b""
+    json: Any = None
+    at: float = field(default_factory=time.monotonic)
+
+
+async def record_request(request: Request) -> RecordedRequest:
+    """Snapshot a Starlette request (reads and caches the body; ``json`` is None unless it parses)."""
+    body = await request.body()
+    parsed: Any = None
+    if body and "json" in request.headers.get("content-type", "json"):
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+    return RecordedRequest(
+        method=request.method,
+        path=request.url.path,
+        query=dict(request.query_params),
+        headers={k.lower(): v for k, v in request.headers.items()},
+        body=body,
+        json=parsed,
+    )

@@ -72,6 +72,8 @@ class Provider(abc.ABC):
     """A provider adapter. One instance per gateway, sharing the app's `httpx.AsyncClient`."""
 
     name: ClassVar[str]
+    # False for providers that need the bytes (the gateway then fetches URL inputs through its guard).
+    accepts_image_urls: ClassVar[bool] = True
 
     def __init__(self, http: httpx.AsyncClient, settings: Any) -> None:
         self.http = http

@@ -1,0 +1,78 @@
+"""The app factory: `create_app(settings)` builds everything eagerly, so a bad catalog or an
+unknown provider fails here, not at the first request; the lifespan only releases resources."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from imagegate import __version__
+from imagegate.api import errors, files, health, images, models
+from imagegate.core.catalog import Catalog
+from imagegate.core.fetch import GuardedFetcher
+from imagegate.core.imaging import ImagePool
+from imagegate.core.service import ImageService
+from imagegate.providers.registry import build_providers
+from imagegate.settings import Settings, load_settings
+from imagegate.storage.local import LocalStorage
+
+__all__ = ["app_from_env", "create_app"]
+
+log = logging.getLogger("imagegate")
+
+
+def _http_client() -> httpx.AsyncClient:
+    """One pooled client for every upstream call. Per-call timeouts are set by the adapters."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(60.0, connect=10.0),
+        limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=30),
+        headers={"user-agent": f"imagegate/{__version__}"},
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    http = _http_client()
+    pool = ImagePool(settings.image_workers)
+    storage = LocalStorage(settings.storage)
+    catalog = Catalog.from_config(settings.models)
+    fetcher = GuardedFetcher(http, settings.fetch)
+    service = ImageService(
+        settings=settings,
+        catalog=catalog,
+        providers=build_providers(http, settings, pool),
+        storage=storage,
+        pool=pool,
+        fetcher=fetcher,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await http.aclose()
+            await storage.close()
+            pool.close()
+
+    app = FastAPI(title="imagegate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    app.state.http = http
+    app.state.pool = pool
+    app.state.storage = storage
+    app.state.catalog = catalog
+    app.state.fetcher = fetcher
+    app.state.service = service
+    errors.install(app)
+    for router in (images.router, models.router, files.router, health.router):
+        app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` and multi-worker serving: config from `$IMAGEGATE_CONFIG`."""
+    return create_app(load_settings())

@@ -1,0 +1,343 @@
+"""The request pipeline: plan -> execute (retries, fallback, fan-out, deadline) -> post-process -> respond.
+
+For each route of the model, in order: check the provider is configured, resolve the size
+target against the model's presets, let the adapter prepare image references, apply the
+route's parameter table (the one interpreter), run the upstream calls (`n` fan-out in
+parallel, bounded; each call retried with backoff only when its error says it is safe),
+then deliver every image. A failure that allows it (`fallback`) moves on to the next route;
+client errors never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from imagegate.core import imaging
+from imagegate.core.catalog import Catalog, CatalogEntry
+from imagegate.core.emulate import Delivered, OutputSpec, deliver_image
+from imagegate.core.errors import (
+    GatewayError,
+    InvalidRequest,
+    ProviderNotConfigured,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from imagegate.core.params import BuildContext, Plan, apply_table
+from imagegate.core.presets import QWEN_PRESETS
+from imagegate.core.request import ImageRequest, InputImage
+from imagegate.core.results import DryRunResult, ImageResult
+from imagegate.core.sizes import Size, resolve_target
+from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
+from imagegate.providers.common import backoff_delay
+from imagegate.settings import Settings
+from imagegate.storage.base import Storage
+
+__all__ = ["ImageFetcher", "ImageService"]
+
+log = logging.getLogger("imagegate.service")
+
+
+class ImageFetcher:
+    """Fetches a caller's image URL through the SSRF guard (the HTTP layer's GuardedFetcher)."""
+
+    async def fetch(self, url: str, *, param: str) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempted:
+    route: Route
+    error: GatewayError
+
+
+class ImageService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalog: Catalog,
+        providers: Mapping[str, Provider],
+        storage: Storage,
+        pool: imaging.ImagePool,
+        fetcher: ImageFetcher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.providers = dict(providers)
+        self.storage = storage
+        self.pool = pool
+        self.fetcher = fetcher
+        for entry in catalog:
+            for route in entry.routes:
+                self._check_route(entry, route)
+
+    def _check_route(self, entry: CatalogEntry, route: Route) -> None:
+        """Misconfiguration fails when the app is built, not at the first request."""
+        provider = self.providers.get(route.provider)
+        if provider is None:
+            raise ValueError(f"model {entry.id}: unknown provider {route.provider!r}")
+        known = provider.models()
+        if known and route.model not in known:
+            raise ValueError(f"model {entry.id}: provider {route.provider} has no table for {route.model!r}")
+
+    async def run(
+        self, request: ImageRequest, *, request_id: str, base_url: str, dry_run: bool = False
+    ) -> ImageResult | DryRunResult:
+        """Serve one validated request. Raises GatewayError subclasses."""
+        entry = self.catalog.get(request.model)
+        started = time.monotonic()
+        deadline = started + self.settings.routing.deadline_seconds
+        if dry_run:
+            route = entry.routes[0]
+            return await self._dry_run(entry, route, self.providers[route.provider], request)
+
+        failures: list[_Attempted] = []
+        for route in entry.routes:
+            provider = self.providers[route.provider]
+            try:
+                provider.check_configured()
+                return await self._serve(entry, route, provider, request, request_id, base_url, deadline)
+            except GatewayError as exc:
+                exc.provider = exc.provider or provider.name
+                failures.append(_Attempted(route, exc))
+                log.warning(
+                    "route failed",
+                    extra={"request_id": request_id, "provider": provider.name, "error": repr(exc)},
+                )
+                if not exc.fallback or time.monotonic() >= deadline:
+                    raise
+        raise _final_error(failures)
+
+    # -- planning ---------------------------------------------------------------------------
+
+    async def _plan(
+        self, route: Route, provider: Provider, request: ImageRequest, *, dry_run: bool
+    ) -> Plan:
+        try:
+            table = provider.table(route.model, request.operation)
+        except KeyError:
+            verb = "image edits" if request.operation == "edit" else "image generations"
+            raise InvalidRequest(f"The model `{request.model}` does not support {verb}.", param="model") from None
+        images = list(request.images)
+        mask = request.mask
+        if not provider.accepts_image_urls:
+            images = [await self._materialize(image, "image") for image in images]
+            mask = await self._materialize(mask, "mask") if mask is not None else None
+        first = images[0] if images else None
+        input_size = Size(first.width, first.height) if first and first.width and first.height else None
+        target = resolve_target(
+            size=request.size,
+            aspect_ratio=request.aspect_ratio,
+            resolution=request.resolution,
+            presets=provider.size_presets(route.model) or QWEN_PRESETS,
+            input_size=input_size,
+        )
+        if target is not None and target.size.pixels > self.settings.limits.max_pixels:
+            raise InvalidRequest(
+                f"The requested size {target.size} exceeds the gateway's limit of "
+                f"{self.settings.limits.max_pixels} pixels.",
+                param="size",
+            )
+        refs = await provider.prepare_images(images, route, dry_run=dry_run) if images else []
+        mask_ref = None
+        if mask is not None:
+            (mask_ref,) = await provider.prepare_images([mask], route, dry_run=dry_run)
+        ctx = BuildContext(request.operation, target=target, input_size=input_size, options=route.options)
+        return apply_table(table, request, ctx, image_refs=refs, mask_ref=mask_ref)
+
+    async def _materialize(self, image: InputImage, param: str) -> InputImage:
+        """Bytes for a URL input, fetched through the SSRF guard, for providers that need bytes."""
+        if image.data is not None or image.url is None:
+            return image
+        if self.fetcher is None:
+            raise InvalidRequest("This gateway does not fetch image URLs.", param=param)
+        data = await self.fetcher.fetch(image.url, param=param)
+        try:
+            info = await self.pool.run(imaging.probe, data, max_pixels=self.settings.limits.max_pixels, verify=True)
+        except imaging.ImageError as exc:
+            raise InvalidRequest(f"Invalid image at '{param}' URL: {exc.reason}", param=param) from exc
+        return replace(image, data=data, url=None, format=info.format, width=info.width, height=info.height)
+
+    async def _dry_run(
+        self, entry: CatalogEntry, route: Route, provider: Provider, request: ImageRequest
+    ) -> DryRunResult:
+        plan = await self._plan(route, provider, request, dry_run=True)
+        return DryRunResult(
+            model=entry.id,
+            provider=provider.name,
+            upstream_model=route.model,
+            payloads=plan.payloads,
+            params={param: mode.value for param, mode in plan.outcomes.items()},
+            notes=plan.notes,
+            target_size=str(plan.target.size) if plan.target else None,
+            headers=_headers(plan, provider, route, []),
+        )
+
+    # -- execution --------------------------------------------------------------------------
+
+    async def _serve(
+        self,
+        entry: CatalogEntry,
+        route: Route,
+        provider: Provider,
+        request: ImageRequest,
+        request_id: str,
+        base_url: str,
+        deadline: float,
+    ) -> ImageResult:
+        plan = await self._plan(route, provider, request, dry_run=False)
+        if route.timeout is not None:
+            deadline = min(deadline, time.monotonic() + route.timeout)
+        ctx = CallContext(request_id=request_id, deadline=deadline, operation=request.operation)
+        results = await self._execute(plan, route, provider, ctx)
+        try:
+            delivered = await self._deliver(request, plan, route, provider, results, base_url)
+        except GatewayError as exc:
+            exc.costly = True
+            exc.fallback = False  # the upstream work is done and paid for: do not redo it elsewhere
+            raise
+        return _result(request, plan, provider, route, results, delivered)
+
+    async def _execute(
+        self, plan: Plan, route: Route, provider: Provider, ctx: CallContext
+    ) -> list[ProviderResult]:
+        limit = asyncio.Semaphore(max(1, self.settings.routing.fanout_concurrency))
+
+        async def one(payload: dict[str, object]) -> ProviderResult:
+            async with limit:
+                return await self._call_with_retries(payload, route, provider, ctx)
+
+        remaining = ctx.deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, remaining)):
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(one(dict(payload))) for payload in plan.payloads]
+        except TimeoutError:
+            raise UpstreamTimeout(f"{provider.name} did not finish before the gateway's deadline.") from None
+        except BaseExceptionGroup as group_error:
+            # One call failed: the others were cancelled (and cancelled upstream). No half answers.
+            first = _first_gateway_error(group_error)
+            if first is None:
+                raise
+            raise first from None
+        return [task.result() for task in tasks]
+
+    async def _call_with_retries(
+        self, payload: dict[str, object], route: Route, provider: Provider, ctx: CallContext
+    ) -> ProviderResult:
+        routing = self.settings.routing
+        attempt = 0
+        while True:
+            try:
+                return await provider.run(payload, route, ctx)
+            except GatewayError as exc:
+                exc.provider = provider.name
+                attempt += 1
+                if not exc.retryable or attempt >= routing.max_attempts:
+                    raise
+                delay = backoff_delay(
+                    attempt - 1, base=routing.backoff_base, cap=routing.backoff_max, retry_after=exc.retry_after
+                )
+                if time.monotonic() + delay >= ctx.deadline:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _deliver(
+        self,
+        request: ImageRequest,
+        plan: Plan,
+        route: Route,
+        provider: Provider,
+        results: Sequence[ProviderResult],
+        base_url: str,
+    ) -> list[Delivered]:
+        images = [(image, result.revised_prompt) for result in results for image in result.images]
+        if len(images) < request.n:
+            raise UpstreamError(
+                f"{provider.name} returned {len(images)} image(s) where {request.n} were requested."
+            )
+        delivery = self.settings.delivery
+        url_mode: Literal["rehost", "passthrough"] = route.options.get("url_mode") or delivery.url_mode
+        spec = OutputSpec(
+            format=request.output_format or "png",
+            size=plan.target.size if plan.target else None,
+            compression=request.output_compression,
+            background=request.background,
+            response_format=request.response_format or delivery.default_response_format,
+            url_mode=url_mode,
+            max_pixels=self.settings.limits.max_pixels,
+            ttl_seconds=self.settings.storage.ttl_seconds,
+            public_base_url=(delivery.public_base_url or base_url).rstrip("/"),
+        )
+        return list(
+            await asyncio.gather(
+                *(
+                    deliver_image(
+                        image, spec, provider=provider, storage=self.storage, pool=self.pool, revised_prompt=revised
+                    )
+                    for image, revised in images[: request.n]
+                )
+            )
+        )
+
+
+def _first_gateway_error(group: BaseExceptionGroup[BaseException]) -> GatewayError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_gateway_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
+def _final_error(failures: Sequence[_Attempted]) -> GatewayError:
+    """All routes failed. If none was configured, say what to set; otherwise the last error."""
+    if failures and all(isinstance(f.error, ProviderNotConfigured) for f in failures):
+        message = "; ".join(f.error.message for f in failures)
+        return ProviderNotConfigured(f"No provider for this model is configured: {message}.")
+    return failures[-1].error
+
+
+def _headers(plan: Plan, provider: Provider, route: Route, results: Sequence[ProviderResult]) -> dict[str, str]:
+    headers = {
+        "x-imagegate-params": plan.header(),
+        "x-imagegate-provider": provider.name,
+        "x-imagegate-upstream-model": route.model,
+    }
+    ids = [r.request_id for r in results if r.request_id]
+    if ids:
+        headers["x-imagegate-upstream-request-id"] = ",".join(ids)
+    return headers
+
+
+def _result(
+    request: ImageRequest,
+    plan: Plan,
+    provider: Provider,
+    route: Route,
+    results: Sequence[ProviderResult],
+    delivered: Sequence[Delivered],
+) -> ImageResult:
+    sizes = {(d.width, d.height) for d in delivered}
+    size = None
+    if len(sizes) == 1:
+        width, height = next(iter(sizes))
+        if width and height:
+            size = f"{width}x{height}"
+    quality = request.quality if request.quality and request.quality != "auto" else "high"
+    return ImageResult(
+        created=int(time.time()),
+        data=[d.image for d in delivered],
+        size=size,
+        output_format=delivered[0].format if delivered else (request.output_format or "png"),
+        quality=quality,
+        background="transparent" if any(d.has_alpha for d in delivered) else "opaque",
+        headers=_headers(plan, provider, route, results),
+    )

@@ -167,7 +167,7 @@ def test_transform_downscales_large_jpeg() -> None:
     assert Image.open(io.BytesIO(out)).size == (100, 100)
 
 
-def test_transform_draft_respects_exif_rotation() -> None:
+def test_transform_fits_rotated_jpeg_by_its_displayed_size() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 1200x400, displayed 400x1200
     data = _encode(_photo((1200, 400)), "JPEG", exif=exif.tobytes())

@@ -48,9 +48,7 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
 }
 DEFAULT_SIZE = (1024, 768)  # no image_size and no decodable input image (= qwen-image's landscape_4_3 default)
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-CONTENT_POLICY_MSG = (
-    "The content could not be processed because it contained material flagged by a content checker."
-)
+CONTENT_POLICY_MSG = "The content could not be processed because it contained material flagged by a content checker."
 NAMESPACES = ("workflows", "comfy")
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
@@ -108,9 +106,7 @@ def runner_disconnected() -> FalError:
 
 def request_timeout_user() -> FalError:
     """504 for an expired ``X-Fal-Request-Timeout`` deadline; clients must not retry it."""
-    return platform_error(
-        504, "request_timeout", "Request timed out", X_Fal_Request_Timeout_Type="user"
-    )
+    return platform_error(504, "request_timeout", "Request timed out", X_Fal_Request_Timeout_Type="user")
 
 
 def client_cancelled() -> FalError:
@@ -119,7 +115,9 @@ def client_cancelled() -> FalError:
 
 def rate_limited(retry_after: int = 1, *, with_request_id: bool = False) -> FalError:
     return FalError(
-        429, {"detail": "Too many requests, please retry later"}, {"Retry-After": str(retry_after)},
+        429,
+        {"detail": "Too many requests, please retry later"},
+        {"Retry-After": str(retry_after)},
         with_request_id,
     )
 
@@ -148,7 +146,9 @@ def content_policy_violation(field_name: str = "prompt") -> FalError:
 
 
 def validation_error(
-    field_name: str, msg: str = "Input should be a valid value", type_: str = "value_error",
+    field_name: str,
+    msg: str = "Input should be a valid value",
+    type_: str = "value_error",
     ctx: dict[str, Any] | None = None,
 ) -> FalError:
     """A Pydantic-style 422 on ``loc: ["body", <field>]`` (``input`` = that field's submitted value)."""
@@ -195,8 +195,10 @@ class FalScenario:
     @classmethod
     def runner_disconnected(cls, **kw: Any) -> FalScenario:
         return cls(
-            completed_error="Runner disconnected", completed_error_type="runner_disconnected",
-            result_error=runner_disconnected(), **kw,
+            completed_error="Runner disconnected",
+            completed_error_type="runner_disconnected",
+            result_error=runner_disconnected(),
+            **kw,
         )
 
 
@@ -356,7 +358,7 @@ class FakeFal:
     def _lookup_file(self, url: str) -> bytes | None:
         path = urlsplit(url).path
         if path.startswith("/files/"):
-            found = self.files.get(path[len("/files/"):])
+            found = self.files.get(path[len("/files/") :])
             return found[0] if found else None
         return None
 
@@ -388,10 +390,16 @@ class FakeFal:
                 with self._lock:
                     self.files[name] = (data, mime_for(fmt))
                 url = f"{base}files/{name}"
-            images.append({
-                "url": url, "width": w, "height": h, "content_type": mime_for(fmt),
-                "file_name": name.rsplit("/", 1)[-1], "file_size": len(data),
-            })
+            images.append(
+                {
+                    "url": url,
+                    "width": w,
+                    "height": h,
+                    "content_type": mime_for(fmt),
+                    "file_name": name.rsplit("/", 1)[-1],
+                    "file_size": len(data),
+                }
+            )
         nsfw = job.scenario.has_nsfw_concepts
         return {
             "images": images,
@@ -433,7 +441,9 @@ class FakeFal:
         if isinstance(job, Response):
             return job
         body = {
-            "status": "IN_QUEUE", "request_id": job.request_id, **_urls(str(request.base_url), job),
+            "status": "IN_QUEUE",
+            "request_id": job.request_id,
+            **_urls(str(request.base_url), job),
             "queue_position": max(job.scenario.queue_polls - 1, 0),
         }
         return JSONResponse(body, headers={"x-fal-request-id": job.request_id})
@@ -461,7 +471,8 @@ class FakeFal:
             with self._lock:
                 self.stream_opens.append(job.request_id)
             return StreamingResponse(
-                self._stream(job, base, logs), media_type="text/event-stream",
+                self._stream(job, base, logs),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "x-fal-request-id": job.request_id},
             )
         with self._lock:
@@ -593,10 +604,10 @@ def _default_logs() -> list[dict[str, Any]]:
 
 def _at(payload: Any, path: list[Any]) -> Any:
     for key in path:
-        if isinstance(payload, dict) and key in payload:
-            payload = payload[key]
-        elif isinstance(payload, list) and isinstance(key, int) and 0 <= key < len(payload):
-            payload = payload[key]
-        else:
+        found = (isinstance(payload, dict) and key in payload) or (
+            isinstance(payload, list) and isinstance(key, int) and 0 <= key < len(payload)
+        )
+        if not found:
             return None
+        payload = payload[key]
     return payload

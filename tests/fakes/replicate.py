@@ -81,12 +81,15 @@ def unauthenticated() -> ReplicateError:
 
 
 def insufficient_credit() -> ReplicateError:
-    return ReplicateError(402, {
-        "title": "Insufficient credit",
-        "detail": "You have insufficient credit to run this model. Go to https://replicate.com/account/billing"
-        "#billing to purchase credit. Once you purchase credit, please wait a few minutes before trying again.",
-        "status": 402,
-    })
+    return ReplicateError(
+        402,
+        {
+            "title": "Insufficient credit",
+            "detail": "You have insufficient credit to run this model. Go to https://replicate.com/account/billing"
+            "#billing to purchase credit. Once you purchase credit, please wait a few minutes before trying again.",
+            "status": 402,
+        },
+    )
 
 
 def throttled(retry_after: int = 1, *, header: bool = True) -> ReplicateError:
@@ -102,17 +105,20 @@ def throttled(retry_after: int = 1, *, header: bool = True) -> ReplicateError:
 def invalid_fields(fields: list[tuple[str, str, str]]) -> ReplicateError:
     """422 "Input validation failed" from ``(type, field, description)`` triples."""
     detail = "".join(f"- {f}: {d}\n" if f else f"- {d}\n" for _, f, d in fields)
-    return ReplicateError(422, {
-        "detail": detail, "status": 422, "title": "Input validation failed",
-        "invalid_fields": [{"type": t, "field": f, "description": d} for t, f, d in fields],
-    })
+    return ReplicateError(
+        422,
+        {
+            "detail": detail,
+            "status": 422,
+            "title": "Input validation failed",
+            "invalid_fields": [{"type": t, "field": f, "description": d} for t, f, d in fields],
+        },
+    )
 
 
 def invalid_aspect_ratio(allowed: tuple[str, ...] = (*ASPECT_RATIO_SIZES, "match_input_image")) -> ReplicateError:
     choices = ", ".join(f'"{a}"' for a in allowed)
-    return invalid_fields(
-        [("enum", "input.aspect_ratio", f"aspect_ratio must be one of the following: {choices}")]
-    )
+    return invalid_fields([("enum", "input.aspect_ratio", f"aspect_ratio must be one of the following: {choices}")])
 
 
 def server_error(status: int = 500, detail: str = "Internal server error") -> ReplicateError:
@@ -285,10 +291,10 @@ class FakeReplicate:
     def _lookup(self, url: str) -> bytes | None:
         path = urlsplit(url).path
         if path.startswith("/v1/files/"):
-            found = self.files.get(path[len("/v1/files/"):].split("/")[0])
+            found = self.files.get(path[len("/v1/files/") :].split("/")[0])
             return found.data if found else None
         if path.startswith("/files/"):
-            out = self.outputs.get(path[len("/files/"):])
+            out = self.outputs.get(path[len("/files/") :])
             return out[0] if out else None
         return None
 
@@ -352,9 +358,14 @@ class FakeReplicate:
         metrics: dict[str, Any] = {}
         if terminal and pred.completed_at is not None:
             total = round((pred.completed_at - pred.created).total_seconds(), 6)
-            metrics = {"total_time": total} if status == "aborted" else {
-                "predict_time": sc.predict_time, "total_time": total,
-            }
+            metrics = (
+                {"total_time": total}
+                if status == "aborted"
+                else {
+                    "predict_time": sc.predict_time,
+                    "total_time": total,
+                }
+            )
         body: dict[str, Any] = {
             "id": pred.id,
             "model": pred.model,
@@ -419,11 +430,15 @@ class FakeReplicate:
         if "input" not in body:
             problems.append(("required", "", "input is required"))
         elif not isinstance(body["input"], dict):
-            problems.append(("invalid_type", "input", "Invalid type. Expected: object, given: " +
-                             type(body["input"]).__name__))
+            problems.append(
+                ("invalid_type", "input", "Invalid type. Expected: object, given: " + type(body["input"]).__name__)
+            )
         allowed = PREDICTION_KEYS | ({"version"} if needs == "version" else set())
-        problems += [("additional_property_not_allowed", "", f"Additional property {k} is not allowed")
-                     for k in body if k not in allowed]
+        problems += [
+            ("additional_property_not_allowed", "", f"Additional property {k} is not allowed")
+            for k in body
+            if k not in allowed
+        ]
         if problems:
             self.rejected_creates.append(rec)
             return invalid_fields(problems).response()
@@ -450,8 +465,16 @@ class FakeReplicate:
         created = datetime.now(UTC)
         duration = _parse_duration(cancel_after) if cancel_after else None
         pred = Prediction(
-            id=_prediction_id(), model=model, version=version, input=body["input"], body=body,
-            headers=rec.headers, scenario=scenario, created=created, prefer=prefer, cancel_after=cancel_after,
+            id=_prediction_id(),
+            model=model,
+            version=version,
+            input=body["input"],
+            body=body,
+            headers=rec.headers,
+            scenario=scenario,
+            created=created,
+            prefer=prefer,
+            cancel_after=cancel_after,
             deadline=created + timedelta(seconds=duration) if duration is not None else None,
         )
         with self._lock:
@@ -460,8 +483,7 @@ class FakeReplicate:
             self.predictions[pred.id] = pred
             self.creates.append(pred)
         base = str(request.base_url)
-        headers = {"ratelimit-remaining": "599", "ratelimit-reset": "1",
-                   "Location": f"{base}v1/predictions/{pred.id}"}
+        headers = {"ratelimit-remaining": "599", "ratelimit-reset": "1", "Location": f"{base}v1/predictions/{pred.id}"}
         status = self._advance(pred)
         if prefer is not None and PREFER_RE.match(prefer.strip()):
             headers["Preference-Applied"] = prefer.strip()
@@ -534,8 +556,9 @@ class FakeReplicate:
         file = ReplicateFile(
             id=_prediction_id(),
             name=name if isinstance(name, str) and name else (content.filename or "file"),
-            content_type=ctype if isinstance(ctype, str) and ctype else (
-                content.content_type or "application/octet-stream"),
+            content_type=ctype
+            if isinstance(ctype, str) and ctype
+            else (content.content_type or "application/octet-stream"),
             data=data,
             metadata=metadata,
             created_at=datetime.now(UTC),

@@ -1,7 +1,7 @@
 """Run any ASGI app (a fake upstream or the gateway itself) with uvicorn on 127.0.0.1 in a thread.
 
-    with LocalServer(app) as srv:
-        httpx.get(srv.url + "/health")
+with LocalServer(app) as srv:
+    httpx.get(srv.url + "/health")
 """
 
 from __future__ import annotations

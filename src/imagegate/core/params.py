@@ -313,8 +313,8 @@ def apply_table(
         elif param != "n":
             assert rule.to is not None
             payload[rule.to] = value
-        if param == "n":
-            continue  # reported after the fan-out is known
+        if param in _STRUCTURAL:
+            continue  # reported after the fan-out is known (n), or always present (prompt, image)
         for name in size_given if param == "size" else (param,):
             outcomes[name] = mode
 
@@ -362,6 +362,7 @@ def _apply_unknown(
     outcomes[param] = table.unknown
 
 
+_STRUCTURAL = frozenset({"n", "prompt", "image"})
 _BOOL_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 

@@ -52,7 +52,9 @@ class LocalServer:
     def start(self) -> LocalServer:
         if self._thread is not None:
             raise RuntimeError("LocalServer already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto is TCP;
+        # with proto 0 every keep-alive response suffers a ~40 ms Nagle/delayed-ACK stall.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
         self._sock = sock

@@ -262,6 +262,7 @@ class FakeFal:
         self.model_scenarios: dict[str, FalScenario] = {}  # by full endpoint id, or by "owner/app"
         self.script: deque[FalScenario] = deque()  # consumed one per accepted submit/run, wins over the rest
         self._lock = threading.Lock()
+        self.stopping = threading.Event()  # set by LocalServer.stop: deliberately hanging handlers return
         self.reset()
         self.app = Starlette(
             routes=[
@@ -274,6 +275,8 @@ class FakeFal:
                 Route("/{path:path}", self._put, methods=["PUT"]),
             ]
         )
+        self.app.state.on_start = self.stopping.clear
+        self.app.state.on_stop = self.stopping.set
 
     def reset(self) -> None:
         """Forget every recorded request, job, upload and file (scenarios are kept)."""
@@ -378,7 +381,8 @@ class FakeFal:
         fmt = fmt if fmt in OUTPUT_FORMATS else "png"
         n = inp.get("num_images", 1)
         n = n if isinstance(n, int) and n > 0 else 1
-        seed = inp.get("seed") if isinstance(inp.get("seed"), int) else job.scenario.seed
+        raw_seed = inp.get("seed")
+        seed: int = raw_seed if isinstance(raw_seed, int) else job.scenario.seed
         w, h = await self._output_size(inp)
         images = []
         for i in range(n):
@@ -497,7 +501,7 @@ class FakeFal:
             elif time.monotonic() - last_sent >= job.scenario.keepalive_interval:
                 yield ": keepalive\n\n"
                 last_sent = time.monotonic()
-            if state[0] == "COMPLETED":
+            if state[0] == "COMPLETED" or self.stopping.is_set():
                 return
             await asyncio.sleep(job.scenario.stream_interval)
 
@@ -533,6 +537,8 @@ class FakeFal:
             if await request.is_disconnected():
                 job.disconnected = True
                 return Response(status_code=499)
+            if self.stopping.is_set():
+                return ingress_error(503).response(None)
             await asyncio.sleep(0.01 if deadline is None else min(0.01, max(deadline - time.monotonic(), 0)))
         job.finished = True
         return await self._final_response(job, str(request.base_url))

@@ -244,6 +244,7 @@ class FakeReplicate:
         self.max_file_size = max_file_size
         self.validate_input = True  # 422 on a bad aspect_ratio / output_format / missing prompt
         self._lock = threading.Lock()
+        self.stopping = threading.Event()  # set by LocalServer.stop: a held Prefer: wait returns at once
         self.reset()
         self.app = Starlette(
             routes=[
@@ -257,6 +258,8 @@ class FakeReplicate:
                 Route("/files/{name:path}", self._delivery, methods=["GET", "HEAD"]),
             ]
         )
+        self.app.state.on_start = self.stopping.clear
+        self.app.state.on_stop = self.stopping.set
 
     def reset(self) -> None:
         """Forget every recorded request, prediction, upload and output file (scenarios are kept)."""
@@ -496,7 +499,8 @@ class FakeReplicate:
         advanced = 0
         status = self._advance(pred)
         while status not in TERMINAL and not (status == "processing" and sc.early_output):
-            if (sc.wait_ticks is not None and advanced >= sc.wait_ticks) or time.monotonic() >= deadline:
+            out_of_ticks = sc.wait_ticks is not None and advanced >= sc.wait_ticks
+            if out_of_ticks or time.monotonic() >= deadline or self.stopping.is_set():
                 break
             await asyncio.sleep(max(0.0, min(sc.tick_seconds, deadline - time.monotonic())))
             with self._lock:

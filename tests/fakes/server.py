@@ -20,7 +20,11 @@ from starlette.requests import Request
 
 
 class LocalServer:
-    """uvicorn in a background thread on an ephemeral 127.0.0.1 port. ``url`` has no trailing slash."""
+    """uvicorn in a background thread on an ephemeral 127.0.0.1 port. ``url`` has no trailing slash.
+
+    If ``app.state`` has ``on_start`` / ``on_stop`` callables (the fakes set them), they are called before
+    serving and before shutting down, so handlers that deliberately hang can return at once on stop.
+    """
 
     def __init__(
         self,
@@ -49,9 +53,15 @@ class LocalServer:
             raise RuntimeError("LocalServer is not running")
         return f"http://{self.host}:{self.port}"
 
+    def _hook(self, name: str) -> None:
+        hook = getattr(getattr(self.app, "state", None), name, None)
+        if callable(hook):
+            hook()
+
     def start(self) -> LocalServer:
         if self._thread is not None:
             raise RuntimeError("LocalServer already started")
+        self._hook("on_start")
         # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto is TCP;
         # with proto 0 every keep-alive response suffers a ~40 ms Nagle/delayed-ACK stall.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -89,6 +99,7 @@ class LocalServer:
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
+        self._hook("on_stop")
         server.should_exit = True
         thread.join(self._shutdown_timeout)
         if thread.is_alive():

@@ -1,1 +1,10 @@
+"""The fal.ai adapter: parameter tables (tables.py), the HTTP protocol (transport.py), and
+`FalProvider` (provider.py) tying them together."""
 
+from __future__ import annotations
+
+from imagegate.providers.fal.provider import FalProvider
+from imagegate.providers.fal.tables import TABLES, size_presets, to_fal_image_size
+from imagegate.providers.fal.transport import FalTransport, map_failure
+
+__all__ = ["TABLES", "FalProvider", "FalTransport", "map_failure", "size_presets", "to_fal_image_size"]

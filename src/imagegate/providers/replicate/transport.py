@@ -275,8 +275,8 @@ def output_images(prediction: Prediction) -> list[ProviderImage]:
             images.append(ProviderImage(data=data, content_type=mime))
         elif item.startswith(("https://", "http://")):
             path = httpx.URL(item).path.lower()
-            mime = next((m for ext, m in _EXTENSION_MIME.items() if path.endswith(ext)), None)
-            images.append(ProviderImage(url=item, content_type=mime))
+            evident = next((m for ext, m in _EXTENSION_MIME.items() if path.endswith(ext)), None)
+            images.append(ProviderImage(url=item, content_type=evident))
         else:
             raise UpstreamError(f"Replicate returned an output that is not a file: {item[:100]!r}.")
     if not images:

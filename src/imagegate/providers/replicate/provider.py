@@ -1,0 +1,127 @@
+"""The Replicate adapter: Qwen image models through Replicate's predictions API.
+
+Inputs go as `data:` URIs up to `inline_max_bytes` (256 KB; route option `inline_max_bytes`
+overrides), larger ones through the Files API; the caller's http(s) URLs pass through. One
+`run` is one prediction (sync mode, then polling); it is canceled upstream when the call is
+cancelled. Outputs are URLs (downloaded with the token only on Replicate hosts) or data URIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from imagegate.core.errors import InvalidRequest, ProviderNotConfigured
+from imagegate.core.params import ParamTable
+from imagegate.core.presets import QWEN_PRESETS
+from imagegate.core.request import InputImage, Operation
+from imagegate.core.sizes import SizePresets
+from imagegate.providers.base import CallContext, Provider, ProviderImage, ProviderResult, Route
+from imagegate.providers.common import best_effort
+from imagegate.providers.replicate.tables import MODELS
+from imagegate.providers.replicate.transport import Prediction, ReplicateTransport, output_images
+
+__all__ = ["ReplicateProvider"]
+
+
+class ReplicateProvider(Provider):
+    name = "replicate"
+
+    def __init__(self, http: httpx.AsyncClient, settings: Any) -> None:
+        super().__init__(http, settings)
+        # Cleanups that outlive a cancelled `run` (a create still in flight when the caller left).
+        self._cleanups: set[asyncio.Future[None]] = set()
+
+    @property
+    def _config(self) -> Any:
+        return self.settings.providers.replicate
+
+    def check_configured(self) -> None:
+        if self._config.api_token is None:
+            raise ProviderNotConfigured("provider replicate is not configured: set REPLICATE_API_TOKEN")
+
+    def models(self) -> Sequence[str]:
+        return tuple(MODELS)
+
+    def table(self, model: str, operation: Operation) -> ParamTable:
+        return MODELS[model][operation]
+
+    def size_presets(self, model: str) -> SizePresets:
+        return QWEN_PRESETS
+
+    def transport(self) -> ReplicateTransport:
+        self.check_configured()
+        config = self._config
+        return ReplicateTransport(
+            self.http,
+            token=config.api_token.get_secret_value(),
+            base_url=config.base_url,
+            wait_seconds=config.wait_seconds,
+            poll_interval=config.poll_interval,
+            poll_max_interval=config.poll_max_interval,
+        )
+
+    async def prepare_images(
+        self, images: Sequence[InputImage], route: Route, *, dry_run: bool = False
+    ) -> list[str]:
+        """`data:` URI up to `inline_max_bytes`, else a Files API upload's `urls.get` (a placeholder
+        with `dry_run`); a caller's URL is passed through."""
+        inline_max = int(route.options.get("inline_max_bytes", self._config.inline_max_bytes))
+
+        async def prepare(index: int, image: InputImage) -> str:
+            if image.data is None:
+                if image.url is None:
+                    raise InvalidRequest("An input image has neither bytes nor a URL.", param="image")
+                return image.url
+            if len(image.data) <= inline_max:
+                return image.data_uri()
+            filename = image.filename or f"image-{index}.{image.format or 'bin'}"
+            if dry_run:
+                return f"<upload via POST /files: {filename}, {image.mime}, {len(image.data)} bytes>"
+            return await self.transport().upload(image, filename=filename)
+
+        return list(await asyncio.gather(*(prepare(i, image) for i, image in enumerate(images))))
+
+    async def run(self, payload: dict[str, Any], route: Route, ctx: CallContext) -> ProviderResult:
+        transport = self.transport()
+        create = asyncio.ensure_future(transport.create(route.model, payload, deadline=ctx.deadline))
+        try:
+            prediction = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            self._cancel_once_created(transport, create)
+            raise
+        try:
+            await transport.wait(prediction, deadline=ctx.deadline)
+            images = output_images(prediction)
+        except BaseException:
+            if not prediction.terminal:
+                await best_effort(transport.cancel(prediction))
+            raise
+        seed = payload.get("seed")
+        return ProviderResult(images=images, request_id=prediction.id, seed=seed if isinstance(seed, int) else None)
+
+    def _cancel_once_created(self, transport: ReplicateTransport, create: asyncio.Future[Prediction]) -> None:
+        """The caller left while the create (held open by `Prefer: wait`) was in flight: let it finish in
+        the background, then cancel the prediction it made (Cancel-After bounds it regardless)."""
+
+        async def cleanup() -> None:
+            try:
+                prediction = await create
+            except BaseException:
+                return  # nothing was created, or we cannot know its id
+            if not prediction.terminal:
+                await best_effort(transport.cancel(prediction))
+
+        task = asyncio.ensure_future(cleanup())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def fetch(self, image: ProviderImage) -> bytes:
+        if image.data is not None:
+            return image.data
+        if image.url is None:
+            raise ValueError("provider image has neither bytes nor url")
+        return await self.transport().download(image.url)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -153,7 +153,10 @@ class GuardedFetcher:
             raise InvalidRequest(
                 f"Could not resolve the image URL host '{url.host}'.", param=param, code="image_fetch_failed"
             ) from None
-        vetted = _parse_addresses(addresses)
+        try:
+            vetted = [ipaddress.ip_address(a.split("%", 1)[0]) for a in addresses]  # drop an IPv6 zone id
+        except ValueError:
+            raise refused from None
         if not vetted or not all(is_public_address(a) for a in vetted):
             raise refused
         return str(vetted[0])
@@ -161,7 +164,9 @@ class GuardedFetcher:
     async def _get(self, url: httpx.URL, param: str) -> bytes | str:
         """One hop: the body, or the Location of a redirect."""
         address = await self._vetted_address(url, param)
-        target, headers, extensions = url, {}, {}
+        target = url
+        headers: dict[str, str] = {}
+        extensions: dict[str, str] = {}
         if address is not None:  # connect to the vetted address, keep the name for Host and TLS
             target = url.copy_with(host=address)
             headers["Host"] = url.netloc.decode("ascii")
@@ -226,12 +231,3 @@ class GuardedFetcher:
 def _port(url: httpx.URL) -> int:
     return url.port or (443 if url.scheme == "https" else 80)
 
-
-def _parse_addresses(addresses: Iterable[str]) -> list[IPAddress]:
-    out: list[IPAddress] = []
-    for address in addresses:
-        try:
-            out.append(ipaddress.ip_address(address.split("%", 1)[0]))  # drop an IPv6 zone id
-        except ValueError:
-            continue
-    return out

@@ -1,0 +1,235 @@
+"""The OpenAI Images API wire protocol (see docs/reference: openai-images-api.md), with plain httpx.
+
+    generate  POST {base}/images/generations   JSON
+    edit      POST {base}/images/edits         multipart: repeated `image[]` parts (`image` for dall-e),
+                                               `mask` part, scalar fields as text
+                                               JSON (when an input is a URL): `images: [{"image_url"}]`,
+                                               `mask: {"image_url"}`
+    response  {"data": [{"b64_json" | "url", "revised_prompt"?}], ...}
+
+Request building and response parsing are pure functions; `OpenAITransport.call` does the I/O.
+Upstream failures are translated by the one function `map_error`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from imagegate.core.errors import (
+    ContentPolicyViolation,
+    GatewayError,
+    InsufficientCredit,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProviderUnavailable,
+    RateLimited,
+    UpstreamAuthFailed,
+    UpstreamError,
+)
+from imagegate.core.request import FORMAT_MIME, Operation
+from imagegate.providers.base import ProviderImage, ProviderResult
+from imagegate.providers.common import decode_data_uri, get_with_retry, retry_after_seconds, transport_error
+
+__all__ = [
+    "OpenAITransport",
+    "UpstreamCall",
+    "build_call",
+    "download",
+    "map_error",
+    "parse_images",
+    "sniff_mime",
+]
+
+PROVIDER = "openai"
+CONNECT_TIMEOUT = 10.0
+MAX_REDIRECTS = 5
+_CONTENT_POLICY_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
+_BILLING_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """One request, ready to send: a JSON body, or multipart `data` fields plus `files` parts."""
+
+    path: str
+    json: dict[str, Any] | None = None
+    data: dict[str, str] = field(default_factory=dict)
+    files: list[tuple[str, tuple[str, bytes, str]]] = field(default_factory=list)
+
+
+def build_call(
+    operation: Operation, model: str, payload: Mapping[str, Any], *, response_format: bool, single_image: bool = False
+) -> UpstreamCall:
+    """The request for one payload. Edits whose inputs are all `data:` URIs go as multipart (repeated
+    `image[]`, or one `image` part when `single_image`); an input URL switches to the JSON edit form.
+    `response_format` adds `response_format: b64_json` (dall-e models only)."""
+    fields = {key: value for key, value in payload.items() if key not in ("image", "mask") and value is not None}
+    fields = {"model": model, **fields}
+    if response_format:
+        fields["response_format"] = "b64_json"
+    if operation == "generate":
+        return UpstreamCall("/images/generations", json=fields)
+    refs: Sequence[str] = payload.get("image") or []
+    mask: str | None = payload.get("mask")
+    if any(not ref.startswith("data:") for ref in (*refs, *([mask] if mask else []))):
+        body = {**fields, "images": [{"image_url": ref} for ref in refs]}
+        if mask:
+            body["mask"] = {"image_url": mask}
+        return UpstreamCall("/images/edits", json=body)
+    part = "image" if single_image else "image[]"
+    files = [(part, _file_part(f"image-{i}", ref)) for i, ref in enumerate(refs)]
+    if mask:
+        files.append(("mask", _file_part("mask", mask)))
+    return UpstreamCall("/images/edits", data={key: _form_value(value) for key, value in fields.items()}, files=files)
+
+
+def _file_part(stem: str, uri: str) -> tuple[str, bytes, str]:
+    data, mime = decode_data_uri(uri)
+    return f"{stem}.{_EXTENSIONS.get(mime, 'png')}", data, mime
+
+
+def _form_value(value: Any) -> str:
+    """Scalars as the SDKs send them: booleans `true`/`false`, numbers in decimal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value)
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The image type from its magic bytes (png, jpeg, gif, webp)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mime for magic, mime in _MAGIC if data.startswith(magic)), None)
+
+
+def parse_images(body: Any, *, output_format: str | None = None) -> tuple[list[ProviderImage], str | None]:
+    """`data[].b64_json` (decoded) or `data[].url`, and the first `revised_prompt`."""
+    items = body.get("data") if isinstance(body, dict) else None
+    images: list[ProviderImage] = []
+    revised: str | None = None
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        if revised is None and isinstance(item.get("revised_prompt"), str):
+            revised = item["revised_prompt"]
+        if isinstance(b64 := item.get("b64_json"), str) and b64:
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise UpstreamError("The upstream returned b64_json that is not valid base64.") from None
+            images.append(ProviderImage(data=data, content_type=sniff_mime(data) or FORMAT_MIME.get(output_format or "")))
+        elif isinstance(url := item.get("url"), str) and url:
+            images.append(ProviderImage(url=url))
+    if not images:
+        raise UpstreamError("The upstream returned no images.")
+    return images, revised
+
+
+def map_error(response: httpx.Response) -> GatewayError:
+    """The one translation of an OpenAI error envelope `{"error": {message, type, param, code}}`.
+
+    400/422 -> InvalidRequest keeping `param` and `code` (ContentPolicyViolation for moderation_blocked /
+               content_policy_violation; InsufficientCredit for billing codes)
+    401/403 -> UpstreamAuthFailed 502 (the upstream's message is dropped: it may quote the key)
+    404     -> UpstreamError (e.g. model_not_found: a route configuration problem), fallback
+    413     -> PayloadTooLarge
+    429     -> RateLimited with retry-after (retryable), or InsufficientCredit for insufficient_quota
+    5xx     -> 503 ProviderUnavailable (retryable), other 5xx UpstreamError (not retryable: the work may
+               have been done); `x-should-retry` overrides; both allow fallback
+    """
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    error = body.get("error") if isinstance(body, dict) else None
+    error = error if isinstance(error, dict) else (body if isinstance(body, dict) else {})
+    message = _text(error.get("message")) or _text(error.get("detail")) or response.reason_phrase or f"HTTP {status}"
+    param = _text(error.get("param")) or None
+    code = _text(error.get("code")) or None
+    kind = _text(error.get("type"))
+    retry_after = retry_after_seconds(response.headers)
+    should_retry = response.headers.get("x-should-retry", "").strip().lower()
+    if status in (401, 403):
+        return UpstreamAuthFailed(
+            f"The upstream rejected the configured API key (HTTP {status}{', ' + code if code else ''}).",
+            retryable=False,
+        )
+    if code in _BILLING_CODES or kind == "insufficient_quota":
+        return InsufficientCredit(f"Upstream: {message}", code=code, retryable=False, fallback=True)
+    if status == 429:
+        return RateLimited(f"Upstream rate limit: {message}", retry_after=retry_after)
+    if status in (400, 422):
+        if code in _CONTENT_POLICY_CODES or kind == "image_generation_user_error":
+            return ContentPolicyViolation(message, param=param, code=code)
+        return InvalidRequest(message, param=param, code=code)
+    if status == 413:
+        return PayloadTooLarge(message, param=param)
+    if status >= 500:
+        retryable = should_retry == "true" if should_retry in ("true", "false") else status == 503
+        if status == 503:
+            return ProviderUnavailable(f"Upstream unavailable: {message}", retryable=retryable, retry_after=retry_after)
+        return UpstreamError(f"Upstream error (HTTP {status}): {message}", retryable=retryable)
+    return UpstreamError(f"Upstream answered HTTP {status}: {message}")
+
+
+class OpenAITransport:
+    """The Images API calls, on the gateway's shared client."""
+
+    def __init__(self, http: httpx.AsyncClient, *, base_url: str, api_key: str) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+
+    async def call(self, request: UpstreamCall, *, deadline: float, output_format: str | None) -> ProviderResult:
+        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+        timeout = httpx.Timeout(max(1.0, deadline - time.monotonic()), connect=CONNECT_TIMEOUT)
+        url = self.base_url + request.path
+        try:
+            if request.json is not None:
+                response = await self.http.post(url, json=request.json, headers=headers, timeout=timeout)
+            else:
+                response = await self.http.post(
+                    url, data=request.data, files=request.files, headers=headers, timeout=timeout
+                )
+        except httpx.HTTPError as exc:
+            raise transport_error(PROVIDER, exc, accepted=True) from None
+        if not response.is_success:
+            raise map_error(response)
+        try:
+            body = response.json()
+        except ValueError:
+            raise UpstreamError("The upstream answered with a body that is not JSON.") from None
+        images, revised = parse_images(body, output_format=output_format)
+        return ProviderResult(images=images, request_id=response.headers.get("x-request-id"), revised_prompt=revised)
+
+
+async def download(http: httpx.AsyncClient, url: str) -> bytes:
+    """GET an output URL (dall-e's signed blob URLs need no key: none is sent), following redirects."""
+    for _ in range(MAX_REDIRECTS + 1):
+        response = await get_with_retry(http, url, provider=PROVIDER)
+        location = response.headers.get("location")
+        if not (response.is_redirect and location):
+            break
+        url = str(response.url.join(location))
+    if not response.is_success:
+        raise UpstreamError(f"Could not download the upstream's output image (HTTP {response.status_code}).")
+    return response.content
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""

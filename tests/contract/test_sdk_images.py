@@ -76,7 +76,7 @@ async def test_each_response_format(sdk: openai.AsyncOpenAI, client: httpx.Async
 
 @pytest.mark.parametrize("n", [1, 3])
 async def test_n(sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, n: int) -> None:
-    result = await sdk.images.generate(model="sandbox-image", prompt="stars", n=n, seed=3, size="64x64",
+    result = await sdk.images.generate(model="sandbox-image", prompt="stars", n=n, size="64x64", extra_body={"seed": 3},
                                        response_format="b64_json")
     assert len(result.data) == n
     decoded = [await decode(client, item) for item in result.data]
@@ -101,7 +101,7 @@ async def test_aspect_ratio_and_resolution(sdk: openai.AsyncOpenAI, client: http
     )
     result = raw.parse()
     assert (await decode(client, result.data[0])).size == (1024, 1024)
-    assert raw.headers["x-imagegate-params"] == "aspect_ratio=converted; resolution=converted; response_format=emulated"
+    assert raw.headers["x-imagegate-params"] == "response_format=emulated; aspect_ratio=converted; resolution=converted"
     assert raw.headers["x-imagegate-provider"] == "sandbox"
     assert raw.headers["x-request-id"]
 

@@ -88,7 +88,7 @@ def test_fal_queue_flow_end_to_end(gateway: tuple[str, Any], fal: tuple[FakeFal,
     fake, _ = fal
     raw = sdk(url).images.with_raw_response.edit(
         model="qwen-image-edit-2511", image=("a.png", png_bytes(64, 48)), prompt="make it red", size="1024x768",
-        n=2, seed=9, response_format="b64_json", extra_body={"acceleration": "high"},
+        n=2, response_format="b64_json", extra_body={"acceleration": "high", "seed": 9},
     )
     result = raw.parse()
     assert [decode_b64(d).size for d in result.data] == [(1024, 768), (1024, 768)]

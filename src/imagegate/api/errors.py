@@ -207,7 +207,9 @@ class RequestContextMiddleware:
         if limit is not None:
             declared = _header(scope, b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
-                too_large = _too_large(limit) if declared.isdigit() else InvalidRequest("Invalid Content-Length header.")
+                too_large = (
+                    _too_large(limit) if declared.isdigit() else InvalidRequest("Invalid Content-Length header.")
+                )
                 await gateway_error_response(too_large, rid)(scope, receive, send_with_id)
                 return
             receive = _limited_receive(receive, limit)
@@ -265,4 +267,3 @@ def install(app: FastAPI, *, max_body_bytes: int | None = None) -> None:
     app.add_exception_handler(HTTPException, _http_exception_handler)
     app.add_exception_handler(Exception, _unhandled_error_handler)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=max_body_bytes)
-

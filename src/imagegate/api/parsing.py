@@ -32,12 +32,13 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from imagegate.core import imaging
@@ -219,8 +220,8 @@ async def _parse_edit_form(
             max_fields=MAX_FORM_FIELDS,
             max_part_size=max(1024 * 1024, limits.max_prompt_chars * 4 + 4096),  # a full prompt in UTF-8
         )
-    except HTTPException as exc:  # Starlette's MultiPartException, already wrapped
-        detail = str(exc.detail)
+    except (HTTPException, MultiPartException) as exc:  # Starlette wraps MultiPartException when in an app
+        detail = str(exc.detail if isinstance(exc, HTTPException) else exc.message)
         if "Too many files" in detail:
             raise _too_many_images(limits.max_images) from None
         raise InvalidRequest(f"Invalid multipart body: {detail}", code="invalid_multipart") from None
@@ -243,9 +244,7 @@ async def _parse_edit_form(
     )
 
 
-def _split_form(
-    form: FormData, limits: LimitsSettings
-) -> tuple[list[UploadFile], UploadFile | None, dict[str, Any]]:
+def _split_form(form: FormData, limits: LimitsSettings) -> tuple[list[UploadFile], UploadFile | None, dict[str, Any]]:
     plain: list[tuple[str, str | UploadFile]] = []
     bracketed: list[tuple[str, str | UploadFile]] = []
     indexed: list[tuple[int, str | UploadFile]] = []
@@ -317,9 +316,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
             code="invalid_json",
         ) from None
     if not isinstance(value, dict):
-        raise InvalidRequest(
-            f"The request body must be a JSON object, not {_json_type(value)}.", code="invalid_json"
-        )
+        raise InvalidRequest(f"The request body must be a JSON object, not {_json_type(value)}.", code="invalid_json")
     return value
 
 
@@ -333,7 +330,7 @@ async def _parse_edit_json(
     fields = {k: v for k, v in body.items() if v is not None}
     if "image" in fields:
         raise InvalidRequest(
-            "In a JSON body, images go in 'images': [{\"image_url\": \"https://... or data:...\"}]. "
+            'In a JSON body, images go in \'images\': [{"image_url": "https://... or data:..."}]. '
             "File uploads ('image') need multipart/form-data.",
             param="image",
         )
@@ -345,7 +342,8 @@ async def _parse_edit_json(
     if len(refs) > limits.max_images:
         raise _too_many_images(limits.max_images, len(refs), param="images")
     images: list[InputImage | bytes] = [
-        _image_ref(ref, param="images", label=f"'images[{i}]'", cap=limits.max_image_bytes) for i, ref in enumerate(refs)
+        _image_ref(ref, param="images", label=f"'images[{i}]'", cap=limits.max_image_bytes)
+        for i, ref in enumerate(refs)
     ]
     mask_ref = fields.pop("mask", None)
     mask = None if mask_ref is None else _image_ref(mask_ref, param="mask", label="'mask'", cap=limits.max_mask_bytes)
@@ -414,7 +412,7 @@ def _decode_data_uri(uri: str, *, param: str, label: str, cap: int) -> bytes:
 
 
 async def _probe_many(
-    pool: imaging.ImagePool, items: list[tuple[str, str, bytes, str | None]], *, max_pixels: int
+    pool: imaging.ImagePool, items: Sequence[tuple[str, str, bytes, str | None]], *, max_pixels: int
 ) -> list[InputImage]:
     """Probe all images concurrently; the first failure in input order is raised."""
     results = await asyncio.gather(
@@ -601,12 +599,11 @@ def _listify(value: Any) -> Any:
 
 
 def _as_response_format(value: str | None) -> ResponseFormat | None:
-    return "url" if value == "url" else "b64_json" if value == "b64_json" else None
+    return cast("ResponseFormat | None", value)  # already checked against _RESPONSE_FORMATS
 
 
 def _as_output_format(value: str | None) -> OutputFormat | None:
-    formats: dict[str | None, OutputFormat] = {"png": "png", "jpeg": "jpeg", "webp": "webp", "gif": "gif", "avif": "avif"}
-    return formats.get(value)
+    return cast("OutputFormat | None", value)  # already checked against _OUTPUT_FORMATS
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -618,7 +615,8 @@ def _missing(param: str) -> InvalidRequest:
 
 def _duplicate(param: str) -> InvalidRequest:
     return InvalidRequest(
-        f"Duplicate parameter: '{param}'. You provided multiple values for this parameter, whereas only one is allowed.",
+        f"Duplicate parameter: '{param}'. You provided multiple values for this parameter, "
+        "whereas only one is allowed.",
         param=param,
         code="duplicate_parameter",
     )
@@ -626,7 +624,9 @@ def _duplicate(param: str) -> InvalidRequest:
 
 def _too_many_images(limit: int, given: int | None = None, *, param: str = "image") -> InvalidRequest:
     count = f"{given} images were given" if given is not None else "too many files were given"
-    return InvalidRequest(f"Too many images: {count}; at most {limit} are allowed.", param=param, code="too_many_images")
+    return InvalidRequest(
+        f"Too many images: {count}; at most {limit} are allowed.", param=param, code="too_many_images"
+    )
 
 
 def _file_too_large(param: str, filename: str | None, cap: int) -> GatewayError:

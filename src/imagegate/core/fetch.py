@@ -110,7 +110,9 @@ class GuardedFetcher:
                 code="image_fetch_failed",
             ) from None
         raise InvalidRequest(
-            f"Too many redirects fetching the image (more than {MAX_REDIRECTS}).", param=param, code="image_fetch_failed"
+            f"Too many redirects fetching the image (more than {MAX_REDIRECTS}).",
+            param=param,
+            code="image_fetch_failed",
         )
 
     def _parse(self, url: str, param: str) -> httpx.URL:
@@ -189,7 +191,7 @@ class GuardedFetcher:
             ) from None
         try:
             if response.status_code in _REDIRECTS:
-                location = response.headers.get("location")
+                location: str | None = response.headers.get("location")
                 if not location:
                     raise InvalidRequest(
                         f"'{url.host}' answered a redirect without a Location.", param=param, code="image_fetch_failed"
@@ -230,4 +232,3 @@ class GuardedFetcher:
 
 def _port(url: httpx.URL) -> int:
     return url.port or (443 if url.scheme == "https" else 80)
-

@@ -39,21 +39,17 @@ _ORPHAN_GRACE_SECONDS = 3600.0  # an image without metadata older than this is d
 class LocalStorage(Storage):
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | StorageSettings,
         *,
         sweep_interval_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.root = Path(root)
+        self.root = Path(root.path if isinstance(root, StorageSettings) else root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._sweep_interval = sweep_interval_seconds
         self._clock = clock
         self._last_sweep = clock()
         self._sweeper: asyncio.Task[int] | None = None
-
-    @classmethod
-    def from_settings(cls, settings: StorageSettings) -> LocalStorage:
-        return cls(settings.path)
 
     async def put(self, data: bytes, *, content_type: str, extension: str, ttl_seconds: int) -> str:
         ext = extension.lower().lstrip(".")
@@ -125,7 +121,7 @@ class LocalStorage(Storage):
                 if meta is None or meta[1] <= now:
                     _remove(self.root / name[: -len(_META)])
                     removed += 1
-            elif _ID.match(name) and name + _META not in names or name.endswith(_TMP):
+            elif (_ID.match(name) and name + _META not in names) or name.endswith(_TMP):
                 with contextlib.suppress(OSError):
                     if now - entry.stat().st_mtime > _ORPHAN_GRACE_SECONDS:
                         os.unlink(entry.path)

@@ -10,6 +10,7 @@ Route options (all optional):
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ from imagegate.providers.fal.tables import TABLES, parse_output, size_presets
 from imagegate.providers.fal.transport import NOT_CONFIGURED, FalOutput, FalTransport, auth_header
 
 __all__ = ["MAX_DATA_URI_CHARS", "FalProvider"]
+
+log = logging.getLogger("imagegate.providers.fal")
 
 # fal's toolkit caps a data URI at 10 MiB (fal-protocol.md §6); whether the qwen endpoints enforce
 # it, and what their body limit is, is not documented. So no data URI may exceed it, and the data
@@ -115,6 +118,7 @@ class FalProvider(Provider):
             output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)
         else:
             raise InternalError(f"fal route option `mode` must be 'queue' or 'sync', not {mode!r}.")
+        log.info("fal %s finished: request_id=%s gateway_request=%s", route.model, output.request_id, ctx.request_id)
         images, seed = parse_output(output.body, safety_checker=payload.get("enable_safety_checker") is not False)
         return ProviderResult(images=images, request_id=output.request_id, seed=seed)
 

@@ -72,29 +72,16 @@ Stage = Literal["submit", "run", "status", "result", "upload", "upload_put"]
 
 # fal input field -> the gateway's (OpenAI) parameter name, for 422 errors; others are unchanged.
 FIELD_TO_PARAM: Mapping[str, str] = {
-    "image_urls": "image",
-    "image_url": "image",
-    "num_images": "n",
-    "image_size": "size",
-    "guidance_scale": "cfg_scale",
+    "image_urls": "image", "image_url": "image", "num_images": "n", "image_size": "size", "guidance_scale": "cfg_scale",
 }
 # Error types that name the input image when `loc` does not.
 _TYPE_TO_PARAM: Mapping[str, str] = {"image_too_large": "image", "file_download_error": "image"}
 # `error_type` -> the HTTP status fal gives it (§5.1), to map a COMPLETED status payload's error.
 _TYPE_STATUS: Mapping[str, int] = {
-    "request_timeout": 504,
-    "startup_timeout": 504,
-    "runner_scheduling_failure": 503,
-    "runner_connection_timeout": 503,
-    "runner_disconnected": 503,
-    "runner_connection_refused": 503,
-    "runner_connection_error": 503,
-    "runner_incomplete_response": 502,
-    "runner_server_error": 500,
-    "client_disconnected": 499,
-    "client_cancelled": 499,
-    "bad_request": 400,
-    "internal_error": 500,
+    "request_timeout": 504, "startup_timeout": 504, "runner_incomplete_response": 502, "runner_server_error": 500,
+    "runner_scheduling_failure": 503, "runner_connection_timeout": 503, "runner_disconnected": 503,
+    "runner_connection_refused": 503, "runner_connection_error": 503,
+    "client_disconnected": 499, "client_cancelled": 499, "bad_request": 400, "internal_error": 500,
 }
 _TRANSIENT = frozenset({408, 409, 429, 502, 503, 504})
 # A low-balance account lock is answered with a message, not a documented status code.

@@ -58,9 +58,7 @@ class OpenAIProvider(Provider):
             api_key = self._config.api_key.get_secret_value()
         return OpenAITransport(self.http, base_url=base_url, api_key=api_key)
 
-    async def prepare_images(
-        self, images: Sequence[InputImage], route: Route, *, dry_run: bool = False
-    ) -> list[str]:
+    async def prepare_images(self, images: Sequence[InputImage], route: Route, *, dry_run: bool = False) -> list[str]:
         """Bytes -> `data:` URI (sent as a multipart part; a placeholder with `dry_run`); URLs as given."""
         refs: list[str] = []
         for index, image in enumerate(images):

@@ -64,8 +64,12 @@ def _table(*, edit: bool) -> ParamTable:
             rename("n", to="n", type=int, min=1, batch=MAX_N),
             convert("size", to="size", fn=to_openai_size, reason="WxH of the gateway's size target, or auto"),
             passthrough("output_format", when=one_of("png", "jpeg", "webp")),
-            emulate("output_format", when=one_of("gif", "avif"), send={"output_format": "png"},
-                    reason="the upstream writes png; the gateway converts"),
+            emulate(
+                "output_format",
+                when=one_of("gif", "avif"),
+                send={"output_format": "png"},
+                reason="the upstream writes png; the gateway converts",
+            ),
             passthrough("output_compression", type=int, min=0, max=100),
             passthrough("quality", type=str),
             passthrough("background", type=str),
@@ -77,8 +81,10 @@ def _table(*, edit: bool) -> ParamTable:
             passthrough("negative_prompt", type=str),
             passthrough("cfg_scale", type=float),
             passthrough("num_inference_steps", type=int),
-            *(ignore(name, reason="an option of fal or Replicate models, not of the Images API")
-              for name in OTHER_PROVIDER_OPTIONS),
+            *(
+                ignore(name, reason="an option of fal or Replicate models, not of the Images API")
+                for name in OTHER_PROVIDER_OPTIONS
+            ),
         ),
         unknown=Mode.PASSTHROUGH,
         unknown_reason="forwarded as-is; the upstream validates it",

@@ -131,7 +131,9 @@ def parse_images(body: Any, *, output_format: str | None = None) -> tuple[list[P
                 data = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError):
                 raise UpstreamError("The upstream returned b64_json that is not valid base64.") from None
-            images.append(ProviderImage(data=data, content_type=sniff_mime(data) or FORMAT_MIME.get(output_format or "")))
+            images.append(
+                ProviderImage(data=data, content_type=sniff_mime(data) or FORMAT_MIME.get(output_format or ""))
+            )
         elif isinstance(url := item.get("url"), str) and url:
             images.append(ProviderImage(url=url))
     if not images:

@@ -64,9 +64,7 @@ class ReplicateProvider(Provider):
             poll_max_interval=config.poll_max_interval,
         )
 
-    async def prepare_images(
-        self, images: Sequence[InputImage], route: Route, *, dry_run: bool = False
-    ) -> list[str]:
+    async def prepare_images(self, images: Sequence[InputImage], route: Route, *, dry_run: bool = False) -> list[str]:
         """`data:` URI up to `inline_max_bytes`, else a Files API upload's `urls.get` (a placeholder
         with `dry_run`); a caller's URL is passed through."""
         inline_max = int(route.options.get("inline_max_bytes", self._config.inline_max_bytes))

@@ -86,8 +86,12 @@ def _shared(*, model_has: str) -> tuple[Rule, ...]:
         emulate("n", reason="one image per prediction (no num_outputs): the gateway runs n predictions"),
         passthrough("output_format", when=one_of("png", "webp")),
         convert("output_format", to="output_format", fn=_jpg, when=one_of("jpeg"), reason="Replicate calls it jpg"),
-        emulate("output_format", when=one_of("gif", "avif"), send={"output_format": "png"},
-                reason="the model writes png; the gateway converts"),
+        emulate(
+            "output_format",
+            when=one_of("gif", "avif"),
+            send={"output_format": "png"},
+            reason="the model writes png; the gateway converts",
+        ),
         rename("output_compression", to="output_quality", type=int, min=0, max=100),
         passthrough("seed", type=int),
         passthrough("go_fast", type=bool),
@@ -95,7 +99,7 @@ def _shared(*, model_has: str) -> tuple[Rule, ...]:
         reject("mask", reason=f"{model_has} takes no mask: describe the region to change in the prompt"),
         reject("background", when=one_of("transparent"), reason="the model cannot produce transparency"),
         emulate("background", when=one_of("opaque", "auto"), reason="the model's outputs are always opaque"),
-        ignore("quality", reason="the model has one quality level (see go_fast, num_inference_steps)"),
+        ignore("quality", reason="the model has one quality level"),
         ignore("style", reason="a dall-e-3 option; describe the style in the prompt"),
         ignore("moderation", reason="Replicate applies its own moderation (see disable_safety_checker)"),
         ignore("input_fidelity", reason="the model always conditions on the full input images"),
@@ -124,8 +128,12 @@ def _multi_image_edit() -> ParamTable:
     """qwen-image-edit-2511 and qwen-image-edit-plus (same schema)."""
     return _table(
         passthrough("image"),
-        convert("size", to="aspect_ratio", fn=aspect_ratio_for(EDIT_ASPECT_RATIOS, auto=MATCH_INPUT),
-                reason=f"nearest of {', '.join(EDIT_ASPECT_RATIOS)} (auto: {MATCH_INPUT}); {_RESIZED}"),
+        convert(
+            "size",
+            to="aspect_ratio",
+            fn=aspect_ratio_for(EDIT_ASPECT_RATIOS, auto=MATCH_INPUT),
+            reason=f"nearest of {', '.join(EDIT_ASPECT_RATIOS)} (auto: {MATCH_INPUT}); {_RESIZED}",
+        ),
         *_EDIT_ONLY,
         *_shared(model_has="the edit model"),
     )
@@ -145,8 +153,12 @@ def _text_to_image() -> ParamTable:
     """qwen-image (text to image)."""
     return _table(
         reject("image", reason="a text-to-image route: send input images to /v1/images/edits"),
-        convert("size", to="aspect_ratio", fn=aspect_ratio_for(IMAGE_ASPECT_RATIOS, auto=None),
-                reason=f"nearest of {', '.join(IMAGE_ASPECT_RATIOS)} (auto: the model's default); {_RESIZED}"),
+        convert(
+            "size",
+            to="aspect_ratio",
+            fn=aspect_ratio_for(IMAGE_ASPECT_RATIOS, auto=None),
+            reason=f"nearest of {', '.join(IMAGE_ASPECT_RATIOS)} (auto: the model's default); {_RESIZED}",
+        ),
         passthrough("negative_prompt", type=str),
         rename("cfg_scale", to="guidance", type=float, min=0, max=10),
         passthrough("num_inference_steps", type=int, min=1, max=50),

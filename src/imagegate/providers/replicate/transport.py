@@ -84,8 +84,14 @@ FIELD_PARAMS: Mapping[str, str] = {
 _CONTENT_POLICY = re.compile(r"\bE005\b|flagged as sensitive|NSFW|content policy", re.IGNORECASE)
 _RETRYABLE_CODES = re.compile(r"\bE(?:1000|6716)\b")
 _FIELD_IN_TEXT = re.compile(r"^(\w+) is required|[Aa]dditional property (\w+)")
-_EXTENSION_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
-                   ".gif": "image/gif", ".avif": "image/avif"}
+_EXTENSION_MIME = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".avif": "image/avif",
+}
 
 # Where an HTTP error happened decides whether a new `run` could bill twice:
 # create (rejected unless 5xx/timeout), upload (no job exists), poll/download (a prediction exists).
@@ -232,8 +238,9 @@ def _input_error(body: Mapping[str, Any]) -> InvalidRequest | None:
             continue
         messages = "; ".join(d for d in (_text(f.get("description")) for f in fields) if d)
         code = "missing_required_parameter" if item.get("type") == "required" else "invalid_value"
-        return InvalidRequest(f"Invalid value for '{param}': {messages or _text(body.get('detail'))}",
-                              param=param, code=code)
+        return InvalidRequest(
+            f"Invalid value for '{param}': {messages or _text(body.get('detail'))}", param=param, code=code
+        )
     return None
 
 
@@ -333,7 +340,12 @@ class ReplicateTransport:
         async for number in poll_delays(start=self.poll_interval, cap=self.poll_max_interval):
             if number:
                 response = await get_with_retry(
-                    self.http, prediction.url("get", self.base_url), provider=PROVIDER, headers=self._auth()
+                    self.http,
+                    prediction.url("get", self.base_url),
+                    provider=PROVIDER,
+                    headers=self._auth(),
+                    base=self.poll_interval,
+                    cap=self.poll_max_interval,
                 )
                 if not response.is_success:
                     raise map_error(response, stage="poll")
@@ -348,9 +360,7 @@ class ReplicateTransport:
 
     async def cancel(self, prediction: Prediction) -> None:
         """POST `urls.cancel`; failures are the caller's to ignore (use `best_effort`)."""
-        await self.http.post(
-            prediction.url("cancel", self.base_url), headers=self._auth(), timeout=CANCEL_TIMEOUT
-        )
+        await self.http.post(prediction.url("cancel", self.base_url), headers=self._auth(), timeout=CANCEL_TIMEOUT)
 
     async def upload(self, image: InputImage, *, filename: str) -> str:
         """Files API: multipart `content` (filename + content type) and `metadata`; returns `urls.get`."""

@@ -1,0 +1,60 @@
+"""`GET /healthz` (liveness: the process answers) and `GET /readyz` (readiness).
+
+Ready means: the catalog has at least one model and the storage is writable. A storage with an
+`async ready() -> bool` method (LocalStorage) is asked directly; any other storage is checked by
+storing and reading back a one-byte object with a short TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol, runtime_checkable
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from imagegate.api.errors import gateway_error_response, request_id_of
+from imagegate.core.errors import InternalError
+from imagegate.storage.base import Storage
+
+__all__ = ["router"]
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@runtime_checkable
+class _ReadinessCheck(Protocol):
+    async def ready(self) -> bool: ...
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(request: Request) -> dict[str, Any] | Response:
+    state = request.app.state
+    models = len(state.catalog)
+    problems: list[str] = []
+    if models == 0:
+        problems.append("the catalog has no models")
+    if not await _storage_writable(state.storage):
+        problems.append("the image storage is not writable")
+    if problems:
+        not_ready = InternalError(f"Not ready: {'; '.join(problems)}.", code="not_ready", status=503)
+        return gateway_error_response(not_ready, request_id_of(request))
+    return {"status": "ready", "models": models}
+
+
+async def _storage_writable(storage: Storage) -> bool:
+    try:
+        if isinstance(storage, _ReadinessCheck):
+            return await storage.ready()
+        image_id = await storage.put(b"\0", content_type="application/octet-stream", extension="bin", ttl_seconds=60)
+        return await storage.get(image_id) is not None
+    except Exception:
+        logger.warning("readiness: storage check failed", exc_info=True)
+        return False

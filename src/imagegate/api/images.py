@@ -1,0 +1,235 @@
+"""`POST /v1/images/edits` and `POST /v1/images/generations`.
+
+Both parse the request (`api.parsing`; a bad request is a 4xx before anything else happens) and
+call `app.state.service.run(...)`.
+
+- Non-streaming: the service runs as a task while `receive()` is watched; if the client disconnects
+  the task is cancelled (providers cancel their upstream jobs) and nothing is sent. The response is
+  `result.body()` as JSON with `result.headers` (e.g. `x-imagegate-params`) added.
+- `stream=true`: a `text/event-stream` response starts at once (see `ImageEventStream`): `: keepalive`
+  comments every `routing.keepalive_seconds` while the service works, then one
+  `image_edit.completed` / `image_generation.completed` event per output image. Stream results are
+  always base64 (the service runs with `response_format="b64_json"`). A failure after the stream
+  started is sent as `event: error` with the usual `{"error": {...}}` envelope as its data.
+- Dry run: the header `x-imagegate-dry-run: 1` or the query flag `?dry_run=1` (also `true`/`yes`)
+  asks the service what it *would* send upstream; the answer is the 200 JSON
+  `DryRunResult.body()`, never a stream, with the result headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from imagegate.api.errors import request_id_of
+from imagegate.api.parsing import parse_edit_request, parse_generation_request
+from imagegate.core.errors import GatewayError, InternalError
+from imagegate.core.request import ImageRequest
+from imagegate.core.results import DryRunResult, ImageResult
+
+__all__ = [
+    "DRY_RUN_HEADER",
+    "ClientDisconnected",
+    "ImageEventStream",
+    "is_dry_run",
+    "router",
+    "run_until_disconnect",
+    "sse_frame",
+    "wait_for_disconnect",
+]
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+DRY_RUN_HEADER = "x-imagegate-dry-run"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_KEEPALIVE = b": keepalive\n\n"
+_STREAM_FAILED = "The server had an error while processing your request."
+T = TypeVar("T")
+RunResult = ImageResult | DryRunResult
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the result was ready; the work was cancelled."""
+
+
+@router.post("/v1/images/edits")
+async def create_image_edit(request: Request) -> Response:
+    state = request.app.state
+    image_request = await parse_edit_request(request, limits=state.settings.limits, pool=state.pool)
+    return await _respond(request, image_request, event_prefix="image_edit")
+
+
+@router.post("/v1/images/generations")
+async def create_image(request: Request) -> Response:
+    image_request = await parse_generation_request(request, limits=request.app.state.settings.limits)
+    return await _respond(request, image_request, event_prefix="image_generation")
+
+
+def is_dry_run(request: Request) -> bool:
+    """`x-imagegate-dry-run: 1` or `?dry_run=1` (also true/yes/on)."""
+    value = request.headers.get(DRY_RUN_HEADER) or request.query_params.get("dry_run")
+    return value is not None and value.strip().lower() in _TRUE
+
+
+async def _respond(request: Request, image_request: ImageRequest, *, event_prefix: str) -> Response:
+    service = request.app.state.service
+    request_id = request_id_of(request)
+    base_url = str(request.base_url).rstrip("/")
+    dry_run = is_dry_run(request)
+    if image_request.stream and not dry_run:
+        streamed = dataclasses.replace(image_request, response_format="b64_json")
+
+        def run() -> Awaitable[RunResult]:
+            result: Awaitable[RunResult] = service.run(streamed, request_id=request_id, base_url=base_url)
+            return result
+
+        return ImageEventStream(
+            run,
+            event_type=f"{event_prefix}.completed",
+            keepalive_seconds=request.app.state.settings.routing.keepalive_seconds,
+            request_id=request_id,
+        )
+    try:
+        result = await run_until_disconnect(
+            request.receive,
+            service.run(image_request, request_id=request_id, base_url=base_url, dry_run=dry_run),
+        )
+    except ClientDisconnected:
+        logger.info("request %s: client disconnected; the work was cancelled", request_id)
+        return Response(status_code=499)
+    return JSONResponse(result.body(), headers=result.headers)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return once `receive()` reports `http.disconnect` (call it only after the body was read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work` as a task; cancel it and raise ClientDisconnected if the client disconnects first.
+
+    If this coroutine is itself cancelled, the task is cancelled too."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watcher.exception() is not None:  # receive() broke: just wait for the work
+            await asyncio.wait((task,))
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+class ImageEventStream(Response):
+    """The SSE response of a streaming request (OpenAI reference §4).
+
+    Headers go out at once, then `: keepalive` comments (one immediately, then one every
+    `keepalive_seconds`) until the service finishes; then one `event: <event_type>` frame per output
+    image, or a single `event: error` frame. Every `event:` line has a one-line JSON `data:` line.
+    A client disconnect cancels the service task.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        run: Callable[[], Awaitable[RunResult]],
+        *,
+        event_type: str,
+        keepalive_seconds: float,
+        request_id: str | None = None,
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self._run = run
+        self._event_type = event_type
+        self._keepalive = max(0.001, keepalive_seconds)
+        self._request_id = request_id
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        task: asyncio.Future[RunResult] = asyncio.ensure_future(self._run())
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await self._body(send, _KEEPALIVE)
+            waiting: set[asyncio.Future[Any]] = {task, watcher}
+            while not task.done():
+                done, _ = await asyncio.wait(waiting, timeout=self._keepalive, return_when=asyncio.FIRST_COMPLETED)
+                if watcher in done:
+                    if watcher.exception() is None:
+                        logger.info("request %s: client disconnected from the stream", self._request_id)
+                        return
+                    waiting.discard(watcher)
+                if not task.done():
+                    await self._body(send, _KEEPALIVE)
+            for frame in self._frames(task):
+                await self._body(send, frame)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away while we were sending
+            logger.info("request %s: client disconnected from the stream", self._request_id)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, watcher, return_exceptions=True)
+
+    @staticmethod
+    async def _body(send: Send, chunk: bytes) -> None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    def _frames(self, task: asyncio.Future[RunResult]) -> list[bytes]:
+        exc = task.exception()
+        if exc is not None:
+            return [self._error_frame(exc)]
+        result = task.result()
+        if not isinstance(result, ImageResult) or any(image.b64_json is None for image in result.data):
+            return [self._error_frame(InternalError("The service returned no base64 image for a stream."))]
+        return [
+            sse_frame(
+                self._event_type,
+                {
+                    "type": self._event_type,
+                    "b64_json": image.b64_json,
+                    "created_at": result.created,
+                    "size": result.size or "auto",
+                    "quality": result.quality,
+                    "background": result.background,
+                    "output_format": result.output_format,
+                    "usage": result.usage,
+                },
+            )
+            for image in result.data
+        ]
+
+    def _error_frame(self, exc: BaseException) -> bytes:
+        if isinstance(exc, GatewayError):
+            if exc.status >= 500:
+                logger.warning("request %s failed mid-stream: %r", self._request_id, exc)
+            return sse_frame("error", exc.envelope())
+        logger.error("request %s: error while streaming", self._request_id, exc_info=exc)
+        return sse_frame("error", InternalError(_STREAM_FAILED).envelope())
+
+
+def sse_frame(event: str, data: Any) -> bytes:
+    """`event: <event>\\ndata: <one-line JSON>\\n\\n`."""
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {payload}\n\n".encode()

@@ -1,0 +1,505 @@
+"""fal's protocol, path by path, against respx: URLs, headers, bodies, retries and error classes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from imagegate.core.errors import (
+    ContentPolicyViolation,
+    GatewayError,
+    InsufficientCredit,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+    RateLimited,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from imagegate.core.request import InputImage
+from imagegate.providers import common
+from imagegate.providers.base import CallContext, ProviderImage, Route
+from imagegate.providers.fal import FalProvider
+from imagegate.providers.fal.transport import FalFailure, map_failure, request_timeout_header
+from imagegate.settings import FalSettings, ProvidersSettings, Settings
+
+KEY = "sk-fal-secret"
+MODEL = "fal-ai/qwen-image-edit-2511"
+SUBMIT = f"https://queue.fal.run/{MODEL}"
+# Deliberately not derivable from the model id: the adapter must use the URLs fal returns.
+BASE = "https://queue2.fal.run/fal-ai/qwen-image-edit-2511/requests/rid-1"
+STATUS, RESULT, CANCEL = f"{BASE}/status?x=1", BASE, f"{BASE}/cancel"
+HANDLE = {"status": "IN_QUEUE", "request_id": "rid-1", "status_url": STATUS, "response_url": RESULT,
+          "cancel_url": CANCEL, "queue_position": 0}
+OUTPUT = {
+    "images": [{"url": "https://v3.fal.media/files/out.png", "width": 64, "height": 48, "content_type": "image/png"}],
+    "seed": 9,
+    "has_nsfw_concepts": [False],
+}
+PAYLOAD = {"prompt": "p", "image_urls": ["https://example.com/in.png"], "num_images": 1}
+
+
+def settings(**fal: Any) -> Settings:
+    values: dict[str, Any] = {"key": KEY, "poll_interval": 0.01, "poll_max_interval": 0.02, **fal}
+    return Settings(providers=ProvidersSettings(fal=FalSettings(**values)))
+
+
+def ctx(seconds: float = 10.0) -> CallContext:
+    return CallContext(request_id="gw-1", deadline=time.monotonic() + seconds, operation="edit")
+
+
+def route(**options: Any) -> Route:
+    return Route(provider="fal", model=MODEL, options=options)
+
+
+def status(name: str, **extra: Any) -> httpx.Response:
+    return httpx.Response(200 if name == "COMPLETED" else 202, json={**HANDLE, "status": name, **extra})
+
+
+def fal_error(code: int, body: Any, request_id: str | None = "rid-1", **headers: str) -> httpx.Response:
+    hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
+    if request_id:
+        hdrs["x-fal-request-id"] = request_id
+    if isinstance(body, str):
+        return httpx.Response(code, text=body, headers=hdrs)
+    return httpx.Response(code, json=body, headers=hdrs)
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """get_with_retry's backoff, made instant (retry counts stay the same)."""
+    monkeypatch.setattr(common, "backoff_delay", lambda *a, **k: 0.0)
+
+
+@pytest.fixture
+def mock() -> Iterator[respx.MockRouter]:
+    with respx.mock(assert_all_called=False) as router:
+        yield router
+
+
+@pytest.fixture
+async def http(mock: respx.MockRouter) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+def queue(mock: respx.MockRouter, *statuses: httpx.Response, result: httpx.Response | None = None) -> None:
+    mock.post(SUBMIT).respond(200, json=HANDLE, headers={"x-fal-request-id": "rid-1"})
+    mock.get(STATUS).mock(side_effect=list(statuses) or [status("COMPLETED")])
+    done = httpx.Response(200, json=OUTPUT, headers={"x-fal-request-id": "rid-1"})
+    mock.get(RESULT).mock(return_value=result or done)
+    mock.put(CANCEL).respond(202, json={"status": "CANCELLATION_REQUESTED"})
+
+
+# ---- queue ----------------------------------------------------------------------------------------
+
+
+async def test_queue_flow_uses_the_returned_urls(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock, status("IN_QUEUE"), status("IN_PROGRESS"), status("COMPLETED", metrics={"inference_time": 1}))
+    result = await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx(30))
+
+    assert result.images == [
+        ProviderImage(url="https://v3.fal.media/files/out.png", content_type="image/png", width=64, height=48)
+    ]
+    assert (result.seed, result.request_id) == (9, "rid-1")
+    submit = mock.routes[0].calls.last.request
+    assert json.loads(submit.content) == PAYLOAD
+    assert submit.headers["authorization"] == f"Key {KEY}"
+    assert submit.headers["content-type"] == "application/json"
+    assert 28 < float(submit.headers["x-fal-request-timeout"]) <= 30
+    assert [str(c.request.url) for c in mock.calls] == [SUBMIT, STATUS, STATUS, STATUS, RESULT]
+    assert all(c.request.headers["authorization"] == f"Key {KEY}" for c in mock.calls)
+
+
+async def test_key_id_and_secret(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock)
+    config = settings(key=None, key_id="id", key_secret="sec")
+    await FalProvider(http, config).run(dict(PAYLOAD), route(), ctx())
+    assert mock.calls[0].request.headers["authorization"] == "Key id:sec"
+
+
+def test_not_configured() -> None:
+    provider = FalProvider(httpx.AsyncClient(), settings(key=None, key_id="only-id"))
+    with pytest.raises(ProviderNotConfigured) as err:
+        provider.check_configured()
+    assert err.value.message == "provider fal is not configured: set FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET)"
+    assert err.value.status == 503 and not err.value.retryable
+
+
+async def test_status_poll_retries_transient_errors(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock, fal_error(503, "<html>nginx</html>", None), status("IN_PROGRESS"), status("COMPLETED"))
+    result = await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert result.request_id == "rid-1"
+    assert mock.routes[1].call_count == 3
+
+
+async def test_status_that_keeps_failing_cancels_and_is_not_retryable(
+    mock: respx.MockRouter, http: httpx.AsyncClient
+) -> None:
+    queue(mock, *[fal_error(500, {"detail": "boom"})] * 5)
+    with pytest.raises(UpstreamError) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert not err.value.retryable and err.value.fallback
+    assert mock.routes[1].call_count == 5  # get_with_retry's attempts
+    assert mock.routes[3].call_count == 1  # cancel_url
+
+
+async def test_result_202_is_fetched_again(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock)
+    mock.get(RESULT).mock(side_effect=[status("IN_PROGRESS"), httpx.Response(200, json=OUTPUT)])
+    result = await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert result.request_id == "rid-1" and len(result.images) == 1
+
+
+async def test_cancelling_the_run_cancels_the_job(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    mock.post(SUBMIT).respond(200, json=HANDLE)
+    polled = asyncio.Event()
+
+    def in_progress(request: httpx.Request) -> httpx.Response:
+        polled.set()
+        return status("IN_PROGRESS")
+
+    mock.get(STATUS).mock(side_effect=in_progress)
+    cancel = mock.put(CANCEL).respond(202, json={"status": "CANCELLATION_REQUESTED"})
+    task = asyncio.create_task(FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx()))
+    await asyncio.wait_for(polled.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancel.call_count == 1
+    assert cancel.calls.last.request.method == "PUT"
+    assert cancel.calls.last.request.headers["authorization"] == f"Key {KEY}"
+
+
+async def test_deadline_cancels_the_job(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock)
+    mock.get(STATUS).mock(return_value=status("IN_QUEUE"))
+    with pytest.raises(UpstreamTimeout) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx(0.2))
+    assert err.value.status == 504 and not err.value.retryable
+    assert "x-fal-request-timeout" not in mock.routes[0].calls.last.request.headers  # <= 1 s left
+    assert mock.routes[3].call_count == 1
+
+
+async def test_cancel_errors_are_swallowed(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock)
+    mock.get(STATUS).mock(return_value=status("IN_QUEUE"))
+    mock.put(CANCEL).mock(side_effect=httpx.ConnectError("down"))
+    with pytest.raises(UpstreamTimeout):
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx(0.1))
+
+
+async def test_submit_without_urls_is_an_upstream_error(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    mock.post(SUBMIT).respond(200, json={"request_id": "rid-1"})
+    with pytest.raises(UpstreamError, match="status_url"):
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+
+
+# ---- SSE status stream -----------------------------------------------------------------------------
+
+
+def sse(*events: dict[str, Any]) -> httpx.Response:
+    text = ": keepalive\n\n" + "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+    return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+
+STREAM = f"{BASE}/status/stream?x=1"
+
+
+async def test_status_stream(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock)
+    stream = mock.get(STREAM).mock(return_value=sse({"status": "IN_QUEUE"}, {**HANDLE, "status": "COMPLETED"}))
+    result = await FalProvider(http, settings(status_stream=True)).run(dict(PAYLOAD), route(), ctx())
+    assert result.request_id == "rid-1"
+    assert stream.call_count == 1 and stream.calls.last.request.headers["accept"] == "text/event-stream"
+    assert mock.routes[1].call_count == 0  # no polling
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [sse({"status": "IN_PROGRESS"}), httpx.Response(500), httpx.ReadTimeout("slow")],
+    ids=["ends-early", "http-500", "read-timeout"],
+)
+async def test_broken_stream_falls_back_to_polling(
+    mock: respx.MockRouter, http: httpx.AsyncClient, broken: Any
+) -> None:
+    queue(mock, status("IN_PROGRESS"), status("COMPLETED"))
+    if isinstance(broken, Exception):
+        mock.get(STREAM).mock(side_effect=broken)
+    else:
+        mock.get(STREAM).mock(return_value=broken)
+    result = await FalProvider(http, settings(status_stream=True)).run(dict(PAYLOAD), route(), ctx())
+    assert result.images and mock.routes[1].call_count == 2
+
+
+# ---- sync run, sync_mode ---------------------------------------------------------------------------
+
+
+async def test_sync_run_per_route(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    run = mock.post(f"https://fal.run/{MODEL}").respond(200, json=OUTPUT, headers={"x-fal-request-id": "sync-1"})
+    result = await FalProvider(http, settings()).run(dict(PAYLOAD), route(mode="sync"), ctx(20))
+    assert result.request_id == "sync-1" and result.seed == 9
+    request = run.calls.last.request
+    assert json.loads(request.content) == PAYLOAD and request.headers["authorization"] == f"Key {KEY}"
+    assert float(request.headers["x-fal-request-timeout"]) > 18
+    assert len(mock.calls) == 1
+
+
+async def test_sync_mode_asks_for_data_uris(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    out = {"images": [{"url": "data:image/png;base64,iVBORw==", "content_type": "image/png"}], "seed": 1}
+    queue(mock, result=httpx.Response(200, json=out))
+    result = await FalProvider(http, settings(sync_mode_b64=True)).run(dict(PAYLOAD), route(), ctx())
+    assert json.loads(mock.calls[0].request.content) == {**PAYLOAD, "sync_mode": True}
+    assert result.images == [ProviderImage(data=b"\x89PNG", content_type="image/png")]
+    queue(mock, result=httpx.Response(200, json=out))
+    await FalProvider(http, settings()).run(dict(PAYLOAD), route(sync_mode=True), ctx())
+    assert json.loads(mock.routes[0].calls.last.request.content)["sync_mode"] is True
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def validation(field: str, msg: str = "bad value", type_: str = "value_error") -> dict[str, Any]:
+    return {"detail": [{"loc": ["body", field, 0], "msg": msg, "type": type_}]}
+
+
+@pytest.mark.parametrize(
+    ("field", "param"),
+    [("image_urls", "image"), ("image_url", "image"), ("num_images", "n"), ("image_size", "size"),
+     ("guidance_scale", "cfg_scale"), ("prompt", "prompt"), ("acceleration", "acceleration")],
+)
+async def test_validation_error_after_completed(
+    mock: respx.MockRouter, http: httpx.AsyncClient, field: str, param: str
+) -> None:
+    queue(mock, result=fal_error(422, validation(field, "Input should be valid")))
+    with pytest.raises(InvalidRequest) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert type(err.value) is InvalidRequest
+    assert (err.value.status, err.value.param, err.value.message) == (400, param, "Input should be valid")
+    assert not err.value.retryable and not err.value.fallback
+    assert mock.routes[3].call_count == 0  # the job was already terminal: nothing to cancel
+
+
+async def test_content_policy_violation(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    body = validation("prompt", "flagged by a content checker", "content_policy_violation")
+    queue(mock, result=fal_error(422, body))
+    with pytest.raises(ContentPolicyViolation) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert (err.value.status, err.value.code, err.value.param) == (400, "content_policy_violation", "prompt")
+
+
+async def test_completed_with_runner_error_is_retryable(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    done = status("COMPLETED", error="Runner disconnected", error_type="runner_disconnected")
+    queue(mock, done, result=fal_error(503, {"detail": "Runner disconnected"}))
+    with pytest.raises(ProviderUnavailable) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert err.value.retryable and err.value.fallback and err.value.status == 503
+    assert "runner_disconnected" in err.value.message
+    assert mock.routes[2].call_count == 1  # the failed result is not re-fetched
+
+
+async def test_completed_with_error_but_empty_result(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    done = status("COMPLETED", error="Runner disconnected", error_type="runner_disconnected")
+    queue(mock, done, result=httpx.Response(200, json={"images": []}))
+    with pytest.raises(ProviderUnavailable) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert err.value.retryable
+
+
+async def test_empty_images_flagged_is_content_policy(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock, result=httpx.Response(200, json={"images": [], "has_nsfw_concepts": [True]}))
+    with pytest.raises(ContentPolicyViolation):
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    queue(mock, result=httpx.Response(200, json={"images": []}))
+    with pytest.raises(UpstreamError):
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+
+
+@pytest.mark.parametrize("code", [401, 403])
+async def test_auth_failure_never_echoes_the_key(mock: respx.MockRouter, http: httpx.AsyncClient, code: int) -> None:
+    mock.post(SUBMIT).mock(return_value=fal_error(code, {"detail": f"Invalid key {KEY}"}, None))
+    with pytest.raises(UpstreamAuthFailed) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert (err.value.status, err.value.message, err.value.code) == (502, "upstream authentication failed",
+                                                                    "upstream_auth_failed")
+    assert KEY not in repr(err.value) and not err.value.retryable
+
+
+async def test_rate_limited_on_submit(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    submit = mock.post(SUBMIT).mock(return_value=fal_error(429, {"detail": "Too many"}, None, Retry_After="7"))
+    with pytest.raises(RateLimited) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert (err.value.status, err.value.retry_after, err.value.retryable) == (429, 7.0, True)
+    assert submit.call_count == 1  # retrying is the service's job
+
+
+async def test_user_request_timeout_is_not_retried(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    body = {"detail": "Request timed out", "error_type": "request_timeout"}
+    mock.post(SUBMIT).mock(return_value=fal_error(504, body, X_Fal_Request_Timeout_Type="user"))
+    with pytest.raises(UpstreamTimeout) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert (err.value.status, err.value.retryable, err.value.fallback) == (504, False, True)
+
+
+async def test_unknown_app(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    mock.post(SUBMIT).mock(return_value=fal_error(404, {"detail": "Application not found"}))
+    with pytest.raises(UpstreamError) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert type(err.value) is UpstreamError and MODEL in err.value.message and not err.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("exc", "cls", "retryable"),
+    [(httpx.ConnectError("refused"), ProviderUnavailable, True),
+     (httpx.ConnectTimeout("slow"), ProviderUnavailable, True),
+     (httpx.ReadTimeout("slow"), UpstreamTimeout, False),
+     (httpx.RemoteProtocolError("eof"), ProviderUnavailable, False)],
+)
+async def test_submit_connection_errors(
+    mock: respx.MockRouter, http: httpx.AsyncClient, exc: Exception, cls: type[GatewayError], retryable: bool
+) -> None:
+    mock.post(SUBMIT).mock(side_effect=exc)
+    with pytest.raises(cls) as err:
+        await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
+    assert err.value.retryable is retryable and err.value.fallback
+
+
+@pytest.mark.parametrize(
+    ("response", "retryable"),
+    [(fal_error(503, "<html><title>503 Service Unavailable</title>nginx</html>", None), True),
+     (fal_error(503, {"detail": "x", "error_type": "runner_scheduling_failure"}), True),
+     (fal_error(503, {"detail": "overloaded"}), False),
+     (fal_error(502, {"detail": "x"}, X_Fal_Retryable="true"), True),
+     (fal_error(503, {"detail": "x", "error_type": "runner_disconnected"}, X_Fal_Retryable="false"), False)],
+    ids=["ingress", "runner", "fal-answered", "fal-says-retryable", "fal-says-not"],
+)
+async def test_sync_run_unavailable(
+    mock: respx.MockRouter, http: httpx.AsyncClient, response: httpx.Response, retryable: bool
+) -> None:
+    mock.post(f"https://fal.run/{MODEL}").mock(return_value=response)
+    with pytest.raises(ProviderUnavailable) as err:
+        await FalProvider(http, settings(mode="sync")).run(dict(PAYLOAD), route(), ctx())
+    assert err.value.retryable is retryable and err.value.fallback and err.value.status == 503
+
+
+def failure(code: int, body: Any = None, request_id: str | None = "r", **headers: str) -> FalFailure:
+    return FalFailure.from_response(fal_error(code, body if body is not None else {"detail": "x"}, request_id,
+                                              **headers))
+
+
+@pytest.mark.parametrize(
+    ("fail", "stage", "cls", "status", "retryable"),
+    [
+        (failure(503), "submit", ProviderUnavailable, 503, True),  # the queue did not take it
+        (failure(503, request_id=None), "status", ProviderUnavailable, 503, False),  # job accepted
+        (failure(500, {"detail": "crash"}), "result", UpstreamError, 502, False),
+        (failure(500, {"detail": "crash", "error_type": "runner_server_error"}), "result", ProviderUnavailable,
+         503, True),
+        (failure(429, request_id=None), "status", RateLimited, 429, False),
+        (failure(429), "upload", RateLimited, 429, True),
+        (failure(402), "submit", InsufficientCredit, 402, False),
+        (failure(403, {"detail": "User is locked. Reason: Exhausted balance."}), "submit", InsufficientCredit,
+         402, False),
+        (failure(413), "submit", PayloadTooLarge, 413, False),
+        (failure(499, {"detail": "x", "error_type": "client_cancelled"}), "result", UpstreamError, 502, False),
+        (failure(400, {"detail": "Invalid image size"}), "run", InvalidRequest, 400, False),
+        (failure(422, {"detail": [{"loc": [], "msg": "too big", "type": "image_too_large"}]}), "result",
+         InvalidRequest, 400, False),
+        (failure(403), "upload_put", ProviderUnavailable, 503, True),  # presigned storage URL, not fal auth
+    ],
+)
+def test_failure_table(
+    fail: FalFailure, stage: Any, cls: type[GatewayError], status: int, retryable: bool
+) -> None:
+    err = map_failure(fail, stage=stage, model=MODEL)
+    assert type(err) is cls and err.status == status and err.retryable is retryable
+
+
+def test_image_error_types_name_the_image() -> None:
+    fail = failure(422, {"detail": [{"loc": [], "msg": "too big", "type": "image_too_large"}]})
+    assert map_failure(fail, stage="result", model=MODEL).param == "image"
+
+
+def test_request_timeout_header() -> None:
+    assert request_timeout_header(30.06) == "30.0"
+    assert request_timeout_header(1.15) == "1.1"
+    assert request_timeout_header(1.05) is None
+    assert request_timeout_header(0.5) is None
+
+
+# ---- inputs: data URI vs upload -------------------------------------------------------------------
+
+INITIATE = "https://rest.fal.ai/storage/upload/initiate"
+
+
+def png(size: int) -> InputImage:
+    return InputImage(data=b"\x89PNG" + b"\0" * (size - 4), format="png", width=1, height=1)
+
+
+async def test_small_images_are_data_uris_urls_pass_through(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    small = png(10)
+    refs = await FalProvider(http, settings()).prepare_images(
+        [small, InputImage(url="https://example.com/a.png")], route()
+    )
+    assert refs == [small.data_uri(), "https://example.com/a.png"]
+    assert not mock.calls
+
+
+async def test_large_images_are_uploaded_concurrently(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    in_flight = peak = 0
+
+    async def initiate(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        name = json.loads(request.content)["file_name"]
+        return httpx.Response(200, json={"upload_url": f"https://up.example/{name}",
+                                         "file_url": f"https://v3.fal.media/files/{name}"})
+
+    mock.post(INITIATE).mock(side_effect=initiate)
+    put = mock.put(url__startswith="https://up.example/").respond(200)
+    images = [png(2000), png(10), png(3000)]
+    refs = await FalProvider(http, settings(inline_max_bytes=1000)).prepare_images(images, route())
+
+    assert refs == ["https://v3.fal.media/files/input-0.png", images[1].data_uri(),
+                    "https://v3.fal.media/files/input-2.png"]
+    assert peak == 2
+    first = mock.routes[0].calls[0].request
+    assert first.url.params["storage_type"] == "fal-cdn-v3"
+    assert first.headers["authorization"] == f"Key {KEY}"
+    assert json.loads(first.content) == {"content_type": "image/png", "file_name": "input-0.png"}
+    bodies = {str(c.request.url): c.request for c in put.calls}
+    assert bodies["https://up.example/input-0.png"].content == images[0].data
+    assert bodies["https://up.example/input-2.png"].headers["content-type"] == "image/png"
+    assert all("authorization" not in c.request.headers for c in put.calls)
+
+
+async def test_route_option_overrides_inline_limit_and_dry_run_does_not_upload(
+    mock: respx.MockRouter, http: httpx.AsyncClient
+) -> None:
+    refs = await FalProvider(http, settings()).prepare_images([png(1234)], route(inline_max_bytes=1000),
+                                                             dry_run=True)
+    assert refs == ["<upload: image/png, 1234 bytes>"]
+    assert not mock.calls
+
+
+async def test_upload_errors(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    mock.post(INITIATE).mock(return_value=fal_error(401, {"detail": "no"}, None))
+    with pytest.raises(UpstreamAuthFailed):
+        await FalProvider(http, settings(inline_max_bytes=0)).prepare_images([png(10)], route())
+    mock.post(INITIATE).respond(200, json={"upload_url": "https://up.example/x", "file_url": "https://f/x"})
+    mock.put("https://up.example/x").respond(403, text="<Error>SignatureDoesNotMatch</Error>")
+    with pytest.raises(ProviderUnavailable) as err:
+        await FalProvider(http, settings(inline_max_bytes=0)).prepare_images([png(10)], route())
+    assert err.value.retryable

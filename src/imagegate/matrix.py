@@ -7,6 +7,7 @@ import httpx
 
 from imagegate.core.imaging import ImagePool
 from imagegate.core.params import GATEWAY_PARAMS, KNOWN_PARAMS, SIZE_PARAMS
+from imagegate.core.request import Operation
 from imagegate.providers.registry import build_providers
 from imagegate.settings import Settings
 
@@ -14,7 +15,10 @@ __all__ = ["MARKERS", "render_matrix", "replace_matrix"]
 
 MARKERS = ("<!-- support-matrix:start -->", "<!-- support-matrix:end -->")
 
-_OPERATIONS = (("edit", "POST /v1/images/edits"), ("generate", "POST /v1/images/generations"))
+_OPERATIONS: tuple[tuple[Operation, str], ...] = (
+    ("edit", "POST /v1/images/edits"),
+    ("generate", "POST /v1/images/generations"),
+)
 
 
 def _cell(text: str) -> str:

@@ -247,6 +247,7 @@ async def test_streamed_oversized_body_is_refused_while_reading() -> None:
     response = await post(app, "/echo", content=chunks())  # chunked: no Content-Length
     assert_envelope(response, 413)
     assert bodies == []
+    assert chunks_sent < 50  # refused while streaming, not after buffering everything
 
 
 async def test_bad_content_length_is_400() -> None:

@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-
 from tests.fakes.images import jpeg_bytes, png_bytes, webp_bytes
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}

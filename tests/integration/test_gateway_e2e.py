@@ -15,13 +15,13 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-
-from imagegate.app import create_app
 from tests.conftest import gateway_settings
 from tests.fakes.fal import FakeFal, FalScenario, runner_scheduling_failure
 from tests.fakes.images import png_bytes
 from tests.fakes.replicate import FakeReplicate, ReplicateScenario, throttled
 from tests.fakes.server import LocalServer, wait_until
+
+from imagegate.app import create_app
 
 
 @pytest.fixture(scope="module")

@@ -75,9 +75,7 @@ def _can_pass_url(image: ProviderImage, spec: OutputSpec) -> bool:
         return False  # the provider's own quality is unknown: re-encode to honour it
     if spec.background == "opaque":
         return False
-    if spec.size is not None and (image.width, image.height) != (spec.size.width, spec.size.height):
-        return False
-    return True
+    return spec.size is None or (image.width, image.height) == (spec.size.width, spec.size.height)
 
 
 def _finish(data: bytes, spec: OutputSpec) -> tuple[bytes, imaging.ImageInfo, str | None]:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 from imagegate.core import imaging
 from imagegate.core.catalog import Catalog, CatalogEntry
@@ -42,11 +42,10 @@ __all__ = ["ImageFetcher", "ImageService"]
 log = logging.getLogger("imagegate.service")
 
 
-class ImageFetcher:
-    """Fetches a caller's image URL through the SSRF guard (the HTTP layer's GuardedFetcher)."""
+class ImageFetcher(Protocol):
+    """Fetches a caller's image URL through the SSRF guard (`core.fetch.GuardedFetcher`)."""
 
-    async def fetch(self, url: str, *, param: str) -> bytes:  # pragma: no cover - interface
-        raise NotImplementedError
+    async def fetch(self, url: str, *, param: str) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)

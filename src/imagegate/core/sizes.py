@@ -33,7 +33,7 @@ MAX_SIDE = 14142
 # Named resolution tiers and the megapixels they stand for.
 TIER_MEGAPIXELS: Mapping[str, float] = {"0.5K": 0.25, "1K": 1.0, "2K": 4.0, "4K": 16.0}
 
-_WXH = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
+_WXH = re.compile(r"^\s*(\d{1,6})\s*[xX\u00d7]\s*(\d{1,6})\s*$")
 _RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
 _TIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[kK]\s*$")
 T = TypeVar("T")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import email.utils
 import random
 import time
@@ -40,9 +41,10 @@ def retry_after_seconds(headers: Mapping[str, str], body_value: Any = None) -> f
         try:
             return max(0.0, float(value))
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - time.time())
+            try:
+                return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
     if isinstance(body_value, int | float) and not isinstance(body_value, bool):
         return max(0.0, float(body_value))
     return None
@@ -52,7 +54,7 @@ def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float |
     """Exponential backoff with jitter in [0.75, 1] (attempt 0 is the first retry); Retry-After wins."""
     if retry_after is not None:
         return retry_after
-    return min(cap, base * 2**attempt) * random.uniform(0.75, 1.0)
+    return min(cap, base * 2.0**attempt) * random.uniform(0.75, 1.0)
 
 
 async def poll_delays(*, start: float, cap: float, factor: float = 1.5) -> AsyncIterator[int]:
@@ -123,7 +125,5 @@ async def best_effort(awaitable: Awaitable[Any], *, timeout: float = 5.0) -> Non
     """Run cleanup (an upstream cancel) to completion even if the caller is being cancelled;
     swallow its failures. Use from an `except BaseException:` block before re-raising."""
     task = asyncio.ensure_future(awaitable)
-    try:
+    with contextlib.suppress(BaseException):
         await asyncio.wait_for(asyncio.shield(task), timeout)
-    except BaseException:
-        pass

@@ -196,8 +196,8 @@ async def test_output_format(provider: ReplicateProvider, fmt: str, sent: str, m
         ("qwen/qwen-image", generate(output_compression=101), "output_compression", InvalidRequest),
         ("qwen/qwen-image", generate(extra={"image_size": "square_hd"}), "image_size", InvalidRequest),
         ("qwen/qwen-image", generate(extra={"go_fast": "maybe"}), "go_fast", InvalidRequest),
-        ("qwen/qwen-image", generate(seed="x"), "seed", InvalidRequest),  # type: ignore[arg-type]
-        ("qwen/qwen-image", generate(output_format="bmp"), "output_format", InvalidRequest),  # type: ignore[arg-type]
+        ("qwen/qwen-image", generate(seed="x"), "seed", InvalidRequest),
+        ("qwen/qwen-image", generate(output_format="bmp"), "output_format", InvalidRequest),
     ],
 )
 async def test_rejections_name_the_parameter(

@@ -8,7 +8,7 @@ import email.parser
 import email.policy
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -90,7 +90,7 @@ def provider(http: httpx.AsyncClient) -> ReplicateProvider:
 
 
 @pytest.fixture
-def mock() -> respx.MockRouter:
+def mock() -> Iterator[respx.MockRouter]:
     with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
         yield router
 

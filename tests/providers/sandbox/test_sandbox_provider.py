@@ -24,6 +24,9 @@ def png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> InputI
     return InputImage(data=out.getvalue(), format="png", width=size[0], height=size[1])
 
 
+EDIT_ROUTE = Route("sandbox", "sandbox-edit")
+
+
 @pytest.fixture
 def provider() -> SandboxProvider:
     return SandboxProvider(httpx.AsyncClient(), Settings(), pool=ImagePool(2))
@@ -43,7 +46,7 @@ async def test_edit_applies_vocabulary_at_requested_size(provider: SandboxProvid
     req = ImageRequest(operation="edit", prompt="grayscale please", model="sandbox-edit",
                        images=[png((200, 30, 30))], aspect_ratio="1:1", resolution="0.25")
     (payload,) = await plan(provider, req)
-    result = await provider.run(payload, Route("sandbox", "sandbox-edit"), CallContext("r", time.monotonic() + 5, "edit"))
+    result = await provider.run(payload, EDIT_ROUTE, CallContext("r", time.monotonic() + 5, "edit"))
     image = Image.open(io.BytesIO(result.images[0].data or b""))
     assert image.size == (512, 512) and image.format == "PNG"
     r, g, b = image.convert("RGB").getpixel((256, 256))
@@ -54,7 +57,7 @@ async def test_multiple_images_side_by_side(provider: SandboxProvider) -> None:
     req = ImageRequest(operation="edit", prompt="invert", model="sandbox-edit",
                        images=[png((0, 0, 0)), png((255, 255, 255))])
     (payload,) = await plan(provider, req)
-    result = await provider.run(payload, Route("sandbox", "sandbox-edit"), CallContext("r", time.monotonic() + 5, "edit"))
+    result = await provider.run(payload, EDIT_ROUTE, CallContext("r", time.monotonic() + 5, "edit"))
     image = Image.open(io.BytesIO(result.images[0].data or b"")).convert("RGB")
     assert image.size == (80, 30)
     assert image.getpixel((5, 5)) == (255, 255, 255) and image.getpixel((75, 5)) == (0, 0, 0)

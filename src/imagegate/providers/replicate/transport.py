@@ -37,7 +37,7 @@ from imagegate.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from imagegate.core.request import InputImage
+from imagegate.core.request import FORMAT_MIME, InputImage
 from imagegate.providers.base import ProviderImage
 from imagegate.providers.common import (
     decode_data_uri,
@@ -69,6 +69,7 @@ UPLOAD_TIMEOUT = 120.0
 MIN_CANCEL_AFTER = 5  # seconds; Replicate's minimum
 MAX_WAIT = 60  # seconds; `Prefer: wait=N` accepts 1..60
 MAX_REDIRECTS = 5
+FILE_EXTENSIONS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp", "gif": "gif", "avif": "avif"}
 # Hosts that may receive the token, besides the configured base_url's origin.
 REPLICATE_HOSTS = frozenset({"api.replicate.com", "replicate.delivery"})
 REPLICATE_HOST_SUFFIXES = (".replicate.delivery",)
@@ -84,14 +85,7 @@ FIELD_PARAMS: Mapping[str, str] = {
 _CONTENT_POLICY = re.compile(r"\bE005\b|flagged as sensitive|NSFW|content policy", re.IGNORECASE)
 _RETRYABLE_CODES = re.compile(r"\bE(?:1000|6716)\b")
 _FIELD_IN_TEXT = re.compile(r"^(\w+) is required|[Aa]dditional property (\w+)")
-_EXTENSION_MIME = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".webp": "image/webp",
-    ".gif": "image/gif",
-    ".avif": "image/avif",
-}
+_EXTENSION_MIME = {f".{ext}": FORMAT_MIME[fmt] for ext, fmt in FILE_EXTENSIONS.items()}
 
 # Where an HTTP error happened decides whether a new `run` could bill twice:
 # create (rejected unless 5xx/timeout), upload (no job exists), poll/download (a prediction exists).
@@ -175,6 +169,7 @@ def map_error(source: httpx.Response | Prediction, *, stage: Stage = "create") -
       413     -> PayloadTooLarge naming `image`
       5xx     -> create: not retryable (the prediction may exist: a resubmit could bill twice),
                  fallback allowed; upload: ProviderUnavailable, retryable; poll/download: UpstreamError
+      400 on create -> InvalidRequest; 404 on create -> UpstreamError (unknown model: a route problem)
       other   -> UpstreamError 502 with Replicate's detail
     Predictions:
       failed with E005 / "flagged as sensitive" / NSFW / content policy -> ContentPolicyViolation 400

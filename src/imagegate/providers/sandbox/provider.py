@@ -60,8 +60,9 @@ class SandboxProvider(Provider):
             await asyncio.sleep(delay)
         count = int(payload.get("num_images", 1))
         seed = payload.get("seed")
+        max_pixels = self.settings.limits.max_pixels
         outputs = [
-            await self.pool.run(_render, payload, None if seed is None else int(seed) + i, self.settings.limits.max_pixels)
+            await self.pool.run(_render, payload, None if seed is None else int(seed) + i, max_pixels)
             for i in range(count)
         ]
         fmt = payload.get("output_format", "png")

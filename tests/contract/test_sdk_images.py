@@ -143,6 +143,7 @@ async def test_qwen_without_keys_is_a_clear_error_and_sandbox_still_works(sdk: o
         await sdk.images.edit(model="qwen-image-edit-2511", image=("a.png", png_bytes(32, 32)), prompt="x")
     assert info.value.status_code == 503 and info.value.code == "provider_not_configured"
     assert "set FAL_KEY" in info.value.message and "set REPLICATE_API_TOKEN" in info.value.message
+    assert info.value.response.headers["x-should-retry"] == "false"  # the SDK does not retry it in vain
     ok = await sdk.images.edit(model="sandbox-edit", image=("a.png", png_bytes(32, 32)), prompt="x",
                                response_format="b64_json")
     assert ok.data and ok.data[0].b64_json

@@ -89,7 +89,7 @@ def gateway_error_response(exc: GatewayError, request_id: str | None = None) -> 
         delay = max(0.0, exc.retry_after)
         headers["retry-after"] = str(math.ceil(delay))
         headers["retry-after-ms"] = str(round(delay * 1000))
-    if exc.status >= 500 and exc.costly:
+    if exc.status >= 500 and (exc.costly or not exc.client_retry):
         headers["x-should-retry"] = "false"
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id

@@ -50,6 +50,7 @@ class GatewayError(Exception):
     code: str | None = None
     retryable: bool = False
     fallback: bool = False
+    client_retry: bool = True  # False: a retry by the client cannot succeed (sent as `x-should-retry: false`)
 
     def __init__(
         self,
@@ -164,6 +165,7 @@ class ProviderUnavailable(GatewayError):
 class ProviderNotConfigured(ProviderUnavailable):
     code = "provider_not_configured"
     retryable = False
+    client_retry = False
 
 
 class InternalError(GatewayError):

@@ -497,3 +497,18 @@ async def test_materialize_keeps_held_bytes_and_rejects_non_images(pool: ImagePo
         await materialize(InputImage(url="https://cdn.example.com/a.png"), fetcher, pool=pool, max_pixels=MAX_PIXELS,
                           param="mask")  # fmt: skip
     assert info.value.param == "mask" and info.value.code == "invalid_image"
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "٣", "1_0", "0x10", "+-1"])
+def test_odd_integers_are_400_not_500(value: str) -> None:
+    assert build_error({"prompt": "p", "seed": value}, form=True).param == "seed"
+
+
+def test_odd_extras_stay_strings() -> None:
+    extra = build({"prompt": "p", "big": "9" * 5000, "uni": "٣", "l[²]": "a", "l[0]": "b"}, form=True).extra
+    assert extra == {"big": "9" * 5000, "uni": "٣", "l": {"²": "a", "0": "b"}}
+
+
+async def test_huge_image_index_is_400(pool: ImagePool) -> None:
+    error = await edit_error(pool, multipart({"prompt": "p"}, [("image[" + "9" * 50 + "]", ("a.png", PNG))]))
+    assert error.param == "image"

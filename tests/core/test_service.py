@@ -24,11 +24,11 @@ from imagegate.core.errors import (
 )
 from imagegate.core.imaging import ImagePool
 from imagegate.core.params import ParamTable
-from imagegate.core.request import ImageRequest, Operation
+from imagegate.core.request import ImageRequest, InputImage, Operation
 from imagegate.core.results import DryRunResult, ImageResult
 from imagegate.core.service import ImageService
 from imagegate.providers.base import CallContext, Provider, ProviderImage, ProviderResult, Route
-from imagegate.providers.sandbox.tables import GENERATE
+from imagegate.providers.sandbox.tables import EDIT, GENERATE
 from imagegate.settings import ModelConfig, RouteConfig, Settings
 from imagegate.storage.base import Storage, StoredImage
 
@@ -225,3 +225,23 @@ async def test_unknown_model_and_bad_operation() -> None:
     with pytest.raises(InvalidRequest) as bad:
         await serve(service, request(size="14000x14000"))
     assert bad.value.param == "size"
+
+
+async def test_rejected_parameters_fail_before_any_upload() -> None:
+    class Uploading(Scripted):
+        uploads = 0
+
+        async def prepare_images(self, images: Any, route: Route, *, dry_run: bool = False) -> list[str]:
+            Uploading.uploads += len(images)
+            return ["ref"] * len(images)
+
+        def table(self, model: str, operation: Operation) -> ParamTable:
+            return EDIT
+
+    a = Uploading("a", [])
+    service = make_service(a)
+    image = InputImage(data=png(8, 8), format="png", width=8, height=8)
+    edit = ImageRequest(operation="edit", prompt="p", model="m", images=[image], background="transparent")
+    with pytest.raises(InvalidRequest) as info:
+        await serve(service, edit)
+    assert info.value.param == "background" and Uploading.uploads == 0

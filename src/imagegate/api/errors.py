@@ -51,7 +51,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+_SANE_REQUEST_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}\Z")
 _GENERIC_500 = "The server had an error while processing your request. Sorry about that!"
 _HTTP_CODES = {
     400: "invalid_request",

@@ -68,11 +68,12 @@ MAX_IMAGE_URL_CHARS = 20_971_520  # OpenAI's ImageRefParam.image_url maxLength
 _RESPONSE_FORMATS = ("url", "b64_json")
 _OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "avif")
 _BACKGROUNDS = ("transparent", "opaque", "auto")
-_INT = re.compile(r"^[+-]?\d+$")
-_FORM_INT = re.compile(r"^-?(?:0|[1-9]\d*)$")
-_FORM_FLOAT = re.compile(r"^-?(?:0|[1-9]\d*)\.\d+$")
-_INDEXED_IMAGE = re.compile(r"^image\[(\d+)\]$")
-_NESTED = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])+)$")
+_INT = re.compile(r"\A[+-]?\d{1,20}\Z", re.ASCII)
+_FORM_INT = re.compile(r"\A-?(?:0|[1-9]\d{0,19})\Z", re.ASCII)
+_FORM_FLOAT = re.compile(r"\A-?(?:0|[1-9]\d{0,19})\.\d{1,20}\Z", re.ASCII)
+_INDEXED_IMAGE = re.compile(r"\Aimage\[(\d{1,4})\]\Z", re.ASCII)
+_NESTED = re.compile(r"\A([^\[\]]+)((?:\[[^\[\]]*\])+)\Z")
+_INDEX = re.compile(r"[0-9]{1,4}")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 # Fields the gateway models itself (everything else is an extra). `image`/`images`/`mask` are
 # read separately.
@@ -593,7 +594,7 @@ def _listify(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     items = {k: _listify(v) for k, v in value.items()}
-    if items and all(k.isdigit() for k in items) and sorted(int(k) for k in items) == list(range(len(items))):
+    if items and all(_INDEX.fullmatch(k) for k in items) and sorted(map(int, items)) == list(range(len(items))):
         return [items[str(i)] for i in range(len(items))]
     return items
 

@@ -142,11 +142,13 @@ class ImageService:
                 f"{self.settings.limits.max_pixels} pixels.",
                 param="size",
             )
+        ctx = BuildContext(request.operation, target=target, input_size=input_size, options=route.options)
+        # Validate every parameter before anything is uploaded: a request the table rejects costs nothing.
+        apply_table(table, request, ctx, image_refs=["<image>"] * len(images), mask_ref=None if mask is None else "<mask>")
         refs = await provider.prepare_images(images, route, dry_run=dry_run) if images else []
         mask_ref = None
         if mask is not None:
             (mask_ref,) = await provider.prepare_images([mask], route, dry_run=dry_run)
-        ctx = BuildContext(request.operation, target=target, input_size=input_size, options=route.options)
         return apply_table(table, request, ctx, image_refs=refs, mask_ref=mask_ref)
 
     async def _materialize(self, image: InputImage, param: str) -> InputImage:

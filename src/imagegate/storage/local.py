@@ -29,8 +29,8 @@ __all__ = ["LocalStorage"]
 
 logger = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[A-Za-z0-9_-]{32}\.[a-z0-9]{1,8}$")
-_EXTENSION = re.compile(r"^[a-z0-9]{1,8}$")
+_ID = re.compile(r"\A[A-Za-z0-9_-]{32}\.[a-z0-9]{1,8}\Z")
+_EXTENSION = re.compile(r"\A[a-z0-9]{1,8}\Z")
 _META = ".json"
 _TMP = ".tmp"
 _ORPHAN_GRACE_SECONDS = 3600.0  # an image without metadata older than this is debris from a crash
@@ -123,7 +123,7 @@ class LocalStorage(Storage):
                     removed += 1
             elif (_ID.match(name) and name + _META not in names) or name.endswith(_TMP):
                 with contextlib.suppress(OSError):
-                    if now - entry.stat().st_mtime > _ORPHAN_GRACE_SECONDS:
+                    if time.time() - entry.stat().st_mtime > _ORPHAN_GRACE_SECONDS:  # file times are wall-clock
                         os.unlink(entry.path)
         return removed
 

@@ -11,11 +11,11 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from tests.api.conftest import MAX_PIXELS, OUTPUT_PNG, FakeService, encode
 
 from imagegate.api.images import ClientDisconnected, ImageEventStream, run_until_disconnect, wait_for_disconnect
 from imagegate.core.errors import RateLimited
 from imagegate.core.results import ImageResult, OutputImage
-from tests.api.conftest import MAX_PIXELS, OUTPUT_PNG, FakeService, encode
 
 PNG = encode("png")
 JPEG = encode("jpeg", 40, 30)
@@ -201,9 +201,7 @@ async def test_bad_generation_inputs(sdk: openai.AsyncOpenAI, kwargs: dict[str, 
 
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"prompt": 5}', b'{"prompt": "x", "n": "many"}', b"null"])
 async def test_no_fastapi_422_for_bad_json(client: httpx.AsyncClient, body: bytes) -> None:
-    response = await client.post(
-        "/v1/images/generations", content=body, headers={"content-type": "application/json"}
-    )
+    response = await client.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert set(response.json()) == {"error"}
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
@@ -450,4 +448,3 @@ async def test_event_stream_without_b64_is_an_error_event() -> None:
     await response({"type": "http"}, receive_from([]), send)
     text = b"".join(chunks).decode()
     assert "event: error\ndata: " in text and "completed" not in text
-

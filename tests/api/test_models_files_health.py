@@ -39,9 +39,7 @@ async def test_models_through_the_sdk(sdk: openai.AsyncOpenAI) -> None:
 
 
 async def test_model_ids_with_slashes(app: FastAPI, client: httpx.AsyncClient) -> None:
-    app.state.catalog = Catalog.from_config(
-        {"fal/qwen": app.state.settings.models["sandbox-edit"].model_copy()}
-    )
+    app.state.catalog = Catalog.from_config({"fal/qwen": app.state.settings.models["sandbox-edit"].model_copy()})
     response = await client.get("/v1/models/fal/qwen")
     assert response.status_code == 200 and response.json()["id"] == "fal/qwen"
     missing = await client.get("/v1/models/fal/other")

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from starlette.requests import Request
+from tests.api.conftest import MAX_PIXELS, encode
 
 from imagegate.api.parsing import (
     DEFAULT_EDIT_MODEL,
@@ -25,7 +26,6 @@ from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
 from imagegate.core.request import ImageRequest, InputImage
 from imagegate.settings import FetchSettings, LimitsSettings
-from tests.api.conftest import MAX_PIXELS, encode
 
 LIMITS = LimitsSettings(max_pixels=MAX_PIXELS, max_image_bytes=200_000, max_mask_bytes=50_000, max_prompt_chars=100)
 PNG = encode("png")
@@ -63,9 +63,7 @@ def as_starlette(request: httpx.Request, *, in_app: bool = True) -> Request:
     return Request(scope, receive)
 
 
-def multipart(
-    data: dict[str, Any] | None = None, files: list[tuple[str, Any]] | None = None
-) -> Request:
+def multipart(data: dict[str, Any] | None = None, files: list[tuple[str, Any]] | None = None) -> Request:
     return as_starlette(httpx.Request("POST", "http://test/v1/images/edits", data=data, files=files))
 
 

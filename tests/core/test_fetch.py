@@ -209,7 +209,9 @@ async def test_http_errors_are_400() -> None:
 
 
 async def test_declared_size_over_the_cap_is_413() -> None:
-    fetcher, _ = make_fetcher(lambda r: httpx.Response(200, content=b"x" * 101), dns={"c.example": [PUBLIC]}, max_bytes=100)
+    fetcher, _ = make_fetcher(
+        lambda r: httpx.Response(200, content=b"x" * 101), dns={"c.example": [PUBLIC]}, max_bytes=100
+    )
     with pytest.raises(PayloadTooLarge) as info:
         await fetcher.fetch("http://c.example/a", param="images")
     assert info.value.status == 413 and info.value.param == "images"

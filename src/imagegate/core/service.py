@@ -144,7 +144,8 @@ class ImageService:
             )
         ctx = BuildContext(request.operation, target=target, input_size=input_size, options=route.options)
         # Validate every parameter before anything is uploaded: a request the table rejects costs nothing.
-        apply_table(table, request, ctx, image_refs=["<image>"] * len(images), mask_ref=None if mask is None else "<mask>")
+        placeholder_mask = None if mask is None else "<mask>"
+        apply_table(table, request, ctx, image_refs=["<image>"] * len(images), mask_ref=placeholder_mask)
         refs = await provider.prepare_images(images, route, dry_run=dry_run) if images else []
         mask_ref = None
         if mask is not None:

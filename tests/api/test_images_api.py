@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 from typing import Any
 
 import httpx
@@ -12,9 +13,10 @@ import openai
 import pytest
 from fastapi import FastAPI
 from tests.api.conftest import MAX_PIXELS, OUTPUT_PNG, FakeService, encode
+from tests.fakes.server import LocalServer
 
 from imagegate.api.images import ClientDisconnected, ImageEventStream, run_until_disconnect, wait_for_disconnect
-from imagegate.core.errors import RateLimited
+from imagegate.core.errors import ModelNotFound, RateLimited
 from imagegate.core.results import ImageResult, OutputImage
 
 PNG = encode("png")
@@ -263,23 +265,45 @@ async def test_sse_framing_keepalive_then_completed(client: httpx.AsyncClient, s
         assert not frame.startswith("event:") or "\ndata: " in frame
 
 
-async def test_stream_error_is_an_error_event(sdk: openai.AsyncOpenAI, service: FakeService) -> None:
+async def test_stream_error_before_the_first_byte_is_a_plain_error(
+    sdk: openai.AsyncOpenAI, service: FakeService
+) -> None:
+    service.error = ModelNotFound("The model `nope` does not exist or you do not have access to it.")
+    with pytest.raises(openai.NotFoundError) as info:
+        await sdk.images.edit(image=GOOD, prompt="p", model="nope", stream=True)
+    assert info.value.code == "model_not_found"
+    service.error = RateLimited("busy", retry_after=1)
+    with pytest.raises(openai.RateLimitError):
+        await sdk.images.generate(prompt="p", stream=True)
+
+
+async def test_stream_error_after_keepalives_is_an_error_event(sdk: openai.AsyncOpenAI, service: FakeService) -> None:
+    service.delay = 0.1  # > keepalive_seconds (0.02): the stream has started
     service.error = RateLimited("upstream is busy")
     stream = await sdk.images.edit(image=GOOD, prompt="p", stream=True)
     with pytest.raises(openai.APIError) as info:
         async for _ in stream:
             pass
-    assert "upstream is busy" in info.value.message
+    assert not isinstance(info.value, openai.APIStatusError)
+    assert "upstream is busy" in info.value.message and info.value.code == "rate_limit_exceeded"
 
 
-async def test_stream_unexpected_error_is_generic(client: httpx.AsyncClient, service: FakeService) -> None:
+@pytest.mark.parametrize("delay", [0.0, 0.1])
+async def test_stream_unexpected_error_is_generic(
+    client: httpx.AsyncClient, service: FakeService, delay: float
+) -> None:
+    service.delay = delay
     service.error = RuntimeError("secret token sk-123")
     response = await client.post("/v1/images/generations", json={"prompt": "p", "stream": True})
+    assert "sk-123" not in response.text
+    if delay == 0:
+        assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+        return
     assert response.status_code == 200
     frames = [f for f in response.text.split("\n\n") if f and not f.startswith(":")]
     assert len(frames) == 1 and frames[0].startswith("event: error\ndata: ")
     body = json.loads(frames[0].split("data: ", 1)[1])
-    assert body["error"]["type"] == "server_error" and "sk-123" not in response.text
+    assert body["error"]["type"] == "server_error"
 
 
 async def test_stream_validation_errors_are_plain_4xx(client: httpx.AsyncClient) -> None:
@@ -435,16 +459,89 @@ async def test_event_stream_stops_when_send_fails() -> None:
     assert cancelled.is_set()
 
 
-async def test_event_stream_without_b64_is_an_error_event() -> None:
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+async def test_event_stream_without_b64_is_an_error(delay: float) -> None:
     async def run() -> ImageResult:
+        await asyncio.sleep(delay)
         return ImageResult(1, [OutputImage(url="http://x/y.png")], None, "png", "high", "opaque")
 
-    chunks: list[bytes] = []
+    messages: list[Any] = []
 
     async def send(message: Any) -> None:
-        chunks.append(message.get("body", b""))
+        messages.append(message)
 
-    response = ImageEventStream(run, event_type="image_edit.completed", keepalive_seconds=1)
+    response = ImageEventStream(run, event_type="image_edit.completed", keepalive_seconds=0.01)
     await response({"type": "http"}, receive_from([]), send)
-    text = b"".join(chunks).decode()
-    assert "event: error\ndata: " in text and "completed" not in text
+    text = b"".join(m.get("body", b"") for m in messages).decode()
+    assert "completed" not in text
+    if delay == 0:  # nothing was sent yet: a plain 500
+        assert messages[0]["status"] == 500 and json.loads(text)["error"]["type"] == "server_error"
+    else:
+        assert messages[0]["status"] == 200 and text.startswith(": keepalive\n\n")
+        last = text.rstrip("\n").split("\n\n")[-1]
+        assert last.startswith("event: error\ndata: ")
+        assert json.loads(last.split("data: ", 1)[1])["error"]["type"] == "server_error"
+
+
+# -- under a real server (uvicorn in a thread) -----------------------------------------------------
+
+
+class SlowService:
+    """Thread-safe flags: the app runs on uvicorn's loop, the test on its own."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    async def run(self, request: Any, *, request_id: str, base_url: str, dry_run: bool = False) -> ImageResult:
+        self.started.set()
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        self.finished.set()
+        return ImageResult(1, [OutputImage(b64_json="AAAA")], "8x8", "png", "high", "opaque")
+
+
+async def test_real_server_streams_keepalives_before_the_result(app: FastAPI) -> None:
+    service = SlowService(delay=0.5)
+    app.state.service = service
+    with LocalServer(app) as server:
+        async with (
+            httpx.AsyncClient(base_url=server.url) as http,
+            http.stream("POST", "/v1/images/generations", json={"prompt": "p", "stream": True}) as response,
+        ):
+            assert response.status_code == 200
+            chunks = response.aiter_text()
+            first = await asyncio.wait_for(anext(chunks), 2)
+            assert first.startswith(": keepalive") and not service.finished.is_set()
+            rest = "".join([chunk async for chunk in chunks])
+    assert "event: image_generation.completed\ndata: " in rest
+
+
+async def test_real_server_disconnect_cancels_the_service(app: FastAPI) -> None:
+    service = SlowService(delay=30)
+    app.state.service = service
+    with LocalServer(app) as server:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post("/v1/images/generations", json={"prompt": "p"}, timeout=0.5)
+        assert await asyncio.to_thread(service.cancelled.wait, 5)
+    assert service.started.is_set() and not service.finished.is_set()
+
+
+async def test_real_server_stream_disconnect_cancels_the_service(app: FastAPI) -> None:
+    service = SlowService(delay=30)
+    app.state.service = service
+    with LocalServer(app) as server:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            body = {"prompt": "p", "stream": True}
+            async with http.stream("POST", "/v1/images/generations", json=body) as response:
+                first = await asyncio.wait_for(anext(response.aiter_text()), 2)
+                assert first.startswith(": keepalive")
+            # leaving the block closes the connection mid-stream
+        assert await asyncio.to_thread(service.cancelled.wait, 5)
+    assert not service.finished.is_set()

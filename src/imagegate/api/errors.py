@@ -39,9 +39,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imagegate.core.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge
 
 __all__ = [
+    "GENERIC_SERVER_ERROR",
     "REQUEST_ID_HEADER",
     "RequestContextMiddleware",
     "error_body",
+    "error_response",
     "gateway_error_response",
     "install",
     "new_request_id",
@@ -52,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_REQUEST_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}\Z")
-_GENERIC_500 = "The server had an error while processing your request. Sorry about that!"
+GENERIC_SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
 _HTTP_CODES = {
     400: "invalid_request",
     401: "invalid_api_key",
@@ -107,11 +109,18 @@ def _log_gateway_error(exc: GatewayError, request_id: str | None) -> None:
         )
 
 
+def error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
+    """Log and render any exception: a GatewayError as itself, anything else as a generic 500
+    (the traceback goes to the log, never to the client)."""
+    if isinstance(exc, GatewayError):
+        _log_gateway_error(exc, request_id)
+        return gateway_error_response(exc, request_id)
+    logger.error("request %s: unhandled error", request_id, exc_info=exc)
+    return gateway_error_response(InternalError(GENERIC_SERVER_ERROR), request_id)
+
+
 async def _gateway_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    rid = request_id_of(request)
-    _log_gateway_error(exc, rid)
-    return gateway_error_response(exc, rid)
+    return error_response(exc, request_id_of(request))
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
@@ -159,11 +168,7 @@ async def _http_exception_handler(request: Request, exc: Exception) -> Response:
 
 async def _unhandled_error_handler(request: Request, exc: Exception) -> Response:
     """Last resort (Starlette's ServerErrorMiddleware): errors raised outside our middleware."""
-    rid = request_id_of(request)
-    if isinstance(exc, GatewayError):
-        return gateway_error_response(exc, rid)
-    logger.error("request %s: unhandled error", rid, exc_info=exc)
-    return gateway_error_response(InternalError(_GENERIC_500), rid)
+    return error_response(exc, request_id_of(request))
 
 
 class RequestContextMiddleware:
@@ -220,13 +225,7 @@ class RequestContextMiddleware:
             if started:
                 logger.error("request %s: error after the response started", rid, exc_info=exc)
                 raise
-            if isinstance(exc, GatewayError):
-                _log_gateway_error(exc, rid)
-                response = gateway_error_response(exc, rid)
-            else:
-                logger.error("request %s: unhandled error", rid, exc_info=exc)
-                response = gateway_error_response(InternalError(_GENERIC_500), rid)
-            await response(scope, receive, send_with_id)
+            await error_response(exc, rid)(scope, receive, send_with_id)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

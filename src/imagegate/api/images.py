@@ -6,11 +6,12 @@ call `app.state.service.run(...)`.
 - Non-streaming: the service runs as a task while `receive()` is watched; if the client disconnects
   the task is cancelled (providers cancel their upstream jobs) and nothing is sent. The response is
   `result.body()` as JSON with `result.headers` (e.g. `x-imagegate-params`) added.
-- `stream=true`: a `text/event-stream` response starts at once (see `ImageEventStream`): `: keepalive`
-  comments every `routing.keepalive_seconds` while the service works, then one
-  `image_edit.completed` / `image_generation.completed` event per output image. Stream results are
-  always base64 (the service runs with `response_format="b64_json"`). A failure after the stream
-  started is sent as `event: error` with the usual `{"error": {...}}` envelope as its data.
+- `stream=true`: a `text/event-stream` response (see `ImageEventStream`): `: keepalive` comments
+  every `routing.keepalive_seconds` while the service works, then one `image_edit.completed` /
+  `image_generation.completed` event per output image. Stream results are always base64 (the
+  service runs with `response_format="b64_json"`). A failure within the first keepalive interval,
+  before any byte was sent, is a normal JSON error response (so the SDK raises e.g. NotFoundError
+  for an unknown model); a later one is `event: error` with the usual envelope as its data.
 - Dry run: the header `x-imagegate-dry-run: 1` or the query flag `?dry_run=1` (also `true`/`yes`)
   asks the service what it *would* send upstream; the answer is the 200 JSON
   `DryRunResult.body()`, never a stream, with the result headers.
@@ -30,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from imagegate.api.errors import request_id_of
+from imagegate.api.errors import GENERIC_SERVER_ERROR, error_response, request_id_of
 from imagegate.api.parsing import parse_edit_request, parse_generation_request
 from imagegate.core.errors import GatewayError, InternalError
 from imagegate.core.request import ImageRequest
@@ -53,7 +54,6 @@ router = APIRouter()
 DRY_RUN_HEADER = "x-imagegate-dry-run"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _KEEPALIVE = b": keepalive\n\n"
-_STREAM_FAILED = "The server had an error while processing your request."
 T = TypeVar("T")
 RunResult = ImageResult | DryRunResult
 
@@ -141,10 +141,13 @@ async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
 class ImageEventStream(Response):
     """The SSE response of a streaming request (OpenAI reference §4).
 
-    Headers go out at once, then `: keepalive` comments (one immediately, then one every
-    `keepalive_seconds`) until the service finishes; then one `event: <event_type>` frame per output
-    image, or a single `event: error` frame. Every `event:` line has a one-line JSON `data:` line.
-    A client disconnect cancels the service task.
+    Nothing is sent until the service finishes or the first keepalive is due (`keepalive_seconds`):
+    a failure before that is an ordinary JSON error response with its real status, so the SDK
+    raises the matching exception class before iterating (OpenAI: "errors before the first byte").
+    Otherwise the 200 `text/event-stream` starts with a `: keepalive` comment, one more every
+    `keepalive_seconds`, then one `event: <event_type>` frame per output image, or a single
+    `event: error` frame whose data is the usual envelope. Every `event:` line has a one-line JSON
+    `data:` line. A client disconnect cancels the service task.
     """
 
     media_type = "text/event-stream"
@@ -166,11 +169,10 @@ class ImageEventStream(Response):
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         task: asyncio.Future[RunResult] = asyncio.ensure_future(self._run())
         watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        started = False
         try:
-            await self._body(send, _KEEPALIVE)
             waiting: set[asyncio.Future[Any]] = {task, watcher}
             while not task.done():
                 done, _ = await asyncio.wait(waiting, timeout=self._keepalive, return_when=asyncio.FIRST_COMPLETED)
@@ -178,11 +180,24 @@ class ImageEventStream(Response):
                     if watcher.exception() is None:
                         logger.info("request %s: client disconnected from the stream", self._request_id)
                         return
-                    waiting.discard(watcher)
+                    waiting.discard(watcher)  # receive() broke: stop watching, keep streaming
                 if not task.done():
+                    if not started:
+                        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                        started = True
                     await self._body(send, _KEEPALIVE)
-            for frame in self._frames(task):
-                await self._body(send, frame)
+            result, error = self._outcome(task)
+            if error is not None and not started:
+                await error_response(error, self._request_id)(scope, receive, send)
+                return
+            if not started:
+                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if error is not None:
+                await self._body(send, self._error_frame(error))
+            else:
+                assert result is not None
+                for frame in self._event_frames(result):
+                    await self._body(send, frame)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the client went away while we were sending
             logger.info("request %s: client disconnected from the stream", self._request_id)
@@ -196,13 +211,17 @@ class ImageEventStream(Response):
     async def _body(send: Send, chunk: bytes) -> None:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-    def _frames(self, task: asyncio.Future[RunResult]) -> list[bytes]:
-        exc = task.exception()
-        if exc is not None:
-            return [self._error_frame(exc)]
+    @staticmethod
+    def _outcome(task: asyncio.Future[RunResult]) -> tuple[ImageResult | None, BaseException | None]:
+        error = task.exception()
+        if error is not None:
+            return None, error
         result = task.result()
         if not isinstance(result, ImageResult) or any(image.b64_json is None for image in result.data):
-            return [self._error_frame(InternalError("The service returned no base64 image for a stream."))]
+            return None, InternalError("The service returned no base64 image for a stream.")
+        return result, None
+
+    def _event_frames(self, result: ImageResult) -> list[bytes]:
         return [
             sse_frame(
                 self._event_type,
@@ -226,7 +245,7 @@ class ImageEventStream(Response):
                 logger.warning("request %s failed mid-stream: %r", self._request_id, exc)
             return sse_frame("error", exc.envelope())
         logger.error("request %s: error while streaming", self._request_id, exc_info=exc)
-        return sse_frame("error", InternalError(_STREAM_FAILED).envelope())
+        return sse_frame("error", InternalError(GENERIC_SERVER_ERROR).envelope())
 
 
 def sse_frame(event: str, data: Any) -> bytes:

@@ -246,14 +246,14 @@ async def _parse_edit_form(
 
 
 def _split_form(form: FormData, limits: LimitsSettings) -> tuple[list[UploadFile], UploadFile | None, dict[str, Any]]:
-    plain: list[tuple[str, str | UploadFile]] = []
-    bracketed: list[tuple[str, str | UploadFile]] = []
+    plain: list[str | UploadFile] = []  # `image`
+    bracketed: list[str | UploadFile] = []  # `image[]`
     indexed: list[tuple[int, str | UploadFile]] = []
     masks: list[str | UploadFile] = []
     scalars: dict[str, Any] = {}
     for key, value in form.multi_items():
         if key in ("image", "image[]"):
-            (plain if key == "image" else bracketed).append((key, value))
+            (plain if key == "image" else bracketed).append(value)
         elif m := _INDEXED_IMAGE.match(key):
             indexed.append((int(m.group(1)), value))
         elif key.startswith("image["):
@@ -267,7 +267,7 @@ def _split_form(form: FormData, limits: LimitsSettings) -> tuple[list[UploadFile
             raise _duplicate(key)
         else:
             scalars[key] = value
-    images = [v for _, v in plain] + [v for _, v in bracketed] + [v for _, v in sorted(indexed, key=lambda t: t[0])]
+    images = plain + bracketed + [v for _, v in sorted(indexed, key=lambda t: t[0])]  # `image[0]`, `image[1]`, ...
     uploads = [_as_upload(v, "image") for v in images if v != ""]
     if not uploads:
         raise _missing("image")

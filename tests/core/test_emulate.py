@@ -1,0 +1,119 @@
+"""Post-processing: untouched bytes when nothing is needed, URL passthrough, conversions."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from imagegate.core.emulate import OutputSpec, deliver_image, format_from_content_type
+from imagegate.core.imaging import ImagePool
+from imagegate.core.params import ParamTable
+from imagegate.core.request import Operation
+from imagegate.core.sizes import Size
+from imagegate.providers.base import CallContext, Provider, ProviderImage, ProviderResult, Route
+from imagegate.storage.base import Storage, StoredImage
+
+
+def encoded(fmt: str, size: tuple[int, int] = (64, 48)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(out, fmt)
+    return out.getvalue()
+
+
+class Downloads(Provider):
+    name = "d"
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(httpx.AsyncClient(), None)
+        self.data = data
+        self.fetched = 0
+
+    def check_configured(self) -> None: ...
+    def models(self) -> Sequence[str]:
+        return ()
+
+    def table(self, model: str, operation: Operation) -> ParamTable:
+        raise KeyError(model)
+
+    async def prepare_images(self, images: Any, route: Route, *, dry_run: bool = False) -> list[str]:
+        return []
+
+    async def run(self, payload: dict[str, Any], route: Route, ctx: CallContext) -> ProviderResult:
+        raise NotImplementedError
+
+    async def fetch(self, image: ProviderImage) -> bytes:
+        self.fetched += 1
+        return self.data
+
+
+class Memory(Storage):
+    def __init__(self) -> None:
+        self.stored: list[bytes] = []
+
+    async def put(self, data: bytes, *, content_type: str, extension: str, ttl_seconds: int) -> str:
+        self.stored.append(data)
+        return f"id.{extension}"
+
+    async def get(self, image_id: str) -> StoredImage | None:
+        return None
+
+
+def spec(**overrides: Any) -> OutputSpec:
+    base: dict[str, Any] = dict(format="png", size=None, compression=None, background=None, response_format="b64_json",
+                                url_mode="rehost", max_pixels=10_000_000, ttl_seconds=60,
+                                public_base_url="http://gw")
+    base.update(overrides)
+    return OutputSpec(**base)
+
+
+@pytest.fixture
+def pool() -> ImagePool:
+    return ImagePool(1)
+
+
+async def test_matching_bytes_go_out_untouched(pool: ImagePool) -> None:
+    original = encoded("PNG")
+    provider = Downloads(original)
+    out = await deliver_image(ProviderImage(url="https://cdn/x.png"), spec(size=Size(64, 48)), provider=provider,
+                              storage=Memory(), pool=pool)
+    assert base64.b64decode(out.image.b64_json or "") == original  # byte for byte: no re-encode
+    assert provider.fetched == 1
+
+
+async def test_passthrough_url_when_nothing_to_do(pool: ImagePool) -> None:
+    provider = Downloads(b"")
+    image = ProviderImage(url="https://cdn/x.png", content_type="image/png", width=64, height=48)
+    out = await deliver_image(image, spec(response_format="url", url_mode="passthrough", size=Size(64, 48)),
+                              provider=provider, storage=Memory(), pool=pool)
+    assert out.image.url == "https://cdn/x.png" and provider.fetched == 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"format": "webp"}, {"size": Size(32, 32)}, {"compression": 50, "format": "jpeg"}],
+    ids=["format", "size", "compression"],
+)
+async def test_passthrough_falls_back_to_rehost_when_work_is_needed(pool: ImagePool, overrides: dict[str, Any]) -> None:
+    provider = Downloads(encoded("JPEG" if overrides.get("format") == "jpeg" else "PNG"))
+    storage = Memory()
+    image = ProviderImage(url="https://cdn/x.png" if "format" not in overrides or overrides["format"] != "jpeg"
+                          else "https://cdn/x.jpg", width=64, height=48)
+    out = await deliver_image(image, spec(response_format="url", url_mode="passthrough", **overrides),
+                              provider=provider, storage=storage, pool=pool)
+    assert out.image.url and out.image.url.startswith("http://gw/v1/files/images/")
+    stored = Image.open(io.BytesIO(storage.stored[0]))
+    assert stored.format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[overrides.get("format", "png")]
+    if "size" in overrides:
+        assert stored.size == (32, 32)
+
+
+def test_format_from_content_type_and_extension() -> None:
+    assert format_from_content_type(ProviderImage(url="https://x/a.JPG?sig=1")) == "jpeg"
+    assert format_from_content_type(ProviderImage(content_type="image/webp; q=1")) == "webp"
+    assert format_from_content_type(ProviderImage(url="data:image/png;base64,AA")) is None

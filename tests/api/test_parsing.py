@@ -17,12 +17,12 @@ from imagegate.api.parsing import (
     DEFAULT_EDIT_MODEL,
     DEFAULT_GENERATION_MODEL,
     build_request,
-    materialize,
     parse_edit_request,
     parse_generation_request,
 )
 from imagegate.core.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedParameter
 from imagegate.core.fetch import GuardedFetcher
+from imagegate.core.fetch import fetch_image as materialize
 from imagegate.core.imaging import ImagePool
 from imagegate.core.request import ImageRequest, InputImage
 from imagegate.settings import FetchSettings, LimitsSettings

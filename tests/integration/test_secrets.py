@@ -7,12 +7,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from imagegate.app import create_app
 from tests.conftest import gateway_settings
 from tests.fakes.fal import FakeFal
 from tests.fakes.replicate import FakeReplicate
 from tests.fakes.server import LocalServer
+
+from imagegate.app import create_app
 
 FAL_SECRET = "fal-secret-4f9d2c"
 REPLICATE_SECRET = "r8_secret_77ab31"

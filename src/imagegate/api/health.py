@@ -1,14 +1,13 @@
 """`GET /healthz` (liveness: the process answers) and `GET /readyz` (readiness).
 
-Ready means: the catalog has at least one model and the storage is writable. A storage with an
-`async ready() -> bool` method (LocalStorage) is asked directly; any other storage is checked by
-storing and reading back a one-byte object with a short TTL.
+Ready means: the catalog has at least one model and the storage is writable (`Storage.ready()`;
+by default a one-byte put/get round trip, LocalStorage checks its directory).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
@@ -22,11 +21,6 @@ __all__ = ["router"]
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-
-
-@runtime_checkable
-class _ReadinessCheck(Protocol):
-    async def ready(self) -> bool: ...
 
 
 @router.get("/healthz")
@@ -51,10 +45,7 @@ async def readyz(request: Request) -> dict[str, Any] | Response:
 
 async def _storage_writable(storage: Storage) -> bool:
     try:
-        if isinstance(storage, _ReadinessCheck):
-            return await storage.ready()
-        image_id = await storage.put(b"\0", content_type="application/octet-stream", extension="bin", ttl_seconds=60)
-        return await storage.get(image_id) is not None
+        return await storage.ready()
     except Exception:
         logger.warning("readiness: storage check failed", exc_info=True)
         return False

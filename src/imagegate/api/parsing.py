@@ -1,11 +1,12 @@
-"""HTTP request -> validated `ImageRequest`: the only place request fields are validated.
+"""HTTP request -> validated `ImageRequest`: body handling here, scalar fields in `api.fields`.
 
 Edits arrive as multipart (what both OpenAI SDKs send) or as JSON; generations as JSON.
 
 Multipart edits
     images   `image`, then `image[]`, then `image[0]`, `image[1]`, ... (each a file part), 1..max_images
     mask     one file part
-    scalars  strings, coerced per field; an empty string counts as not given
+    scalars  strings, coerced per field by `api.fields.build_request`; an empty string counts as
+             not given
     extras   unknown fields go to `ImageRequest.extra`: "true"/"false" -> bool, integer and decimal
              literals -> numbers, anything else stays a string; `key[sub]` -> {"key": {"sub": ...}},
              repeated `key[]` -> a list
@@ -13,12 +14,13 @@ JSON edits
     images   `[{"image_url": "<http(s) URL or data: URI>"}]`; `file_id` is not supported
     mask     `{"image_url": ...}`
     http(s) URLs are *not* fetched here (providers that accept URLs fetch them themselves); the
-    service calls `materialize()` when it must hold the bytes.
+    service calls `core.fetch.fetch_image()` when it must hold the bytes.
 Generations (JSON)
     a JSON object; an explicit `null` means "use the default", like a missing field.
 
-Uploaded and data-URI images are identified from their bytes (`imaging.probe(verify=True)` in the
-image pool), never from a declared content type: SDK raw-bytes uploads are application/octet-stream.
+Uploaded and data-URI images are identified from their bytes (`core.fetch.probe_image`:
+`imaging.probe(verify=True)` in the image pool), never from a declared content type: SDK raw-bytes
+uploads are application/octet-stream.
 
 The model defaults to `DEFAULT_EDIT_MODEL` / `DEFAULT_GENERATION_MODEL` when the caller gives none;
 whether the model exists is the catalog's business (404 there), not this module's.
@@ -30,10 +32,9 @@ import asyncio
 import base64
 import binascii
 import json
-import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from starlette.datastructures import FormData, UploadFile
@@ -41,18 +42,17 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from imagegate.api.fields import build_request, duplicate_parameter, invalid_type, json_type_name, missing_parameter
 from imagegate.core import imaging
 from imagegate.core.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedParameter
-from imagegate.core.fetch import GuardedFetcher
-from imagegate.core.request import ImageRequest, InputImage, Operation, OutputFormat, ResponseFormat
-from imagegate.core.sizes import parse_aspect_ratio, parse_resolution, parse_size
+from imagegate.core.fetch import probe_image
+from imagegate.core.request import ImageRequest, InputImage
 from imagegate.settings import LimitsSettings
 
 __all__ = [
     "DEFAULT_EDIT_MODEL",
     "DEFAULT_GENERATION_MODEL",
     "build_request",
-    "materialize",
     "parse_edit_request",
     "parse_generation_request",
 ]
@@ -62,29 +62,9 @@ __all__ = [
 DEFAULT_EDIT_MODEL = "sandbox-edit"
 DEFAULT_GENERATION_MODEL = "sandbox-image"
 
-MAX_N = 10
 MAX_FORM_FIELDS = 256
 MAX_IMAGE_URL_CHARS = 20_971_520  # OpenAI's ImageRefParam.image_url maxLength
-_RESPONSE_FORMATS = ("url", "b64_json")
-_OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "avif")
-_BACKGROUNDS = ("transparent", "opaque", "auto")
-_INT = re.compile(r"\A[+-]?\d{1,20}\Z", re.ASCII)
-_FORM_INT = re.compile(r"\A-?(?:0|[1-9]\d{0,19})\Z", re.ASCII)
-_FORM_FLOAT = re.compile(r"\A-?(?:0|[1-9]\d{0,19})\.\d{1,20}\Z", re.ASCII)
 _INDEXED_IMAGE = re.compile(r"\Aimage\[(\d{1,4})\]\Z", re.ASCII)
-_NESTED = re.compile(r"\A([^\[\]]+)((?:\[[^\[\]]*\])+)\Z")
-_INDEX = re.compile(r"[0-9]{1,4}")
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-# Fields the gateway models itself (everything else is an extra). `image`/`images`/`mask` are
-# read separately.
-_KNOWN = frozenset(
-    {
-        "prompt", "model", "n", "size", "aspect_ratio", "resolution", "response_format", "output_format",
-        "output_compression", "quality", "background", "negative_prompt", "seed", "cfg_scale",
-        "guidance_scale", "num_inference_steps", "user", "stream", "partial_images", "moderation",
-        "style", "input_fidelity", "image", "images", "mask",
-    }
-)  # fmt: skip
 
 
 # -- entry points --------------------------------------------------------------------------------
@@ -111,102 +91,6 @@ async def parse_generation_request(
     """`POST /v1/images/generations`: a JSON object."""
     body = await _json_object(request)
     return build_request("generate", body, limits=limits, default_model=default_model)
-
-
-def build_request(
-    operation: Operation,
-    fields: Mapping[str, Any],
-    *,
-    limits: LimitsSettings,
-    default_model: str,
-    images: list[InputImage] | None = None,
-    mask: InputImage | None = None,
-    form: bool = False,
-) -> ImageRequest:
-    """Validate the scalar fields (JSON values, or strings when `form`) into an ImageRequest.
-
-    `None` and `""` mean "not given". Unknown fields become `extra` (JSON values as they are;
-    form strings coerced conservatively, `key[sub]` nested)."""
-    f = _Fields(fields, form=form)
-    prompt = f.string("prompt")
-    if prompt is None or not prompt.strip():
-        raise _missing("prompt")
-    if len(prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(
-            f"Invalid 'prompt': string too long. Expected a string with maximum length "
-            f"{limits.max_prompt_chars}, but got a string with length {len(prompt)} instead.",
-            param="prompt",
-            code="string_above_max_length",
-        )
-    size = f.string("size")
-    if size is not None:
-        parse_size(size)
-        size = size.strip()
-    aspect_ratio = f.string("aspect_ratio")
-    if aspect_ratio is not None and aspect_ratio.strip().lower() != "auto":
-        parse_aspect_ratio(aspect_ratio)
-    resolution = f.string("resolution")
-    if resolution is not None and resolution.strip().lower() == "auto":
-        resolution = None  # "the model chooses" is what an absent resolution means
-    elif resolution is not None:
-        parse_resolution(resolution)
-    cfg_scale = f.number("cfg_scale")
-    guidance_scale = f.number("guidance_scale")
-    if cfg_scale is not None and guidance_scale is not None and cfg_scale != guidance_scale:
-        raise InvalidRequest(
-            f"'cfg_scale' ({cfg_scale}) and its alias 'guidance_scale' ({guidance_scale}) disagree; send one of them.",
-            param="guidance_scale",
-        )
-    request = ImageRequest(
-        operation=operation,
-        prompt=prompt,
-        model=f.string("model") or default_model,
-        images=list(images or []),
-        mask=mask,
-        n=f.integer("n", lo=1, hi=MAX_N) or 1,
-        size=size,
-        aspect_ratio=aspect_ratio,
-        resolution=resolution,
-        response_format=_as_response_format(f.choice("response_format", _RESPONSE_FORMATS)),
-        output_format=_as_output_format(f.choice("output_format", _OUTPUT_FORMATS, aliases={"jpg": "jpeg"})),
-        output_compression=f.integer("output_compression", lo=0, hi=100),
-        quality=f.string("quality"),
-        background=f.choice("background", _BACKGROUNDS),
-        negative_prompt=f.string("negative_prompt"),
-        seed=f.integer("seed"),
-        cfg_scale=cfg_scale if cfg_scale is not None else guidance_scale,
-        num_inference_steps=f.integer("num_inference_steps", lo=1),
-        user=f.string("user"),
-        stream=bool(f.boolean("stream")),
-        partial_images=f.integer("partial_images", lo=0, hi=3),
-        moderation=f.string("moderation"),
-        style=f.string("style"),
-        input_fidelity=f.string("input_fidelity"),
-    )
-    request.extra = f.extras()
-    return request
-
-
-async def materialize(
-    image: InputImage,
-    fetcher: GuardedFetcher,
-    *,
-    pool: imaging.ImagePool,
-    max_pixels: int,
-    param: str = "images",
-) -> InputImage:
-    """The bytes of a URL image (fetched through the SSRF guard, then probed like an upload).
-
-    An image that already holds bytes is returned unchanged. The result holds bytes only
-    (`url=None`), so later stages treat it as an uploaded image."""
-    if image.data is not None:
-        return image
-    if image.url is None:
-        raise ValueError("an InputImage needs data or url")
-    data = await fetcher.fetch(image.url, param=param)
-    name = urlsplit(image.url).path.rsplit("/", 1)[-1] or None
-    label = f"'{param}' ({_host(image.url)})"
-    return await _probe(pool, data, label=label, param=param, filename=name, max_pixels=max_pixels)
 
 
 # -- multipart -------------------------------------------------------------------------------------
@@ -264,18 +148,18 @@ def _split_form(form: FormData, limits: LimitsSettings) -> tuple[list[UploadFile
             raise UnsupportedParameter(f"Unsupported file parameter: '{key}'. Only 'image' and 'mask' take files.",
                                        param=key)  # fmt: skip
         elif key in scalars:
-            raise _duplicate(key)
+            raise duplicate_parameter(key)
         else:
             scalars[key] = value
     images = plain + bracketed + [v for _, v in sorted(indexed, key=lambda t: t[0])]  # `image[0]`, `image[1]`, ...
     uploads = [_as_upload(v, "image") for v in images if v != ""]
     if not uploads:
-        raise _missing("image")
+        raise missing_parameter("image")
     if len(uploads) > limits.max_images:
         raise _too_many_images(limits.max_images, len(uploads))
     given_masks = [_as_upload(v, "mask") for v in masks if v != ""]
     if len(given_masks) > 1:
-        raise _duplicate("mask")
+        raise duplicate_parameter("mask")
     return uploads, (given_masks[0] if given_masks else None), scalars
 
 
@@ -317,7 +201,9 @@ async def _json_object(request: Request) -> dict[str, Any]:
             code="invalid_json",
         ) from None
     if not isinstance(value, dict):
-        raise InvalidRequest(f"The request body must be a JSON object, not {_json_type(value)}.", code="invalid_json")
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not {json_type_name(value)}.", code="invalid_json"
+        )
     return value
 
 
@@ -337,9 +223,9 @@ async def _parse_edit_json(
         )
     refs = fields.pop("images", None)
     if refs is None or refs == []:
-        raise _missing("images")
+        raise missing_parameter("images")
     if not isinstance(refs, list):
-        raise _type_error("images", "an array of image references", refs)
+        raise invalid_type("images", "an array of image references", refs)
     if len(refs) > limits.max_images:
         raise _too_many_images(limits.max_images, len(refs), param="images")
     images: list[InputImage | bytes] = [
@@ -361,7 +247,7 @@ async def _parse_edit_json(
 def _image_ref(ref: Any, *, param: str, label: str, cap: int) -> InputImage | bytes:
     """One `{"image_url": ...}` reference: decoded bytes (data: URI) or an unfetched URL image."""
     if not isinstance(ref, dict):
-        raise _type_error(param, 'an object like {"image_url": "..."}', ref)
+        raise invalid_type(param, 'an object like {"image_url": "..."}', ref)
     unknown = sorted(set(ref) - {"image_url", "file_id"})
     if unknown:
         raise InvalidRequest(f"Unknown parameter in {label}: '{unknown[0]}'.", param=param, code="unknown_parameter")
@@ -375,7 +261,7 @@ def _image_ref(ref: Any, *, param: str, label: str, cap: int) -> InputImage | by
             param=param,
         )
     if not isinstance(url, str):
-        raise _type_error(param, "a string 'image_url'", url)
+        raise invalid_type(param, "a string 'image_url'", url)
     if len(url) > MAX_IMAGE_URL_CHARS:
         raise InvalidRequest(f"{label}: 'image_url' is longer than {MAX_IMAGE_URL_CHARS} characters.", param=param)
     if url[:5].lower() == "data:":
@@ -418,7 +304,7 @@ async def _probe_many(
     """Probe all images concurrently; the first failure in input order is raised."""
     results = await asyncio.gather(
         *(
-            _probe(pool, data, label=label, param=param, filename=name, max_pixels=max_pixels)
+            probe_image(pool, data, label=label, param=param, filename=name, max_pixels=max_pixels)
             for label, param, data, name in items
         ),
         return_exceptions=True,
@@ -431,196 +317,7 @@ async def _probe_many(
     return images
 
 
-async def _probe(
-    pool: imaging.ImagePool, data: bytes, *, label: str, param: str, filename: str | None, max_pixels: int
-) -> InputImage:
-    shown = f"{label} ({filename})" if filename and filename != "upload" else label
-    if not data:
-        raise InvalidRequest(f"Invalid image {shown}: the file is empty (0 bytes).", param=param, code="invalid_image")
-    try:
-        info = await pool.run(imaging.probe, data, max_pixels=max_pixels, verify=True)
-    except imaging.TooManyPixels as exc:
-        raise InvalidRequest(
-            f"Invalid image {shown}: it has too many pixels ({_ADDRESS.sub('', exc.reason)}). "
-            f"The limit is {max_pixels} pixels per image.",
-            param=param,
-            code="image_too_large",
-        ) from None
-    except imaging.ImageError as exc:
-        raise InvalidRequest(
-            f"Invalid image {shown}: {_ADDRESS.sub('', exc.reason)}. Supported formats: PNG, JPEG, WebP, GIF, AVIF.",
-            param=param,
-            code="invalid_image",
-        ) from None
-    return InputImage(data=data, format=info.format, width=info.width, height=info.height, filename=filename)
-
-
-# -- scalar fields ---------------------------------------------------------------------------------
-
-
-class _Fields:
-    """Takes fields out of a mapping, coercing and validating; what is left becomes `extra`."""
-
-    def __init__(self, raw: Mapping[str, Any], *, form: bool) -> None:
-        self._form = form
-        self._raw: dict[str, Any] = {}
-        self._nested: dict[str, Any] = {}
-        for key, value in raw.items():
-            if value is None or value == "":
-                continue
-            m = _NESTED.match(key) if form else None
-            if m is None:
-                self._raw[key] = value
-                continue
-            if m.group(1) in _KNOWN:
-                raise _type_error(m.group(1), "a single value", {})
-            path = re.findall(r"\[([^\[\]]*)\]", m.group(2))
-            _set_nested(self._nested, key, m.group(1), path, _coerce_form(value))
-
-    def _take(self, name: str) -> Any:
-        return self._raw.pop(name, None)
-
-    def string(self, name: str) -> str | None:
-        value = self._take(name)
-        if value is not None and not isinstance(value, str):
-            raise _type_error(name, "a string", value)
-        return value
-
-    def integer(self, name: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
-        value = self._take(name)
-        if value is None:
-            return None
-        if isinstance(value, str) and _INT.match(value.strip()):
-            number = int(value.strip())
-        elif isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        elif isinstance(value, float) and value.is_integer():
-            number = int(value)
-        else:
-            raise _type_error(name, "an integer", value)
-        if (lo is not None and number < lo) or (hi is not None and number > hi):
-            bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
-                f"at least {lo}" if lo is not None else f"at most {hi}")  # fmt: skip
-            raise InvalidRequest(f"Invalid value: {number}. '{name}' must be {bounds}.", param=name)
-        return number
-
-    def number(self, name: str) -> float | None:
-        value = self._take(name)
-        if value is None:
-            return None
-        try:
-            if isinstance(value, bool) or not isinstance(value, int | float | str):
-                raise ValueError
-            number = float(value)
-        except ValueError:
-            raise _type_error(name, "a number", value) from None
-        if not math.isfinite(number):
-            raise InvalidRequest(f"Invalid value: '{value}'. '{name}' must be a finite number.", param=name)
-        return number
-
-    def boolean(self, name: str) -> bool | None:
-        value = self._take(name)
-        if value is None or isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "1"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "0"):
-            return False
-        raise _type_error(name, "a boolean ('true' or 'false')", value)
-
-    def choice(self, name: str, allowed: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str | None:
-        value = self.string(name)
-        if value is None:
-            return None
-        key = value.strip().lower()
-        key = (aliases or {}).get(key, key)
-        if key not in allowed:
-            listed = ", ".join(f"'{a}'" for a in allowed[:-1]) + f" and '{allowed[-1]}'"
-            raise InvalidRequest(f"Invalid value: '{value}'. Supported values are: {listed}.", param=name)
-        return key
-
-    def extras(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in self._raw.items():
-            out[key] = _coerce_form(value) if self._form else value
-        for key, value in self._nested.items():
-            if key in out:
-                raise _duplicate(key)
-            out[key] = _listify(value)
-        return out
-
-
-def _coerce_form(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if _FORM_INT.match(value):
-        return int(value)
-    if _FORM_FLOAT.match(value):
-        return float(value)
-    return value
-
-
-def _set_nested(target: dict[str, Any], name: str, key: str, path: list[str], value: Any) -> None:
-    """Place `value` of the form field `name` (= `key[path0][path1]...`) into `target`."""
-    if "" in path[:-1]:
-        raise InvalidRequest(f"Unsupported parameter name '{name}': '[]' may only come last.", param=key)
-    append = path[-1] == ""
-    keys = [key, *(path[:-1] if append else path)]
-    node = target
-    for part in keys[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise _duplicate(key)
-        node = child
-    last = keys[-1]
-    if append:
-        items = node.setdefault(last, [])
-        if not isinstance(items, list):
-            raise _duplicate(key)
-        items.append(value)
-    elif last in node:
-        raise _duplicate(key)
-    else:
-        node[last] = value
-
-
-def _listify(value: Any) -> Any:
-    """`{"0": a, "1": b}` (from `key[0]`, `key[1]`) -> `[a, b]`; recursively."""
-    if isinstance(value, list):
-        return [_listify(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    items = {k: _listify(v) for k, v in value.items()}
-    if items and all(_INDEX.fullmatch(k) for k in items) and sorted(map(int, items)) == list(range(len(items))):
-        return [items[str(i)] for i in range(len(items))]
-    return items
-
-
-def _as_response_format(value: str | None) -> ResponseFormat | None:
-    return cast("ResponseFormat | None", value)  # already checked against _RESPONSE_FORMATS
-
-
-def _as_output_format(value: str | None) -> OutputFormat | None:
-    return cast("OutputFormat | None", value)  # already checked against _OUTPUT_FORMATS
-
-
 # -- errors ----------------------------------------------------------------------------------------
-
-
-def _missing(param: str) -> InvalidRequest:
-    return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-
-
-def _duplicate(param: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"Duplicate parameter: '{param}'. You provided multiple values for this parameter, "
-        "whereas only one is allowed.",
-        param=param,
-        code="duplicate_parameter",
-    )
 
 
 def _too_many_images(limit: int, given: int | None = None, *, param: str = "image") -> InvalidRequest:
@@ -633,26 +330,3 @@ def _too_many_images(limit: int, given: int | None = None, *, param: str = "imag
 def _file_too_large(param: str, filename: str | None, cap: int) -> GatewayError:
     name = f" ({filename})" if filename and filename != "upload" else ""
     return PayloadTooLarge(f"The file for '{param}'{name} is larger than the limit of {cap} bytes.", param=param)
-
-
-def _type_error(param: str, expected: str, value: Any) -> InvalidRequest:
-    shown = f"'{value}'" if isinstance(value, str) else _json_type(value)
-    return InvalidRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {shown} instead.", param=param, code="invalid_type"
-    )
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "a string" if isinstance(value, str) else "null"
-
-
-def _host(url: str) -> str:
-    return urlsplit(url).hostname or "?"

@@ -1,6 +1,9 @@
-"""The SSRF guard for image URLs the gateway must fetch itself (`materialize` of JSON-form edits).
+"""Caller image URLs the gateway must fetch itself (JSON-form edits for providers that need bytes).
 
-Rules, for the first URL and again for every redirect hop (at most `MAX_REDIRECTS`, followed by hand):
+`fetch_image` is the one path: fetch through the SSRF guard (`GuardedFetcher`), then probe the bytes
+exactly like an upload (`probe_image`, which `api.parsing` uses for uploads and data URIs).
+
+SSRF guard rules, for the first URL and again for every redirect hop (at most `MAX_REDIRECTS`, followed by hand):
 
 - only `http` and `https`;
 - the host is resolved (`loop.getaddrinfo`, async) and *every* address must be globally routable:
@@ -13,22 +16,36 @@ Rules, for the first URL and again for every redirect hop (at most `MAX_REDIRECT
 - the body is streamed with a `fetch.max_bytes` cap (413) and the whole fetch, redirects
   included, has a `fetch.timeout_seconds` deadline.
 
-Every refusal is a 400 (`InvalidRequest`) naming the request parameter the URL came from.
+Every refusal is a 400 (`InvalidRequest`) naming the request parameter the URL came from
+(`images` or `mask`, the JSON edit form's names).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
+from imagegate.core import imaging
 from imagegate.core.errors import InvalidRequest, PayloadTooLarge
+from imagegate.core.request import InputImage
 from imagegate.settings import FetchSettings
 
-__all__ = ["MAX_REDIRECTS", "GuardedFetcher", "Resolver", "is_public_address"]
+__all__ = [
+    "MAX_REDIRECTS",
+    "GuardedFetcher",
+    "ImageFetcher",
+    "Resolver",
+    "fetch_image",
+    "is_public_address",
+    "probe_image",
+]
 
 MAX_REDIRECTS = 3
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -46,6 +63,62 @@ _METADATA = frozenset(
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class ImageFetcher(Protocol):
+    """Fetches a caller's image URL through the SSRF guard (`GuardedFetcher`)."""
+
+    async def fetch(self, url: str, *, param: str) -> bytes: ...
+
+
+async def fetch_image(
+    image: InputImage,
+    fetcher: ImageFetcher,
+    *,
+    pool: imaging.ImagePool,
+    max_pixels: int,
+    param: str = "images",
+) -> InputImage:
+    """The bytes of a URL image (fetched through the SSRF guard, then probed like an upload).
+
+    An image that already holds bytes is returned unchanged. The result holds bytes only
+    (`url=None`), so later stages treat it as an uploaded image."""
+    if image.data is not None:
+        return image
+    if image.url is None:
+        raise ValueError("an InputImage needs data or url")
+    data = await fetcher.fetch(image.url, param=param)
+    name = urlsplit(image.url).path.rsplit("/", 1)[-1] or None
+    label = f"'{param}' ({urlsplit(image.url).hostname or '?'})"
+    return await probe_image(pool, data, label=label, param=param, filename=name, max_pixels=max_pixels)
+
+
+async def probe_image(
+    pool: imaging.ImagePool, data: bytes, *, label: str, param: str, filename: str | None, max_pixels: int
+) -> InputImage:
+    """`data` identified from its bytes (`imaging.probe(verify=True)` in the pool) as an InputImage.
+
+    Empty, undecodable or over-`max_pixels` bytes are a 400 naming `label` (and `filename`)."""
+    shown = f"{label} ({filename})" if filename and filename != "upload" else label
+    if not data:
+        raise InvalidRequest(f"Invalid image {shown}: the file is empty (0 bytes).", param=param, code="invalid_image")
+    try:
+        info = await pool.run(imaging.probe, data, max_pixels=max_pixels, verify=True)
+    except imaging.TooManyPixels as exc:
+        raise InvalidRequest(
+            f"Invalid image {shown}: it has too many pixels ({_ADDRESS.sub('', exc.reason)}). "
+            f"The limit is {max_pixels} pixels per image.",
+            param=param,
+            code="image_too_large",
+        ) from None
+    except imaging.ImageError as exc:
+        raise InvalidRequest(
+            f"Invalid image {shown}: {_ADDRESS.sub('', exc.reason)}. Supported formats: PNG, JPEG, WebP, GIF, AVIF.",
+            param=param,
+            code="invalid_image",
+        ) from None
+    return InputImage(data=data, format=info.format, width=info.width, height=info.height, filename=filename)
 
 
 def is_public_address(address: str | IPAddress) -> bool:

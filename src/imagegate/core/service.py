@@ -14,8 +14,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Literal
 
 from imagegate.core import imaging
 from imagegate.core.catalog import Catalog, CatalogEntry
@@ -27,6 +27,7 @@ from imagegate.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from imagegate.core.fetch import ImageFetcher, fetch_image
 from imagegate.core.params import BuildContext, Plan, apply_table
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import ImageRequest, InputImage
@@ -40,12 +41,6 @@ from imagegate.storage.base import Storage
 __all__ = ["ImageFetcher", "ImageService"]
 
 log = logging.getLogger("imagegate.service")
-
-
-class ImageFetcher(Protocol):
-    """Fetches a caller's image URL through the SSRF guard (`core.fetch.GuardedFetcher`)."""
-
-    async def fetch(self, url: str, *, param: str) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +120,7 @@ class ImageService:
         images = list(request.images)
         mask = request.mask
         if not provider.accepts_image_urls:
-            images = [await self._materialize(image, "image") for image in images]
+            images = [await self._materialize(image, "images") for image in images]
             mask = await self._materialize(mask, "mask") if mask is not None else None
         first = images[0] if images else None
         input_size = Size(first.width, first.height) if first and first.width and first.height else None
@@ -153,17 +148,14 @@ class ImageService:
         return apply_table(table, request, ctx, image_refs=refs, mask_ref=mask_ref)
 
     async def _materialize(self, image: InputImage, param: str) -> InputImage:
-        """Bytes for a URL input, fetched through the SSRF guard, for providers that need bytes."""
-        if image.data is not None or image.url is None:
+        """Bytes for a URL input (`param` is `images` or `mask`), for providers that need bytes."""
+        if image.data is not None:
             return image
         if self.fetcher is None:
             raise InvalidRequest("This gateway does not fetch image URLs.", param=param)
-        data = await self.fetcher.fetch(image.url, param=param)
-        try:
-            info = await self.pool.run(imaging.probe, data, max_pixels=self.settings.limits.max_pixels, verify=True)
-        except imaging.ImageError as exc:
-            raise InvalidRequest(f"Invalid image at '{param}' URL: {exc.reason}", param=param) from exc
-        return replace(image, data=data, url=None, format=info.format, width=info.width, height=info.height)
+        return await fetch_image(
+            image, self.fetcher, pool=self.pool, max_pixels=self.settings.limits.max_pixels, param=param
+        )
 
     async def _dry_run(
         self, entry: CatalogEntry, route: Route, provider: Provider, request: ImageRequest

@@ -26,5 +26,13 @@ class Storage(abc.ABC):
     async def get(self, image_id: str) -> StoredImage | None:
         """The stored image, or None if it does not exist, has expired, or the id is malformed."""
 
+    async def ready(self) -> bool:
+        """Whether the storage can take new images (`/readyz`). An exception also means not ready.
+
+        The default is a round trip: store a one-byte object with a short TTL and read it back.
+        Storages with a cheaper check (LocalStorage: a temporary file) override it."""
+        image_id = await self.put(b"\0", content_type="application/octet-stream", extension="bin", ttl_seconds=60)
+        return await self.get(image_id) is not None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

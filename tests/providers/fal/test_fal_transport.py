@@ -29,7 +29,8 @@ from imagegate.core.request import InputImage
 from imagegate.providers import common
 from imagegate.providers.base import CallContext, ProviderImage, Route
 from imagegate.providers.fal import FalProvider
-from imagegate.providers.fal.transport import FalFailure, map_failure, request_timeout_header
+from imagegate.providers.fal.errors import FalFailure, map_failure
+from imagegate.providers.fal.transport import request_timeout_header
 from imagegate.settings import FalSettings, ProvidersSettings, Settings
 
 KEY = "sk-fal-secret"

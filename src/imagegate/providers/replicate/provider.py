@@ -21,8 +21,9 @@ from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
 from imagegate.providers.base import CallContext, Provider, ProviderImage, ProviderResult, Route
 from imagegate.providers.common import best_effort
+from imagegate.providers.replicate.prediction import Prediction
 from imagegate.providers.replicate.tables import MODELS
-from imagegate.providers.replicate.transport import Prediction, ReplicateTransport, output_images
+from imagegate.providers.replicate.transport import ReplicateTransport, output_images
 
 __all__ = ["ReplicateProvider"]
 

@@ -1,0 +1,198 @@
+"""fal's failures -> GatewayErrors: the one table (`map_failure`), read from either failure shape
+(`FalFailure`), with fal input field names renamed to the OpenAI parameters (`FIELD_TO_PARAM`).
+
+`Stage` (where the failure happened) decides whether the same call may be made again without
+risking a second bill (`_may_resend`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from imagegate.core.errors import (
+    ContentPolicyViolation,
+    GatewayError,
+    InsufficientCredit,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProviderUnavailable,
+    RateLimited,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from imagegate.providers.common import retry_after_seconds
+
+__all__ = ["FIELD_TO_PARAM", "TRANSIENT_STATUSES", "FalFailure", "Stage", "map_failure", "param_from_loc"]
+
+# Where a failure happened decides whether the same call may be made again (see `_may_resend`).
+Stage = Literal["submit", "run", "status", "result", "upload", "upload_put"]
+
+# fal input field -> the gateway's (OpenAI) parameter name, for 422 errors; others are unchanged.
+FIELD_TO_PARAM: Mapping[str, str] = {
+    "image_urls": "image", "image_url": "image", "num_images": "n", "image_size": "size", "guidance_scale": "cfg_scale",
+}  # fmt: skip
+# Error types that name the input image when `loc` does not.
+_TYPE_TO_PARAM: Mapping[str, str] = {"image_too_large": "image", "file_download_error": "image"}
+# `error_type` -> the HTTP status fal gives it (§5.1), to map a COMPLETED status payload's error.
+_TYPE_STATUS: Mapping[str, int] = {
+    "request_timeout": 504, "startup_timeout": 504, "runner_incomplete_response": 502, "runner_server_error": 500,
+    "runner_scheduling_failure": 503, "runner_connection_timeout": 503, "runner_disconnected": 503,
+    "runner_connection_refused": 503, "runner_connection_error": 503,
+    "client_disconnected": 499, "client_cancelled": 499, "bad_request": 400, "internal_error": 500,
+}  # fmt: skip
+# Statuses that say "try again" (a busy or restarting upstream), not "this request is wrong".
+TRANSIENT_STATUSES = frozenset({408, 409, 429, 502, 503, 504})
+# A low-balance account lock is answered with a message, not a documented status code.
+_ACCOUNT_LOCKED = re.compile(r"\b(locked|balance|billing|credits?|payment)\b", re.IGNORECASE)
+
+
+def param_from_loc(loc: Any) -> str | None:
+    """["body", "image_urls", 0] -> "image": the first field name, renamed to the OpenAI parameter."""
+    if not isinstance(loc, list):
+        return None
+    names = [part for part in loc if isinstance(part, str)]
+    if names and names[0] in ("body", "query", "path"):
+        names = names[1:]
+    return FIELD_TO_PARAM.get(names[0], names[0]) if names else None
+
+
+@dataclass(frozen=True, slots=True)
+class FalFailure:
+    """What fal said when it failed, from either shape (§5.1): a model/validation error
+    `{"detail": [{loc, msg, type}, ...]}` or a platform error `{"detail": str, "error_type": str}`."""
+
+    status: int
+    detail: str
+    items: tuple[Mapping[str, Any], ...] = ()
+    error_type: str | None = None
+    request_id: str | None = None  # x-fal-request-id: fal's own servers (not the ingress) answered
+    timeout_type: str | None = None  # X-Fal-Request-Timeout-Type
+    retry_after: float | None = None
+    fal_retryable: bool | None = None  # X-Fal-Retryable
+
+    @classmethod
+    def from_response(cls, response: httpx.Response, *, status_payload: Mapping[str, Any] | None = None) -> FalFailure:
+        """Read a failed response; a COMPLETED status payload's `error`/`error_type` fill what the
+        result body does not say."""
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = None
+        items: tuple[Mapping[str, Any], ...] = ()
+        detail = ""
+        error_type = None
+        if isinstance(body, dict):
+            raw = body.get("detail")
+            if isinstance(raw, list):
+                items = tuple(item for item in raw if isinstance(item, dict))
+                detail = "; ".join(str(item.get("msg", "")) for item in items if item.get("msg"))
+            elif isinstance(raw, str):
+                detail = raw
+            if isinstance(body.get("error_type"), str):
+                error_type = body["error_type"]
+        if not detail and body is None:
+            detail = _ingress_text(response.text)
+        headers = response.headers
+        error_type = error_type or headers.get("x-fal-error-type")
+        if status_payload is not None:
+            error_type = error_type or _str(status_payload.get("error_type"))
+            detail = detail or _str(status_payload.get("error")) or ""
+        retryable = headers.get("x-fal-retryable", "").strip().lower()
+        return cls(
+            status=response.status_code,
+            detail=detail[:500],
+            items=items,
+            error_type=error_type,
+            request_id=headers.get("x-fal-request-id"),
+            timeout_type=headers.get("x-fal-request-timeout-type"),
+            retry_after=retry_after_seconds(headers),
+            fal_retryable={"true": True, "false": False}.get(retryable),
+        )
+
+    @classmethod
+    def from_status(cls, payload: Mapping[str, Any], request_id: str | None) -> FalFailure:
+        """A COMPLETED status payload with `error`/`error_type` (and no usable result)."""
+        error_type = _str(payload.get("error_type"))
+        return cls(
+            status=_TYPE_STATUS.get(error_type or "", 500),
+            detail=(_str(payload.get("error")) or "the job failed")[:500],
+            error_type=error_type,
+            request_id=request_id,
+        )
+
+
+def map_failure(failure: FalFailure, *, stage: Stage, model: str) -> GatewayError:
+    """The one table from fal failures to GatewayErrors (checked top to bottom)."""
+    f = failure
+    where = f" (HTTP {f.status}{', ' + f.error_type if f.error_type else ''})"
+    if stage == "upload_put":  # a presigned storage URL, not fal's API: nothing was billed
+        return ProviderUnavailable(f"fal storage rejected the upload (HTTP {f.status}).")
+    policy = next((item for item in f.items if item.get("type") == "content_policy_violation"), None)
+    if policy is not None:
+        return ContentPolicyViolation(str(policy.get("msg") or f.detail), param=param_from_loc(policy.get("loc")))
+    if (f.status in (401, 403) and _ACCOUNT_LOCKED.search(f.detail)) or f.status == 402:
+        return InsufficientCredit("The upstream account cannot be billed (fal account locked).", fallback=True)
+    if f.status in (401, 403):
+        return UpstreamAuthFailed("upstream authentication failed")  # fal's detail is never echoed
+    if f.status == 429:
+        # Rejected at submit/run/upload: fal did not take the job. Later (status polls) it has.
+        return RateLimited(
+            f"fal is rate limiting requests{where}.",
+            retry_after=f.retry_after,
+            retryable=stage in ("submit", "run", "upload"),
+        )
+    if (f.status == 504 and (f.timeout_type or "").lower() == "user") or f.error_type == "request_timeout":
+        # Our own X-Fal-Request-Timeout expired before a runner started: retrying here cannot fit
+        # the same deadline better; another route may.
+        return UpstreamTimeout("fal could not start the job before the deadline.", retryable=False)
+    if f.status == 404:
+        if stage in ("submit", "run"):
+            return UpstreamError(f"fal has no app for model '{model}' (404); check the route's model id.")
+        return UpstreamError(f"fal no longer knows this request (404 on its {stage} URL).")
+    if f.status == 413:
+        return PayloadTooLarge("fal rejected the request body as too large.", param="image", fallback=True)
+    if f.status in (400, 422):
+        item = f.items[0] if f.items else {}
+        param = param_from_loc(item.get("loc")) or _TYPE_TO_PARAM.get(str(item.get("type")))
+        return InvalidRequest(f.detail or f"fal rejected the request{where}.", param=param)
+    if f.error_type in ("client_cancelled", "client_disconnected"):
+        return UpstreamError(f"fal cancelled the job{where}.")
+    retryable = _may_resend(f, stage)
+    if f.status in TRANSIENT_STATUSES or _is_runner_failure(f.error_type):
+        return ProviderUnavailable(f"fal is unavailable{where}: {f.detail or 'no detail'}", retryable=retryable)
+    return UpstreamError(f"fal failed{where}: {f.detail or 'no detail'}", retryable=retryable)
+
+
+def _may_resend(f: FalFailure, stage: Stage) -> bool:
+    """May the service make the same call again without risking a second bill?"""
+    if f.fal_retryable is False:
+        return False
+    if stage in ("submit", "upload"):
+        return True  # the queue answered with an error: nothing was queued; storage bills nothing
+    if stage == "run" and f.request_id is None:
+        return True  # an ingress (nginx) error: fal's servers never saw the request
+    # The job ended in a runner/infra failure (5xx) and produced no output. fal does not bill 5xx
+    # outcomes (§4.8), so submitting it again cannot charge twice. Anything else (e.g. a status poll
+    # that kept failing: the job may still run and bill) is never resubmitted.
+    failed_unbilled = _is_runner_failure(f.error_type) or bool(f.fal_retryable and f.status >= 500)
+    return stage in ("run", "result") and failed_unbilled
+
+
+def _is_runner_failure(error_type: str | None) -> bool:
+    return error_type is not None and (error_type.startswith("runner_") or error_type == "startup_timeout")
+
+
+def _ingress_text(text: str) -> str:
+    """A short, tag-free line from an HTML error page (nginx)."""
+    title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    return (title.group(1) if title else re.sub(r"<[^>]+>", " ", text)).strip()[:200]
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

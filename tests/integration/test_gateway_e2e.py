@@ -4,8 +4,8 @@ protocol-faithful fake fal and Replicate servers behind it."""
 from __future__ import annotations
 
 import base64
-import random
 import io
+import random
 import socket
 import time
 from collections.abc import Iterator

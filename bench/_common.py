@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 from imagegate.settings import Settings, load_settings  # noqa: E402
 
 __all__ = [
+    "FAL_KEY",
     "ROOT",
     "fal_gateway_settings",
     "fmt_ms",
@@ -73,8 +74,8 @@ def sandbox_gateway_settings(storage_dir: str) -> Settings:
 
 
 def photo_like(width: int, height: int, seed: int = 7) -> Image.Image:
-    """A deterministic RGB image that compresses roughly like a photograph: smooth gradients,
-    shapes with soft edges, fine texture. (Solid colours would make every encoder look free.)"""
+    """A deterministic synthetic RGB image with gradients, soft-edged shapes and fine noise, so
+    encoders have real work to do (solid colours would make every encoder look free)."""
     base = Image.merge(
         "RGB",
         (
@@ -117,7 +118,8 @@ def fmt_ms(seconds: float) -> str:
 def machine_line() -> str:
     import PIL
 
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return (
         f"python {platform.python_version()}, Pillow {PIL.__version__}, {os.cpu_count()} CPUs, "
-        f"{platform.system()} {platform.machine()}"
+        f"{platform.system()} {platform.machine()}, load average {load}"
     )

@@ -311,7 +311,8 @@ def report(lags: list[Lag], rows: list[EncodeRow], args: argparse.Namespace) -> 
     print(f"event_loop: {machine_line()}")
     print(f"part 1: {TICK * 1000:.0f} ms ticker; K={args.k} concurrent sandbox edits of a {args.size}x{args.size} "
           f"PNG -> AVIF (x = ratio to baseline)")
-    print(f"{'phase':9s} {'ticks':>6s} {'max lag':>10s} {'p99 lag':>10s} {'mean lag':>10s}  {'max x':>7s} {'p99 x':>7s}  note")
+    print(f"{'phase':9s} {'ticks':>6s} {'max lag':>10s} {'p99 lag':>10s} {'mean lag':>10s}  "
+          f"{'max x':>7s} {'p99 x':>7s}  note")
     for lag in lags:
         print(f"{lag.name:9s} {len(lag.lags):6d} {fmt_ms(lag.max):>10s} {fmt_ms(lag.p(99)):>10s} "
               f"{fmt_ms(statistics.fmean(lag.lags)):>10s}  {ratio(lag.max, baseline.max):7.1f} "

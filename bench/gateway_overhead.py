@@ -275,15 +275,16 @@ def report(rounds: list[list[Phase]], args: argparse.Namespace) -> bool:
     print(f"gateway_overhead: {machine_line()}; isolation={args.isolation}, C={args.concurrency}, "
           f"N={args.requests}, rounds={args.rounds}")
     ok = True
-    header = f"{'phase':10s} {'ok':>5s} {'p50':>10s} {'p95':>10s} {'req/s':>8s}   {'p50 x':>6s} {'p95 x':>6s} {'req/s x':>7s}"
+    header = (f"{'phase':10s} {'ok':>5s} {'p50':>10s} {'p95':>10s} {'req/s':>8s}   "
+              f"{'p50 x':>6s} {'p95 x':>6s} {'req/s x':>7s}")
     for number, phases in enumerate(rounds, 1):
         print(f"round {number}  (x = ratio gateway/baseline; req/s x < 1 means fewer requests per second)")
         print(header)
         base = phases[0]
         for phase in phases:
-            print(f"{phase.name:10s} {len(phase.latencies):5d} {fmt_ms(phase.p(50)):>10s} {fmt_ms(phase.p(95)):>10s} "
-                  f"{phase.throughput:8.1f}   {ratio(phase.p(50), base.p(50)):6.2f} {ratio(phase.p(95), base.p(95)):6.2f} "
-                  f"{ratio(phase.throughput, base.throughput):7.2f}")
+            print(f"{phase.name:10s} {len(phase.latencies):5d} {fmt_ms(phase.p(50)):>10s} "
+                  f"{fmt_ms(phase.p(95)):>10s} {phase.throughput:8.1f}   {ratio(phase.p(50), base.p(50)):6.2f} "
+                  f"{ratio(phase.p(95), base.p(95)):6.2f} {ratio(phase.throughput, base.throughput):7.2f}")
             if phase.errors:
                 ok = False
                 print(f"    {len(phase.errors)} errors, first: {phase.errors[0]}")
@@ -305,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url-no-download", action="store_true",
                         help="url phase: do not download the returned URL")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="imagegate-bench-") as storage_dir:
-        with servers(args.isolation, storage_dir, args.poll_interval) as (fal_url, gw_url, fake):
-            rounds = asyncio.run(measure(args, fal_url, gw_url, fake))
+    with (
+        tempfile.TemporaryDirectory(prefix="imagegate-bench-") as storage_dir,
+        servers(args.isolation, storage_dir, args.poll_interval) as (fal_url, gw_url, fake),
+    ):
+        rounds = asyncio.run(measure(args, fal_url, gw_url, fake))
     return 0 if report(rounds, args) else 1
 
 

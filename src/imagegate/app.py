@@ -75,4 +75,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` and multi-worker serving: config from `$IMAGEGATE_CONFIG`."""
-    return create_app(load_settings())
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    return create_app(settings)

@@ -99,12 +99,12 @@ class ImageService:
             except GatewayError as exc:
                 exc.provider = exc.provider or provider.name
                 failures.append(_Attempted(route, exc))
-                log.warning(
-                    "route failed",
-                    extra={"request_id": request_id, "provider": provider.name, "error": repr(exc)},
-                )
                 if not exc.fallback or time.monotonic() >= deadline:
-                    raise
+                    raise  # the HTTP layer logs what reaches the client
+                log.warning(
+                    "%s: route %s:%s failed (%s %s: %s); trying the next route",
+                    request_id, provider.name, route.model, exc.status, exc.code, exc.message,
+                )
         raise _final_error(failures)
 
     # -- planning ---------------------------------------------------------------------------

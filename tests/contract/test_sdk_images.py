@@ -73,7 +73,7 @@ async def test_each_response_format(sdk: openai.AsyncOpenAI, client: httpx.Async
     assert (await decode(client, item)).size == (320, 240)
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("n", [1, 3, 10])  # 10: three sandbox calls (4 + 4 + 2)
 async def test_n(sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, n: int) -> None:
     result = await sdk.images.generate(model="sandbox-image", prompt="stars", n=n, size="64x64", extra_body={"seed": 3},
                                        response_format="b64_json")
@@ -115,7 +115,7 @@ async def test_dry_run_returns_exact_payload(client: httpx.AsyncClient) -> None:
     body = response.json()
     assert body["payloads"] == [
         {"prompt": "p", "size": {"width": 1024, "height": 1024}, "seed": 10, "output_format": "png", "num_images": 4},
-        {"prompt": "p", "size": {"width": 1024, "height": 1024}, "seed": 11, "output_format": "png", "num_images": 2},
+        {"prompt": "p", "size": {"width": 1024, "height": 1024}, "seed": 14, "output_format": "png", "num_images": 2},
     ]
     assert body["params"] == {"size": "converted", "output_format": "emulated", "seed": "passthrough", "n": "emulated"}
 

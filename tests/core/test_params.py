@@ -148,7 +148,7 @@ def test_n_fans_out_above_batch_with_distinct_seeds() -> None:
     plan = plan_for(n=10, seed=100)
     assert plan.images_per_call == [4, 4, 2]
     assert [p["num_images"] for p in plan.payloads] == [4, 4, 2]
-    assert [p["seed"] for p in plan.payloads] == [100, 101, 102]
+    assert [p["seed"] for p in plan.payloads] == [100, 104, 108]  # image i of the request has seed 100 + i
     assert plan.outcomes["n"] is Mode.EMULATED
 
 

@@ -186,7 +186,7 @@ async def test_fan_out_runs_in_parallel_with_seeds() -> None:
     result = await serve(make_service(a), request(n=10, seed=5))
     assert loop.time() - started < 0.5  # three 0.2 s calls ran concurrently
     assert len(result.data) == 10
-    assert sorted(p["seed"] for p in a.payloads) == [5, 6, 7]
+    assert sorted(p["seed"] for p in a.payloads) == [5, 9, 13]
     assert sorted(p["num_images"] for p in a.payloads) == [2, 4, 4]
 
 
@@ -245,3 +245,27 @@ async def test_rejected_parameters_fail_before_any_upload() -> None:
     with pytest.raises(InvalidRequest) as info:
         await serve(service, edit)
     assert info.value.param == "background" and Uploading.uploads == 0
+
+
+async def test_costly_failures_tell_clients_not_to_retry() -> None:
+    accepted_then_failed = Scripted("a", [ProviderUnavailable("runner died", retryable=False)])
+    with pytest.raises(ProviderUnavailable) as info:
+        await serve(make_service(accepted_then_failed), request())
+    assert info.value.costly  # rendered with x-should-retry: false
+
+    never_accepted = Scripted("a", [ProviderUnavailable("503")] * 3)
+    with pytest.raises(ProviderUnavailable) as info:
+        await serve(make_service(never_accepted), request())
+    assert not info.value.costly  # nothing was billed: the SDK may retry
+
+    slow = Scripted("a", [5.0])
+    with pytest.raises(UpstreamTimeout) as timeout:
+        await serve(make_service(slow, deadline=0.2), request())
+    assert timeout.value.costly
+
+    # a costly failure on the first route stays costly when the last route fails cheaply
+    first = Scripted("a", [ProviderUnavailable("runner died", retryable=False)])
+    second = Scripted("b", [ProviderUnavailable("503")] * 3)
+    with pytest.raises(ProviderUnavailable) as info:
+        await serve(make_service(first, second), request())
+    assert info.value.costly and info.value.provider == "b"

@@ -57,12 +57,23 @@ def gateway(
             "fal-edit": {"routes": [{"provider": "fal", "model": "fal-ai/qwen-image-edit-2511"}]},
         },
         providers={
-            "fal": {"key": "test-fal-key", "queue_url": fal_srv.url, "inline_max_bytes": 20_000,
-                    "run_url": fal_srv.url + "/sync",
-                    "rest_url": fal_srv.url, "poll_interval": 0.01, "poll_max_interval": 0.05},
-            "replicate": {"api_token": "r8_test-token", "base_url": rep_srv.url + "/v1", "wait_seconds": 1,
-                          "inline_max_bytes": 20_000,
-                          "poll_interval": 0.01, "poll_max_interval": 0.05},
+            "fal": {
+                "key": "test-fal-key",
+                "queue_url": fal_srv.url,
+                "inline_max_bytes": 20_000,
+                "run_url": fal_srv.url + "/sync",
+                "rest_url": fal_srv.url,
+                "poll_interval": 0.01,
+                "poll_max_interval": 0.05,
+            },
+            "replicate": {
+                "api_token": "r8_test-token",
+                "base_url": rep_srv.url + "/v1",
+                "wait_seconds": 1,
+                "inline_max_bytes": 20_000,
+                "poll_interval": 0.01,
+                "poll_max_interval": 0.05,
+            },
         },
     )
     app = create_app(settings)
@@ -83,8 +94,13 @@ def decode_b64(item: Any) -> Image.Image:
 def test_sandbox_over_real_http(gateway: tuple[str, Any]) -> None:
     url, _ = gateway
     client = sdk(url)
-    result = client.images.edit(model="sandbox-edit", image=[png_bytes(50, 40), ("b.png", png_bytes(50, 40))],
-                                prompt="grayscale", size="200x100", output_format="webp")
+    result = client.images.edit(
+        model="sandbox-edit",
+        image=[png_bytes(50, 40), ("b.png", png_bytes(50, 40))],
+        prompt="grayscale",
+        size="200x100",
+        output_format="webp",
+    )
     assert result.data and result.data[0].url and result.data[0].url.startswith(url + "/v1/files/images/")
     image = Image.open(io.BytesIO(httpx.get(result.data[0].url).content))
     assert image.size == (200, 100) and image.format == "WEBP"
@@ -94,8 +110,13 @@ def test_fal_queue_flow_end_to_end(gateway: tuple[str, Any], fal: tuple[FakeFal,
     url, _ = gateway
     fake, _ = fal
     raw = sdk(url).images.with_raw_response.edit(
-        model="qwen-image-edit-2511", image=("a.png", png_bytes(64, 48)), prompt="make it red", size="1024x768",
-        n=2, response_format="b64_json", extra_body={"acceleration": "high", "seed": 9},
+        model="qwen-image-edit-2511",
+        image=("a.png", png_bytes(64, 48)),
+        prompt="make it red",
+        size="1024x768",
+        n=2,
+        response_format="b64_json",
+        extra_body={"acceleration": "high", "seed": 9},
     )
     result = raw.parse()
     assert [decode_b64(d).size for d in result.data] == [(1024, 768), (1024, 768)]
@@ -115,7 +136,10 @@ def test_fal_503_every_time_falls_back_to_replicate(
     url, _ = gateway
     fal[0].scenario = FalScenario(always_fail_submit=runner_scheduling_failure())
     raw = sdk(url).images.with_raw_response.edit(
-        model="qwen-image-edit-2511", image=("a.png", png_bytes(64, 48)), prompt="x", size="16:9",
+        model="qwen-image-edit-2511",
+        image=("a.png", png_bytes(64, 48)),
+        prompt="x",
+        size="16:9",
         response_format="b64_json",
     )
     assert raw.http_response.status_code == 200
@@ -125,8 +149,9 @@ def test_fal_503_every_time_falls_back_to_replicate(
     assert len(fal[0].rejected_submits) >= 1
 
 
-def test_replicate_429_then_success(gateway: tuple[str, Any], fal: tuple[FakeFal, LocalServer],
-                                    replicate: tuple[FakeReplicate, LocalServer]) -> None:
+def test_replicate_429_then_success(
+    gateway: tuple[str, Any], fal: tuple[FakeFal, LocalServer], replicate: tuple[FakeReplicate, LocalServer]
+) -> None:
     url, _ = gateway
     fal[0].scenario = FalScenario(always_fail_submit=runner_scheduling_failure())
     replicate[0].scenario = ReplicateScenario(create_errors=[throttled(0)])
@@ -134,8 +159,9 @@ def test_replicate_429_then_success(gateway: tuple[str, Any], fal: tuple[FakeFal
     assert result.data and len(replicate[0].rejected_creates) == 1
 
 
-def test_content_policy_is_a_400_and_no_fallback(gateway: tuple[str, Any], fal: tuple[FakeFal, LocalServer],
-                                                 replicate: tuple[FakeReplicate, LocalServer]) -> None:
+def test_content_policy_is_a_400_and_no_fallback(
+    gateway: tuple[str, Any], fal: tuple[FakeFal, LocalServer], replicate: tuple[FakeReplicate, LocalServer]
+) -> None:
     url, _ = gateway
     fal[0].scenario = FalScenario.content_policy()
     with pytest.raises(openai.BadRequestError) as info:
@@ -153,7 +179,8 @@ def test_client_disconnect_cancels_the_fal_job(gateway: tuple[str, Any], fal: tu
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
             b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         assert wait_until(lambda: len(fake.submits) == 1, timeout=5)
         assert wait_until(lambda: len(fake.status_polls) >= 1, timeout=5)
@@ -195,8 +222,12 @@ def test_fal_large_input_goes_through_storage_upload(
     url, _ = gateway
     big = noisy_png(160, 120)
     assert len(big) > 20_000
-    result = sdk(url).images.edit(model="fal-edit", image=[("small.png", png_bytes(8, 8)), ("big.png", big)],
-                                  prompt="x", response_format="b64_json")
+    result = sdk(url).images.edit(
+        model="fal-edit",
+        image=[("small.png", png_bytes(8, 8)), ("big.png", big)],
+        prompt="x",
+        response_format="b64_json",
+    )
     assert result.data
     upload = fal[0].uploads[0]
     assert upload.data == big and upload.content_type == "image/png"
@@ -220,8 +251,9 @@ def test_replicate_processing_with_output_counts_as_done(
 ) -> None:
     url, _ = gateway
     replicate[0].scenario = ReplicateScenario(early_output=True, processing_ticks=None)
-    result = sdk(url).images.edit(model="rep-edit", image=("a.png", png_bytes(64, 64)), prompt="x",
-                                  response_format="b64_json", size="512x512")
+    result = sdk(url).images.edit(
+        model="rep-edit", image=("a.png", png_bytes(64, 64)), prompt="x", response_format="b64_json", size="512x512"
+    )
     assert decode_b64(result.data[0]).size == (512, 512)
     prediction = replicate[0].last_create
     assert prediction.scheduled_status() == "processing" and not prediction.canceled  # done on the output alone
@@ -230,8 +262,13 @@ def test_replicate_processing_with_output_counts_as_done(
 def test_replicate_data_uri_output(gateway: tuple[str, Any], replicate: tuple[FakeReplicate, LocalServer]) -> None:
     url, _ = gateway
     replicate[0].scenario = ReplicateScenario(output_kind="data_uri")
-    result = sdk(url).images.edit(model="rep-edit", image=("a.png", png_bytes(64, 64)), prompt="x",
-                                  response_format="b64_json", output_format="jpeg")
+    result = sdk(url).images.edit(
+        model="rep-edit",
+        image=("a.png", png_bytes(64, 64)),
+        prompt="x",
+        response_format="b64_json",
+        output_format="jpeg",
+    )
     assert decode_b64(result.data[0]).format == "JPEG"
     assert replicate[0].last_create.input["output_format"] == "jpg"
 
@@ -251,7 +288,22 @@ def test_replicate_disconnect_cancels_the_prediction(
     fake = replicate[0]
     fake.scenario = ReplicateScenario.hang()
     with httpx.Client(base_url=url, timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
-        client.post("/v1/images/edits", files={"image": ("a.png", png_bytes(16, 16))},
-                    data={"model": "rep-edit", "prompt": "slow"})  # the client gives up and hangs up
+        client.post(
+            "/v1/images/edits",
+            files={"image": ("a.png", png_bytes(16, 16))},
+            data={"model": "rep-edit", "prompt": "slow"},
+        )  # the client gives up and hangs up
     assert wait_until(lambda: len(fake.cancels) == 1, timeout=5)
     assert fake.cancels == [fake.last_create.id]
+
+
+def test_sdk_does_not_retry_a_costly_failure(
+    gateway: tuple[str, Any], replicate: tuple[FakeReplicate, LocalServer]
+) -> None:
+    url, _ = gateway
+    replicate[0].scenario = ReplicateScenario(outcome="failed", error="CUDA out of memory (E1001)")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=2)  # the SDK's default retries
+    with pytest.raises(openai.InternalServerError) as info:
+        client.images.edit(model="rep-edit", image=("a.png", png_bytes(32, 32)), prompt="x")
+    assert info.value.status_code == 502 and info.value.response.headers["x-should-retry"] == "false"
+    assert len(replicate[0].creates) == 1  # one paid prediction, not three

@@ -326,13 +326,15 @@ def apply_table(
     if request.n != 1:
         outcomes["n"] = n_mode
     payloads: list[dict[str, Any]] = []
-    for i, count in enumerate(counts):
+    first_image = 0  # a call's seed is offset by the images before it, so batches never overlap
+    for count in counts:
         call = dict(payload)
         if n_rule is not None and n_rule.batch and n_rule.to:
             call[n_rule.to] = count
         if seed_field is not None and request.seed is not None and len(counts) > 1:
-            call[seed_field] = request.seed + i
+            call[seed_field] = request.seed + first_image
         payloads.append(call)
+        first_image += count
     return Plan(payloads=payloads, images_per_call=counts, outcomes=outcomes, notes=notes, target=ctx.target)
 
 

@@ -99,13 +99,16 @@ class ImageService:
             except GatewayError as exc:
                 exc.provider = exc.provider or provider.name
                 failures.append(_Attempted(route, exc))
+                exc.costly = any(f.error.costly for f in failures)
                 if not exc.fallback or time.monotonic() >= deadline:
                     raise  # the HTTP layer logs what reaches the client
                 log.warning(
                     "%s: route %s:%s failed (%s %s: %s); trying the next route",
                     request_id, provider.name, route.model, exc.status, exc.code, exc.message,
                 )
-        raise _final_error(failures)
+        final = _final_error(failures)
+        final.costly = any(f.error.costly for f in failures)
+        raise final
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -212,12 +215,16 @@ class ImageService:
                 async with asyncio.TaskGroup() as group:
                     tasks = [group.create_task(one(dict(payload))) for payload in plan.payloads]
         except TimeoutError:
-            raise UpstreamTimeout(f"{provider.name} did not finish before the gateway's deadline.") from None
+            timeout = UpstreamTimeout(f"{provider.name} did not finish before the gateway's deadline.")
+            timeout.costly = True  # the job ran until the deadline: a blind client retry pays again
+            raise timeout from None
         except BaseExceptionGroup as group_error:
             # One call failed: the others were cancelled (and cancelled upstream). No half answers.
             first = _first_gateway_error(group_error)
             if first is None:
                 raise
+            # A server-side failure the adapter would not retry means the upstream took the job.
+            first.costly = first.costly or (first.status >= 500 and not first.retryable)
             raise first from None
         return [task.result() for task in tasks]
 

@@ -38,6 +38,7 @@ _RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
 _TIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[kK]\s*$")
 T = TypeVar("T")
 
+_MIN_MEGAPIXELS, _MAX_MEGAPIXELS = 1e-4, 400.0  # beyond these no model has a tier (and floats misbehave)
 _MEGAPIXELS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:mp|MP)?\s*$")
 
 
@@ -100,12 +101,13 @@ def parse_aspect_ratio(value: str, *, param: str = "aspect_ratio") -> Ratio:
 
 def parse_resolution(value: str, *, param: str = "resolution") -> float:
     """A tier (`0.5K`, `1K`, `2K`, `4K`, any `<number>K`) or megapixels (`0.25`, `1`, `4MP`) -> megapixels."""
+    megapixels: float | None = None
     if m := _TIER.match(value):
-        k = float(m.group(1))
-        if k > 0:
-            return k * k
-    elif (m := _MEGAPIXELS.match(value)) and float(m.group(1)) > 0:
-        return float(m.group(1))
+        megapixels = float(m.group(1)) ** 2
+    elif m := _MEGAPIXELS.match(value):
+        megapixels = float(m.group(1))
+    if megapixels is not None and _MIN_MEGAPIXELS <= megapixels <= _MAX_MEGAPIXELS:
+        return megapixels
     raise InvalidRequest(
         f"Invalid value: '{value}'. `resolution` must be a tier such as '0.5K', '1K', '2K', '4K' "
         "or megapixels such as '0.25' or '1'.",

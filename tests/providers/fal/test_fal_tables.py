@@ -123,7 +123,7 @@ def test_auto_size_is_not_sent() -> None:
 
 def test_n_batches_by_four_and_offsets_seeds() -> None:
     result = plan(EDIT_2511, n=6, seed=100)
-    assert [(p["num_images"], p["seed"]) for p in result.payloads] == [(4, 100), (2, 101)]
+    assert [(p["num_images"], p["seed"]) for p in result.payloads] == [(4, 100), (2, 104)]
     assert result.images_per_call == [4, 2]
     assert result.outcomes["n"] is Mode.EMULATED
     assert plan(EDIT_2511, n=3).payloads[0]["num_images"] == 3

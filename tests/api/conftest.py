@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,17 @@ class FakeService:
         return self.calls[-1].request
 
     async def run(
-        self, request: ImageRequest, *, request_id: str, base_url: str, dry_run: bool = False
+        self,
+        request: ImageRequest,
+        *,
+        request_id: str,
+        base_url: str,
+        dry_run: bool = False,
+        on_plan: Callable[[Mapping[str, str]], None] | None = None,
     ) -> ImageResult | DryRunResult:
         self.calls.append(Call(request, request_id, base_url, dry_run))
+        if on_plan is not None:
+            on_plan({"x-imagegate-provider": "fake"})
         self.started.set()
         try:
             await asyncio.sleep(self.delay)

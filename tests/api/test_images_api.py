@@ -249,6 +249,7 @@ async def test_sse_framing_keepalive_then_completed(client: httpx.AsyncClient, s
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.headers["x-request-id"].startswith("req_")
+    assert response.headers["x-imagegate-provider"] == "fake"  # the plan's headers, sent before the result
     text = response.text
     frames = [f for f in text.split("\n\n") if f]
     assert frames[0] == ": keepalive" and frames.count(": keepalive") >= 2
@@ -438,7 +439,7 @@ async def test_client_disconnect_cancels_the_service(app: FastAPI, service: Fake
 async def test_event_stream_stops_when_send_fails() -> None:
     cancelled = asyncio.Event()
 
-    async def run() -> ImageResult:
+    async def run(on_plan: Any) -> ImageResult:
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
@@ -461,7 +462,7 @@ async def test_event_stream_stops_when_send_fails() -> None:
 
 @pytest.mark.parametrize("delay", [0.0, 0.05])
 async def test_event_stream_without_b64_is_an_error(delay: float) -> None:
-    async def run() -> ImageResult:
+    async def run(on_plan: Any) -> ImageResult:
         await asyncio.sleep(delay)
         return ImageResult(1, [OutputImage(url="http://x/y.png")], None, "png", "high", "opaque")
 
@@ -495,7 +496,9 @@ class SlowService:
         self.cancelled = threading.Event()
         self.finished = threading.Event()
 
-    async def run(self, request: Any, *, request_id: str, base_url: str, dry_run: bool = False) -> ImageResult:
+    async def run(
+        self, request: Any, *, request_id: str, base_url: str, dry_run: bool = False, on_plan: Any = None
+    ) -> ImageResult:
         self.started.set()
         try:
             await asyncio.sleep(self.delay)

@@ -147,3 +147,13 @@ async def test_qwen_without_keys_is_a_clear_error_and_sandbox_still_works(sdk: o
     ok = await sdk.images.edit(model="sandbox-edit", image=("a.png", png_bytes(32, 32)), prompt="x",
                                response_format="b64_json")
     assert ok.data and ok.data[0].b64_json
+
+
+async def test_streamed_response_names_provider_and_params(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/images/generations", json={
+        "model": "sandbox-image", "prompt": "p", "stream": True, "size": "32x32", "output_format": "gif"})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-imagegate-provider"] == "sandbox"
+    assert response.headers["x-imagegate-params"] == (
+        "response_format=emulated; output_format=emulated; stream=emulated; size=converted"
+    )

@@ -23,7 +23,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import APIRouter
@@ -56,6 +56,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _KEEPALIVE = b": keepalive\n\n"
 T = TypeVar("T")
 RunResult = ImageResult | DryRunResult
+PlanCallback = Callable[[Mapping[str, str]], None]
 
 
 class ClientDisconnected(Exception):
@@ -89,8 +90,10 @@ async def _respond(request: Request, image_request: ImageRequest, *, event_prefi
     if image_request.stream and not dry_run:
         streamed = dataclasses.replace(image_request, response_format="b64_json")
 
-        def run() -> Awaitable[RunResult]:
-            result: Awaitable[RunResult] = service.run(streamed, request_id=request_id, base_url=base_url)
+        def run(on_plan: PlanCallback) -> Awaitable[RunResult]:
+            result: Awaitable[RunResult] = service.run(
+                streamed, request_id=request_id, base_url=base_url, on_plan=on_plan
+            )
             return result
 
         return ImageEventStream(
@@ -141,6 +144,8 @@ async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
 class ImageEventStream(Response):
     """The SSE response of a streaming request (OpenAI reference §4).
 
+    The response headers carry the route's `x-imagegate-*` headers: the final ones when the service
+    finishes before the first keepalive, else those of the plan in use when the stream starts.
     Nothing is sent until the service finishes or the first keepalive is due (`keepalive_seconds`):
     a failure before that is an ordinary JSON error response with its real status, so the SDK
     raises the matching exception class before iterating (OpenAI: "errors before the first byte").
@@ -154,7 +159,7 @@ class ImageEventStream(Response):
 
     def __init__(
         self,
-        run: Callable[[], Awaitable[RunResult]],
+        run: Callable[[PlanCallback], Awaitable[RunResult]],
         *,
         event_type: str,
         keepalive_seconds: float,
@@ -166,10 +171,15 @@ class ImageEventStream(Response):
         self._event_type = event_type
         self._keepalive = max(0.001, keepalive_seconds)
         self._request_id = request_id
+        self._plan_headers: dict[str, str] = {}
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
 
+    def _start(self, extra: Mapping[str, str]) -> dict[str, Any]:
+        headers = [*self.raw_headers, *((k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())]
+        return {"type": "http.response.start", "status": 200, "headers": headers}
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task: asyncio.Future[RunResult] = asyncio.ensure_future(self._run())
+        task: asyncio.Future[RunResult] = asyncio.ensure_future(self._run(self._plan_headers.update))
         watcher = asyncio.ensure_future(wait_for_disconnect(receive))
         started = False
         try:
@@ -183,7 +193,7 @@ class ImageEventStream(Response):
                     waiting.discard(watcher)  # receive() broke: stop watching, keep streaming
                 if not task.done():
                     if not started:
-                        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                        await send(self._start(self._plan_headers))
                         started = True
                     await self._body(send, _KEEPALIVE)
             result, error = self._outcome(task)
@@ -191,7 +201,7 @@ class ImageEventStream(Response):
                 await error_response(error, self._request_id)(scope, receive, send)
                 return
             if not started:
-                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                await send(self._start(result.headers if result is not None else self._plan_headers))
             if error is not None:
                 await self._body(send, self._error_frame(error))
             else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,9 +80,17 @@ class ImageService:
             raise ValueError(f"model {entry.id}: provider {route.provider} has no table for {route.model!r}")
 
     async def run(
-        self, request: ImageRequest, *, request_id: str, base_url: str, dry_run: bool = False
+        self,
+        request: ImageRequest,
+        *,
+        request_id: str,
+        base_url: str,
+        dry_run: bool = False,
+        on_plan: Callable[[Mapping[str, str]], None] | None = None,
     ) -> ImageResult | DryRunResult:
-        """Serve one validated request. Raises GatewayError subclasses."""
+        """Serve one validated request. Raises GatewayError subclasses. `on_plan` receives the
+        route's `x-imagegate-*` headers as soon as a route is planned (a stream's headers go out
+        before the result exists)."""
         entry = self.catalog.get(request.model)
         started = time.monotonic()
         deadline = started + self.settings.routing.deadline_seconds
@@ -95,7 +103,7 @@ class ImageService:
             provider = self.providers[route.provider]
             try:
                 provider.check_configured()
-                return await self._serve(entry, route, provider, request, request_id, base_url, deadline)
+                return await self._serve(entry, route, provider, request, request_id, base_url, deadline, on_plan)
             except GatewayError as exc:
                 exc.provider = exc.provider or provider.name
                 failures.append(_Attempted(route, exc))
@@ -186,8 +194,11 @@ class ImageService:
         request_id: str,
         base_url: str,
         deadline: float,
+        on_plan: Callable[[Mapping[str, str]], None] | None,
     ) -> ImageResult:
         plan = await self._plan(route, provider, request, dry_run=False)
+        if on_plan is not None:
+            on_plan(_headers(plan, provider, route, []))
         if route.timeout is not None:
             deadline = min(deadline, time.monotonic() + route.timeout)
         ctx = CallContext(request_id=request_id, deadline=deadline, operation=request.operation)

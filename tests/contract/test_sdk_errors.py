@@ -36,6 +36,9 @@ EDIT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("n x", {"image": GOOD, "prompt": "x", "extra_body": {"n": "x"}}, "n"),
     ("compression 101", {"image": GOOD, "prompt": "x", "output_compression": 101}, "output_compression"),
     ("unknown output_format", {"image": GOOD, "prompt": "x", "output_format": "bmp"}, "output_format"),
+    ("negative seed", {"image": GOOD, "prompt": "x", "extra_body": {"seed": -1}}, "seed"),
+    ("resolution overflow", {"image": GOOD, "prompt": "x", "extra_body": {"resolution": "9" * 400}}, "resolution"),
+    ("tiff input", {"image": ("a.tif", b"II*\x00" + b"\x00" * 64), "prompt": "x"}, "image"),
 ]
 
 

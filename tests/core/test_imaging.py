@@ -68,13 +68,17 @@ def _open(data: bytes) -> Image.Image:
         ("GIF", "gif", "RGB"),
         ("AVIF", "avif", "RGB"),
         ("BMP", "bmp", "RGB"),
-        ("TIFF", "tiff", "RGB"),
     ],
 )
 def test_probe_identifies_format_from_bytes(pillow_fmt: str, expected: str, mode: str) -> None:
     data = _encode(_photo((40, 30), mode), pillow_fmt)
     info = probe(data, max_pixels=MAX)
     assert info == ImageInfo(format=expected, width=40, height=30, has_alpha=mode == "RGBA")
+
+
+def test_tiff_is_not_accepted() -> None:
+    with pytest.raises(ImageError):
+        probe(_encode(_photo((40, 30), "RGB"), "TIFF"), max_pixels=MAX)
 
 
 def test_probe_reports_palette_transparency_as_alpha() -> None:

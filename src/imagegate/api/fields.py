@@ -119,7 +119,7 @@ def build_request(
         quality=f.string("quality"),
         background=f.choice("background", _BACKGROUNDS),
         negative_prompt=f.string("negative_prompt"),
-        seed=f.integer("seed"),
+        seed=f.integer("seed", lo=0, hi=2**63 - 1),
         cfg_scale=cfg_scale if cfg_scale is not None else guidance_scale,
         num_inference_steps=f.integer("num_inference_steps", lo=1),
         user=f.string("user"),

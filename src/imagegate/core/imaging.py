@@ -50,7 +50,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 #: Formats accepted as input, as reported in :attr:`ImageInfo.format` (multi-frame: first frame).
-INPUT_FORMATS = frozenset({"png", "jpeg", "webp", "gif", "avif", "bmp", "tiff"})
+INPUT_FORMATS = frozenset({"png", "jpeg", "webp", "gif", "avif", "bmp"})  # no TIFF: a large decoder surface
 #: Formats :func:`transform` and :func:`encode_image` can write.
 OUTPUT_FORMATS = frozenset({"png", "jpeg", "webp", "gif", "avif"})
 _LOSSY_FORMATS = frozenset({"jpeg", "webp", "avif"})
@@ -66,7 +66,6 @@ _PILLOW_FORMATS: dict[str, str] = {
     "GIF": "gif",
     "AVIF": "avif",
     "BMP": "bmp",
-    "TIFF": "tiff",
 }
 _OPENERS = tuple(name for name in _PILLOW_FORMATS if name != "MPO")
 # Everything Pillow's parsers and decoders raise on hostile or broken input.

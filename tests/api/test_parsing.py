@@ -103,7 +103,7 @@ def test_form_strings_are_coerced_per_field() -> None:
             "prompt": "p",
             "n": "3",
             "output_compression": "80",
-            "seed": "-7",
+            "seed": "7",
             "num_inference_steps": "28",
             "partial_images": "2",
             "cfg_scale": "4.5",
@@ -123,7 +123,7 @@ def test_form_strings_are_coerced_per_field() -> None:
         },
         form=True,
     )
-    assert (req.n, req.output_compression, req.seed, req.num_inference_steps, req.partial_images) == (3, 80, -7, 28, 2)
+    assert (req.n, req.output_compression, req.seed, req.num_inference_steps, req.partial_images) == (3, 80, 7, 28, 2)
     assert req.cfg_scale == 4.5 and req.stream is True
     assert req.output_format == "jpeg" and req.response_format == "b64_json" and req.background == "transparent"
     assert req.quality == "whatever-the-provider-knows"

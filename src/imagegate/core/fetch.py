@@ -114,7 +114,8 @@ async def probe_image(
         ) from None
     except imaging.ImageError as exc:
         raise InvalidRequest(
-            f"Invalid image {shown}: {_ADDRESS.sub('', exc.reason)}. Supported formats: PNG, JPEG, WebP, GIF, AVIF, BMP.",
+            f"Invalid image {shown}: {_ADDRESS.sub('', exc.reason)}. "
+            "Supported formats: PNG, JPEG, WebP, GIF, AVIF, BMP.",
             param=param,
             code="invalid_image",
         ) from None

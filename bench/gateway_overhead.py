@@ -38,6 +38,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ from bench._common import (
 
 MODEL = "qwen-image"
 PROMPT = "a lighthouse at dusk"
+PHASES = ("baseline", "url", "b64_webp")
 CHILD_LIFETIME = 900.0  # server processes exit by themselves after this many seconds at the latest
 
 
@@ -64,12 +66,13 @@ CHILD_LIFETIME = 900.0  # server processes exit by themselves after this many se
 # Servers
 
 
-def _serve_fake(conn: Any, stop: Any) -> None:
+def _serve_fake(conn: Any, stop: Any, keepalive: float) -> None:
     """Child process: FakeFal under LocalServer until `stop` is set (or CHILD_LIFETIME passes)."""
     from tests.fakes.fal import FakeFal, FalScenario
     from tests.fakes.server import LocalServer
 
-    with LocalServer(FakeFal(key=FAL_KEY, scenario=FalScenario.instant()).app) as srv:
+    fake = FakeFal(key=FAL_KEY, scenario=FalScenario.instant())
+    with LocalServer(fake.app, timeout_keep_alive=keepalive) as srv:
         conn.send(srv.url)
         stop.wait(CHILD_LIFETIME)
 
@@ -87,8 +90,10 @@ def _serve_gateway(conn: Any, stop: Any, storage_dir: str, fal_url: str, poll_in
 
 
 @contextlib.contextmanager
-def servers(isolation: str, storage_dir: str, poll_interval: float) -> Iterator[tuple[str, str, Any]]:
-    """(fal_url, gateway_url, fake-or-None) with both servers running."""
+def servers(isolation: str, storage_dir: str, poll_interval: float, fake_keepalive: float
+            ) -> Iterator[tuple[str, str, Any]]:
+    """(fal_url, gateway_url, fake-or-None) with both servers running. `fake_keepalive` is the fake's
+    idle keep-alive timeout (uvicorn's timeout_keep_alive; uvicorn's default is 5 s)."""
     if isolation == "thread":
         from tests.fakes.fal import FakeFal, FalScenario
         from tests.fakes.server import LocalServer
@@ -96,7 +101,7 @@ def servers(isolation: str, storage_dir: str, poll_interval: float) -> Iterator[
         from imagegate.app import create_app
 
         fake = FakeFal(key=FAL_KEY, scenario=FalScenario.instant())
-        with LocalServer(fake.app) as fal_srv:
+        with LocalServer(fake.app, timeout_keep_alive=fake_keepalive) as fal_srv:
             app = create_app(fal_gateway_settings(storage_dir, fal_srv.url, poll_interval=poll_interval))
             with LocalServer(app) as gw_srv:
                 yield fal_srv.url, gw_srv.url, fake
@@ -107,7 +112,7 @@ def servers(isolation: str, storage_dir: str, poll_interval: float) -> Iterator[
     procs: list[Any] = []
     try:
         fal_recv, fal_send = ctx.Pipe(duplex=False)
-        procs.append(ctx.Process(target=_serve_fake, args=(fal_send, stop), daemon=True))
+        procs.append(ctx.Process(target=_serve_fake, args=(fal_send, stop, fake_keepalive), daemon=True))
         procs[-1].start()
         if not fal_recv.poll(30):
             raise RuntimeError("the fake fal process did not start")
@@ -133,6 +138,14 @@ def servers(isolation: str, storage_dir: str, poll_interval: float) -> Iterator[
 
 
 AUTH = {"Authorization": f"Key {FAL_KEY}"}
+
+
+def _ok(response: httpx.Response) -> httpx.Response:
+    """raise_for_status with the body (the gateway's error envelope) in the message."""
+    if response.is_error:
+        raise RuntimeError(f"{response.request.method} {response.request.url.path} -> {response.status_code} "
+                           f"{response.text[:400]}")
+    return response
 
 
 def baseline_request(client: httpx.AsyncClient, fal_url: str, endpoint: str, payload: dict[str, Any],
@@ -162,8 +175,7 @@ def gateway_url_request(client: httpx.AsyncClient, gw_url: str, fal_url: str, do
     body = {"model": MODEL, "prompt": PROMPT, "response_format": "url"}
 
     async def once() -> int:
-        response = await client.post(f"{gw_url}/v1/images/generations", json=body)
-        response.raise_for_status()
+        response = _ok(await client.post(f"{gw_url}/v1/images/generations", json=body))
         url = response.json()["data"][0]["url"]
         if not url.startswith(fal_url):
             raise RuntimeError(f"expected fal's own URL (passthrough), got {url}")
@@ -180,8 +192,7 @@ def gateway_b64_request(client: httpx.AsyncClient, gw_url: str) -> Callable[[], 
     body = {"model": MODEL, "prompt": PROMPT, "response_format": "b64_json", "output_format": "webp"}
 
     async def once() -> int:
-        response = await client.post(f"{gw_url}/v1/images/generations", json=body)
-        response.raise_for_status()
+        response = _ok(await client.post(f"{gw_url}/v1/images/generations", json=body))
         data = base64.b64decode(response.json()["data"][0]["b64_json"])
         if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
             raise RuntimeError("expected WebP bytes")
@@ -257,6 +268,8 @@ async def measure(args: argparse.Namespace, fal_url: str, gw_url: str, fake: Any
         for number in range(args.rounds):
             phases = []
             for name, once in makers.items():
+                if name not in args.phases:
+                    continue
                 if fake is not None:
                     fake.reset()  # keep the fake's recordings from growing across phases
                 await run_phase(name, once, requests=args.warmup, concurrency=args.concurrency,
@@ -278,7 +291,7 @@ def report(rounds: list[list[Phase]], args: argparse.Namespace) -> bool:
     header = (f"{'phase':10s} {'ok':>5s} {'p50':>10s} {'p95':>10s} {'req/s':>8s}   "
               f"{'p50 x':>6s} {'p95 x':>6s} {'req/s x':>7s}")
     for number, phases in enumerate(rounds, 1):
-        print(f"round {number}  (x = ratio gateway/baseline; req/s x < 1 means fewer requests per second)")
+        print(f"round {number}  (x = ratio to {phases[0].name}; req/s x < 1 means fewer requests per second)")
         print(header)
         base = phases[0]
         for phase in phases:
@@ -286,8 +299,12 @@ def report(rounds: list[list[Phase]], args: argparse.Namespace) -> bool:
                   f"{fmt_ms(phase.p(95)):>10s} {phase.throughput:8.1f}   {ratio(phase.p(50), base.p(50)):6.2f} "
                   f"{ratio(phase.p(95), base.p(95)):6.2f} {ratio(phase.throughput, base.throughput):7.2f}")
             if phase.errors:
-                ok = False
-                print(f"    {len(phase.errors)} errors, first: {phase.errors[0]}")
+                rate = len(phase.errors) / (len(phase.errors) + len(phase.latencies))
+                ok = ok and rate <= args.max_error_rate
+                kinds = Counter(error.split(" {")[0] for error in phase.errors)
+                print(f"    {len(phase.errors)} errors ({100 * rate:.1f}%), first: {phase.errors[0]}")
+                for kind, count in kinds.most_common(3):
+                    print(f"      {count} x {kind}")
             if phase.stopped_by_time:
                 print(f"    stopped by --phase-seconds={args.phase_seconds} after {len(phase.latencies)} requests")
     return ok
@@ -303,12 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=30.0)
     parser.add_argument("--poll-interval", type=float, default=0.005, help="fal poll interval, both sides")
     parser.add_argument("--isolation", choices=("thread", "process"), default="thread")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="phases to run; ratios are against the first one listed (default: all three)")
+    parser.add_argument("--max-error-rate", type=float, default=0.01,
+                        help="exit 1 when a phase fails more often than this (default 0.01)")
+    parser.add_argument("--fake-keepalive", type=float, default=5.0,
+                        help="the fake fal's idle keep-alive timeout in seconds (uvicorn default 5)")
     parser.add_argument("--url-no-download", action="store_true",
                         help="url phase: do not download the returned URL")
     args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory(prefix="imagegate-bench-") as storage_dir,
-        servers(args.isolation, storage_dir, args.poll_interval) as (fal_url, gw_url, fake),
+        servers(args.isolation, storage_dir, args.poll_interval, args.fake_keepalive) as (fal_url, gw_url, fake),
     ):
         rounds = asyncio.run(measure(args, fal_url, gw_url, fake))
     return 0 if report(rounds, args) else 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from starlette.requests import Request
 from tests.api.conftest import MAX_PIXELS, encode
 
+from imagegate.api import parsing
 from imagegate.api.parsing import (
     DEFAULT_EDIT_MODEL,
     DEFAULT_GENERATION_MODEL,
@@ -510,3 +513,106 @@ def test_odd_extras_stay_strings() -> None:
 async def test_huge_image_index_is_400(pool: ImagePool) -> None:
     error = await edit_error(pool, multipart({"prompt": "p"}, [("image[" + "9" * 50 + "]", ("a.png", PNG))]))
     assert error.param == "image"
+
+
+# -- off the event loop ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def threads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The threads JSON bodies were parsed and data URIs decoded in."""
+    seen: dict[str, list[int]] = {"loads": [], "decode": []}
+    loads, decode = parsing._loads, parsing._decode_data_uri
+
+    def recording_loads(body: bytes) -> Any:
+        seen["loads"].append(threading.get_ident())
+        return loads(body)
+
+    def recording_decode(uri: str, **kwargs: Any) -> bytes:
+        seen["decode"].append(threading.get_ident())
+        return decode(uri, **kwargs)
+
+    monkeypatch.setattr(parsing, "_loads", recording_loads)
+    monkeypatch.setattr(parsing, "_decode_data_uri", recording_decode)
+    return seen
+
+
+async def test_small_json_inline_big_json_and_data_uris_in_the_pool(
+    pool: ImagePool, threads: dict[str, list[int]]
+) -> None:
+    loop_thread = threading.get_ident()
+    body = {"prompt": "p", "images": [{"image_url": data_uri(PNG)}], "mask": {"image_url": data_uri(PNG)}}
+    small = json.dumps(body).encode()
+    req = await edit(pool, json_request(small))
+    assert threads["loads"] == [loop_thread]  # a small body: not worth a thread hop
+    assert len(threads["decode"]) == 2 and loop_thread not in threads["decode"]
+    big = small + b" " * parsing.INLINE_JSON_BYTES
+    assert await edit(pool, json_request(big)) == req
+    assert len(threads["loads"]) == 2 and threads["loads"][1] != loop_thread
+
+
+async def test_big_json_generation_is_parsed_in_the_pool_when_given_one(
+    pool: ImagePool, threads: dict[str, list[int]]
+) -> None:
+    body = json.dumps({"prompt": "otter"}).encode() + b"\n" * (parsing.INLINE_JSON_BYTES + 1)
+    req = await parse_generation_request(json_request(body, "/v1/images/generations"), limits=LIMITS, pool=pool)
+    assert req.prompt == "otter" and threads["loads"][0] != threading.get_ident()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 300_000, b'{"prompt": "p"' + b" " * 300_000, b" " * 300_000, b"[1]" + b" " * 300_000, b"\xff" * 300_000],
+)
+async def test_big_json_bodies_in_the_pool_give_the_same_errors(pool: ImagePool, body: bytes) -> None:
+    error = await edit_error(pool, json_request(body))
+    assert error.status == 400 and error.code == "invalid_json"
+
+
+async def test_big_urlsafe_wrapped_data_uri_decodes_in_steps(pool: ImagePool) -> None:
+    raw = bytes(range(256)) * 12_000  # ~3 MB: several decoding steps
+    text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    wrapped = "\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    cap = 2 * len(raw)  # the size estimate counts the line breaks too
+    limits = LimitsSettings(max_pixels=MAX_PIXELS, max_image_bytes=cap, max_prompt_chars=100)
+    assert parsing._decode_data_uri(f"data:image/png;base64,{wrapped}", param="images", label="x", cap=cap) == raw
+    error = await edit_error(pool, json_request({"prompt": "p", "images": [{"image_url": f"data:;base64,{wrapped}"}]}),
+                             limits)  # fmt: skip
+    assert error.code == "invalid_image"  # decoded fine, then probed: not an image
+
+
+def _reference_decode(payload: str) -> bytes:
+    """The one-call decoding `_b64decode_lenient` must match."""
+    compact = "".join(payload.split()).translate(str.maketrans("-_", "+/"))
+    return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+
+
+def test_stepwise_base64_matches_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parsing, "_B64_CHUNK", 8)
+    rng = random.Random(7)
+    samples = ["", "=", "AAAA====", "AAAAAAAA====", "AAAAAAA=AAAA", "AAAAAA==", "AAAAAAAAAA==", "AAAAAAAAA", "é" * 12]
+    samples += [base64.b64encode(rng.randbytes(n)).decode() for n in range(40)]
+    samples += ["".join(rng.choice("AB+/-_= \n\x1cé") for _ in range(rng.randrange(30))) for _ in range(3000)]
+    for sample in samples:
+        try:
+            expected: bytes | type[Exception] = _reference_decode(sample)
+        except ValueError:
+            expected = ValueError
+        try:
+            got: bytes | type[Exception] = parsing._b64decode_lenient("," + sample, 1)
+        except ValueError:
+            got = ValueError
+        assert got == expected, repr(sample)
+
+
+async def test_first_error_in_input_order_wins(pool: ImagePool) -> None:
+    bad_b64 = {"image_url": "data:image/png;base64,!!!"}
+    error = await edit_error(pool, json_request({"prompt": "p", "images": [bad_b64, {"image_url": "ftp://x"}]}))
+    assert "'images[0]'" in error.message and "base64" in error.message
+    error = await edit_error(pool, json_request({"prompt": "p", "images": [{"image_url": data_uri(PNG)}, "x"]}))
+    assert error.code == "invalid_type" and error.param == "images"
+    error = await edit_error(pool, json_request({"prompt": "p", "images": [{"image_url": data_uri(PNG)}, bad_b64],
+                                                 "mask": {"file_id": "f"}}))  # fmt: skip
+    assert "'images[1]'" in error.message
+    error = await edit_error(pool, json_request({"prompt": "p", "images": [{"image_url": data_uri(PNG)}],
+                                                 "mask": bad_b64}))  # fmt: skip
+    assert error.param == "mask" and "'mask'" in error.message

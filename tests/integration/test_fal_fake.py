@@ -145,13 +145,16 @@ async def test_sync_route_with_sync_mode(make: Any, fake: FakeFal) -> None:
     route = Route("fal", "fal-ai/qwen-image", options={"mode": "sync", "sync_mode": True})
     request = ImageRequest(operation="generate", prompt="a cat", model="qwen-image", aspect_ratio="16:9",
                            output_format="jpeg")
-    [result] = await call(make(), request, route)
+    provider = make()
+    [result] = await call(provider, request, route)
     assert fake.submits == [] and len(fake.runs) == 1
     assert fake.runs[0].input == {"prompt": "a cat", "output_format": "jpeg", "image_size": {"width": 1365,
                                   "height": 768}, "num_images": 1, "sync_mode": True}
     [out] = result.images
-    assert out.url is None and out.data is not None and out.content_type == "image/jpeg"
-    assert image_info(out.data) == ("JPEG", 1365, 768)
+    # kept as a data URL (decoded off the event loop, at delivery)
+    assert out.data is None and out.url is not None and out.url.startswith("data:image/jpeg;base64,")
+    assert out.content_type == "image/jpeg"
+    assert image_info(await provider.fetch(out)) == ("JPEG", 1365, 768)
 
 
 async def test_single_image_model(make: Any, fake: FakeFal) -> None:

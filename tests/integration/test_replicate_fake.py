@@ -148,7 +148,7 @@ async def test_output_shapes(provider: ReplicateProvider, fake: FakeReplicate, k
     (image,) = result.images
     assert image.content_type == "image/jpeg"
     if kind == "data_uri":
-        assert image.data is not None and image.url is None
+        assert image.data is None and image.url is not None and image.url.startswith("data:")  # decoded at delivery
     assert size_of(await provider.fetch(image)) == (1024, 1024)
 
 

@@ -22,6 +22,12 @@ Uploaded and data-URI images are identified from their bytes (`core.fetch.probe_
 `imaging.probe(verify=True)` in the image pool), never from a declared content type: SDK raw-bytes
 uploads are application/octet-stream.
 
+Nothing heavy runs on the event loop: JSON bodies over `INLINE_JSON_BYTES` are parsed in the image
+pool (small ones inline, where a thread hop would cost more than the parse), and data URIs are
+decoded there too, in steps of `_B64_CHUNK` characters: `json` and `binascii` hold the GIL for a
+whole call, so one big call in a worker would still stall the loop, while steps let it in between.
+(One huge JSON string still costs one GIL-held scan of a few ms per MB.)
+
 The model defaults to `DEFAULT_EDIT_MODEL` / `DEFAULT_GENERATION_MODEL` when the caller gives none;
 whether the model exists is the catalog's business (404 there), not this module's.
 """
@@ -64,6 +70,8 @@ DEFAULT_GENERATION_MODEL = "sandbox-image"
 
 MAX_FORM_FIELDS = 256
 MAX_IMAGE_URL_CHARS = 20_971_520  # OpenAI's ImageRefParam.image_url maxLength
+INLINE_JSON_BYTES = 256 * 1024  # larger JSON bodies are parsed in the image pool
+_B64_CHUNK = 1 << 20  # characters per step when decoding a data URI (a multiple of 4)
 _INDEXED_IMAGE = re.compile(r"\Aimage\[(\d{1,4})\]\Z", re.ASCII)
 
 
@@ -81,15 +89,19 @@ async def parse_edit_request(
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _parse_edit_form(request, limits=limits, pool=pool, default_model=default_model)
-    body = await _json_object(request)
+    body = await _json_object(request, pool=pool)
     return await _parse_edit_json(body, limits=limits, pool=pool, default_model=default_model)
 
 
 async def parse_generation_request(
-    request: Request, *, limits: LimitsSettings, default_model: str = DEFAULT_GENERATION_MODEL
+    request: Request,
+    *,
+    limits: LimitsSettings,
+    default_model: str = DEFAULT_GENERATION_MODEL,
+    pool: imaging.ImagePool | None = None,
 ) -> ImageRequest:
-    """`POST /v1/images/generations`: a JSON object."""
-    body = await _json_object(request)
+    """`POST /v1/images/generations`: a JSON object (parsed in `pool`, when given, if it is large)."""
+    body = await _json_object(request, pool=pool)
     return build_request("generate", body, limits=limits, default_model=default_model)
 
 
@@ -188,12 +200,15 @@ async def _read_upload(upload: UploadFile, *, param: str, limits: LimitsSettings
 # -- JSON ------------------------------------------------------------------------------------------
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+async def _json_object(request: Request, *, pool: imaging.ImagePool | None = None) -> dict[str, Any]:
     body = await request.body()
-    if not body.strip():
+    if not body or body.isspace():  # `not body.strip()`, without copying a big body
         raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        if pool is not None and len(body) > INLINE_JSON_BYTES:
+            value = await pool.run(_loads, body)
+        else:
+            value = _loads(body)
     except (ValueError, RecursionError):
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object "
@@ -205,6 +220,10 @@ async def _json_object(request: Request) -> dict[str, Any]:
             f"The request body must be a JSON object, not {json_type_name(value)}.", code="invalid_json"
         )
     return value
+
+
+def _loads(body: bytes) -> Any:
+    return json.loads(body, parse_constant=_reject_constant)
 
 
 def _reject_constant(name: str) -> Any:
@@ -228,12 +247,18 @@ async def _parse_edit_json(
         raise invalid_type("images", "an array of image references", refs)
     if len(refs) > limits.max_images:
         raise _too_many_images(limits.max_images, len(refs), param="images")
+    # One at a time: decoding holds the GIL, so decoding several at once would only make the
+    # event loop wait longer for it (and the first error in input order is the one raised).
     images: list[InputImage | bytes] = [
-        _image_ref(ref, param="images", label=f"'images[{i}]'", cap=limits.max_image_bytes)
+        await _resolve_ref(pool, ref, param="images", label=f"'images[{i}]'", cap=limits.max_image_bytes)
         for i, ref in enumerate(refs)
     ]
     mask_ref = fields.pop("mask", None)
-    mask = None if mask_ref is None else _image_ref(mask_ref, param="mask", label="'mask'", cap=limits.max_mask_bytes)
+    mask = (
+        None
+        if mask_ref is None
+        else await _resolve_ref(pool, mask_ref, param="mask", label="'mask'", cap=limits.max_mask_bytes)
+    )
 
     pending = [(f"'images[{i}]'", "images", d, None) for i, d in enumerate(images) if isinstance(d, bytes)]
     if isinstance(mask, bytes):
@@ -244,8 +269,18 @@ async def _parse_edit_json(
     return build_request("edit", fields, limits=limits, default_model=default_model, images=inputs, mask=mask_image)
 
 
-def _image_ref(ref: Any, *, param: str, label: str, cap: int) -> InputImage | bytes:
-    """One `{"image_url": ...}` reference: decoded bytes (data: URI) or an unfetched URL image."""
+async def _resolve_ref(pool: imaging.ImagePool, ref: Any, *, param: str, label: str, cap: int) -> InputImage | bytes:
+    """One `{"image_url": ...}` reference: the bytes of a data URI (decoded in the pool) or an
+    unfetched URL image."""
+    checked = _image_ref(ref, param=param, label=label, cap=cap)
+    if isinstance(checked, str):
+        return await pool.run(_decode_data_uri, checked, param=param, label=label, cap=cap)
+    return checked
+
+
+def _image_ref(ref: Any, *, param: str, label: str, cap: int) -> InputImage | str:
+    """One `{"image_url": ...}` reference, checked: a data: URI (still to decode, in the pool) or an
+    unfetched URL image."""
     if not isinstance(ref, dict):
         raise invalid_type(param, 'an object like {"image_url": "..."}', ref)
     unknown = sorted(set(ref) - {"image_url", "file_id"})
@@ -265,7 +300,7 @@ def _image_ref(ref: Any, *, param: str, label: str, cap: int) -> InputImage | by
     if len(url) > MAX_IMAGE_URL_CHARS:
         raise InvalidRequest(f"{label}: 'image_url' is longer than {MAX_IMAGE_URL_CHARS} characters.", param=param)
     if url[:5].lower() == "data:":
-        return _decode_data_uri(url, param=param, label=label, cap=cap)
+        return url
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https") or not urlsplit(url).hostname:
         raise InvalidRequest(f"{label}: 'image_url' must be an http(s) URL or a data: URI.", param=param)
@@ -273,26 +308,56 @@ def _image_ref(ref: Any, *, param: str, label: str, cap: int) -> InputImage | by
 
 
 def _decode_data_uri(uri: str, *, param: str, label: str, cap: int) -> bytes:
-    header, sep, payload = uri[5:].partition(",")
-    if not sep:
+    """In the image pool: a `data:` URI -> its bytes. Base64 may be url-safe, unpadded, or broken
+    by whitespace."""
+    comma = uri.find(",", 5)
+    if comma < 0:
         raise InvalidRequest(f"{label}: malformed data URI (no ',').", param=param)
-    is_base64 = header.lower().split(";")[-1] == "base64"
-    estimate = len(payload) * 3 // 4 if is_base64 else len(payload) // 3
+    is_base64 = uri[5:comma].lower().split(";")[-1] == "base64"
+    length = len(uri) - comma - 1
+    estimate = length * 3 // 4 if is_base64 else length // 3
     if estimate > cap:
         raise _file_too_large(param, None, cap)
     try:
-        if is_base64:
-            compact = "".join(payload.split())
-            if "-" in compact or "_" in compact:
-                compact = compact.translate(str.maketrans("-_", "+/"))
-            data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
-        else:
-            data = unquote_to_bytes(payload)
+        data = _b64decode_lenient(uri, comma + 1) if is_base64 else unquote_to_bytes(uri[comma + 1 :])
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{label}: the data URI is not valid base64.", param=param) from None
     if len(data) > cap:
         raise _file_too_large(param, None, cap)
     return data
+
+
+def _b64decode_lenient(text: str, start: int) -> bytes:
+    """`text[start:]` without whitespace, `-_` read as `+/`, padded, then strictly decoded; every
+    step works on at most `_B64_CHUNK` characters at a time (see the module docstring)."""
+    step = _B64_CHUNK
+    compact = "".join(["".join(text[i : i + step].split()) for i in range(start, len(text), step)])
+    if "-" in compact or "_" in compact:
+        table = str.maketrans("-_", "+/")
+        compact = "".join([compact[i : i + step].translate(table) for i in range(0, len(compact), step)])
+    return _b64decode_strict(compact + "=" * (-len(compact) % 4))
+
+
+def _b64decode_strict(text: str) -> bytes:
+    """`base64.b64decode(text, validate=True)` for a `text` whose length is a multiple of 4, in steps.
+
+    A step other than the last holds no `=`, so it decodes exactly as it would inside the whole
+    string; the last step differs only in rejecting a leading `=` the whole string might accept.
+    So every step succeeding gives the whole string's bytes; any failure is settled by decoding
+    the whole string at once (its error, or the odd valid padding a step boundary cut)."""
+    step = _B64_CHUNK
+    if len(text) <= step:
+        return base64.b64decode(text, validate=True)
+    parts: list[bytes] = []
+    try:
+        for i in range(0, len(text), step):
+            chunk = text[i : i + step]
+            if i + step < len(text) and "=" in chunk:
+                raise ValueError("padding before the end")
+            parts.append(binascii.a2b_base64(chunk, strict_mode=True))
+    except ValueError:
+        return base64.b64decode(text, validate=True)
+    return b"".join(parts)
 
 
 # -- probing ---------------------------------------------------------------------------------------

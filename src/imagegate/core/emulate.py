@@ -2,7 +2,8 @@
 compression, opaque background, and delivery as `b64_json` or a URL (rehosted or passed through).
 
 Never re-encode what does not need it: bytes that already have the requested format and
-size go out untouched. All CPU work (probe, resize, encode, base64) runs in the image pool.
+size go out untouched. All CPU work (decoding a `data:` URL output, probe, resize, encode, base64)
+runs in the image pool.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from imagegate.core.request import FORMAT_MIME
 from imagegate.core.results import OutputImage
 from imagegate.core.sizes import Size
 from imagegate.providers.base import Provider, ProviderImage
+from imagegate.providers.common import decode_data_uri
 from imagegate.storage.base import Storage
 
 __all__ = ["Delivered", "OutputSpec", "deliver_image", "format_from_content_type"]
@@ -58,7 +60,7 @@ def format_from_content_type(image: ProviderImage) -> str | None:
         fmt = _MIME_FORMAT.get(image.content_type.split(";")[0].strip().lower())
         if fmt:
             return fmt
-    if image.url and not image.url.startswith("data:"):
+    if image.url and not _is_data_url(image.url):
         path = image.url.split("?", 1)[0].lower()
         for ext, fmt in _EXTENSION_FORMAT.items():
             if path.endswith(ext):
@@ -69,7 +71,7 @@ def format_from_content_type(image: ProviderImage) -> str | None:
 def _can_pass_url(image: ProviderImage, spec: OutputSpec) -> bool:
     if spec.response_format != "url" or spec.url_mode != "passthrough" or image.url is None:
         return False
-    if image.url.startswith("data:") or format_from_content_type(image) != spec.format:
+    if _is_data_url(image.url) or format_from_content_type(image) != spec.format:
         return False
     if spec.compression is not None and spec.format in LOSSY:
         return False  # the provider's own quality is unknown: re-encode to honour it
@@ -78,8 +80,14 @@ def _can_pass_url(image: ProviderImage, spec: OutputSpec) -> bool:
     return spec.size is None or (image.width, image.height) == (spec.size.width, spec.size.height)
 
 
-def _finish(data: bytes, spec: OutputSpec) -> tuple[bytes, imaging.ImageInfo, str | None]:
-    """In the pool: probe, transform only if needed, base64 if asked. Returns (bytes, info, b64)."""
+def _is_data_url(url: str) -> bool:
+    return url[:5].lower() == "data:"
+
+
+def _finish(source: bytes | str, spec: OutputSpec) -> tuple[bytes, imaging.ImageInfo, str | None]:
+    """In the pool: decode a `data:` URL (`source` as str; malformed -> UpstreamError), probe,
+    transform only if needed, base64 if asked. Returns (bytes, info, b64)."""
+    data = decode_data_uri(source)[0] if isinstance(source, str) else source
     info = imaging.probe(data, max_pixels=spec.max_pixels)
     size = (spec.size.width, spec.size.height) if spec.size is not None else None
     if imaging.needs_transform(
@@ -107,7 +115,8 @@ async def deliver_image(
     pool: imaging.ImagePool,
     revised_prompt: str | None = None,
 ) -> Delivered:
-    """Turn one provider output into what the caller asked for."""
+    """Turn one provider output into what the caller asked for: bytes, a URL to download, or a
+    `data:` URL (decoded in the pool, never on the event loop; never passed through)."""
     if _can_pass_url(image, spec):
         assert image.url is not None
         return Delivered(
@@ -117,12 +126,18 @@ async def deliver_image(
             spec.format,
             has_alpha=False,
         )
+    source: bytes | str
+    if image.data is not None:
+        source = image.data
+    elif image.url is not None and _is_data_url(image.url):
+        source = image.url
+    else:
+        try:
+            source = await provider.fetch(image)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"Could not download the output image from {provider.name}.") from exc
     try:
-        data = image.data if image.data is not None else await provider.fetch(image)
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"Could not download the output image from {provider.name}.") from exc
-    try:
-        data, info, encoded = await pool.run(_finish, data, spec)
+        data, info, encoded = await pool.run(_finish, source, spec)
     except imaging.ImageError as exc:
         raise UpstreamError(f"The provider returned an image the gateway cannot read: {exc.reason}") from exc
     if encoded is not None:

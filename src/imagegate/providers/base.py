@@ -4,21 +4,25 @@ An adapter is thin: a parameter table per upstream model (pure data, applied by
 `core.params.apply_table`), `prepare_images` to turn input images into references the
 provider accepts (data URIs, uploads, or URLs passed through), `run` for the protocol
 itself (submit, poll, fetch result, cancel on cancellation), and `fetch` to download an
-output. Upstream failures are raised as `core.errors.GatewayError` subclasses.
+output (streamed, capped at `settings.fetch.max_bytes`). Upstream failures are raised as
+`core.errors.GatewayError` subclasses.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
 
+from imagegate.core.errors import UpstreamError
 from imagegate.core.params import ParamTable
 from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
+from imagegate.providers.common import decode_data_uri, download
 
 __all__ = [
     "CallContext",
@@ -50,7 +54,8 @@ class CallContext:
 
 @dataclass(frozen=True, slots=True)
 class ProviderImage:
-    """One output image: bytes already in hand, or a URL to download. Width, height and
+    """One output image: bytes already in hand, or a URL: http(s) to download, or a `data:` URL
+    as the provider returned it (decoded off the event loop, at delivery). Width, height and
     content type are what the provider reported (None when it did not say)."""
 
     data: bytes | None = None
@@ -107,12 +112,31 @@ class Provider(abc.ABC):
         """Run one upstream call. On cancellation (client gone, deadline), cancel the upstream job
         best-effort, then re-raise."""
 
+    @property
+    def max_output_bytes(self) -> int:
+        """The cap on one downloaded (or data-URI) output: `settings.fetch.max_bytes`."""
+        return int(self.settings.fetch.max_bytes)
+
     async def fetch(self, image: ProviderImage) -> bytes:
-        """Download an output image the provider returned as a URL."""
+        """The bytes of an output: in hand, a `data:` URL (decoded in a worker thread), or a
+        download (`download`). Larger than `max_output_bytes` -> UpstreamError."""
         if image.data is not None:
             return image.data
         if image.url is None:
             raise ValueError("provider image has neither bytes nor url")
-        response = await self.http.get(image.url, follow_redirects=True)
-        response.raise_for_status()
-        return response.content
+        if image.url[:5].lower() == "data:":
+            too_large = UpstreamError(
+                f"The {self.name} output was larger than the limit of {self.max_output_bytes} bytes."
+            )
+            payload_chars = len(image.url) - image.url.find(",") - 1
+            if payload_chars // 4 * 3 - 2 > self.max_output_bytes:  # at least this many bytes
+                raise too_large
+            data, _ = await asyncio.to_thread(decode_data_uri, image.url)
+            if len(data) > self.max_output_bytes:
+                raise too_large
+            return data
+        return await self.download(image.url)
+
+    async def download(self, url: str) -> bytes:
+        """GET an http(s) output, following redirects, streamed and capped (no credentials sent)."""
+        return await download(self.http, url, provider=self.name, max_bytes=self.max_output_bytes)

@@ -1,5 +1,6 @@
 """Protocol helpers shared by the HTTP adapters: Retry-After, backoff, polling cadence,
-data URIs, transport-error mapping, idempotent GETs with retry, best-effort cleanup."""
+data URIs, transport-error mapping, idempotent GETs with retry, capped output downloads,
+best-effort cleanup."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import contextlib
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -20,14 +21,20 @@ from imagegate.core.errors import GatewayError, ProviderUnavailable, UpstreamErr
 __all__ = [
     "backoff_delay",
     "best_effort",
+    "data_uri_mime",
     "decode_data_uri",
+    "download",
     "get_with_retry",
+    "never_sent",
     "poll_delays",
     "retry_after_seconds",
     "transport_error",
 ]
 
 RETRYABLE_GET_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+MAX_REDIRECTS = 5
+ERROR_BODY_BYTES = 64 * 1024  # enough of an error body to map it; the rest is not read
+_DATA_URI_HEADER_CHARS = 512
 
 
 def retry_after_seconds(headers: Mapping[str, str], body_value: Any = None) -> float | None:
@@ -79,16 +86,35 @@ def decode_data_uri(uri: str) -> tuple[bytes, str]:
         raise UpstreamError("The provider returned a data URI that is not valid base64.") from None
 
 
+def data_uri_mime(uri: str) -> str:
+    """The media type of a `data:<mime>;base64,...` URI, checking only its header (cheap: the
+    payload is decoded later, in the image pool). Malformed -> UpstreamError."""
+    comma = uri.find(",", 0, _DATA_URI_HEADER_CHARS)
+    header = uri[:comma]
+    if comma < 0 or not header.startswith("data:") or not header.endswith(";base64"):
+        raise UpstreamError("The provider returned a malformed data URI.")
+    return header[5:-7] or "application/octet-stream"
+
+
+def never_sent(exc: httpx.HTTPError) -> bool:
+    """True when the request cannot have reached the upstream (no connection was made), so
+    sending it again cannot create a second job. For the submit/create call only."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
 def transport_error(provider: str, exc: httpx.HTTPError, *, accepted: bool) -> GatewayError:
-    """Map an httpx failure. `accepted` says whether the upstream may already have taken the job
-    (then a resubmit could bill twice, so the error is not retryable, only a fallback candidate)."""
+    """Map an httpx failure. `accepted` says whether the upstream may already have taken the job:
+    then no error is retryable (the service's retry is a NEW submit and could bill twice), only a
+    fallback candidate. Only the submit/create call may pass `accepted=False`, and only when the
+    failure proves nothing was sent (`never_sent`) or the call bills nothing (uploads)."""
+    retryable = not accepted
     if isinstance(exc, httpx.TimeoutException):
         if isinstance(exc, httpx.ConnectTimeout):
-            return ProviderUnavailable(f"Could not connect to {provider} (timeout).")
-        return UpstreamTimeout(f"{provider} did not answer in time.", retryable=not accepted)
+            return ProviderUnavailable(f"Could not connect to {provider} (timeout).", retryable=retryable)
+        return UpstreamTimeout(f"{provider} did not answer in time.", retryable=retryable)
     if isinstance(exc, httpx.ConnectError):
-        return ProviderUnavailable(f"Could not connect to {provider}.")
-    return ProviderUnavailable(f"Connection to {provider} failed: {type(exc).__name__}.", retryable=not accepted)
+        return ProviderUnavailable(f"Could not connect to {provider}.", retryable=retryable)
+    return ProviderUnavailable(f"Connection to {provider} failed: {type(exc).__name__}.", retryable=retryable)
 
 
 async def get_with_retry(
@@ -119,6 +145,109 @@ async def get_with_retry(
         )
     assert last_exc is not None
     raise transport_error(provider, last_exc, accepted=True)
+
+
+async def download(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    provider: str,
+    max_bytes: int,
+    headers: Mapping[str, str] | None = None,
+    headers_for: Callable[[str], Mapping[str, str] | None] | None = None,
+    timeout: float | httpx.Timeout | None = None,
+    follow_redirects: bool = True,
+    max_redirects: int = MAX_REDIRECTS,
+    attempts: int = 1,
+    on_status: Callable[[httpx.Response], GatewayError] | None = None,
+) -> bytes:
+    """GET a provider's output, streamed and capped at `max_bytes` (Content-Length checked first,
+    then counted while reading; over it -> UpstreamError, the rest is never read).
+
+    Redirects are followed hop by hop (at most `max_redirects`); `headers_for(url)`, when given,
+    picks each hop's headers (e.g. a token only for the provider's own hosts), else `headers` go to
+    every hop. With `attempts` > 1, connection failures and transient statuses (408/409/425/429/5xx)
+    are retried with backoff (a GET is idempotent). A final error status -> `on_status(response)`
+    (the response holds at most the first 64 KiB of the body) or UpstreamError; httpx failures ->
+    `transport_error(accepted=True)` (never retryable: the job that made this output was billed)."""
+    request_timeout: Any = httpx.USE_CLIENT_DEFAULT if timeout is None else timeout
+    redirects = 0
+    attempt = 0
+    while True:
+        hop_headers = headers_for(url) if headers_for is not None else headers
+        try:
+            outcome = await _download_hop(http, url, hop_headers, request_timeout, provider, max_bytes,
+                                          follow_redirects)
+        except httpx.HTTPError as exc:
+            attempt += 1
+            if attempt >= attempts:
+                raise transport_error(provider, exc, accepted=True) from exc
+            await asyncio.sleep(backoff_delay(attempt - 1, base=0.25, cap=4.0))
+            continue
+        if isinstance(outcome, bytes):
+            return outcome
+        if isinstance(outcome, str):  # a redirect's absolute Location
+            redirects += 1
+            if redirects > max_redirects:
+                raise UpstreamError(f"The {provider} output URL redirected too many times.")
+            url = outcome
+            continue
+        attempt += 1
+        if outcome.status_code in RETRYABLE_GET_STATUSES and attempt < attempts:
+            retry_after = retry_after_seconds(outcome.headers)
+            await asyncio.sleep(backoff_delay(attempt - 1, base=0.25, cap=4.0, retry_after=retry_after))
+            continue
+        if on_status is not None:
+            raise on_status(outcome)
+        raise UpstreamError(f"Could not download the {provider} output image (HTTP {outcome.status_code}).")
+
+
+async def _download_hop(
+    http: httpx.AsyncClient,
+    url: str,
+    headers: Mapping[str, str] | None,
+    timeout: Any,
+    provider: str,
+    max_bytes: int,
+    follow_redirects: bool,
+) -> bytes | str | httpx.Response:
+    """One GET: the body (bytes), a redirect's absolute Location (str), or a failed response
+    (with at most ERROR_BODY_BYTES of its body read)."""
+    async with http.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=False) as response:
+        location = response.headers.get("location")
+        if follow_redirects and response.is_redirect and location:
+            return str(response.url.join(location))
+        if not response.is_success:
+            return await _error_response(response)
+        too_large = UpstreamError(f"The {provider} output was larger than the limit of {max_bytes} bytes.")
+        declared = response.headers.get("content-length", "").strip()
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise too_large
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in response.aiter_bytes():
+            total += len(chunk)
+            if total > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def _error_response(response: httpx.Response) -> httpx.Response:
+    """A copy of a failed streamed response holding at most ERROR_BODY_BYTES of its (decoded) body."""
+    body = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= ERROR_BODY_BYTES:
+                break
+    except httpx.HTTPError:
+        pass  # what was read is enough to map the status
+    skip = {"content-encoding", "content-length", "transfer-encoding"}
+    kept = [(key, value) for key, value in response.headers.multi_items() if key.lower() not in skip]
+    return httpx.Response(
+        response.status_code, headers=kept, content=bytes(body[:ERROR_BODY_BYTES]), request=response.request
+    )
 
 
 async def best_effort(awaitable: Awaitable[Any], *, timeout: float = 5.0) -> None:

@@ -279,9 +279,21 @@ def test_parse_output_urls_and_seed() -> None:
     )
 
 
-def test_parse_output_decodes_data_uris() -> None:
+def test_parse_output_keeps_data_uris_for_the_pool() -> None:
     images, seed = parse_output({"images": [{"url": "data:image/jpeg;base64,AAEC"}]})
-    assert images == [ProviderImage(data=b"\x00\x01\x02", content_type="image/jpeg")] and seed is None
+    assert images == [ProviderImage(url="data:image/jpeg;base64,AAEC", content_type="image/jpeg")] and seed is None
+    body = {"images": [{"url": "data:image/png;base64,AAEC", "content_type": "image/webp", "width": 3, "height": 4}]}
+    assert parse_output(body)[0] == [
+        ProviderImage(url="data:image/png;base64,AAEC", content_type="image/webp", width=3, height=4)
+    ]
+    # the payload is not decoded here: invalid base64 only fails on delivery (core.emulate, in the pool)
+    assert parse_output({"images": [{"url": "data:;base64,!!"}]})[0] == [ProviderImage(url="data:;base64,!!")]
+
+
+@pytest.mark.parametrize("url", ["data:image/png,AAEC", "data:image/png;base64", "data:image/png;base64X,AA"])
+def test_parse_output_rejects_malformed_data_uri_headers(url: str) -> None:
+    with pytest.raises(UpstreamError, match="malformed data URI"):
+        parse_output({"images": [{"url": url}]})
 
 
 def test_parse_output_flags() -> None:

@@ -260,7 +260,8 @@ async def test_sync_mode_asks_for_data_uris(mock: respx.MockRouter, http: httpx.
     queue(mock, result=httpx.Response(200, json=out))
     result = await FalProvider(http, settings(sync_mode_b64=True)).run(dict(PAYLOAD), route(), ctx())
     assert json.loads(mock.calls[0].request.content) == {**PAYLOAD, "sync_mode": True}
-    assert result.images == [ProviderImage(data=b"\x89PNG", content_type="image/png")]
+    # kept as a data URL: core.emulate decodes it in the image pool, not on the event loop
+    assert result.images == [ProviderImage(url="data:image/png;base64,iVBORw==", content_type="image/png")]
     queue(mock, result=httpx.Response(200, json=out))
     await FalProvider(http, settings()).run(dict(PAYLOAD), route(sync_mode=True), ctx())
     assert json.loads(mock.routes[0].calls.last.request.content)["sync_mode"] is True
@@ -400,7 +401,9 @@ def failure(code: int, body: Any = None, request_id: str | None = "r", **headers
 @pytest.mark.parametrize(
     ("fail", "stage", "cls", "status", "retryable"),
     [
-        (failure(503), "submit", ProviderUnavailable, 503, True),  # the queue did not take it
+        (failure(503), "submit", ProviderUnavailable, 503, False),  # fal answered: it may have queued it
+        (failure(503, "<html>nginx</html>", request_id=None), "submit", ProviderUnavailable, 503, True),  # ingress
+        (failure(429), "submit", RateLimited, 429, True),
         (failure(503, request_id=None), "status", ProviderUnavailable, 503, False),  # job accepted
         (failure(500, {"detail": "crash"}), "result", UpstreamError, 502, False),
         (failure(500, {"detail": "crash", "error_type": "runner_server_error"}), "result", ProviderUnavailable,
@@ -504,3 +507,128 @@ async def test_upload_errors(mock: respx.MockRouter, http: httpx.AsyncClient) ->
     with pytest.raises(ProviderUnavailable) as err:
         await FalProvider(http, settings(inline_max_bytes=0)).prepare_images([png(10)], route())
     assert err.value.retryable
+
+
+# ---- no second submit once fal has accepted the job ------------------------------------------------
+
+
+async def run_like_the_service(provider: FalProvider, rt: Route, attempts: int = 3) -> Any:
+    """The service's retry policy (`_call_with_retries`): `run` again while the error is retryable."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await provider.run(dict(PAYLOAD), rt, ctx())
+        except GatewayError as exc:
+            if not exc.retryable or attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("exc", [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow")])
+async def test_status_connect_errors_after_submit_do_not_resubmit(
+    mock: respx.MockRouter, http: httpx.AsyncClient, exc: Exception
+) -> None:
+    submit = mock.post(SUBMIT).respond(200, json=HANDLE, headers={"x-fal-request-id": "rid-1"})
+    polls = mock.get(STATUS).mock(side_effect=exc)
+    cancel = mock.put(CANCEL).respond(202, json={"status": "CANCELLATION_REQUESTED"})
+    with pytest.raises(ProviderUnavailable) as err:
+        await run_like_the_service(FalProvider(http, settings()), route())
+    assert not err.value.retryable and err.value.fallback  # the job exists: another route, never a resubmit
+    assert submit.call_count == 1
+    assert polls.call_count == 5  # get_with_retry's attempts
+    assert cancel.call_count == 1
+
+
+@pytest.mark.parametrize("exc", [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow")])
+async def test_result_connect_errors_after_completed_do_not_resubmit(
+    mock: respx.MockRouter, http: httpx.AsyncClient, exc: Exception
+) -> None:
+    submit = mock.post(SUBMIT).respond(200, json=HANDLE, headers={"x-fal-request-id": "rid-1"})
+    mock.get(STATUS).mock(return_value=status("COMPLETED"))
+    result = mock.get(RESULT).mock(side_effect=exc)
+    with pytest.raises(ProviderUnavailable) as err:
+        await run_like_the_service(FalProvider(http, settings()), route())
+    assert not err.value.retryable and err.value.fallback
+    assert submit.call_count == 1
+    assert result.call_count == 6  # one plain GET, then get_with_retry's attempts
+
+
+@pytest.mark.parametrize(
+    ("response", "retryable", "submits"),
+    [(fal_error(503, {"detail": "overloaded"}), False, 1),
+     (fal_error(500, {"detail": "boom"}), False, 1),
+     (fal_error(502, {"detail": "x", "error_type": "runner_incomplete_response"}), False, 1),
+     (fal_error(504, {"detail": "x"}), False, 1),
+     (fal_error(503, "<html><title>503 Service Temporarily Unavailable</title>nginx</html>", None), True, 3),
+     (fal_error(502, "<html>nginx</html>", None), True, 3),
+     (fal_error(504, "<html>nginx</html>", None), True, 3),
+     (fal_error(429, {"detail": "slow down"}), True, 3)],
+    ids=["503-fal", "500-fal", "502-fal-runner", "504-fal", "503-ingress", "502-ingress", "504-ingress", "429"],
+)
+async def test_submit_is_resent_only_when_fal_did_not_take_it(
+    mock: respx.MockRouter, http: httpx.AsyncClient, response: httpx.Response, retryable: bool, submits: int
+) -> None:
+    submit = mock.post(SUBMIT).mock(return_value=response)
+    with pytest.raises(GatewayError) as err:
+        await run_like_the_service(FalProvider(http, settings()), route())
+    assert err.value.retryable is retryable and err.value.fallback
+    assert submit.call_count == submits
+
+
+@pytest.mark.parametrize("exc", [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow")])
+def test_transport_errors_of_accepted_jobs_are_never_retryable(exc: httpx.HTTPError) -> None:
+    accepted = common.transport_error("fal", exc, accepted=True)
+    assert not accepted.retryable and accepted.fallback
+    assert common.transport_error("fal", exc, accepted=False).retryable
+
+
+# ---- outputs: the base Provider.fetch -----------------------------------------------------------------
+
+OUT = "https://v3.fal.media/files/out.png"
+
+
+class Chunks(httpx.AsyncByteStream):
+    def __init__(self, size: int, count: int) -> None:
+        self.chunk, self.count, self.sent = b"\0" * size, count, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.count):
+            self.sent += 1
+            yield self.chunk
+
+
+def capped(max_bytes: int) -> Settings:
+    return Settings(providers=ProvidersSettings(fal=FalSettings(key=KEY)), fetch={"max_bytes": max_bytes})
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_oversized_output_is_refused_while_streaming(
+    mock: respx.MockRouter, http: httpx.AsyncClient, declared: bool
+) -> None:
+    body = Chunks(64 * 1024, 1024)  # 64 MiB
+    headers = {"Content-Length": str(64 * 1024 * 1024)} if declared else {}
+    mock.get(OUT).mock(return_value=httpx.Response(200, headers=headers, stream=body))
+    with pytest.raises(UpstreamError, match="larger than the limit") as err:
+        await FalProvider(http, capped(2**20)).fetch(ProviderImage(url=OUT))
+    assert body.sent == (0 if declared else 17)
+    assert not err.value.retryable
+
+
+async def test_fetch_follows_redirects_and_maps_failures(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    provider = FalProvider(http, settings())
+    mock.get(OUT).respond(302, headers={"Location": "https://cdn.example/o.png"})
+    mock.get("https://cdn.example/o.png").respond(200, content=b"png")
+    assert await provider.fetch(ProviderImage(url=OUT)) == b"png"
+    mock.get("https://cdn.example/o.png").respond(403, text="denied")
+    with pytest.raises(UpstreamError, match="HTTP 403"):
+        await provider.fetch(ProviderImage(url=OUT))
+    mock.get("https://cdn.example/o.png").mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(UpstreamTimeout) as err:
+        await provider.fetch(ProviderImage(url=OUT))
+    assert not err.value.retryable
+
+
+async def test_fetch_decodes_a_data_uri_within_the_cap(http: httpx.AsyncClient) -> None:
+    provider = FalProvider(http, capped(8))
+    assert await provider.fetch(ProviderImage(url="data:image/png;base64,cG5n")) == b"png"
+    with pytest.raises(UpstreamError, match="larger than the limit"):
+        await provider.fetch(ProviderImage(url="data:image/png;base64," + "AAAA" * 4))

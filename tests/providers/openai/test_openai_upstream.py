@@ -207,11 +207,18 @@ async def test_generation_request_and_response(provider: OpenAIProvider, mock: r
     request = route.calls.last.request
     assert json.loads(request.content) == {"model": "gpt-image-1", **payload}  # no response_format for GPT models
     assert request.headers["authorization"] == f"Bearer {KEY}"
+    # b64_json is not decoded here (that is CPU work for the image pool at delivery): a data URI.
+    jpeg_uri = "data:image/jpeg;base64," + base64.b64encode(JPEG).decode()
     assert result == ProviderResult(
-        images=[ProviderImage(data=PNG, content_type="image/png"), ProviderImage(data=JPEG, content_type="image/jpeg")],
+        images=[
+            ProviderImage(url="data:image/png;base64," + B64, content_type="image/png"),
+            ProviderImage(url=jpeg_uri, content_type="image/jpeg"),
+        ],
         request_id="req_up_1",
         revised_prompt="an otter, detailed",
     )
+    assert all(image.data is None and (image.url or "").startswith("data:") for image in result.images)
+    assert await provider.fetch(result.images[1]) == JPEG
 
 
 @pytest.mark.parametrize(
@@ -244,6 +251,55 @@ async def test_url_outputs_and_fetch_without_key(provider: OpenAIProvider, mock:
     assert result.images == [ProviderImage(url=blob)]
     assert await provider.fetch(result.images[0]) == WEBP
     assert "authorization" not in download.calls.last.request.headers
+
+
+OTHER = base64.b64encode(b"not an image").decode()
+
+
+@pytest.mark.parametrize(
+    ("output_format", "b64", "mime"),
+    [("webp", OTHER, "image/webp"),  # unknown bytes: the asked format
+     (None, OTHER, None),  # nothing known: sniffed from the bytes at delivery
+     ("png", base64.b64encode(JPEG).decode(), "image/jpeg")],  # the bytes win over the asked format
+)
+async def test_b64_json_becomes_a_data_uri(
+    provider: OpenAIProvider, mock: respx.MockRouter, output_format: str | None, b64: str, mime: str | None
+) -> None:
+    mock.post(f"{API}/images/generations").mock(return_value=images_response({"b64_json": b64}))
+    payload: dict[str, Any] = {"prompt": "x"}
+    if output_format is not None:
+        payload["output_format"] = output_format
+    result = await provider.run(payload, Route("openai", "gpt-image-1"), ctx())
+    uri = f"data:{mime or 'application/octet-stream'};base64,{b64}"
+    assert result.images == [ProviderImage(url=uri, content_type=mime)]
+
+
+def fetch_settings(max_bytes: int) -> Settings:
+    return Settings(providers=ProvidersSettings(openai=OpenAISettings(api_key=KEY)), fetch={"max_bytes": max_bytes})
+
+
+class Chunks(httpx.AsyncByteStream):
+    def __init__(self, size: int, count: int) -> None:
+        self.chunk, self.count, self.sent = b"\0" * size, count, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.count):
+            self.sent += 1
+            yield self.chunk
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_oversized_output_is_refused_while_streaming(
+    http: httpx.AsyncClient, mock: respx.MockRouter, declared: bool
+) -> None:
+    blob = "https://oaidalleapiprodscus.blob.core.windows.net/private/img.png?sig=x"
+    body = Chunks(64 * 1024, 1024)  # 64 MiB
+    headers = {"Content-Length": str(64 * 1024 * 1024)} if declared else {}
+    mock.get(blob).mock(return_value=httpx.Response(200, headers=headers, stream=body))
+    provider = OpenAIProvider(http, fetch_settings(1024 * 1024))
+    with pytest.raises(UpstreamError, match="larger than the limit"):
+        await provider.fetch(ProviderImage(url=blob))
+    assert body.sent == (0 if declared else 17)
 
 
 async def test_no_images_is_an_upstream_error(provider: OpenAIProvider, mock: respx.MockRouter) -> None:

@@ -166,11 +166,21 @@ async def test_single_string_output_is_a_list_of_one(provider: ReplicateProvider
     ]
 
 
-async def test_data_uri_outputs_are_decoded(provider: ReplicateProvider, mock: respx.MockRouter) -> None:
+async def test_data_uri_outputs_are_passed_on_undecoded(provider: ReplicateProvider, mock: respx.MockRouter) -> None:
+    """Decoding is CPU work: it happens in the image pool at delivery, not on the event loop here."""
     uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
     mock.post(CREATE).respond(201, json=prediction("succeeded", [uri, uri]))
     result = await provider.run(dict(PAYLOAD), ROUTE, ctx())
-    assert result.images == [ProviderImage(data=PNG, content_type="image/png")] * 2
+    assert result.images == [ProviderImage(url=uri, content_type="image/png")] * 2
+    assert all(image.data is None and (image.url or "").startswith("data:") for image in result.images)
+    assert await provider.fetch(result.images[0]) == PNG
+
+
+async def test_malformed_data_uri_output_is_an_upstream_error(
+    provider: ReplicateProvider, mock: respx.MockRouter
+) -> None:
+    mock.post(CREATE).respond(201, json=prediction("succeeded", ["data:image/png,notbase64"]))
+    assert type(await run_error(provider)) is UpstreamError
 
 
 async def test_url_without_evident_extension(provider: ReplicateProvider, mock: respx.MockRouter) -> None:
@@ -229,6 +239,25 @@ async def test_poll_retries_transient_errors(provider: ReplicateProvider, mock: 
     )
     await provider.run(dict(PAYLOAD), ROUTE, ctx())
     assert poll.call_count == 3
+
+
+@pytest.mark.parametrize("exc", [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow")])
+async def test_poll_connect_errors_do_not_create_again(
+    provider: ReplicateProvider, mock: respx.MockRouter, exc: Exception
+) -> None:
+    """The service runs `run` again only for retryable errors: once the prediction exists, a lost
+    poll must not be one, or a second (billed) prediction is created."""
+    create = mock.post(CREATE).respond(201, json=prediction("starting"))
+    poll = mock.get(f"{API}/predictions/p1").mock(side_effect=exc)
+    cancel = mock.post(f"{API}/predictions/p1/cancel").respond(200, json=prediction("canceled"))
+    for _ in range(3):  # the service's attempts (`_call_with_retries`)
+        error = await run_error(provider)
+        if not error.retryable:
+            break
+    assert type(error) is ProviderUnavailable and (error.retryable, error.fallback) == (False, True)
+    assert create.call_count == 1
+    assert poll.call_count == 5  # get_with_retry's attempts
+    assert cancel.call_count == 1
 
 
 @pytest.mark.parametrize("output", [[], None])
@@ -625,6 +654,39 @@ async def test_fetch_bytes_in_hand_and_errors(provider: ReplicateProvider, mock:
     mock.get("https://replicate.delivery/gone.png").respond(404, text="Not Found")
     with pytest.raises(UpstreamError):
         await provider.fetch(ProviderImage(url="https://replicate.delivery/gone.png"))
+
+
+class Chunks(httpx.AsyncByteStream):
+    def __init__(self, size: int, count: int) -> None:
+        self.chunk, self.count, self.sent = b"\0" * size, count, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.count):
+            self.sent += 1
+            yield self.chunk
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_oversized_output_is_refused_while_streaming(
+    http: httpx.AsyncClient, mock: respx.MockRouter, declared: bool
+) -> None:
+    body = Chunks(64 * 1024, 1024)  # 64 MiB
+    headers = {"Content-Length": str(64 * 1024 * 1024)} if declared else {}
+    big = "https://replicate.delivery/x/big.png"
+    mock.get(big).mock(return_value=httpx.Response(200, headers=headers, stream=body))
+    config = ProvidersSettings(replicate=ReplicateSettings(api_token=TOKEN))
+    provider = ReplicateProvider(http, Settings(providers=config, fetch={"max_bytes": 2**20}))
+    with pytest.raises(UpstreamError, match="larger than the limit"):
+        await provider.fetch(ProviderImage(url=big))
+    assert body.sent == (0 if declared else 17)
+
+
+async def test_fetch_lost_connection_is_not_retryable(provider: ReplicateProvider, mock: respx.MockRouter) -> None:
+    route = mock.get("https://replicate.delivery/x/out-0.png").mock(side_effect=httpx.ConnectError("reset"))
+    with pytest.raises(ProviderUnavailable) as err:
+        await provider.fetch(ProviderImage(url="https://replicate.delivery/x/out-0.png"))
+    assert not err.value.retryable
+    assert route.call_count == 5  # idempotent GET: retried in place
 
 
 # ---- configuration -----------------------------------------------------------------------------

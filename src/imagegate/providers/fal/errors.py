@@ -28,7 +28,16 @@ from imagegate.core.errors import (
 )
 from imagegate.providers.common import retry_after_seconds
 
-__all__ = ["FIELD_TO_PARAM", "TRANSIENT_STATUSES", "FalFailure", "Stage", "map_failure", "param_from_loc"]
+__all__ = [
+    "FIELD_TO_PARAM",
+    "INGRESS_STATUSES",
+    "TRANSIENT_STATUSES",
+    "FalFailure",
+    "Stage",
+    "is_ingress_error",
+    "map_failure",
+    "param_from_loc",
+]
 
 # Where a failure happened decides whether the same call may be made again (see `_may_resend`).
 Stage = Literal["submit", "run", "status", "result", "upload", "upload_put"]
@@ -48,6 +57,8 @@ _TYPE_STATUS: Mapping[str, int] = {
 }  # fmt: skip
 # Statuses that say "try again" (a busy or restarting upstream), not "this request is wrong".
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 502, 503, 504})
+# What fal's ingress (nginx) answers when fal's own servers never saw the request (§5.1).
+INGRESS_STATUSES = frozenset({502, 503, 504})
 # A low-balance account lock is answered with a message, not a documented status code.
 _ACCOUNT_LOCKED = re.compile(r"\b(locked|balance|billing|credits?|payment)\b", re.IGNORECASE)
 
@@ -173,15 +184,25 @@ def _may_resend(f: FalFailure, stage: Stage) -> bool:
     """May the service make the same call again without risking a second bill?"""
     if f.fal_retryable is False:
         return False
-    if stage in ("submit", "upload"):
-        return True  # the queue answered with an error: nothing was queued; storage bills nothing
-    if stage == "run" and f.request_id is None:
-        return True  # an ingress (nginx) error: fal's servers never saw the request
+    if stage == "upload":
+        return True  # storage bills nothing
+    if stage in ("submit", "run") and is_ingress_error(f):
+        return True  # fal's servers never saw the request
+    if stage == "submit":
+        # fal's own servers answered (x-fal-request-id): whether the job was queued is not known,
+        # so a resubmit could bill twice (§5.2: resubmit only on ingress errors, 429, connect errors;
+        # 429 and connection errors are decided before this).
+        return False
     # The job ended in a runner/infra failure (5xx) and produced no output. fal does not bill 5xx
     # outcomes (§4.8), so submitting it again cannot charge twice. Anything else (e.g. a status poll
     # that kept failing: the job may still run and bill) is never resubmitted.
     failed_unbilled = _is_runner_failure(f.error_type) or bool(f.fal_retryable and f.status >= 500)
     return stage in ("run", "result") and failed_unbilled
+
+
+def is_ingress_error(f: FalFailure) -> bool:
+    """502/503/504 without `x-fal-request-id`: fal's ingress (nginx) answered, fal never saw it."""
+    return f.status in INGRESS_STATUSES and f.request_id is None
 
 
 def _is_runner_failure(error_type: str | None) -> bool:

@@ -109,7 +109,7 @@ class FalProvider(Provider):
         best-effort (transport.run_queued) before the CancelledError propagates."""
         self.check_configured()
         if route.options.get("sync_mode", self.config.sync_mode_b64) and "sync_mode" not in payload:
-            payload = {**payload, "sync_mode": True}  # outputs come back as data URIs, decoded below
+            payload = {**payload, "sync_mode": True}  # outputs come back as data URIs (decoded in the pool)
         mode = route.options.get("mode", self.config.mode)
         output: FalOutput
         if mode == "queue":

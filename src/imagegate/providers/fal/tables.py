@@ -50,7 +50,6 @@ from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import Operation
 from imagegate.core.sizes import SizePresets, SizeTarget
 from imagegate.providers.base import ProviderImage
-from imagegate.providers.common import decode_data_uri
 
 __all__ = [
     "FAL_IMAGE_SIZES",
@@ -250,11 +249,12 @@ _MODELS = frozenset(model for model, _ in TABLES)
 def parse_output(body: Any, *, safety_checker: bool = True) -> tuple[list[ProviderImage], int | None]:
     """Model output (`unoOutput`) -> images and seed.
 
-    `images[].url` is a CDN URL, or a data URI with `sync_mode` (decoded here). With the safety
-    checker on, images flagged in `has_nsfw_concepts` are blocked placeholders and are dropped; when
-    every image is flagged (or `images` is empty and all flags are set) the request is a content
-    policy violation. Whether fal answers a flagged output with an error or a black image is not
-    documented, so both are handled (the error path is the 422 in transport.py)."""
+    `images[].url` is a CDN URL, or a data URI with `sync_mode`: kept as the image's `url`, to be
+    decoded in the image pool on delivery (`core.emulate`), not here on the event loop. With the
+    safety checker on, images flagged in `has_nsfw_concepts` are blocked placeholders and are
+    dropped; when every image is flagged (or `images` is empty and all flags are set) the request
+    is a content policy violation. Whether fal answers a flagged output with an error or a black
+    image is not documented, so both are handled (the error path is the 422 in transport.py)."""
     if not isinstance(body, dict):
         raise UpstreamError("fal returned a result that is not a JSON object.")
     raw = body.get("images")
@@ -284,8 +284,12 @@ def _image(item: Any) -> ProviderImage:
     content_type = item.get("content_type") if isinstance(item.get("content_type"), str) else None
     width, height = _int(item.get("width")), _int(item.get("height"))
     if url.startswith("data:"):
-        data, mime = decode_data_uri(url)
-        return ProviderImage(data=data, content_type=content_type or mime, width=width, height=height)
+        # Only the header is checked here (cheap); the payload is decoded in the image pool.
+        comma = url.find(",", 0, 512)
+        if comma < 0 or not url[:comma].endswith(";base64"):
+            raise UpstreamError("fal returned a malformed data URI.")
+        mime = url[5 : comma - 7] or None
+        return ProviderImage(url=url, content_type=content_type or mime, width=width, height=height)
     if not url.startswith(("https://", "http://")):
         raise UpstreamError("fal returned an image url that is neither http(s) nor a data URI.")
     return ProviderImage(url=url, content_type=content_type, width=width, height=height)

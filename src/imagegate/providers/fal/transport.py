@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from imagegate.core.errors import ProviderNotConfigured, UpstreamError, UpstreamTimeout
-from imagegate.providers.common import best_effort, get_with_retry, poll_delays, transport_error
+from imagegate.providers.common import best_effort, get_with_retry, never_sent, poll_delays, transport_error
 from imagegate.providers.fal.errors import TRANSIENT_STATUSES, FalFailure, Stage, map_failure
 from imagegate.settings import FalSettings
 
@@ -225,8 +225,9 @@ class FalTransport:
         try:
             response = await self.http.post(url, json=payload, headers=headers, timeout=_timeout(remaining))
         except httpx.HTTPError as exc:
-            # Once the body may have been sent, fal may have taken the job: not retryable.
-            raise transport_error(PROVIDER, exc, accepted=True) from exc
+            # Once the body may have been sent, fal may have taken the job: not retryable. Only a
+            # failure to connect proves fal never saw it (§5.2).
+            raise transport_error(PROVIDER, exc, accepted=not never_sent(exc)) from exc
         if response.status_code != 200:
             raise map_failure(FalFailure.from_response(response), stage=stage, model=model)
         return response

@@ -18,9 +18,9 @@ from imagegate.core.errors import InvalidRequest, ProviderNotConfigured
 from imagegate.core.params import ParamTable
 from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
-from imagegate.providers.base import CallContext, Provider, ProviderImage, ProviderResult, Route
+from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
 from imagegate.providers.openai.tables import DALLE_MODELS, EDIT, GENERATE, OPENAI_PRESETS
-from imagegate.providers.openai.transport import OpenAITransport, build_call, download
+from imagegate.providers.openai.transport import OpenAITransport, build_call, download_output
 
 __all__ = ["OpenAIProvider"]
 
@@ -90,9 +90,5 @@ class OpenAIProvider(Provider):
         )
         return await transport.call(call, deadline=ctx.deadline, output_format=payload.get("output_format"))
 
-    async def fetch(self, image: ProviderImage) -> bytes:
-        if image.data is not None:
-            return image.data
-        if image.url is None:
-            raise ValueError("provider image has neither bytes nor url")
-        return await download(self.http, image.url)
+    async def download(self, url: str) -> bytes:
+        return await download_output(self.http, url, max_bytes=self.max_output_bytes)

@@ -36,13 +36,19 @@ from imagegate.core.errors import (
 )
 from imagegate.core.request import FORMAT_MIME, Operation
 from imagegate.providers.base import ProviderImage, ProviderResult
-from imagegate.providers.common import decode_data_uri, get_with_retry, retry_after_seconds, transport_error
+from imagegate.providers.common import (
+    decode_data_uri,
+    download,
+    never_sent,
+    retry_after_seconds,
+    transport_error,
+)
 
 __all__ = [
     "OpenAITransport",
     "UpstreamCall",
     "build_call",
-    "download",
+    "download_output",
     "map_error",
     "parse_images",
     "sniff_mime",
@@ -51,6 +57,7 @@ __all__ = [
 PROVIDER = "openai"
 CONNECT_TIMEOUT = 10.0
 MAX_REDIRECTS = 5
+DOWNLOAD_ATTEMPTS = 5  # an output GET is idempotent
 _CONTENT_POLICY_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
 _BILLING_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
@@ -117,7 +124,9 @@ def sniff_mime(data: bytes) -> str | None:
 
 
 def parse_images(body: Any, *, output_format: str | None = None) -> tuple[list[ProviderImage], str | None]:
-    """`data[].b64_json` (decoded) or `data[].url`, and the first `revised_prompt`."""
+    """`data[].b64_json` or `data[].url`, and the first `revised_prompt`. `b64_json` is NOT decoded
+    here (that is CPU work for the image pool at delivery): it becomes a `data:` URL whose type is
+    sniffed from the first few bytes only, else the asked `output_format`."""
     items = body.get("data") if isinstance(body, dict) else None
     images: list[ProviderImage] = []
     revised: str | None = None
@@ -127,18 +136,23 @@ def parse_images(body: Any, *, output_format: str | None = None) -> tuple[list[P
         if revised is None and isinstance(item.get("revised_prompt"), str):
             revised = item["revised_prompt"]
         if isinstance(b64 := item.get("b64_json"), str) and b64:
-            try:
-                data = base64.b64decode(b64, validate=True)
-            except (binascii.Error, ValueError):
-                raise UpstreamError("The upstream returned b64_json that is not valid base64.") from None
-            images.append(
-                ProviderImage(data=data, content_type=sniff_mime(data) or FORMAT_MIME.get(output_format or ""))
-            )
+            mime = sniff_mime(_b64_head(b64)) or FORMAT_MIME.get(output_format or "")
+            uri = f"data:{mime or 'application/octet-stream'};base64,{b64}"
+            images.append(ProviderImage(url=uri, content_type=mime))
         elif isinstance(url := item.get("url"), str) and url:
             images.append(ProviderImage(url=url))
     if not images:
         raise UpstreamError("The upstream returned no images.")
     return images, revised
+
+
+def _b64_head(b64: str) -> bytes:
+    """The first 12 bytes of a base64 string (enough for `sniff_mime`), decoding 16 characters only;
+    b"" when they are not base64 (the whole payload is validated when it is decoded, at delivery)."""
+    try:
+        return base64.b64decode(b64[:16], validate=True)
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def map_error(response: httpx.Response) -> GatewayError:
@@ -209,7 +223,9 @@ class OpenAITransport:
                     url, data=request.data, files=request.files, headers=headers, timeout=timeout
                 )
         except httpx.HTTPError as exc:
-            raise transport_error(PROVIDER, exc, accepted=True) from None
+            # Once the body may have been sent, the image may be made (and billed): not retryable.
+            # Only a failure to connect proves the upstream never saw it.
+            raise transport_error(PROVIDER, exc, accepted=not never_sent(exc)) from None
         if not response.is_success:
             raise map_error(response)
         try:
@@ -220,17 +236,22 @@ class OpenAITransport:
         return ProviderResult(images=images, request_id=response.headers.get("x-request-id"), revised_prompt=revised)
 
 
-async def download(http: httpx.AsyncClient, url: str) -> bytes:
-    """GET an output URL (dall-e's signed blob URLs need no key: none is sent), following redirects."""
-    for _ in range(MAX_REDIRECTS + 1):
-        response = await get_with_retry(http, url, provider=PROVIDER)
-        location = response.headers.get("location")
-        if not (response.is_redirect and location):
-            break
-        url = str(response.url.join(location))
-    if not response.is_success:
-        raise UpstreamError(f"Could not download the upstream's output image (HTTP {response.status_code}).")
-    return response.content
+async def download_output(http: httpx.AsyncClient, url: str, *, max_bytes: int) -> bytes:
+    """GET an output URL (dall-e's signed blob URLs need no key: none is sent), following redirects,
+    retrying transient failures, streamed and capped at `max_bytes`."""
+
+    def failed(response: httpx.Response) -> GatewayError:
+        return UpstreamError(f"Could not download the upstream's output image (HTTP {response.status_code}).")
+
+    return await download(
+        http,
+        url,
+        provider=PROVIDER,
+        max_bytes=max_bytes,
+        max_redirects=MAX_REDIRECTS,
+        attempts=DOWNLOAD_ATTEMPTS,
+        on_status=failed,
+    )
 
 
 def _text(value: Any) -> str:

@@ -19,7 +19,7 @@ from imagegate.core.params import ParamTable
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
-from imagegate.providers.base import CallContext, Provider, ProviderImage, ProviderResult, Route
+from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
 from imagegate.providers.common import best_effort
 from imagegate.providers.replicate.prediction import Prediction
 from imagegate.providers.replicate.tables import MODELS
@@ -118,9 +118,6 @@ class ReplicateProvider(Provider):
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def fetch(self, image: ProviderImage) -> bytes:
-        if image.data is not None:
-            return image.data
-        if image.url is None:
-            raise ValueError("provider image has neither bytes nor url")
-        return await self.transport().download(image.url)
+    async def download(self, url: str) -> bytes:
+        """Outputs (and redirects) on Replicate hosts get the token; others do not."""
+        return await self.transport().download(url, max_bytes=self.max_output_bytes)

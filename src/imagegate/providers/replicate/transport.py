@@ -26,7 +26,14 @@ import httpx
 from imagegate.core.errors import UpstreamError, UpstreamTimeout
 from imagegate.core.request import FORMAT_MIME, InputImage
 from imagegate.providers.base import ProviderImage
-from imagegate.providers.common import decode_data_uri, get_with_retry, poll_delays, transport_error
+from imagegate.providers.common import (
+    data_uri_mime,
+    download,
+    get_with_retry,
+    never_sent,
+    poll_delays,
+    transport_error,
+)
 from imagegate.providers.replicate.errors import map_error
 from imagegate.providers.replicate.prediction import Prediction
 
@@ -46,6 +53,7 @@ UPLOAD_TIMEOUT = 120.0
 MIN_CANCEL_AFTER = 5  # seconds; Replicate's minimum
 MAX_WAIT = 60  # seconds; `Prefer: wait=N` accepts 1..60
 MAX_REDIRECTS = 5
+DOWNLOAD_ATTEMPTS = 5  # as get_with_retry: an output GET is idempotent
 FILE_EXTENSIONS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp", "gif": "gif", "avif": "avif"}
 # Hosts that may receive the token, besides the configured base_url's origin.
 REPLICATE_HOSTS = frozenset({"api.replicate.com", "replicate.delivery"})
@@ -76,8 +84,9 @@ def is_replicate_url(url: str, base_url: str) -> bool:
 
 
 def output_images(prediction: Prediction) -> list[ProviderImage]:
-    """`output` as a list (a single string is wrapped): `data:` URIs decoded to bytes, http(s)
-    URLs kept (content type from the extension when evident). Empty -> map_error's error."""
+    """`output` as a list (a single string is wrapped): `data:` URIs kept as URLs (only the header
+    is checked; the payload is decoded in the image pool at delivery, never on the event loop),
+    http(s) URLs kept (content type from the extension when evident). Empty -> map_error's error."""
     output = prediction.data.get("output")
     items = [output] if isinstance(output, str) else output if isinstance(output, list) else []
     images: list[ProviderImage] = []
@@ -85,8 +94,7 @@ def output_images(prediction: Prediction) -> list[ProviderImage]:
         if not isinstance(item, str) or not item:
             raise UpstreamError(f"Replicate returned an output that is not a file: {str(item)[:100]!r}.")
         if item.startswith("data:"):
-            data, mime = decode_data_uri(item)
-            images.append(ProviderImage(data=data, content_type=mime))
+            images.append(ProviderImage(url=item, content_type=data_uri_mime(item)))
         elif item.startswith(("https://", "http://")):
             path = httpx.URL(item).path.lower()
             evident = next((m for ext, m in _EXTENSION_MIME.items() if path.endswith(ext)), None)
@@ -136,7 +144,9 @@ class ReplicateTransport:
                 url, json=body, headers=headers, timeout=httpx.Timeout(wait + READ_MARGIN, connect=CONNECT_TIMEOUT)
             )
         except httpx.HTTPError as exc:
-            raise transport_error(PROVIDER, exc, accepted=True) from None
+            # Once the body may have been sent, the prediction may exist (a resubmit could bill
+            # twice); only a failure to connect proves Replicate never saw it.
+            raise transport_error(PROVIDER, exc, accepted=not never_sent(exc)) from None
         if not response.is_success:
             raise map_error(response, stage="create")
         return Prediction(_prediction_body(response))
@@ -190,19 +200,19 @@ class ReplicateTransport:
             raise UpstreamError("Replicate's Files API answered without `urls.get`.")
         return url
 
-    async def download(self, url: str) -> bytes:
-        """GET an output file, following redirects; the token is sent only to Replicate hosts."""
-        for _ in range(MAX_REDIRECTS + 1):
-            headers = self._auth() if is_replicate_url(url, self.base_url) else None
-            response = await get_with_retry(self.http, url, provider=PROVIDER, headers=headers)
-            location = response.headers.get("location")
-            if response.is_redirect and location:
-                url = str(response.url.join(location))
-                continue
-            if not response.is_success:
-                raise map_error(response, stage="download")
-            return response.content
-        raise UpstreamError("Replicate's output URL redirected too many times.")
+    async def download(self, url: str, *, max_bytes: int) -> bytes:
+        """GET an output file, streamed and capped at `max_bytes`, following redirects and retrying
+        transient failures; the token is decided per hop: sent only to Replicate hosts."""
+        return await download(
+            self.http,
+            url,
+            provider=PROVIDER,
+            max_bytes=max_bytes,
+            headers_for=lambda hop: self._auth() if is_replicate_url(hop, self.base_url) else None,
+            max_redirects=MAX_REDIRECTS,
+            attempts=DOWNLOAD_ATTEMPTS,
+            on_status=lambda response: map_error(response, stage="download"),
+        )
 
 
 def _prediction_body(response: httpx.Response) -> dict[str, Any]:

@@ -287,7 +287,9 @@ def test_parse_output_keeps_data_uris_for_the_pool() -> None:
         ProviderImage(url="data:image/png;base64,AAEC", content_type="image/webp", width=3, height=4)
     ]
     # the payload is not decoded here: invalid base64 only fails on delivery (core.emulate, in the pool)
-    assert parse_output({"images": [{"url": "data:;base64,!!"}]})[0] == [ProviderImage(url="data:;base64,!!")]
+    assert parse_output({"images": [{"url": "data:;base64,!!"}]})[0] == [
+        ProviderImage(url="data:;base64,!!", content_type="application/octet-stream")
+    ]
 
 
 @pytest.mark.parametrize("url", ["data:image/png,AAEC", "data:image/png;base64", "data:image/png;base64X,AA"])

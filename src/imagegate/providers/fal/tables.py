@@ -50,6 +50,7 @@ from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import Operation
 from imagegate.core.sizes import SizePresets, SizeTarget
 from imagegate.providers.base import ProviderImage
+from imagegate.providers.common import data_uri_mime
 
 __all__ = [
     "FAL_IMAGE_SIZES",
@@ -285,10 +286,7 @@ def _image(item: Any) -> ProviderImage:
     width, height = _int(item.get("width")), _int(item.get("height"))
     if url.startswith("data:"):
         # Only the header is checked here (cheap); the payload is decoded in the image pool.
-        comma = url.find(",", 0, 512)
-        if comma < 0 or not url[:comma].endswith(";base64"):
-            raise UpstreamError("fal returned a malformed data URI.")
-        mime = url[5 : comma - 7] or None
+        mime = data_uri_mime(url)
         return ProviderImage(url=url, content_type=content_type or mime, width=width, height=height)
     if not url.startswith(("https://", "http://")):
         raise UpstreamError("fal returned an image url that is neither http(s) nor a data URI.")

@@ -45,6 +45,7 @@ __all__ = [
     "fetch_image",
     "is_public_address",
     "probe_image",
+    "read_capped",
 ]
 
 MAX_REDIRECTS = 3
@@ -284,25 +285,31 @@ class GuardedFetcher:
     async def _read_capped(self, response: httpx.Response, url: httpx.URL, param: str) -> bytes:
         cap = self._settings.max_bytes
         too_large = PayloadTooLarge(f"The image at '{url.host}' is larger than the limit of {cap} bytes.", param=param)
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            raise too_large
-        chunks: list[bytes] = []
-        total = 0
         try:
-            async for chunk in response.aiter_bytes():
-                total += len(chunk)
-                if total > cap:
-                    raise too_large
-                chunks.append(chunk)
+            return await read_capped(response, cap, too_large)
         except httpx.HTTPError as exc:
             raise InvalidRequest(
                 f"Could not read the image from '{url.host}' ({type(exc).__name__}).",
                 param=param,
                 code="image_fetch_failed",
             ) from None
-        return b"".join(chunks)
 
 
 def _port(url: httpx.URL) -> int:
     return url.port or (443 if url.scheme == "https" else 80)
+
+
+async def read_capped(response: httpx.Response, limit: int, too_large: Exception) -> bytes:
+    """A streamed response's body, refusing more than `limit` bytes: the declared Content-Length
+    is checked first, then the bytes are counted as they arrive (the rest is never read)."""
+    declared = response.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from imagegate.core.errors import GatewayError, ProviderUnavailable, UpstreamError, UpstreamTimeout
+from imagegate.core.fetch import read_capped
 
 __all__ = [
     "backoff_delay",
@@ -220,17 +221,7 @@ async def _download_hop(
         if not response.is_success:
             return await _error_response(response)
         too_large = UpstreamError(f"The {provider} output was larger than the limit of {max_bytes} bytes.")
-        declared = response.headers.get("content-length", "").strip()
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise too_large
-        chunks: list[bytes] = []
-        total = 0
-        async for chunk in response.aiter_bytes():
-            total += len(chunk)
-            if total > max_bytes:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_capped(response, max_bytes, too_large)
 
 
 async def _error_response(response: httpx.Response) -> httpx.Response:

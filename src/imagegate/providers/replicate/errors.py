@@ -25,7 +25,7 @@ from imagegate.core.errors import (
 from imagegate.providers.common import retry_after_seconds
 from imagegate.providers.replicate.prediction import Prediction
 
-__all__ = ["FIELD_PARAMS", "Stage", "field_to_param", "map_error"]
+__all__ = ["FIELD_PARAMS", "Stage", "field_to_param", "json_object", "map_error"]
 
 # invalid_fields[].field (without `input.`) -> the OpenAI-side parameter it came from.
 FIELD_PARAMS: Mapping[str, str] = {
@@ -85,7 +85,7 @@ def map_error(source: httpx.Response | Prediction, *, stage: Stage = "create") -
 
 def _http_error(response: httpx.Response, stage: Stage) -> GatewayError:
     status = response.status_code
-    body = _json_object(response)
+    body = json_object(response)
     detail = _text(body.get("detail")) or _text(body.get("title")) or _text(body.get("error"))
     detail = detail or response.reason_phrase or f"HTTP {status}"
     prediction_exists = stage in ("poll", "download")
@@ -162,7 +162,8 @@ def _prediction_error(prediction: Prediction) -> GatewayError:
     return UpstreamError("Replicate returned no images.")
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """The response body when it is a JSON object, else {} (problem+json, predictions, files)."""
     try:
         body = response.json()
     except ValueError:

@@ -34,7 +34,7 @@ from imagegate.providers.common import (
     poll_delays,
     transport_error,
 )
-from imagegate.providers.replicate.errors import map_error
+from imagegate.providers.replicate.errors import json_object, map_error
 from imagegate.providers.replicate.prediction import Prediction
 
 __all__ = [
@@ -194,7 +194,7 @@ class ReplicateTransport:
             raise transport_error(PROVIDER, exc, accepted=False) from None
         if not response.is_success:
             raise map_error(response, stage="upload")
-        urls = _json_object(response).get("urls")
+        urls = json_object(response).get("urls")
         url = urls.get("get") if isinstance(urls, dict) else None
         if not isinstance(url, str) or not url:
             raise UpstreamError("Replicate's Files API answered without `urls.get`.")
@@ -216,15 +216,7 @@ class ReplicateTransport:
 
 
 def _prediction_body(response: httpx.Response) -> dict[str, Any]:
-    body = _json_object(response)
+    body = json_object(response)
     if not body.get("id") or not isinstance(body.get("status"), str):
         raise UpstreamError("Replicate answered with something that is not a prediction.")
     return body
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}

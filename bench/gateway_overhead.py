@@ -21,6 +21,9 @@ in the same run. Each phase is bounded by --requests and --phase-seconds; every 
     .venv/bin/python bench/gateway_overhead.py --isolation process   # fake and gateway in own processes
     .venv/bin/python bench/gateway_overhead.py --requests 3000 --phase-seconds 120 --rounds 3
 
+The fake's idle keep-alive timeout is 75 s (--fake-keepalive; nginx's default), not uvicorn's 5 s:
+see bench/README.md for what happens with 5 s.
+
 --isolation thread (default) runs both servers as threads of this process, so client, fake and
 gateway share one GIL: the ratio then approximates the gateway's total CPU per request.
 --isolation process gives each its own interpreter, closer to a deployment (2 cores are still
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", "-n", type=int, default=300, help="requests per phase (default 300)")
     parser.add_argument("--concurrency", "-c", type=int, default=32, help="requests in flight (default 32)")
-    parser.add_argument("--warmup", type=int, default=64, help="unmeasured requests before each phase (default 64)")
+    parser.add_argument("--warmup", type=int, default=32, help="unmeasured requests before each phase (default 32)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat all three phases (default 1)")
     parser.add_argument("--phase-seconds", type=float, default=15.0, help="time limit per phase (default 15)")
     parser.add_argument("--request-timeout", type=float, default=30.0)
@@ -324,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="phases to run; ratios are against the first one listed (default: all three)")
     parser.add_argument("--max-error-rate", type=float, default=0.01,
                         help="exit 1 when a phase fails more often than this (default 0.01)")
-    parser.add_argument("--fake-keepalive", type=float, default=5.0,
-                        help="the fake fal's idle keep-alive timeout in seconds (uvicorn default 5)")
+    parser.add_argument("--fake-keepalive", type=float, default=75.0,
+                        help="the fake fal's idle keep-alive timeout in seconds (default 75, nginx's "
+                             "default; uvicorn's own default of 5 makes ~0.3-1%% of gateway requests "
+                             "fail on reused connections, see bench/README.md)")
     parser.add_argument("--url-no-download", action="store_true",
                         help="url phase: do not download the returned URL")
     args = parser.parse_args(argv)

@@ -29,7 +29,8 @@ def _http_client() -> httpx.AsyncClient:
     """One pooled client for every upstream call. Per-call timeouts are set by the adapters."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(60.0, connect=10.0),
-        limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=30),
+        # Idle connections are dropped before common server idle timeouts (uvicorn 5 s) can race a reuse.
+        limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=4),
         headers={"user-agent": f"imagegate/{__version__}"},
     )
 

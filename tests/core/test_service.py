@@ -269,3 +269,11 @@ async def test_costly_failures_tell_clients_not_to_retry() -> None:
     with pytest.raises(ProviderUnavailable) as info:
         await serve(make_service(first, second), request())
     assert info.value.costly and info.value.provider == "b"
+
+
+async def test_an_unconfigured_fallback_does_not_hide_the_real_failure() -> None:
+    a = Scripted("a", [ProviderUnavailable("runner died", retryable=False)])
+    b = Scripted("b", [], configured=False)
+    with pytest.raises(ProviderUnavailable) as info:
+        await serve(make_service(a, b), request())
+    assert info.value.message == "runner died" and info.value.provider == "a"

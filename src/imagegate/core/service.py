@@ -310,11 +310,13 @@ def _first_gateway_error(group: BaseExceptionGroup[BaseException]) -> GatewayErr
 
 
 def _final_error(failures: Sequence[_Attempted]) -> GatewayError:
-    """All routes failed. If none was configured, say what to set; otherwise the last error."""
-    if failures and all(isinstance(f.error, ProviderNotConfigured) for f in failures):
+    """All routes failed. If none was configured, say what to set; otherwise the last real failure
+    (a later unconfigured route must not hide why a configured one failed)."""
+    real = [f.error for f in failures if not isinstance(f.error, ProviderNotConfigured)]
+    if not real:
         message = "; ".join(f.error.message for f in failures)
         return ProviderNotConfigured(f"No provider for this model is configured: {message}.")
-    return failures[-1].error
+    return real[-1]
 
 
 def _headers(plan: Plan, provider: Provider, route: Route, results: Sequence[ProviderResult]) -> dict[str, str]:

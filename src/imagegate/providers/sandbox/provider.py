@@ -52,7 +52,7 @@ class SandboxProvider(Provider):
         return QWEN_PRESETS
 
     async def prepare_images(self, images: Sequence[InputImage], route: Route, *, dry_run: bool = False) -> list[str]:
-        return [image.data_uri() for image in images]
+        return [await self.pool.run(image.data_uri) for image in images]  # base64 of large inputs: off the loop
 
     async def run(self, payload: dict[str, Any], route: Route, ctx: CallContext) -> ProviderResult:
         delay = self.settings.providers.sandbox.delay_seconds

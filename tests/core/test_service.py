@@ -277,3 +277,20 @@ async def test_an_unconfigured_fallback_does_not_hide_the_real_failure() -> None
     with pytest.raises(ProviderUnavailable) as info:
         await serve(make_service(a, b), request())
     assert info.value.message == "runner died" and info.value.provider == "a"
+
+
+async def test_the_deadline_covers_delivery() -> None:
+    class SlowDownload(Scripted):
+        async def run(self, payload: dict[str, Any], route: Route, ctx: CallContext) -> ProviderResult:
+            self.payloads.append(payload)
+            return ProviderResult(images=[ProviderImage(url="https://cdn.example/a.png")])
+
+        async def fetch(self, image: ProviderImage) -> bytes:
+            await asyncio.sleep(5)
+            return png(8, 8)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UpstreamTimeout) as info:
+        await serve(make_service(SlowDownload("a", []), deadline=0.3), request())
+    assert loop.time() - started < 2 and info.value.costly

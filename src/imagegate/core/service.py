@@ -103,7 +103,16 @@ class ImageService:
             provider = self.providers[route.provider]
             try:
                 provider.check_configured()
-                return await self._serve(entry, route, provider, request, request_id, base_url, deadline, on_plan)
+                # The deadline covers everything a route does: uploads, upstream calls, delivery.
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    return await self._serve(
+                        entry, route, provider, request, request_id, base_url, deadline, on_plan
+                    )
+            except TimeoutError:
+                timeout = UpstreamTimeout(f"{provider.name} did not finish before the gateway's deadline.")
+                timeout.costly = True  # the client waited the whole deadline: a blind retry waits (and pays) again
+                timeout.provider = provider.name
+                raise timeout from None
             except GatewayError as exc:
                 exc.provider = exc.provider or provider.name
                 failures.append(_Attempted(route, exc))

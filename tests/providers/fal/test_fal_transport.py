@@ -181,6 +181,29 @@ async def test_cancelling_the_run_cancels_the_job(mock: respx.MockRouter, http: 
     assert cancel.calls.last.request.headers["authorization"] == f"Key {KEY}"
 
 
+async def test_cancelled_while_submitting_still_cancels_the_accepted_job(
+    mock: respx.MockRouter, http: httpx.AsyncClient
+) -> None:
+    on_the_wire = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def slow_submit(request: httpx.Request) -> httpx.Response:
+        on_the_wire.set()
+        await answer.wait()  # fal accepts the job only after the client stopped waiting
+        return httpx.Response(200, json=HANDLE)
+
+    mock.post(SUBMIT).mock(side_effect=slow_submit)
+    cancel = mock.put(CANCEL).respond(202, json={"status": "CANCELLATION_REQUESTED"})
+    task = asyncio.create_task(FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx()))
+    await asyncio.wait_for(on_the_wire.wait(), 2)
+    task.cancel()
+    await asyncio.sleep(0.01)
+    answer.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancel.call_count == 1
+
+
 async def test_deadline_cancels_the_job(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
     queue(mock)
     mock.get(STATUS).mock(return_value=status("IN_QUEUE"))

@@ -91,8 +91,14 @@ class FalTransport:
 
     async def run_queued(self, model: str, payload: Mapping[str, Any], *, deadline: float) -> FalOutput:
         """Submit, follow the status until COMPLETED, fetch the result. If this is abandoned before
-        the job finished (cancellation, deadline, lost status), the job is cancelled best-effort."""
-        handle = await self.submit(model, payload, deadline=deadline)
+        the job finished (cancellation, deadline, lost status), the job is cancelled best-effort,
+        even one whose submit was still on the wire: fal may accept it after we stopped waiting."""
+        submitting = asyncio.ensure_future(self.submit(model, payload, deadline=deadline))
+        try:
+            handle = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            await best_effort(self._cancel_once_submitted(submitting), timeout=CANCEL_TIMEOUT)
+            raise
         completed = False
         try:
             try:
@@ -106,6 +112,9 @@ class FalTransport:
             if not completed:
                 await best_effort(self.cancel(handle), timeout=CANCEL_TIMEOUT)
             raise
+
+    async def _cancel_once_submitted(self, submitting: asyncio.Future[QueueHandle]) -> None:
+        await self.cancel(await submitting)
 
     async def submit(self, model: str, payload: Mapping[str, Any], *, deadline: float) -> QueueHandle:
         response = await self._post_model(f"{self.config.queue_url}/{model}", payload, deadline, stage="submit",

@@ -3,7 +3,7 @@ pointed at it in-process (httpx2.ASGITransport; openai 3.x uses the httpx2 packa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,10 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def app(settings: Settings) -> Iterator[FastAPI]:
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
     application = create_app(settings)
-    yield application
-    application.state.pool.close()
+    async with application.router.lifespan_context(application):  # closes the upstream client and pool
+        yield application
 
 
 @pytest.fixture

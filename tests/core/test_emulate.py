@@ -21,6 +21,7 @@ from imagegate.core.request import Operation
 from imagegate.core.sizes import Size
 from imagegate.providers import common
 from imagegate.providers.base import CallContext, Provider, ProviderImage, ProviderResult, Route
+from imagegate.settings import Settings
 from imagegate.storage.base import Storage, StoredImage
 
 
@@ -34,7 +35,7 @@ class Downloads(Provider):
     name = "d"
 
     def __init__(self, data: bytes) -> None:
-        super().__init__(httpx.AsyncClient(), None)
+        super().__init__(httpx.AsyncClient(), Settings())
         self.data = data
         self.fetched = 0
 
@@ -189,3 +190,11 @@ async def test_data_url_output_that_is_no_image_is_upstream_error(pool: ImagePoo
     with pytest.raises(UpstreamError, match="cannot read"):
         await deliver_image(ProviderImage(url=data_url(b"not an image")), spec(), provider=Downloads(b""),
                             storage=Memory(), pool=pool)
+
+
+async def test_data_url_outputs_are_capped(pool: ImagePool) -> None:
+    provider = Downloads(b"")
+    provider.settings = Settings(fetch={"max_bytes": 100})
+    uri = "data:image/png;base64," + base64.b64encode(encoded("PNG", (64, 64)) + b"\0" * 200).decode()
+    with pytest.raises(UpstreamError, match="larger than the limit"):
+        await deliver_image(ProviderImage(url=uri), spec(), provider=provider, storage=Memory(), pool=pool)

@@ -199,3 +199,8 @@ def test_describe_lists_every_param() -> None:
     assert set(described) >= KNOWN_PARAMS
     assert described["n"].startswith("renamed -> num_images (max 4 per call")
     assert described["output_format"].startswith("passthrough; otherwise emulated")
+
+
+def test_fan_out_seeds_wrap_within_int64() -> None:
+    plan = plan_for(n=10, seed=2**63 - 2)
+    assert [p["seed"] for p in plan.payloads] == [2**63 - 2, 2, 6]

@@ -294,3 +294,21 @@ async def test_the_deadline_covers_delivery() -> None:
     with pytest.raises(UpstreamTimeout) as info:
         await serve(make_service(SlowDownload("a", []), deadline=0.3), request())
     assert loop.time() - started < 2 and info.value.costly
+
+
+async def test_unexpected_failures_are_a_costly_internal_error() -> None:
+    a = Scripted("a", [ValueError("an upstream answer nobody foresaw")])
+    with pytest.raises(GatewayError) as info:
+        await serve(make_service(a), request())
+    assert info.value.status == 500 and info.value.code == "internal_error" and info.value.costly
+    assert "foresaw" not in info.value.message  # internals stay in the logs
+
+
+async def test_upstream_ids_unsafe_for_a_header_are_dropped() -> None:
+    class OddIds(Scripted):
+        async def run(self, payload: dict[str, Any], route: Route, ctx: CallContext) -> ProviderResult:
+            result = await super().run(payload, route, ctx)
+            return ProviderResult(images=result.images, request_id="id\r\nx-evil: 1")
+
+    result = await serve(make_service(OddIds("a", [])), request())
+    assert "x-imagegate-upstream-request-id" not in result.headers

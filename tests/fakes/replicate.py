@@ -544,34 +544,34 @@ class FakeReplicate:
         rec = await self._record(request)
         if (denied := self._auth_error(request)) is not None:
             return denied
-        form = await request.form()
-        content = form.get("content")
-        if not isinstance(content, UploadFile):
-            return invalid_fields([("required", "", "content is required")]).response()
-        data = await content.read()
-        if len(data) > self.max_file_size:
-            return _problem({"detail": "Files must be less than 100MB in size", "status": 413}, 413)
-        meta_raw = form.get("metadata")
-        try:
-            metadata = json.loads(meta_raw) if isinstance(meta_raw, str) else {}
-        except ValueError:
-            return invalid_fields([("invalid_json", "metadata", "metadata must be valid JSON")]).response()
-        name, ctype = form.get("filename"), form.get("type")
-        file = ReplicateFile(
-            id=_prediction_id(),
-            name=name if isinstance(name, str) and name else (content.filename or "file"),
-            content_type=ctype
-            if isinstance(ctype, str) and ctype
-            else (content.content_type or "application/octet-stream"),
-            data=data,
-            metadata=metadata,
-            created_at=datetime.now(UTC),
-            headers=rec.headers,
-        )
-        with self._lock:
-            self.uploads.append(file)
-            self.files[file.id] = file
-        return JSONResponse(file.to_json(str(request.base_url)), 201)
+        async with request.form() as form:
+            content = form.get("content")
+            if not isinstance(content, UploadFile):
+                return invalid_fields([("required", "", "content is required")]).response()
+            data = await content.read()
+            if len(data) > self.max_file_size:
+                return _problem({"detail": "Files must be less than 100MB in size", "status": 413}, 413)
+            meta_raw = form.get("metadata")
+            try:
+                metadata = json.loads(meta_raw) if isinstance(meta_raw, str) else {}
+            except ValueError:
+                return invalid_fields([("invalid_json", "metadata", "metadata must be valid JSON")]).response()
+            name, ctype = form.get("filename"), form.get("type")
+            file = ReplicateFile(
+                id=_prediction_id(),
+                name=name if isinstance(name, str) and name else (content.filename or "file"),
+                content_type=ctype
+                if isinstance(ctype, str) and ctype
+                else (content.content_type or "application/octet-stream"),
+                data=data,
+                metadata=metadata,
+                created_at=datetime.now(UTC),
+                headers=rec.headers,
+            )
+            with self._lock:
+                self.uploads.append(file)
+                self.files[file.id] = file
+            return JSONResponse(file.to_json(str(request.base_url)), 201)
 
     async def _file(self, request: Request) -> Response:
         await self._record(request)

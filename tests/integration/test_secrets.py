@@ -30,7 +30,9 @@ async def test_rejected_keys_are_never_echoed(tmp_path: Path, caplog: pytest.Log
             },
         )
         app = create_app(settings)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw"
+        ) as client:
             response = await client.post("/v1/images/generations", json={"model": "qwen-image", "prompt": "x"})
             settings_dump = await client.get("/v1/models")
     assert response.status_code == 502

@@ -43,6 +43,7 @@ _RESPONSE_FORMATS = ("url", "b64_json")
 _OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "avif")
 _BACKGROUNDS = ("transparent", "opaque", "auto")
 _INT = re.compile(r"\A[+-]?\d{1,20}\Z", re.ASCII)
+_FIELD_NAME = re.compile(r"\A[A-Za-z0-9_.\-]{1,64}\Z")  # safe in logs and the x-imagegate-params header
 _FORM_INT = re.compile(r"\A-?(?:0|[1-9]\d{0,19})\Z", re.ASCII)
 _FORM_FLOAT = re.compile(r"\A-?(?:0|[1-9]\d{0,19})\.\d{1,20}\Z", re.ASCII)
 _NESTED = re.compile(r"\A([^\[\]]+)((?:\[[^\[\]]*\])+)\Z")
@@ -219,6 +220,14 @@ class _Fields:
 
     def extras(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        for key in (*self._raw, *self._nested):
+            if not _FIELD_NAME.match(key):
+                shown = key.encode("unicode_escape").decode("ascii")[:80]  # no control characters
+                raise InvalidRequest(
+                    f"Unknown parameter name '{shown}': names are 1-64 characters of letters, digits and _ . -",
+                    param=shown,
+                    code="unknown_parameter",
+                )
         for key, value in self._raw.items():
             out[key] = _coerce_form(value) if self._form else value
         for key, value in self._nested.items():

@@ -72,7 +72,8 @@ async def create_image_edit(request: Request) -> Response:
 
 @router.post("/v1/images/generations")
 async def create_image(request: Request) -> Response:
-    image_request = await parse_generation_request(request, limits=request.app.state.settings.limits)
+    state = request.app.state
+    image_request = await parse_generation_request(request, limits=state.settings.limits, pool=state.pool)
     return await _respond(request, image_request, event_prefix="image_generation")
 
 

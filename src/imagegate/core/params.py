@@ -81,6 +81,7 @@ GATEWAY_PARAMS: Mapping[str, str] = {
     "stream": "the gateway streams OpenAI's SSE events",
     "partial_images": "partial images are sent only where a provider gives them",
 }
+SEED_MODULUS = 2**63  # fan-out seeds wrap here, so they stay within every provider's int64 range
 # Parameters that resolve, together, into the one `size` target a table's `size` rules receive.
 SIZE_PARAMS: tuple[str, ...] = ("size", "aspect_ratio", "resolution")
 
@@ -332,7 +333,7 @@ def apply_table(
         if n_rule is not None and n_rule.batch and n_rule.to:
             call[n_rule.to] = count
         if seed_field is not None and request.seed is not None and len(counts) > 1:
-            call[seed_field] = request.seed + first_image
+            call[seed_field] = (request.seed + first_image) % SEED_MODULUS
         payloads.append(call)
         first_image += count
     return Plan(payloads=payloads, images_per_call=counts, outcomes=outcomes, notes=notes, target=ctx.target)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from imagegate.core.catalog import Catalog, CatalogEntry
 from imagegate.core.emulate import Delivered, OutputSpec, deliver_image
 from imagegate.core.errors import (
     GatewayError,
+    InternalError,
     InvalidRequest,
     ProviderNotConfigured,
     UpstreamError,
@@ -41,6 +43,7 @@ from imagegate.storage.base import Storage
 __all__ = ["ImageFetcher", "ImageService"]
 
 log = logging.getLogger("imagegate.service")
+_HEADER_SAFE = re.compile(r"\A[\x21-\x7e]{1,200}\Z")  # an upstream id goes into a response header verbatim
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +122,18 @@ class ImageService:
                 exc.costly = any(f.error.costly for f in failures)
                 if not exc.fallback or time.monotonic() >= deadline:
                     raise  # the HTTP layer logs what reaches the client
+                if route is entry.routes[-1]:
+                    break
                 log.warning(
                     "%s: route %s:%s failed (%s %s: %s); trying the next route",
                     request_id, provider.name, route.model, exc.status, exc.code, exc.message,
                 )
+            except Exception as exc:  # a defect or an upstream answer nobody foresaw: never a retried 500
+                log.exception("%s: route %s:%s failed unexpectedly", request_id, provider.name, route.model)
+                internal = InternalError("The gateway failed while serving this request.")
+                internal.costly = True  # the upstream may have done (and billed) the work
+                internal.provider = provider.name
+                raise internal from exc
         final = _final_error(failures)
         final.costly = any(f.error.costly for f in failures)
         raise final
@@ -243,8 +254,9 @@ class ImageService:
             first = _first_gateway_error(group_error)
             if first is None:
                 raise
-            # A server-side failure the adapter would not retry means the upstream took the job.
-            first.costly = first.costly or (first.status >= 500 and not first.retryable)
+            # A failure the adapter would not retry (server-side or a rate limit) means the upstream
+            # took the job: the SDK, which retries 429 and 5xx, must not submit it again.
+            first.costly = first.costly or (not first.retryable and (first.status >= 500 or first.status == 429))
             raise first from None
         return [task.result() for task in tasks]
 
@@ -334,7 +346,7 @@ def _headers(plan: Plan, provider: Provider, route: Route, results: Sequence[Pro
         "x-imagegate-provider": provider.name,
         "x-imagegate-upstream-model": route.model,
     }
-    ids = [r.request_id for r in results if r.request_id]
+    ids = [r.request_id for r in results if r.request_id and _HEADER_SAFE.match(r.request_id)]
     if ids:
         headers["x-imagegate-upstream-request-id"] = ",".join(ids)
     return headers

@@ -135,6 +135,8 @@ async def get_with_retry(
     for attempt in range(attempts):
         try:
             response = await http.get(url, headers=headers, params=params)
+        except httpx.InvalidURL:
+            raise UpstreamError(f"{provider} returned a URL the gateway cannot use.") from None
         except httpx.HTTPError as exc:
             last_exc = exc
             await asyncio.sleep(backoff_delay(attempt, base=base, cap=cap))
@@ -179,6 +181,8 @@ async def download(
         try:
             outcome = await _download_hop(http, url, hop_headers, request_timeout, provider, max_bytes,
                                           follow_redirects)
+        except httpx.InvalidURL:
+            raise UpstreamError(f"{provider} returned an output URL the gateway cannot use.") from None
         except httpx.HTTPError as exc:
             attempt += 1
             if attempt >= attempts:

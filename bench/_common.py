@@ -46,8 +46,20 @@ def _no_keys() -> dict[str, Any]:
     }
 
 
-def fal_gateway_settings(storage_dir: str, fal_url: str, *, poll_interval: float = 0.005) -> Settings:
-    """The packaged defaults, fal pointed at a local FakeFal, URL passthrough, fast polling."""
+def fal_gateway_settings(
+    storage_dir: str,
+    fal_url: str,
+    *,
+    poll_interval: float = 0.005,
+    poll_max_interval: float | None = None,
+    status_stream: bool = False,
+    deadline_seconds: float = 60,
+) -> Settings:
+    """The packaged defaults, fal pointed at a local FakeFal, URL passthrough, fast polling
+    (`poll_max_interval` defaults to max(poll_interval, 0.05); `status_stream` follows fal's SSE
+    status stream instead of polling)."""
+    if poll_max_interval is None:
+        poll_max_interval = max(poll_interval, 0.05)
     providers = _no_keys()
     providers["fal"] = {
         "key": FAL_KEY,
@@ -57,13 +69,14 @@ def fal_gateway_settings(storage_dir: str, fal_url: str, *, poll_interval: float
         "run_url": fal_url + "/sync",
         "rest_url": fal_url,
         "poll_interval": poll_interval,
-        "poll_max_interval": max(poll_interval, 0.05),
+        "poll_max_interval": poll_max_interval,
+        "status_stream": status_stream,
     }
     return load_settings(
         None,
         storage={"path": storage_dir},
         delivery={"url_mode": "passthrough"},
-        routing={"backoff_base": 0.01, "backoff_max": 0.05, "deadline_seconds": 60},
+        routing={"backoff_base": 0.01, "backoff_max": 0.05, "deadline_seconds": deadline_seconds},
         providers=providers,
     )
 

@@ -30,7 +30,9 @@ def _http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(60.0, connect=10.0),
         # Idle connections are dropped before common server idle timeouts (uvicorn 5 s) can race a reuse.
-        limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=4),
+        # httpcore compares max_keepalive_connections with *all* open connections, so a lower value
+        # closes every connection that goes idle once that many are open (bench/README.md, inflight).
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=4),
         headers={"user-agent": f"imagegate/{__version__}"},
     )
 

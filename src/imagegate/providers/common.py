@@ -72,7 +72,7 @@ async def poll_delays(*, start: float, cap: float, factor: float = 1.5) -> Async
     while True:
         yield number
         number += 1
-        await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+        await asyncio.sleep(delay * random.uniform(0.75, 1.25))  # wide jitter: jobs that start together spread out
         delay = min(cap, delay * factor)
 
 

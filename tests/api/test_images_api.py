@@ -338,8 +338,17 @@ def receive_from(messages: list[dict[str, Any]], gate: asyncio.Event | None = No
 
 
 async def test_wait_for_disconnect_skips_other_messages() -> None:
-    receive = receive_from([{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}])
+    messages = [{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}]
+    seen: list[str] = []
+    inner = receive_from(messages)
+
+    async def receive() -> Any:
+        message = await inner()
+        seen.append(message["type"])
+        return message
+
     await asyncio.wait_for(wait_for_disconnect(receive), 1)
+    assert seen == ["http.request", "http.disconnect"]
 
 
 async def test_run_until_disconnect_returns_the_result() -> None:

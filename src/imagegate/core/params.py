@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from imagegate.core.coerce import coerce_value
 from imagegate.core.errors import InvalidRequest, UnsupportedParameter
 from imagegate.core.request import ImageRequest, Operation
 from imagegate.core.sizes import Size, SizeTarget
@@ -366,14 +367,13 @@ def _apply_unknown(
 
 
 _STRUCTURAL = frozenset({"n", "prompt", "image"})
-_BOOL_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _check(rule: Rule, value: Any) -> Any:
     """Coerce a value to the rule's declared type and check its range and choices."""
     param = rule.param
     if rule.type is not None:
-        value = _coerce(value, rule.type, param)
+        value = coerce_value(value, rule.type, param)
     if rule.choices is not None and value not in rule.choices:
         allowed = ", ".join(f"'{c}'" for c in rule.choices)
         raise InvalidRequest(f"Invalid value: '{value}'. Supported values are: {allowed}.", param=param)
@@ -387,35 +387,3 @@ def _check(rule: Rule, value: Any) -> Any:
             f"This model takes at most {rule.max_items} '{param}' input(s); {len(value)} were given.", param=param
         )
     return value
-
-
-def _coerce(value: Any, kind: type, param: str) -> Any:
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in _BOOL_TEXT:
-                return _BOOL_TEXT[value.strip().lower()]
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            result = float(value)
-            if not math.isfinite(result):
-                raise ValueError
-            return result
-        if kind is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    raise InvalidRequest(f"Invalid type for '{param}': expected {kind.__name__}, got {value!r}.", param=param)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -33,18 +33,6 @@ class Chunks(httpx.AsyncByteStream):
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(common, "backoff_delay", lambda *a, **k: 0.0)
-
-
-@pytest.fixture
-def mock() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
-        yield router
-
-
-@pytest.fixture
-async def http(mock: respx.MockRouter) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
 
 
 async def test_body_within_the_cap(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:

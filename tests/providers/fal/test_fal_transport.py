@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -79,18 +79,6 @@ def fal_error(code: int, body: Any, request_id: str | None = "rid-1", **headers:
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """get_with_retry's backoff, made instant (retry counts stay the same)."""
     monkeypatch.setattr(common, "backoff_delay", lambda *a, **k: 0.0)
-
-
-@pytest.fixture
-def mock() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_called=False) as router:
-        yield router
-
-
-@pytest.fixture
-async def http(mock: respx.MockRouter) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
 
 
 def queue(mock: respx.MockRouter, *statuses: httpx.Response, result: httpx.Response | None = None) -> None:

@@ -7,7 +7,7 @@ import email.parser
 import email.policy
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -48,20 +48,8 @@ def settings(**openai: Any) -> Settings:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
-@pytest.fixture
 def provider(http: httpx.AsyncClient) -> OpenAIProvider:
     return OpenAIProvider(http, settings())
-
-
-@pytest.fixture
-def mock() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
-        yield router
 
 
 def ctx(operation: Any = "generate") -> CallContext:

@@ -8,7 +8,7 @@ import email.parser
 import email.policy
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -79,20 +79,8 @@ def problem(status: int, body: dict[str, Any], headers: dict[str, str] | None = 
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
-@pytest.fixture
 def provider(http: httpx.AsyncClient) -> ReplicateProvider:
     return ReplicateProvider(http, settings())
-
-
-@pytest.fixture
-def mock() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
-        yield router
 
 
 async def run_error(provider: ReplicateProvider, deadline: float = 95.0) -> GatewayError:

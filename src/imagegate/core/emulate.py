@@ -130,10 +130,7 @@ async def deliver_image(
     if image.data is not None:
         source = image.data
     elif image.url is not None and _is_data_url(image.url):
-        if (len(image.url) - image.url.find(",") - 1) // 4 * 3 > provider.max_output_bytes:
-            raise UpstreamError(
-                f"The {provider.name} output was larger than the limit of {provider.max_output_bytes} bytes."
-            )
+        provider.check_data_uri_size(image.url)
         source = image.url
     else:
         try:

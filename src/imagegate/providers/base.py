@@ -117,6 +117,13 @@ class Provider(abc.ABC):
         """The cap on one downloaded (or data-URI) output: `settings.fetch.max_bytes`."""
         return int(self.settings.fetch.max_bytes)
 
+    def check_data_uri_size(self, uri: str) -> None:
+        """UpstreamError if a `data:` output decodes to more than `max_output_bytes` (read from its
+        length alone, before anything is decoded)."""
+        payload_chars = len(uri) - uri.find(",") - 1
+        if payload_chars // 4 * 3 - 2 > self.max_output_bytes:  # base64 padding: at least this many bytes
+            raise UpstreamError(f"The {self.name} output was larger than the limit of {self.max_output_bytes} bytes.")
+
     async def fetch(self, image: ProviderImage) -> bytes:
         """The bytes of an output: in hand, a `data:` URL (decoded in a worker thread), or a
         download (`download`). Larger than `max_output_bytes` -> UpstreamError."""
@@ -125,15 +132,8 @@ class Provider(abc.ABC):
         if image.url is None:
             raise ValueError("provider image has neither bytes nor url")
         if image.url[:5].lower() == "data:":
-            too_large = UpstreamError(
-                f"The {self.name} output was larger than the limit of {self.max_output_bytes} bytes."
-            )
-            payload_chars = len(image.url) - image.url.find(",") - 1
-            if payload_chars // 4 * 3 - 2 > self.max_output_bytes:  # at least this many bytes
-                raise too_large
+            self.check_data_uri_size(image.url)
             data, _ = await asyncio.to_thread(decode_data_uri, image.url)
-            if len(data) > self.max_output_bytes:
-                raise too_large
             return data
         return await self.download(image.url)
 

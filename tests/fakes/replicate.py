@@ -510,13 +510,20 @@ class FakeReplicate:
             status = self._advance(pred)
         return status
 
-    async def _get_prediction(self, request: Request) -> Response:
+    async def _authorized_prediction(self, request: Request) -> Prediction | Response:
+        """Record the request; the prediction it names, or the 401/404 to answer instead."""
         await self._record(request)
         if (denied := self._auth_error(request)) is not None:
             return denied
         pred = self.predictions.get(request.path_params["id"])
         if pred is None:
             return _problem({"detail": "Not found.", "status": 404}, 404)
+        return pred
+
+    async def _get_prediction(self, request: Request) -> Response:
+        pred = await self._authorized_prediction(request)
+        if isinstance(pred, Response):
+            return pred
         with self._lock:
             self.polls.append(pred.id)
             if pred.final_status is None:
@@ -525,12 +532,9 @@ class FakeReplicate:
         return JSONResponse(await self._to_json(pred, str(request.base_url), status))
 
     async def _cancel_prediction(self, request: Request) -> Response:
-        await self._record(request)
-        if (denied := self._auth_error(request)) is not None:
-            return denied
-        pred = self.predictions.get(request.path_params["id"])
-        if pred is None:
-            return _problem({"detail": "Not found.", "status": 404}, 404)
+        pred = await self._authorized_prediction(request)
+        if isinstance(pred, Response):
+            return pred
         with self._lock:
             self.cancels.append(pred.id)
             if pred.final_status is None:

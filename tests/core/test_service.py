@@ -312,3 +312,16 @@ async def test_upstream_ids_unsafe_for_a_header_are_dropped() -> None:
 
     result = await serve(make_service(OddIds("a", [])), request())
     assert "x-imagegate-upstream-request-id" not in result.headers
+
+
+async def test_a_route_timeout_falls_back_to_the_next_route() -> None:
+    slow, fast = Scripted("a", [5.0]), Scripted("b", [])
+    settings = Settings(
+        models={"m": ModelConfig(routes=[RouteConfig(provider="a", model="x", timeout_seconds=0.2),
+                                         RouteConfig(provider="b", model="x")])},
+        routing={"deadline_seconds": 5},
+    )
+    service = ImageService(settings=settings, catalog=Catalog.from_config(settings.models),
+                           providers={"a": slow, "b": fast}, storage=MemoryStorage(), pool=ImagePool(2))
+    result = await serve(service, request())
+    assert result.headers["x-imagegate-provider"] == "b" and slow.cancelled == 1

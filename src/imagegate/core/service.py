@@ -104,36 +104,37 @@ class ImageService:
         failures: list[_Attempted] = []
         for route in entry.routes:
             provider = self.providers[route.provider]
+            now = time.monotonic()
+            route_deadline = deadline if route.timeout is None else min(deadline, now + route.timeout)
             try:
                 provider.check_configured()
-                # The deadline covers everything a route does: uploads, upstream calls, delivery.
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                # One deadline covers everything a route does: uploads, upstream calls, delivery.
+                async with asyncio.timeout(max(0.0, route_deadline - now)):
                     return await self._serve(
-                        entry, route, provider, request, request_id, base_url, deadline, on_plan
+                        entry, route, provider, request, request_id, base_url, route_deadline, on_plan
                     )
             except TimeoutError:
-                timeout = UpstreamTimeout(f"{provider.name} did not finish before the gateway's deadline.")
-                timeout.costly = True  # the client waited the whole deadline: a blind retry waits (and pays) again
-                timeout.provider = provider.name
-                raise timeout from None
+                failure: GatewayError = UpstreamTimeout(f"{provider.name} did not finish before the deadline.")
+                failure.costly = True  # the client waited the whole deadline: a blind retry waits (and pays) again
             except GatewayError as exc:
-                exc.provider = exc.provider or provider.name
-                failures.append(_Attempted(route, exc))
-                exc.costly = any(f.error.costly for f in failures)
-                if not exc.fallback or time.monotonic() >= deadline:
-                    raise  # the HTTP layer logs what reaches the client
-                if route is entry.routes[-1]:
-                    break
-                log.warning(
-                    "%s: route %s:%s failed (%s %s: %s); trying the next route",
-                    request_id, provider.name, route.model, exc.status, exc.code, exc.message,
-                )
+                failure = exc
             except Exception as exc:  # a defect or an upstream answer nobody foresaw: never a retried 500
                 log.exception("%s: route %s:%s failed unexpectedly", request_id, provider.name, route.model)
                 internal = InternalError("The gateway failed while serving this request.")
                 internal.costly = True  # the upstream may have done (and billed) the work
                 internal.provider = provider.name
                 raise internal from exc
+            failure.provider = failure.provider or provider.name
+            failures.append(_Attempted(route, failure))
+            failure.costly = any(f.error.costly for f in failures)
+            if not failure.fallback or time.monotonic() >= deadline:
+                raise failure  # the HTTP layer logs what reaches the client
+            if route is entry.routes[-1]:
+                break
+            log.warning(
+                "%s: route %s:%s failed (%s %s: %s); trying the next route",
+                request_id, provider.name, route.model, failure.status, failure.code, failure.message,
+            )
         final = _final_error(failures)
         final.costly = any(f.error.costly for f in failures)
         raise final
@@ -219,8 +220,6 @@ class ImageService:
         plan = await self._plan(route, provider, request, dry_run=False)
         if on_plan is not None:
             on_plan(_headers(plan, provider, route, []))
-        if route.timeout is not None:
-            deadline = min(deadline, time.monotonic() + route.timeout)
         ctx = CallContext(request_id=request_id, deadline=deadline, operation=request.operation)
         results = await self._execute(plan, route, provider, ctx)
         try:
@@ -240,15 +239,9 @@ class ImageService:
             async with limit:
                 return await self._call_with_retries(payload, route, provider, ctx)
 
-        remaining = ctx.deadline - time.monotonic()
-        try:
-            async with asyncio.timeout(max(0.0, remaining)):
-                async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(one(dict(payload))) for payload in plan.payloads]
-        except TimeoutError:
-            timeout = UpstreamTimeout(f"{provider.name} did not finish before the gateway's deadline.")
-            timeout.costly = True  # the job ran until the deadline: a blind client retry pays again
-            raise timeout from None
+        try:  # the route's deadline (set around the whole route in `run`) cancels every call
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(dict(payload))) for payload in plan.payloads]
         except BaseExceptionGroup as group_error:
             # One call failed: the others were cancelled (and cancelled upstream). No half answers.
             first = _first_gateway_error(group_error)

@@ -27,7 +27,9 @@ def _cell(text: str) -> str:
 
 def render_matrix() -> str:
     """Markdown: one table per operation, one column per provider model, one row per parameter."""
-    providers = build_providers(httpx.AsyncClient(), Settings(), ImagePool(1))
+    pool = ImagePool(1)  # only the tables are read: no request is made, no image work is done
+    providers = build_providers(httpx.AsyncClient(), Settings(), pool)
+    pool.close()
     sections: list[str] = []
     for operation, title in _OPERATIONS:
         columns: list[tuple[str, dict[str, str]]] = []

@@ -66,7 +66,8 @@ _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
      REDACTED),
     (re.compile(
         r"(?i)((?:authorization|proxy-authorization|x-api-key|api[-_]?key|api[-_]?token|access[-_]?token"
-        r"|fal[-_]?key|secret|password)[\"']?\s*[:=]\s*[\"']?)(?:(?:key|bearer|basic|token)\s+)?[^\s\"',;}&<]+"),
+        r"|fal[-_]?key|secret|password)[\"']?\s*[:=]\s*[\"']?)(?:(?:key|bearer|basic|token|digest)\s+)?+"
+        r"(?!\[redacted\])[^\s\"',;}&<>()\[\]]+"),
      rf"\1{REDACTED}"),
 )  # fmt: skip
 _OBJECT_REPR = re.compile(r"<[\w.]+(?: object)? at 0x[0-9a-fA-F]+>")

@@ -14,7 +14,7 @@ or ``fake.script`` (a queue consumed one per accepted create).
 Faults: ``create_errors``/``always_fail_create`` (per scenario), ``fake.poll_errors`` (answers to the next
 ``GET /v1/predictions/{id}``), ``fake.file_errors``/``fake.always_fail_files`` (the Files API). Hostile mode:
 ``fake.echo_auth = True`` quotes the request's ``Authorization`` header in every error answer and in a failed
-prediction's ``error``, as a misconfigured proxy would.
+prediction's ``error``, as a misconfigured proxy would; ``fake.foreign_base`` puts another host in ``urls``.
 """
 
 from __future__ import annotations
@@ -272,6 +272,7 @@ class FakeReplicate:
         self.app.state.on_start = self.stopping.clear
         self.app.state.on_stop = self.stopping.set
         self.echo_auth = False  # quote the request's Authorization header in every error answer
+        self.foreign_base: str | None = None  # e.g. "http://127.0.0.1:9/": `urls.get`/`urls.cancel` name this host
 
     def _echo(self, headers: Any) -> str | None:
         return (headers.get("authorization") or "") if self.echo_auth else None
@@ -403,8 +404,8 @@ class FakeReplicate:
             "completed_at": _iso(pred.completed_at) if terminal and pred.completed_at else None,
             "metrics": metrics,
             "urls": {
-                "cancel": f"{base}v1/predictions/{pred.id}/cancel",
-                "get": f"{base}v1/predictions/{pred.id}",
+                "cancel": f"{self.foreign_base or base}v1/predictions/{pred.id}/cancel",
+                "get": f"{self.foreign_base or base}v1/predictions/{pred.id}",
                 "web": f"https://replicate.com/p/{pred.id}",
             },
         }

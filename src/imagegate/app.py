@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from imagegate import __version__
 from imagegate.api import errors, files, health, images, models
+from imagegate.core import redact
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
@@ -39,6 +40,8 @@ def _http_client() -> httpx.AsyncClient:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
+    redact.remember_secrets(settings)  # masked in every message and log line (core/redact.py)
+    redact.install_log_filter()
     http = _http_client()
     pool = ImagePool(settings.image_workers)
     storage = LocalStorage(settings.storage)

@@ -132,6 +132,8 @@ class RoutingSettings(BaseModel):
     backoff_max: float = 8.0
     fanout_concurrency: int = 4  # parallel upstream calls for an emulated `n`
     keepalive_seconds: float = 10.0  # SSE comment interval while streaming
+    # After an upstream accepted a job that then failed, try the next route anyway (may pay twice).
+    fallback_after_accepted: bool = False
 
 
 class FetchSettings(BaseModel):

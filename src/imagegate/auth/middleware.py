@@ -67,7 +67,7 @@ class AuthMiddleware:
             failure = AuthenticationFailed(
                 "Incorrect API key provided."
                 if presented
-                else "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or in the `api-key` header."
+                else "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or as `api-key: <key>`."
             )
             response = gateway_error_response(failure, state.get("request_id"))
             response.headers["www-authenticate"] = "Bearer"

@@ -17,7 +17,7 @@ import redis
 REDIS_URL = os.environ.get("IMAGEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def redis_url() -> str:
     if not REDIS_URL:
         pytest.skip("IMAGEGATE_TEST_REDIS_URL is empty: the Redis tests are off")

@@ -20,15 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-from _common import fal_gateway_settings, fmt_ms, machine_line, percentile, ratio
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 import redis
+from bench._common import fal_gateway_settings, fmt_ms, machine_line, percentile, ratio
 from tests.fakes.fal import FakeFal, FalScenario
 from tests.fakes.server import LocalServer
 

@@ -238,6 +238,14 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
 
+    @model_validator(mode="after")
+    def _allow_lists_name_known_models(self) -> Settings:
+        for key in self.auth.keys:
+            unknown = sorted(set(key.models or ()) - set(self.models))
+            if unknown:
+                raise ValueError(f"auth key {key.name!r}: unknown model(s) in `models`: {', '.join(unknown)}")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -119,6 +119,12 @@ def test_open_gateway_warns_once_and_serves_without_a_key(tmp_path: Path, caplog
         assert response.headers["x-imagegate-cost-usd"] == "0.0000"
 
 
+def test_an_allow_list_naming_an_unknown_model_fails_at_start(tmp_path: Path) -> None:
+    keys = [{"name": "a", "key": "x", "models": ["sandbox-image", "no-such-model"]}]
+    with pytest.raises(ValueError, match=r"auth key 'a': unknown model.*no-such-model"):
+        access_settings(tmp_path, "http://127.0.0.1:9", auth={"keys": keys})
+
+
 def test_a_key_from_an_unset_variable_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exactly one of `key` and `key_sha256`"):
         access_settings(tmp_path, "http://127.0.0.1:9", auth={"keys": [{"name": "a", "key": ""}]})

@@ -58,12 +58,12 @@ class Work:
 async def guard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Idempotency]:
     storage = LocalStorage(tmp_path / "images")
     if request.param == "memory":
-        yield Idempotency(MemoryStore(), storage, ttl_seconds=1, lease_seconds=0.3, max_wait_seconds=5)
+        yield Idempotency(MemoryStore(), storage, ttl_seconds=1, lease_seconds=1.0, max_wait_seconds=5)
     else:
         client = connect(RedisSettings(url=request.getfixturevalue("redis_url")))
         assert client is not None
         store = RedisStore(client, prefix=request.getfixturevalue("redis_prefix"))
-        yield Idempotency(store, storage, ttl_seconds=1, lease_seconds=0.3, max_wait_seconds=5)
+        yield Idempotency(store, storage, ttl_seconds=1, lease_seconds=1.0, max_wait_seconds=5)
         await client.aclose()
     await storage.close()
 

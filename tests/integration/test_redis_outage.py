@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
+import redis
 from tests.conftest import gateway_settings
-from tests.fakes.server import LocalServer
+from tests.fakes.server import LocalServer, wait_until
 from tests.redis_support import redis_prefix, redis_url
 from tests.tcp_proxy import TcpProxy
 
@@ -45,7 +46,7 @@ def url(tmp_path: Path, proxy: TcpProxy, redis_url: str, redis_prefix: str) -> I
             "timeout_seconds": TIMEOUT,
             "lease_seconds": 3,
         },
-        providers={"sandbox": {"delay_seconds": 0.6}},
+        providers={"sandbox": {"delay_seconds": 1.0}},
     )
     with LocalServer(create_app(settings)) as srv:
         yield srv.url
@@ -80,7 +81,9 @@ def test_readyz_and_requests_fail_cleanly_while_redis_is_away(url: str, proxy: T
     assert client(url).images.generate(model="sandbox-image", prompt="x", size="64x64").data
 
 
-def test_outage_after_the_upstream_work_still_answers(url: str, proxy: TcpProxy) -> None:
+def test_outage_after_the_upstream_work_still_answers(
+    url: str, proxy: TcpProxy, redis_url: str, redis_prefix: str
+) -> None:
     results: list[Any] = []
 
     def call() -> None:
@@ -91,7 +94,10 @@ def test_outage_after_the_upstream_work_still_answers(url: str, proxy: TcpProxy)
 
     thread = threading.Thread(target=call)
     thread.start()
-    time.sleep(0.3)  # admitted, claimed, the (slow) provider is working
+    direct = redis.Redis.from_url(redis_url)
+    slots = f"{redis_prefix}limits:k:slots"
+    assert wait_until(lambda: direct.zcard(slots) == 1, timeout=10)  # admitted: the (slow) provider works
+    direct.close()
     proxy.mode = "down"
     thread.join(15)
     assert len(results) == 1

@@ -152,7 +152,7 @@ async def test_memory_window_slides() -> None:
 async def test_redis_slot_of_a_crashed_process_expires_with_its_lease(redis_url: str, redis_prefix: str) -> None:
     client = connect(RedisSettings(url=redis_url))
     assert client is not None
-    limiter = RedisLimiter(client, prefix=redis_prefix, lease_seconds=0.3)
+    limiter = RedisLimiter(client, prefix=redis_prefix, lease_seconds=0.6)
     limits = KeyLimits(max_concurrent=1)
     # A "crashed" holder: the slot is taken and never released.
     decision = await limiter._acquire("k", limits, 1, "crashed-token")
@@ -160,12 +160,12 @@ async def test_redis_slot_of_a_crashed_process_expires_with_its_lease(redis_url:
     with pytest.raises(RateLimitExceeded):
         async with limiter.admit("k", limits, 1):
             pass
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.7)
     async with limiter.admit("k", limits, 1):  # the lease ran out
         pass
     # A live holder renews its lease well past it.
     async with limiter.admit("k", limits, 1):
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(1.5)
         assert await limiter.in_flight("k") == 1
     assert await limiter.in_flight("k") == 0
     await client.aclose()

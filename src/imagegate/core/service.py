@@ -397,7 +397,7 @@ def _result(
             size = f"{width}x{height}"
     honoured = plan.outcomes.get("quality") in (Mode.PASSTHROUGH, Mode.RENAMED, Mode.CONVERTED)
     quality = resolved_quality(request.quality, honoured=honoured)
-    return ImageResult(
+    result = ImageResult(
         created=int(time.time()),
         data=[d.image for d in delivered],
         size=size,
@@ -406,3 +406,7 @@ def _result(
         background="transparent" if any(d.has_alpha for d in delivered) else "opaque",
         headers=_headers(plan, provider, route, results),
     )
+    # What was produced (the cost estimate and the per-key usage counters read it).
+    result.usage["images"] = len(delivered)
+    result.usage["megapixels"] = round(sum((d.width or 0) * (d.height or 0) for d in delivered) / 1e6, 6)
+    return result

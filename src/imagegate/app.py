@@ -18,7 +18,7 @@ from imagegate.core.imaging import ImagePool
 from imagegate.core.service import ImageService
 from imagegate.providers.registry import build_providers
 from imagegate.settings import Settings, load_settings
-from imagegate.storage.local import LocalStorage
+from imagegate.storage.factory import build_storage
 
 __all__ = ["app_from_env", "create_app"]
 
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     http = _http_client()
     pool = ImagePool(settings.image_workers)
-    storage = LocalStorage(settings.storage)
+    storage = build_storage(settings.storage)
     catalog = Catalog.from_config(settings.models)
     fetcher = GuardedFetcher(http, settings.fetch)
     service = ImageService(

@@ -147,5 +147,7 @@ async def deliver_image(
         image_id = await storage.put(
             data, content_type=FORMAT_MIME[info.format], extension=info.format, ttl_seconds=spec.ttl_seconds
         )
-        output = OutputImage(url=f"{spec.public_base_url}/v1/files/images/{image_id}", revised_prompt=revised_prompt)
+        url = await storage.url_for(image_id, ttl_seconds=spec.ttl_seconds)
+        url = url or f"{spec.public_base_url}/v1/files/images/{image_id}"
+        output = OutputImage(url=url, revised_prompt=revised_prompt)
     return Delivered(output, info.width, info.height, info.format, info.has_alpha)

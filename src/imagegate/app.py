@@ -11,11 +11,14 @@ import httpx
 from fastapi import FastAPI
 
 from imagegate import __version__
-from imagegate.api import errors, files, health, images, models
+from imagegate.api import errors, files, health, images, metrics, models
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
 from imagegate.core.service import ImageService
+from imagegate.observability.logs import configure_logging
+from imagegate.observability.metrics import Metrics
+from imagegate.observability.middleware import InFlight, ObservabilityMiddleware
 from imagegate.providers.registry import build_providers
 from imagegate.settings import Settings, load_settings
 from imagegate.storage.factory import build_storage
@@ -23,6 +26,7 @@ from imagegate.storage.factory import build_storage
 __all__ = ["app_from_env", "create_app"]
 
 log = logging.getLogger("imagegate")
+_CANCEL_WAIT_SECONDS = 10.0  # for upstream cancellations (fal's cancel call is bounded by 5 s)
 
 
 def _http_client() -> httpx.AsyncClient:
@@ -53,11 +57,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fetcher=fetcher,
     )
 
+    telemetry = Metrics()
+    inflight = InFlight()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
+            # The server has stopped accepting and waited `shutdown_grace_seconds`; requests it then
+            # cancelled are cancelling their upstream jobs: let them finish before the client closes.
+            await inflight.drain(_CANCEL_WAIT_SECONDS)
+            telemetry.close()
             await http.aclose()
             await storage.close()
             pool.close()
@@ -70,14 +81,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.fetcher = fetcher
     app.state.service = service
+    app.state.metrics = telemetry
+    app.state.inflight = inflight
     errors.install(app)
-    for router in (images.router, models.router, files.router, health.router):
+    for router in (images.router, models.router, files.router, health.router, metrics.router):
         app.include_router(router)
+    # Added last, so it is the outermost middleware: it sees every response, errors included.
+    app.add_middleware(
+        ObservabilityMiddleware, metrics=telemetry, inflight=inflight, log_prompts=settings.logging.log_prompts
+    )
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` and multi-worker serving: config from `$IMAGEGATE_CONFIG`."""
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    configure_logging(settings)
     return create_app(settings)

@@ -200,7 +200,7 @@ class Settings(BaseSettings):
     image_workers: int | None = None  # threads for image work (default: CPU count)
     log_level: str = "info"
     logging: LoggingSettings = LoggingSettings()
-    shutdown_grace_seconds: float = Field(30.0, ge=0)  # on SIGTERM: finish in-flight requests this long
+    shutdown_grace_seconds: int = Field(30, ge=0)  # on SIGTERM: finish in-flight requests this long
     limits: LimitsSettings = LimitsSettings()
     storage: StorageSettings = StorageSettings()
     delivery: DeliverySettings = DeliverySettings()

@@ -38,17 +38,17 @@ def multiprocess_dir() -> Path | None:
 
 
 def prepare_multiprocess_dir(workers: int) -> Path | None:
-    """Before starting `workers` > 1 processes: use `$PROMETHEUS_MULTIPROC_DIR` (emptied of stale
-    `*.db` files from an earlier run) or create a temporary directory, removed at exit. Returns the
-    directory, or None for a single process."""
-    if workers <= 1:
-        return None
+    """Before starting the server: use `$PROMETHEUS_MULTIPROC_DIR` if set (emptied of stale `*.db`
+    files from an earlier run), else for `workers` > 1 create a temporary directory (removed at exit)
+    and export it. Returns the directory, or None (one process, its own registry)."""
     path = multiprocess_dir()
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob("*.db"):
             stale.unlink(missing_ok=True)
         return path
+    if workers <= 1:
+        return None
     path = Path(tempfile.mkdtemp(prefix="imagegate-metrics-"))
     os.environ[MULTIPROC_ENV] = str(path)
     atexit.register(shutil.rmtree, path, True)

@@ -21,6 +21,7 @@ Nothing here reads a request or response body: no image bytes, no key, no token 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -31,6 +32,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagegate.core import telemetry
+from imagegate.core.errors import InternalError
 from imagegate.core.telemetry import RequestTelemetry
 from imagegate.observability.logs import FIELDS_ATTR
 from imagegate.observability.metrics import Metrics
@@ -73,6 +75,29 @@ def _cost(value: str | None) -> float | None:
     except (InvalidOperation, ValueError):
         return None
     return cost if math.isfinite(cost) and cost >= 0 else None
+
+
+async def _answer_shutdown(scope: Scope, send: Send, record: RequestTelemetry) -> bool:
+    """Send a 503 `server_shutting_down` envelope; False if the client is gone."""
+    error = InternalError(
+        "The server is shutting down and cancelled this request before it finished.",
+        code="server_shutting_down",
+        status=503,
+    )
+    headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+    if record.upstream:  # the upstream may have started (and billed) the work: the SDKs must not retry blindly
+        headers.append((b"x-should-retry", b"false"))
+    request_id = record.state.get("request_id")
+    if isinstance(request_id, str):
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
+    body = json.dumps(error.envelope()).encode()
+    try:
+        async with asyncio.timeout(2.0):
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+    except Exception:
+        return False
+    return True
 
 
 class InFlight:
@@ -132,6 +157,13 @@ class ObservabilityMiddleware:
         error: BaseException | None = None
         try:
             await self.app(scope, receive, watch)
+        except asyncio.CancelledError as exc:
+            # Only the server cancels a request task: at shutdown, after `shutdown_grace_seconds`.
+            # The upstream jobs have been cancelled on the way out; answer a clean 503 if we still can.
+            error = exc
+            if response["status"] is not None or not await _answer_shutdown(scope, send, record):
+                raise
+            response["status"] = 503
         except BaseException as exc:
             error = exc
             raise
@@ -193,9 +225,9 @@ class ObservabilityMiddleware:
         level = logging.DEBUG if path in _QUIET and status < 400 else logging.INFO
         if not access_log.isEnabledFor(level):
             return
-        upstream_ms = round(record.upstream_seconds() * 1000, 1)
-        post_ms = round(record.postprocess_seconds() * 1000, 1)
-        total_ms = round(total * 1000, 1)
+        upstream_ms = round(record.upstream_seconds() * 1000, 3)
+        post_ms = round(record.postprocess_seconds() * 1000, 3)
+        total_ms = round(total * 1000, 3)
         provider = headers.get("x-imagegate-provider") or record.provider
         fields: dict[str, Any] = {
             "method": scope.get("method"),

@@ -7,6 +7,7 @@ with LocalS3() as s3:
 
 from __future__ import annotations
 
+import logging
 import uuid
 from types import TracebackType
 from typing import Any
@@ -28,6 +29,7 @@ class LocalS3:
         self.url = ""
 
     def start(self) -> LocalS3:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from imagegate.core import imaging
+from imagegate.core import imaging, telemetry
 from imagegate.core.catalog import Catalog, CatalogEntry
 from imagegate.core.emulate import Delivered, OutputSpec, deliver_image
 from imagegate.core.errors import (
@@ -116,6 +116,7 @@ class ImageService:
         route's `x-imagegate-*` headers as soon as a route is planned (a stream's headers go out
         before the result exists)."""
         entry = self.catalog.get(request.model)
+        telemetry.note_request(model=entry.id, operation=request.operation, prompt=request.prompt)
         started = time.monotonic()
         deadline = started + self.settings.routing.deadline_seconds
         if dry_run:
@@ -159,6 +160,7 @@ class ImageService:
                 raise failure  # the HTTP layer logs what reaches the client
             if route is entry.routes[-1]:
                 break
+            telemetry.note_fallback(entry.id)
             log.warning(
                 "%s: route %s:%s failed (%s %s: %s); trying the next route",
                 request_id, provider.name, route.model, failure.status, failure.code, failure.message,
@@ -258,6 +260,7 @@ class ImageService:
             exc.costly = True
             exc.fallback = False  # the upstream work is done and paid for: do not redo it elsewhere
             raise
+        telemetry.note_images(provider.name, len(delivered))
         return _result(request, plan, provider, route, results, delivered)
 
     async def _execute(
@@ -288,7 +291,8 @@ class ImageService:
         attempt = 0
         while True:
             try:
-                result = await provider.run(payload, route, ctx)
+                with telemetry.upstream_call(provider.name):
+                    result = await provider.run(payload, route, ctx)
             except GatewayError as exc:
                 exc.provider = provider.name
                 work.accepted = work.accepted or exc.accepted
@@ -300,6 +304,7 @@ class ImageService:
                 )
                 if time.monotonic() + delay >= ctx.deadline:
                     raise
+                telemetry.note_retry(provider.name)
                 await asyncio.sleep(delay)
             except BaseException:
                 work.accepted = True  # cancelled (or broken) mid-call: the upstream may have taken it

@@ -133,6 +133,11 @@ def test_lone_surrogates_in_generations_keys_and_image_urls_are_400s(gateway: st
     assert fine.status_code == 200, fine.text
 
 
+def test_a_surrogate_in_a_big_json_body_checked_in_the_pool_is_a_400(gateway: str) -> None:
+    body = {"prompt": "cat", "padding": "a" * 400_000, "user": "u" + SURROGATE}  # > 256 kB: parsed in the pool
+    _assert_400(_post_json(gateway, "/v1/images/generations", body), "user")
+
+
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt", "user", "style", "custom_option"])
 def test_invalid_utf8_in_multipart_text_is_a_400(gateway: str, upstreams: tuple[FakeFal, str], field: str) -> None:
     data: dict[str, Any] = {"model": "fal-edit", "prompt": "cat", field: b"caf\xe9 \xff"}

@@ -229,12 +229,15 @@ async def _json_object(request: Request, *, pool: imaging.ImagePool | None = Non
         raise InvalidRequest(
             f"The request body must be a JSON object, not {json_type_name(value)}.", code="invalid_json"
         )
-    check_unicode(value)
     return value
 
 
 def _loads(body: bytes) -> Any:
-    return json.loads(body, parse_constant=_reject_constant)
+    """Parse, then check that all its text is Unicode (in the pool with the parse, for big bodies)."""
+    value = json.loads(body, parse_constant=_reject_constant)
+    if isinstance(value, dict):
+        check_unicode(value)
+    return value
 
 
 def _reject_constant(name: str) -> Any:

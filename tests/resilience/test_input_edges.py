@@ -30,13 +30,16 @@ from imagegate.core.results import resolved_quality
 
 
 def _image_server_app() -> Starlette:
-    """`GET /<w>x<h>.png` -> a PNG of that size."""
+    """`GET /<w>x<h>.png` -> a PNG of that size; `GET /bad-redirect` -> a Location no parser reads."""
 
     async def image(request: Request) -> Response:
         width, height = (int(v) for v in request.path_params["size"].split("x"))
         return Response(png_bytes(width, height, mode="RGBA"), media_type="image/png")
 
-    return Starlette(routes=[Route("/{size}.png", image)])
+    async def bad_redirect(request: Request) -> Response:
+        return Response(status_code=302, headers={"location": "http://[::1/x.png"})
+
+    return Starlette(routes=[Route("/{size}.png", image), Route("/bad-redirect", bad_redirect)])
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +172,12 @@ def test_unparseable_image_urls_are_400s(gateway: str, upstreams: tuple[FakeFal,
             "mask": {"image_url": url}}  # fmt: skip
     _assert_400(_post_json(gateway, "/v1/images/edits", mask), "mask", "invalid_url")
     assert upstreams[0].submits == []
+
+
+def test_a_redirect_to_an_unparseable_url_is_a_400(gateway: str, upstreams: tuple[FakeFal, str]) -> None:
+    body = {"model": "sandbox-edit", "prompt": "cat", "images": [{"image_url": upstreams[1] + "/bad-redirect"}]}
+    response = _post_json(gateway, "/v1/images/edits", body)
+    assert response.status_code == 400 and _error(response)["param"] == "images"
 
 
 # -- the mask has the image's dimensions, always -------------------------------------------------

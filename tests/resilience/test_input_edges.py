@@ -226,6 +226,19 @@ def test_a_fetched_mask_of_another_size_is_refused(gateway: str, upstreams: tupl
     assert ok.status_code == 200, ok.text
 
 
+# -- an output format that cannot hold the image --------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "width"), [("webp", 16_384), ("gif", 65_536), ("jpeg", 65_501)])
+def test_an_image_too_wide_for_its_output_format_is_a_400(gateway: str, fmt: str, width: int) -> None:
+    # webp is written by the sandbox itself; gif and jpeg conversions by the gateway (emulated or not)
+    files = {"image": ("wide.png", png_bytes(width, 2), "image/png")}
+    data = {"model": "sandbox-edit", "prompt": "invert", "output_format": fmt, "response_format": "b64_json"}
+    response = httpx.post(gateway + "/v1/images/edits", data=data, files=files, timeout=30)
+    _assert_400(response, "output_format")
+    assert str(width) in _error(response)["message"]
+
+
 # -- enum parameters and what the response reports ----------------------------------------------
 
 BAD_ENUMS = [("quality", "ultra"), ("style", "bold"), ("moderation", "none"), ("input_fidelity", "medium"),

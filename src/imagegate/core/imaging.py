@@ -19,7 +19,8 @@ Errors::
 
     ValueError
      └── ImageError          unreadable, unsupported or corrupt image (``.reason``)
-          └── TooManyPixels  declared (or about to be allocated) width * height exceeds ``max_pixels``
+          ├── TooManyPixels  declared (or about to be allocated) width * height exceeds ``max_pixels``
+          └── FormatSizeLimit  wider or taller than the output format can store (webp: 16383 px)
     Cancelled                the job's awaiting task was cancelled (raised in the worker thread)
 
 A bad *argument* (unknown output format, compression outside 0..100, unknown background) is a
@@ -42,6 +43,7 @@ __all__ = [
     "INPUT_FORMATS",
     "OUTPUT_FORMATS",
     "Cancelled",
+    "FormatSizeLimit",
     "ImageError",
     "ImageInfo",
     "ImagePool",
@@ -104,6 +106,9 @@ _PNG_COMPRESS_LEVEL = 1
 _AVIF_SPEED = 8
 _WEBP_METHOD = 2
 _DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 80}
+# The largest side each encoder can write (measured with Pillow 13: beyond it the encoders raise
+# ValueError, OSError, OverflowError or RuntimeError); png's limit is far beyond max_pixels.
+_MAX_SIDE = {"webp": 16383, "jpeg": 65500, "gif": 65535, "avif": 65536}
 # Resize in two steps (integer reduce, then LANCZOS) once the source is this many times larger.
 _REDUCING_GAP = 3.0
 
@@ -133,6 +138,10 @@ def check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
         raise TooManyPixels(
             f"{what} would be {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+
+
+class FormatSizeLimit(ImageError):
+    """The image is wider or taller than its output format can store; raised before encoding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +249,13 @@ def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
     quantized to 255 colours plus one transparent index for pixels with alpha < 128, png, webp and
     avif keep alpha. ``compression`` (0..100) is the quality for jpeg (default 90), webp (90) and
     avif (80); it does not apply to png and gif, which are lossless. Metadata other than the ICC
-    profile is dropped. Raises ``ValueError`` for an unknown ``fmt`` or compression out of range.
+    profile is dropped. Raises ``ValueError`` for an unknown ``fmt`` or compression out of range,
+    :class:`FormatSizeLimit` for an image wider or taller than ``fmt`` can store.
     """
     _check_options(fmt=fmt, compression=compression, background=None)
+    limit = _MAX_SIDE.get(fmt)
+    if limit is not None and max(img.size) > limit:
+        raise FormatSizeLimit(f"{fmt} images are at most {limit} pixels per side; this one is {img.width}x{img.height}")
     img = _normalize_mode(img)
     params: dict[str, Any] = {}
     icc = img.info.get("icc_profile")

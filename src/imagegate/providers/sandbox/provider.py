@@ -106,7 +106,10 @@ def _render(
     except ValueError as exc:  # e.g. a mask without alpha
         raise InvalidRequest(f"The sandbox cannot apply this edit: {exc}", param="mask") from None
     imaging.checkpoint()
-    data = imaging.encode_image(result, payload.get("output_format", "png"), payload.get("output_compression"))
+    try:
+        data = imaging.encode_image(result, payload.get("output_format", "png"), payload.get("output_compression"))
+    except imaging.FormatSizeLimit as exc:
+        raise InvalidRequest(f"The sandbox cannot write this image: {exc.reason}.", param="output_format") from None
     return data, result.width, result.height
 
 

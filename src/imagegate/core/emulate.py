@@ -15,7 +15,7 @@ from typing import Literal
 import httpx
 
 from imagegate.core import imaging, telemetry
-from imagegate.core.errors import UpstreamError
+from imagegate.core.errors import InvalidRequest, UpstreamError
 from imagegate.core.request import FORMAT_MIME
 from imagegate.core.results import OutputImage
 from imagegate.core.sizes import Size
@@ -143,6 +143,8 @@ async def deliver_image(
             raise UpstreamError(f"Could not download the output image from {provider.name}.") from exc
     try:
         data, info, encoded = await pool.run(_finish, source, spec)
+    except imaging.FormatSizeLimit as exc:  # the output exists, but not in the format asked for
+        raise InvalidRequest(f"The image cannot be converted: {exc.reason}.", param="output_format") from exc
     except imaging.ImageError as exc:
         raise UpstreamError(f"The provider returned an image the gateway cannot read: {exc.reason}") from exc
     if encoded is not None:

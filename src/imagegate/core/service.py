@@ -95,14 +95,15 @@ class ImageService:
         route's `x-imagegate-*` headers as soon as a route is planned (a stream's headers go out
         before the result exists)."""
         entry = self.catalog.get(request.model)
+        routes = entry.routes if request.route is None else entry.pinned(request.route)
         started = time.monotonic()
         deadline = started + self.settings.routing.deadline_seconds
         if dry_run:
-            route = entry.routes[0]
+            route = routes[0]
             return await self._dry_run(entry, route, self.providers[route.provider], request)
 
         failures: list[_Attempted] = []
-        for route in entry.routes:
+        for route in routes:
             provider = self.providers[route.provider]
             now = time.monotonic()
             route_deadline = deadline if route.timeout is None else min(deadline, now + route.timeout)
@@ -129,7 +130,7 @@ class ImageService:
             failure.costly = any(f.error.costly for f in failures)
             if not failure.fallback or time.monotonic() >= deadline:
                 raise failure  # the HTTP layer logs what reaches the client
-            if route is entry.routes[-1]:
+            if route is routes[-1]:
                 break
             log.warning(
                 "%s: route %s:%s failed (%s %s: %s); trying the next route",
@@ -202,6 +203,7 @@ class ImageService:
             notes=plan.notes,
             target_size=str(plan.target.size) if plan.target else None,
             headers=_headers(plan, provider, route, []),
+            routes=[{"provider": r.provider, "upstream_model": r.model} for r in entry.routes],
         )
 
     # -- execution --------------------------------------------------------------------------

@@ -341,7 +341,7 @@ async def test_a_route_pin_serves_that_route_only_and_never_falls_back() -> None
     assert dry.routes == [{"provider": "a", "upstream_model": "x"}, {"provider": "b", "upstream_model": "x"}]
 
 
-@pytest.mark.parametrize("pin", ["2", "c", "a:y", "9" * 5000, "-1", "١"])
+@pytest.mark.parametrize("pin", ["2", "c", "a:y", "9" * 5000, "-1", "\u0661"])
 async def test_an_unknown_route_pin_is_a_400_naming_the_header(pin: str) -> None:
     a = Scripted("a", [])
     with pytest.raises(InvalidRequest) as info:

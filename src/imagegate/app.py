@@ -11,7 +11,7 @@ import httpx
 from fastapi import FastAPI
 
 from imagegate import __version__
-from imagegate.api import errors, files, health, images, models
+from imagegate.api import errors, files, health, images, models, playground
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.fetcher = fetcher
     app.state.service = service
     errors.install(app)
-    for router in (images.router, models.router, files.router, health.router):
+    for router in (images.router, models.router, files.router, health.router, playground.router):
         app.include_router(router)
     return app
 

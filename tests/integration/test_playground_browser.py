@@ -1,0 +1,292 @@
+"""The playground in a real browser: Playwright driving Debian's chromium against `imagegate serve`
+(a subprocess on a free port, sandbox provider; `sandbox-edit` has two sandbox routes here so a
+compare of routes has two columns).
+
+Skipped only when /usr/bin/chromium is absent (`apt-get install chromium`; `.ci/run` installs it).
+With IMAGEGATE_PLAYGROUND_SCREENSHOTS=<dir> the tests also save the screenshots shown in the README.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = os.environ.get("IMAGEGATE_PLAYGROUND_SCREENSHOTS")
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="the browser tests need Debian's chromium: apt-get install chromium"
+)
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`imagegate serve` on 127.0.0.1 and a port the OS picks; yields its base URL."""
+    tmp = tmp_path_factory.mktemp("playground")
+    config = yaml.safe_load((ROOT / "configs" / "imagegate.yaml").read_text())
+    config.update(port=0, log_level="info")
+    config["storage"]["path"] = str(tmp / "images")
+    config["models"]["sandbox-edit"]["routes"] = [{"provider": "sandbox", "model": "sandbox-edit"}] * 2
+    (tmp / "imagegate.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "REPLICATE_", "OPENAI_", "IMAGEGATE_"))}
+    log = (tmp / "serve.log").open("w+b")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "imagegate.cli", "serve", "--config", str(tmp / "imagegate.yaml")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (match := re.search(rb"running on (http://127\.0\.0\.1:\d+)", (tmp / "serve.log").read_bytes())) is None:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()
+            time.sleep(0.05)
+        yield match.group(1).decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, gateway: str) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(f"{gateway}/")
+    page.wait_for_selector("#model option[value='sandbox-edit']", state="attached")
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    """A colourful 96x64 PNG: left half red, right half blue, a green bar."""
+    image = Image.new("RGB", (96, 64), (220, 30, 30))
+    image.paste((30, 60, 220), (48, 0, 96, 64))
+    image.paste((20, 200, 40), (0, 40, 96, 52))
+    path = tmp_path / "photo.png"
+    image.save(path)
+    return path
+
+
+def shot(page: Any, name: str) -> None:
+    """Save a screenshot for the README (only when IMAGEGATE_PLAYGROUND_SCREENSHOTS is set), as a
+    palette PNG to keep it small."""
+    if not SHOTS:
+        return
+    page.evaluate("window.scrollTo(0, 0)")
+    raw = Image.open(io.BytesIO(page.screenshot(full_page=False))).convert("RGB")
+    raw.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(Path(SHOTS) / name, optimize=True)
+
+
+def fill_edit(page: Any, photo: Path, prompt: str = "grayscale") -> None:
+    page.select_option("#model", "sandbox-edit")
+    page.set_input_files("#images", str(photo))
+    page.wait_for_selector("#previews li")
+    page.fill("#prompt", prompt)
+
+
+def result_image(page: Any, selector: str = "#gallery img.result-image") -> Image.Image:
+    """The first result image, as the page holds it (its blob), decoded by Pillow."""
+    page.wait_for_selector(selector)
+    b64 = page.eval_on_selector(
+        selector,
+        """async (img) => {
+            const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+            let raw = ""; for (const b of bytes) raw += String.fromCharCode(b);
+            return btoa(raw);
+        }""",
+    )
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def is_gray(image: Image.Image) -> bool:
+    rgb = image.convert("RGB")
+    r, g, b = rgb.split()
+    return r.tobytes() == g.tobytes() == b.tobytes() and len(set(r.tobytes())) > 1
+
+
+def test_edit_shows_a_gray_result_its_parameters_and_a_curl_that_reproduces_it(page: Any, photo: Path) -> None:
+    fill_edit(page, photo)
+    page.click("#run")
+    image = result_image(page)
+    assert image.format == "PNG" and image.size == (1024, 1024) and is_gray(image)
+    img = page.locator("#gallery img.result-image").first
+    assert (img.get_attribute("data-width"), img.get_attribute("data-height")) == ("1024", "1024")
+    assert "1024\u00d71024 · png" in page.inner_text("#gallery figcaption")
+    size_row = page.locator("#params-table tr[data-param='size']")
+    assert size_row.count() == 1 and "converted" in size_row.inner_text()
+    assert "provider sandbox" in page.inner_text("#route-info")
+    assert page.locator("#history li").count() == 1
+    shot(page, "playground-result.png")
+
+    page.click("#tab-curl")
+    snippet = page.inner_text("#snippet")
+    assert snippet.startswith("curl -s") and "image[]=@photo.png" in snippet
+    done = subprocess.run(["sh", "-c", snippet], cwd=photo.parent, capture_output=True, timeout=60, check=True)
+    body = json.loads(done.stdout)
+    curl_image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert curl_image.size == image.size and is_gray(curl_image)
+    assert shlex.split(snippet.replace("\\\n", " "))[0] == "curl"
+
+    page.click("#tab-python")
+    python = page.inner_text("#snippet")
+    assert "client.images.edit(" in python and 'open("photo.png", "rb")' in python
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    ran = subprocess.run([sys.executable, "-c", python], cwd=photo.parent, capture_output=True, timeout=60, env=env)
+    assert ran.returncode == 0, ran.stderr.decode()
+    assert ran.stdout.decode().strip() == "imagegate-1.png"
+    with Image.open(photo.parent / "imagegate-1.png") as sdk_image:
+        assert sdk_image.size == image.size and is_gray(sdk_image)
+    page.click("#tab-node")
+    assert "client.images.edit({" in page.inner_text("#snippet")
+
+
+def test_show_payload_is_a_dry_run_without_a_provider_call(page: Any, photo: Path) -> None:
+    fill_edit(page, photo)
+    page.fill("#seed", "42")
+    with page.expect_response(re.compile(r"/v1/images/edits$")) as caught:
+        page.click("#show-payload")
+    response = caught.value
+    assert response.request.headers.get("x-imagegate-dry-run") == "1"
+    assert response.json()["object"] == "imagegate.dry_run"
+    # The upstream request id is set only from a provider's answer: none means no provider call.
+    assert "x-imagegate-upstream-request-id" not in response.headers
+    page.wait_for_selector("#payload-box:not([hidden])")
+    payload = json.loads(page.inner_text("#payload"))
+    assert payload[0]["prompt"] == "grayscale" and payload[0]["seed"] == 42
+    assert payload[0]["images"][0].startswith("data:image/png;base64,")
+    assert "nothing was sent to sandbox" in page.inner_text("#payload-note")
+    assert page.locator("#gallery img").count() == 0
+    assert page.locator("#params-table tr[data-param='seed']").count() == 1
+    shot(page, "playground-payload.png")
+
+
+def test_an_error_is_shown_on_the_field_its_param_names(page: Any, photo: Path) -> None:
+    fill_edit(page, photo)
+    page.fill("#size", "0x0")
+    page.click("#run")
+    page.wait_for_selector("#size[aria-invalid='true']")
+    assert page.is_visible("#size-error") and "size" in page.inner_text("#size-error")
+    assert "400 invalid_request_error" in page.inner_text("#error")
+    assert page.evaluate("document.activeElement.id") == "size"
+    assert page.locator("[aria-invalid='true']").count() == 1
+    shot(page, "playground-error.png")
+    page.fill("#size", "512x512")
+    page.click("#run")
+    page.wait_for_selector("#gallery img.result-image")
+    assert page.locator("[aria-invalid='true']").count() == 0 and page.is_hidden("#error")
+
+
+def test_compare_runs_each_route_side_by_side(page: Any, photo: Path) -> None:
+    fill_edit(page, photo, prompt="invert")
+    page.fill("#size", "512x512")
+    page.check("#compare-routes")
+    page.click("#compare")
+    sync_api.expect(page.locator("#compare-grid .compare-column img")).to_have_count(2)
+    columns = page.locator("#compare-grid .compare-column")
+    assert columns.count() == 2
+    headings = [columns.nth(i).locator("h3").inner_text() for i in range(2)]
+    assert headings == [f"sandbox-edit · route {i}: sandbox:sandbox-edit" for i in range(2)]
+    for i in range(2):
+        assert columns.nth(i).get_attribute("data-status") == "200"
+        assert re.search(r"\d+\.\d\d s · sandbox · cost", columns.nth(i).locator("p").first.inner_text())
+        image = result_image(page, f"#compare-grid .compare-column:nth-child({i + 1}) img")
+        assert image.size == (512, 512)
+    shot(page, "playground-compare.png")
+
+
+def test_history_reruns_a_generation(page: Any) -> None:
+    page.select_option("#model", "sandbox-image")
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.fill("#size", "320x200")
+    page.fill("#seed", "7")
+    page.click("#run")
+    first = result_image(page)
+    assert first.size == (320, 200)
+    page.reload()
+    page.wait_for_selector("#history li button:text('Re-run')")
+    page.fill("#size", "")
+    page.click("#history li:first-child button:text('Re-run')")
+    sync_api.expect(page.locator("#history li")).to_have_count(2)
+    again = result_image(page)
+    assert again.tobytes() == first.tobytes()  # same prompt, seed and size: the same pixels
+    assert page.input_value("#size") == "320x200"
+
+
+def test_a_401_shows_the_key_field_and_the_key_is_sent_as_bearer(page: Any, gateway: str) -> None:
+    seen: list[str | None] = []
+
+    def gate(route: Any) -> None:
+        auth = route.request.headers.get("authorization")
+        seen.append(auth)
+        if auth != "Bearer sk-test-123":
+            envelope = {"error": {"message": "Invalid API key.", "type": "invalid_request_error",
+                                  "param": None, "code": "invalid_api_key"}}
+            route.fulfill(status=401, json=envelope)
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/v1/models$"), gate)
+    page.reload()
+    page.wait_for_selector("#key-row:not([hidden])")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.fill("#api-key", "sk-test-123")
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("#model option[value='sandbox-edit']", state="attached")
+    assert seen[-1] == "Bearer sk-test-123"
+    assert page.evaluate("sessionStorage.getItem('imagegate.apiKey')") == "sk-test-123"
+    assert "sk-test-123" not in page.evaluate("JSON.stringify(localStorage)")
+
+
+def test_phone_width_has_no_horizontal_scroll(browser: Any, gateway: str, photo: Path) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        page.goto(f"{gateway}/playground")
+        page.wait_for_selector("#model option[value='sandbox-edit']", state="attached")
+        fill_edit(page, photo)
+        page.click("#run")
+        page.wait_for_selector("#gallery img.result-image")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        page.locator("#results").scroll_into_view_if_needed()
+        shot(page, "playground-phone.png")
+    finally:
+        context.close()
+
+
+def test_the_page_is_served_with_its_assets(gateway: str) -> None:
+    for path in ("/", "/playground"):
+        response = httpx.get(gateway + path)
+        assert response.status_code == 200 and "playground/app.js" in response.text
+        assert "script-src 'self'" in response.headers["content-security-policy"]

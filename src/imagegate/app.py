@@ -71,8 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.fetcher = fetcher
     app.state.service = service
     errors.install(app)
-    for router in (images.router, models.router, files.router, health.router, playground.router):
+    for router in (images.router, models.router, files.router, health.router):
         app.include_router(router)
+    if settings.playground:
+        app.include_router(playground.router)
     return app
 
 

@@ -171,6 +171,7 @@ class Settings(BaseSettings):
     fetch: FetchSettings = FetchSettings()
     providers: ProvidersSettings = ProvidersSettings()
     models: dict[str, ModelConfig] = {}
+    playground: bool = True  # serve the browser playground at / and /playground
 
     @classmethod
     def settings_customise_sources(

@@ -77,3 +77,13 @@ async def test_nothing_else_is_served(client: httpx.AsyncClient, path: str) -> N
 async def test_a_trailing_slash_redirects_to_the_page(client: httpx.AsyncClient) -> None:
     response = await client.get("/playground/")
     assert response.status_code == 308 and response.headers["location"] == "../playground"
+
+
+async def test_the_playground_can_be_turned_off(tmp_path: Path) -> None:
+    app = create_app(gateway_settings(tmp_path, playground=False))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            assert (await c.get("/")).status_code == 404
+            assert (await c.get("/playground/app.js")).status_code == 404
+            assert (await c.get("/v1/models")).status_code == 200

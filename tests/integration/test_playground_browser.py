@@ -226,14 +226,77 @@ def test_compare_runs_each_route_side_by_side(page: Any, photo: Path) -> None:
     shot(page, "playground-compare.png")
 
 
+def test_compare_two_models_shows_each_outcome(page: Any, photo: Path) -> None:
+    fill_edit(page, photo, prompt="mirror")
+    page.fill("#size", "256x256")
+    page.check("#compare-models input[value='sandbox-edit']")
+    page.check("#compare-models input[value='sandbox-image']")
+    page.click("#compare")
+    columns = page.locator("#compare-grid .compare-column")
+    sync_api.expect(columns.locator("img")).to_have_count(1)
+    sync_api.expect(columns.nth(1)).to_have_attribute("data-status", "400")
+    assert [columns.nth(i).locator("h3").inner_text() for i in range(2)] == ["sandbox-edit", "sandbox-image"]
+    assert "does not support image edits" in columns.nth(1).inner_text()
+    page.check("#compare-routes")  # each model's routes: sandbox-image has none for edits, and says so
+    page.click("#compare")
+    sync_api.expect(columns).to_have_count(3)
+    sync_api.expect(columns.locator("img")).to_have_count(2)
+    assert columns.nth(2).get_attribute("data-status") == "400"
+    assert page.locator("[aria-invalid='true']").count() == 0
+
+
+def test_a_painted_mask_limits_the_edit(page: Any, tmp_path: Path) -> None:
+    red = tmp_path / "red.png"
+    Image.new("RGB", (96, 64), (200, 20, 20)).save(red)
+    fill_edit(page, red, prompt="invert")
+    page.fill("#size", "96x64")
+    page.click("#mask-box summary")
+    page.click("#mask-paint")
+    canvas = page.locator("#mask-canvas")
+    sync_api.expect(canvas).to_be_visible()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5, steps=5)
+    page.mouse.up()
+    sync_api.expect(page.locator("#mask-status")).to_contain_text("Mask painted")
+    page.click("#tab-curl")
+    assert "mask=@mask.png" in page.inner_text("#snippet")
+    page.click("#run")
+    image = result_image(page).convert("RGB")
+    assert image.size == (96, 64)
+    assert image.getpixel((19, 32)) == (55, 235, 235)  # painted: inverted
+    assert image.getpixel((85, 32)) == (200, 20, 20) and image.getpixel((19, 5)) == (200, 20, 20)
+
+
+def test_keyboard_only_and_every_control_has_a_label(page: Any, photo: Path) -> None:
+    unlabeled = page.evaluate(
+        """() => [...document.querySelectorAll("input, select, textarea")]
+            .filter((c) => !c.labels.length && !c.getAttribute("aria-label")).map((c) => c.id || c.name)"""
+    )
+    assert unlabeled == []
+    page.set_input_files("#images", str(photo))
+    page.focus("#prompt")
+    page.keyboard.type("sepia")
+    page.keyboard.press("Control+Enter")
+    assert result_image(page).size == (1024, 1024)
+    page.focus("#tab-curl")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.id") == "tab-python"
+    assert "client.images.edit(" in page.inner_text("#snippet")
+
+
 def test_history_reruns_a_generation(page: Any) -> None:
     page.select_option("#model", "sandbox-image")
     page.fill("#prompt", "a lighthouse at dusk")
     page.fill("#size", "320x200")
     page.fill("#seed", "7")
+    page.select_option("#response_format", "url")
     page.click("#run")
     first = result_image(page)
     assert first.size == (320, 200)
+    caption = page.inner_text("#gallery figcaption")  # the bytes were fetched from the rehosted URL
+    assert re.search("320\u00d7200 · png · \\d+(\\.\\d+)? k?B", caption), caption
     page.reload()
     page.wait_for_selector("#history li button:text('Re-run')")
     page.fill("#size", "")

@@ -15,7 +15,7 @@ export function setApiKey(value) {
   else sessionStorage.removeItem(KEY_STORE);
 }
 
-function authHeaders() {
+export function authHeaders() {
   const key = apiKey();
   return key ? { Authorization: `Bearer ${key}` } : {};
 }

@@ -216,7 +216,11 @@ async function compare() {
         continue;
       }
       const dry = await sendImageRequest(request, { dryRun: true, signal });
-      if (failed(dry)) return;
+      if (dry.status === 401) return failed(dry);
+      if (!dry.ok) {
+        targets.push({ request, route: null, label: model, outcome: dry }); // the column shows why
+        continue;
+      }
       dry.json.routes.forEach((r, i) => targets.push({ request, route: i, label: `${model} · route ${i}: ${r.provider}:${r.upstream_model}` }));
     }
     const grid = $("compare-grid");
@@ -227,10 +231,10 @@ async function compare() {
     grid.hidden = false;
     $("gallery").replaceChildren();
     $("status").textContent = `Comparing ${targets.length} columns, seed ${base.fields.seed}…`;
-    await Promise.all(targets.map(async ({ request, route, label }) => {
+    await Promise.all(targets.map(async ({ request, route, label, outcome }) => {
       const column = compareColumn(grid, label);
       try {
-        await column.show(await sendImageRequest(request, { route, signal }));
+        await column.show(outcome || await sendImageRequest(request, { route, signal }));
       } catch (error) {
         column.fail(error.name === "AbortError" ? "Cancelled." : error.message);
       }
@@ -285,9 +289,11 @@ async function loadModels() {
   if (result.status === 401) return needKey();
   if (failed(result)) return;
   const ids = result.json.data.map((m) => m.id).sort();
-  const previous = $("model").value || localStorage.getItem("imagegate.playground.model");
+  // The model in use, else the last one used here, else the offline sandbox (it always works).
+  const preferred = [$("model").value, localStorage.getItem("imagegate.playground.model"), "sandbox-edit"];
   $("model").replaceChildren(...ids.map((id) => el("option", { value: id, text: id })));
-  if (ids.includes(previous)) $("model").value = previous;
+  const pick = preferred.find((id) => ids.includes(id));
+  if (pick) $("model").value = pick;
   $("compare-models").replaceChildren(...ids.map((id) =>
     el("label", { class: "check" }, el("input", { type: "checkbox", value: id }), ` ${id}`)));
   updateSnippet();

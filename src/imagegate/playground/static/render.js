@@ -1,6 +1,6 @@
 // Rendering: result galleries, the parameter report, dry-run payloads, compare columns.
 
-import { errorOf, parseParamsHeader } from "./api.js";
+import { authHeaders, errorOf, parseParamsHeader } from "./api.js";
 
 const MODE_MEANING = {
   passthrough: "sent to the provider unchanged",
@@ -51,7 +51,8 @@ function base64ToBlob(b64, type) {
 async function imageBlob(item, format) {
   if (item.b64_json) return base64ToBlob(item.b64_json, `image/${format}`);
   try {
-    const response = await fetch(item.url);
+    const sameOrigin = new URL(item.url, location.href).origin === location.origin;
+    const response = await fetch(item.url, { headers: sameOrigin ? authHeaders() : {} });
     if (response.ok) return await response.blob();
   } catch {
     // a provider URL on another origin: shown directly, bytes unknown

@@ -138,6 +138,11 @@ function startProgress(label) {
   };
 }
 
+// On a phone the results are below the form: bring them into view once there is something to see.
+function revealResults() {
+  if (window.matchMedia("(max-width: 820px)").matches) $("results").scrollIntoView({ block: "start" });
+}
+
 async function guarded(label, work) {
   clearErrors();
   let request;
@@ -183,6 +188,7 @@ async function run() {
     $("report").hidden = false;
     const total = infos.reduce((sum, i) => sum + (i.bytes || 0), 0);
     $("status").textContent = `${infos.length} image(s), ${formatBytes(total)}, in ${formatMs(result.ms)}.`;
+    revealResults();
   });
 }
 
@@ -200,6 +206,7 @@ async function showPayload() {
     $("route-info").textContent = routeInfo(result.headers);
     $("report").hidden = false;
     $("status").textContent = `Dry run in ${formatMs(result.ms)}: no provider call.`;
+    revealResults();
   });
 }
 
@@ -231,6 +238,7 @@ async function compare() {
     grid.hidden = false;
     $("gallery").replaceChildren();
     $("status").textContent = `Comparing ${targets.length} columns, seed ${base.fields.seed}…`;
+    revealResults();
     await Promise.all(targets.map(async ({ request, route, label, outcome }) => {
       const column = compareColumn(grid, label);
       try {

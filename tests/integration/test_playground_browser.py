@@ -290,6 +290,9 @@ def test_keyboard_only_and_every_control_has_a_label(page: Any, photo: Path) -> 
 def test_history_reruns_a_generation(page: Any) -> None:
     page.select_option("#model", "sandbox-image")
     page.fill("#prompt", "a lighthouse at dusk")
+    page.select_option("#aspect_ratio", "16:9")  # a size still at its default gives way to the ratio
+    assert page.input_value("#size") == ""
+    page.select_option("#aspect_ratio", "")
     page.fill("#size", "320x200")
     page.fill("#seed", "7")
     page.select_option("#response_format", "url")

@@ -20,7 +20,7 @@ const FIELD_OF = {
   image: "images", images: "images", "image[]": "images", mask: "mask-file", "x-imagegate-route": "compare-box",
 };
 const ERROR_OF = { images: "image-error", "mask-file": "mask-error", "compare-box": "x-imagegate-route-error" };
-const state = { images: [], maskFile: null, snippet: "curl", inflight: null };
+const state = { images: [], maskFile: null, snippet: "curl", inflight: null, sizeTouched: false };
 const painter = new MaskPainter($("mask-canvas"), $("brush"));
 
 // -- the form <-> a request ---------------------------------------------------------------------
@@ -344,6 +344,20 @@ function wire() {
   $("compare").addEventListener("click", compare);
   $("cancel").addEventListener("click", () => state.inflight && state.inflight.abort());
   $("images").addEventListener("change", (e) => setImages([...e.target.files]));
+  document.addEventListener("paste", (e) => {
+    const pasted = [...e.clipboardData.files].filter((f) => f.type.startsWith("image/"));
+    if (pasted.length) setImages([...state.images, ...pasted]);
+  });
+  // `size` wins over aspect_ratio + resolution: choosing one of them empties a size still at its default.
+  $("size").addEventListener("input", () => { state.sizeTouched = true; });
+  for (const id of ["aspect_ratio", "resolution"]) {
+    $(id).addEventListener("change", () => {
+      if ($(id).value && !state.sizeTouched && $("size").value === $("size").defaultValue) {
+        $("size").value = "";
+        $("status").textContent = "size emptied: aspect_ratio + resolution apply only without it.";
+      }
+    });
+  }
   const zone = $("dropzone");
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));

@@ -2,6 +2,7 @@
 // compare), and shows what came back. Only the gateway's public API is used (see api.js).
 
 import { apiBase, apiKey, errorOf, listModels, sendImageRequest, setApiKey } from "./api.js";
+import { FormProblem, readForm, writeForm } from "./form.js";
 import { addHistory, clearHistory, dataUrlToFile, loadHistory } from "./history.js";
 import { MaskPainter } from "./mask.js";
 import {
@@ -13,8 +14,6 @@ const $ = (id) => document.getElementById(id);
 const form = $("request-form");
 const SIZE_PRESETS = ["auto", "1024x1024", "1183x887", "887x1182", "1365x768", "768x1365", "512x512",
   "2048x2048", "1536x1024", "1024x1536"];
-const TEXT_FIELDS = ["size", "aspect_ratio", "resolution", "output_format", "negative_prompt", "response_format"];
-const NUMBER_FIELDS = ["n", "output_compression", "seed"];
 // Which control an error's `param` names (default: the control with that id).
 const FIELD_OF = {
   image: "images", images: "images", "image[]": "images", mask: "mask-file", "x-imagegate-route": "compare-box",
@@ -22,60 +21,7 @@ const FIELD_OF = {
 const ERROR_OF = { images: "image-error", "mask-file": "mask-error", "compare-box": "x-imagegate-route-error" };
 const state = { images: [], maskFile: null, snippet: "curl", inflight: null, sizeTouched: false };
 const painter = new MaskPainter($("mask-canvas"), $("brush"));
-
-// -- the form <-> a request ---------------------------------------------------------------------
-
-class FormProblem extends Error {
-  constructor(param, message) {
-    super(message);
-    this.param = param;
-  }
-}
-
-function numberValue(raw) {
-  const text = raw.trim();
-  if (!/^-?\d+$/.test(text)) return Number(text);
-  const value = Number(text);
-  return Number.isSafeInteger(value) ? value : text; // a 64-bit seed stays exact as a string
-}
-
-// {endpoint, fields, images, mask}; throws FormProblem for what the page itself can tell.
-function readRequest({ model = $("model").value } = {}) {
-  const fields = { model, prompt: $("prompt").value };
-  for (const name of TEXT_FIELDS) {
-    const value = $(name).value.trim();
-    if (value) fields[name] = value;
-  }
-  for (const name of NUMBER_FIELDS) {
-    const value = $(name).value.trim();
-    if (value && !(name === "n" && value === "1")) fields[name] = numberValue(value);
-  }
-  const extraText = $("extra").value.trim();
-  if (extraText) {
-    let extra;
-    try {
-      extra = JSON.parse(extraText);
-    } catch (error) {
-      throw new FormProblem("extra", `Extra fields are not valid JSON: ${error.message}`);
-    }
-    if (!extra || typeof extra !== "object" || Array.isArray(extra)) {
-      throw new FormProblem("extra", "Extra fields must be a JSON object, e.g. {\"num_inference_steps\": 30}.");
-    }
-    Object.assign(fields, extra);
-  }
-  const endpoint = state.images.length ? "edits" : "generations";
-  return { endpoint, fields, images: [...state.images], mask: endpoint === "edits" ? state.maskFile : null };
-}
-
-function writeForm(fields) {
-  $("prompt").value = fields.prompt || "";
-  for (const name of [...TEXT_FIELDS, ...NUMBER_FIELDS]) $(name).value = fields[name] ?? (name === "n" ? "1" : "");
-  if (!fields.response_format) $("response_format").value = "b64_json";
-  const known = new Set(["model", "prompt", ...TEXT_FIELDS, ...NUMBER_FIELDS]);
-  const extra = Object.fromEntries(Object.entries(fields).filter(([k]) => !known.has(k)));
-  $("extra").value = Object.keys(extra).length ? JSON.stringify(extra) : "";
-  if (fields.model && [...$("model").options].some((o) => o.value === fields.model)) $("model").value = fields.model;
-}
+const readRequest = () => readForm(state.images, state.maskFile);
 
 // -- errors on fields ---------------------------------------------------------------------------
 

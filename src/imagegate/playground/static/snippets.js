@@ -65,7 +65,7 @@ function splitFields(request) {
 export function pythonSnippet(request, { base, route, hasKey }) {
   const { named, extra } = splitFields(request);
   const key = hasKey ? `os.environ["IMAGEGATE_API_KEY"]` : `"unused"`;
-  const out = ["import base64"];
+  const out = ["# pip install openai", "import base64"];
   if (hasKey) out.push("import os");
   out.push("", "from openai import OpenAI", "", `client = OpenAI(base_url=${JSON.stringify(`${base}/v1`)}, api_key=${key})`);
   const args = [];
@@ -93,7 +93,7 @@ export function pythonSnippet(request, { base, route, hasKey }) {
 }
 
 export function nodeSnippet(request, { base, route, hasKey }) {
-  const out = [];
+  const out = ["// npm install openai; save as imagegate.mjs; node imagegate.mjs"];
   out.push(`import fs from "node:fs";`, `import OpenAI from "openai";`, "");
   const key = hasKey ? "process.env.IMAGEGATE_API_KEY" : `"unused"`;
   out.push(`const client = new OpenAI({ baseURL: ${JSON.stringify(`${base}/v1`)}, apiKey: ${key} });`);

@@ -204,9 +204,15 @@ def test_an_error_is_shown_on_the_field_its_param_names(page: Any, photo: Path) 
     assert page.locator("[aria-invalid='true']").count() == 1
     shot(page, "playground-error.png")
     page.fill("#size", "512x512")
+    page.fill("#extra", "{not json")  # caught by the page itself, on its field
+    page.click("#run")
+    sync_api.expect(page.locator("#extra")).to_have_attribute("aria-invalid", "true")
+    assert "not valid JSON" in page.inner_text("#extra-error")
+    page.fill("#extra", '{"style": "vivid"}')  # an extra field the sandbox ignores, with its reason in the report
     page.click("#run")
     page.wait_for_selector("#gallery img.result-image")
     assert page.locator("[aria-invalid='true']").count() == 0 and page.is_hidden("#error")
+    assert "ignored" in page.locator("#params-table tr[data-param='style']").inner_text()
 
 
 def test_compare_runs_each_route_side_by_side(page: Any, photo: Path) -> None:

@@ -94,6 +94,7 @@ class OpenAISettings(BaseModel):
 
 class SandboxSettings(BaseModel):
     delay_seconds: float = 0.0  # simulated model latency
+    max_operations: int = Field(16, ge=1)  # prompt operations one edit may run (400 naming `prompt` above)
 
 
 class ProvidersSettings(BaseModel):

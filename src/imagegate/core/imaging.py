@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imagegate.core.errors import GatewayError, InsufficientResources
 
@@ -372,6 +372,8 @@ def _open(data: bytes, *, max_pixels: int) -> Image.Image:
         # Pillow's own global limit (2 * Image.MAX_IMAGE_PIXELS) tripped before ours, or its
         # warning (above 1x) was turned into an error by a warnings filter. We never change it.
         raise TooManyPixels(f"image declares too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:  # its text names the in-memory file object: never shown
+        raise ImageError("not a readable image of a supported format") from exc
     except _DECODE_ERRORS as exc:
         raise ImageError(f"not a readable image of a supported format ({exc})") from exc
     width, height = im.size

@@ -9,6 +9,7 @@ With IMAGEGATE_PLAYGROUND_SCREENSHOTS=<dir> the tests also save the screenshots 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -40,14 +41,18 @@ pytestmark = pytest.mark.skipif(
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`imagegate serve` on 127.0.0.1 and a port the OS picks; yields its base URL."""
-    tmp = tmp_path_factory.mktemp("playground")
+KEY = "sk-playground-test-key"
+
+
+@contextlib.contextmanager
+def serve(tmp: Path, **settings: Any) -> Iterator[str]:
+    """`imagegate serve` on 127.0.0.1 and a port the OS picks; yields its base URL. `sandbox-edit`
+    has two priced sandbox routes."""
     config = yaml.safe_load((ROOT / "configs" / "imagegate.yaml").read_text())
-    config.update(port=0, log_level="info")
+    config.update(port=0, log_level="info", **settings)
     config["storage"]["path"] = str(tmp / "images")
-    config["models"]["sandbox-edit"]["routes"] = [{"provider": "sandbox", "model": "sandbox-edit"}] * 2
+    route = {"provider": "sandbox", "model": "sandbox-edit", "price": {"per_image": 0.01}}
+    config["models"]["sandbox-edit"]["routes"] = [route, route]
     (tmp / "imagegate.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "REPLICATE_", "OPENAI_", "IMAGEGATE_"))}
     log = (tmp / "serve.log").open("w+b")
@@ -65,6 +70,20 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.terminate()
         server.wait(timeout=15)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve(tmp_path_factory.mktemp("playground")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same gateway with one client key, allowed sandbox-edit only."""
+    auth = {"keys": [{"name": "playground", "key": KEY, "models": ["sandbox-edit"]}]}
+    with serve(tmp_path_factory.mktemp("keyed"), auth=auth) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +246,7 @@ def test_compare_runs_each_route_side_by_side(page: Any, photo: Path) -> None:
     assert headings == [f"sandbox-edit · route {i}: sandbox:sandbox-edit" for i in range(2)]
     for i in range(2):
         assert columns.nth(i).get_attribute("data-status") == "200"
-        assert re.search(r"\d+\.\d\d s · sandbox · cost", columns.nth(i).locator("p").first.inner_text())
+        assert re.search(r"\d+\.\d\d s · sandbox · cost \$0\.01", columns.nth(i).locator("p").first.inner_text())
         image = result_image(page, f"#compare-grid .compare-column:nth-child({i + 1}) img")
         assert image.size == (512, 512)
     shot(page, "playground-compare.png")
@@ -317,29 +336,30 @@ def test_history_reruns_a_generation(page: Any) -> None:
     assert page.input_value("#size") == "320x200"
 
 
-def test_a_401_shows_the_key_field_and_the_key_is_sent_as_bearer(page: Any, gateway: str) -> None:
-    seen: list[str | None] = []
-
-    def gate(route: Any) -> None:
-        auth = route.request.headers.get("authorization")
-        seen.append(auth)
-        if auth != "Bearer sk-test-123":
-            envelope = {"error": {"message": "Invalid API key.", "type": "invalid_request_error",
-                                  "param": None, "code": "invalid_api_key"}}
-            route.fulfill(status=401, json=envelope)
-        else:
-            route.continue_()
-
-    page.route(re.compile(r"/v1/models$"), gate)
-    page.reload()
-    page.wait_for_selector("#key-row:not([hidden])")
-    assert page.evaluate("document.activeElement.id") == "api-key"
-    page.fill("#api-key", "sk-test-123")
-    page.press("#api-key", "Enter")
-    page.wait_for_selector("#model option[value='sandbox-edit']", state="attached")
-    assert seen[-1] == "Bearer sk-test-123"
-    assert page.evaluate("sessionStorage.getItem('imagegate.apiKey')") == "sk-test-123"
-    assert "sk-test-123" not in page.evaluate("JSON.stringify(localStorage)")
+def test_a_401_shows_the_key_field_and_the_key_is_sent_as_bearer(browser: Any, keyed_gateway: str, photo: Path) -> None:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        sent: list[str | None] = []
+        page.on("request", lambda r: sent.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+        page.goto(f"{keyed_gateway}/playground")
+        sync_api.expect(page.locator("#key-row")).to_be_visible()
+        assert page.evaluate("document.activeElement.id") == "api-key"
+        assert page.locator("#model option").count() == 0
+        page.fill("#api-key", KEY)
+        page.press("#api-key", "Enter")
+        sync_api.expect(page.locator("#model option")).to_have_count(1)  # the key's models only
+        fill_edit(page, photo)
+        page.click("#run")
+        assert result_image(page).size == (1024, 1024)
+        assert sent[0] is None and sent[-1] == f"Bearer {KEY}"
+        assert page.evaluate("sessionStorage.getItem('imagegate.apiKey')") == KEY
+        assert KEY not in page.evaluate("JSON.stringify(localStorage)")
+        page.click("#tab-curl")
+        snippet = page.inner_text("#snippet")
+        assert '-H "Authorization: Bearer $IMAGEGATE_API_KEY"' in snippet and KEY not in snippet
+    finally:
+        context.close()
 
 
 def test_phone_width_has_no_horizontal_scroll(browser: Any, gateway: str, photo: Path) -> None:

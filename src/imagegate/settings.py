@@ -277,6 +277,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+    playground: bool = True  # serve the browser playground at / and /playground
 
     @model_validator(mode="after")
     def _allow_lists_name_known_models(self) -> Settings:

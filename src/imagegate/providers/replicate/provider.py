@@ -92,13 +92,18 @@ class ReplicateProvider(Provider):
         transport = self.transport()
         if ctx.hooks is not None:
             return await self._run_job(transport, payload, route, ctx, ctx.hooks)
+        prediction = await self._create(transport, payload, route, ctx)
+        return await self._follow(transport, prediction, payload, ctx)
+
+    async def _create(
+        self, transport: ReplicateTransport, payload: dict[str, Any], route: Route, ctx: CallContext
+    ) -> Prediction:
         create = asyncio.ensure_future(transport.create(route.model, payload, deadline=ctx.deadline))
         try:
-            prediction = await asyncio.shield(create)
+            return await asyncio.shield(create)
         except asyncio.CancelledError:
             self._cancel_once_created(transport, create)
             raise
-        return await self._follow(transport, prediction, payload, ctx)
 
     async def _run_job(
         self, transport: ReplicateTransport, payload: dict[str, Any], route: Route, ctx: CallContext,
@@ -112,12 +117,7 @@ class ReplicateProvider(Provider):
                 prediction = Prediction({"id": call.handle["request_id"], "urls": call.handle.get("urls") or {}})
                 log.info("replicate resuming prediction %s", prediction.id)
             else:
-                create = asyncio.ensure_future(transport.create(route.model, payload, deadline=ctx.deadline))
-                try:
-                    prediction = await asyncio.shield(create)
-                except asyncio.CancelledError:
-                    self._cancel_once_created(transport, create)
-                    raise
+                prediction = await self._create(transport, payload, route, ctx)
             return await self._follow(transport, prediction, payload, ctx, call)
 
     async def _follow(

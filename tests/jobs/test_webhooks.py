@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import httpx2
 import openai
 import pytest
@@ -101,6 +102,18 @@ async def test_fails_twice_then_succeeds_same_webhook_id(
         webhook = job["webhook"]
         assert webhook["status"] == "delivered" and webhook["id"] == f"msg_{job_id}"
         assert [a.get("status") for a in webhook["attempts"]] == [500, 500, 204]
+        await asyncio.sleep(0.6)  # the job gauges are refreshed by the housekeeping loop
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gateway") as plain:
+            metrics = (await plain.get("/metrics")).text
+        for line in (
+            'imagegate_webhook_deliveries_total{outcome="http_5xx"} 2.0',
+            'imagegate_webhook_deliveries_total{outcome="success"} 1.0',
+            'imagegate_jobs{status="succeeded"} 1.0',
+            'imagegate_jobs{status="queued"} 0.0',
+            "imagegate_job_queue_seconds_count 1.0",
+            "imagegate_job_duration_seconds_count 1.0",
+        ):
+            assert line in metrics.splitlines(), line
 
 
 async def test_canceled_event(gateway: FastAPI, receiver: tuple[Receiver, LocalServer]) -> None:

@@ -162,6 +162,10 @@ class JobRunner:
         await asyncio.gather(task, return_exceptions=True)
 
     async def _work(self, job: Job) -> None:
+        if job.cancel_requested and not job.handles:  # canceled while its dead worker held it: nothing upstream
+            job.status = "canceled"
+            await self.complete(job, self.owner)
+            return
         log.info("job %s: in_progress (attempt %d, key %s, model %s)", job.id, job.attempts, job.key, job.model)
         if self.metrics is not None and job.attempts == 1:
             self.metrics.job_queue.observe(max(0.0, time.time() - job.created_at))

@@ -76,7 +76,7 @@ class JobService:
             created_at=time.time(),
             webhook_url=webhook_url or None,
         )
-        await self.store.add(job, encode_request(request))
+        await self.store.add(job, await asyncio.to_thread(encode_request, request))  # base64 of the images
         log.info("job %s: queued (key %s, model %s)", job.id, key, job.model)
         self.runner.wake()
         return job
@@ -136,7 +136,7 @@ class JobService:
         raw = await self.store.request_of(job.id)
         if raw is None:
             raise InternalError("The job's request is no longer stored.")
-        request = decode_request(raw)
+        request = await asyncio.to_thread(decode_request, raw)
         routes = {str(handle.get("route")) for handle in hooks.handles.values() if handle.get("route")}
         if routes:  # an upstream job exists: stay on its route (resume it; never pay twice elsewhere)
             request.route = sorted(routes)[0]

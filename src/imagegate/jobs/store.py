@@ -126,9 +126,9 @@ class SqliteJobStore:
         row.pop("seq")
         names = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        body = json.dumps(request, separators=(",", ":"))
 
         def insert(db: sqlite3.Connection) -> None:
+            body = json.dumps(request, separators=(",", ":"))  # in the thread: it may hold megabytes of images
             cursor = db.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(row.values()))
             job.seq = int(cursor.lastrowid or 0)
             db.execute("INSERT INTO job_requests (id, request) VALUES (?, ?)", (job.id, body))

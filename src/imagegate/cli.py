@@ -1,4 +1,4 @@
-"""`imagegate serve` and `imagegate models`."""
+"""`imagegate serve`, `imagegate worker` and `imagegate models`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default from config: 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default from config: 1)")
+    worker = sub.add_parser("worker", help="run async job workers without the HTTP server")
+    worker.add_argument("--config", help="YAML config file")
+    worker.add_argument("--concurrency", type=int, help="job workers in this process (default: jobs.workers)")
     models = sub.add_parser("models", help="list the catalog")
     models.add_argument("--config", help="YAML config file")
     return parser
@@ -38,6 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             routes = ", ".join(f"{r.provider}:{r.model}" for r in entry.routes)
             print(f"{entry.id}\t{routes}")
         return 0
+
+    if args.command == "worker":
+        from imagegate.jobs.worker import run_worker
+
+        return run_worker(settings, concurrency=args.concurrency)
 
     import uvicorn
 

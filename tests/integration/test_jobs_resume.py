@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from PIL import Image
 from tests.fakes.fal import FakeFal, FalScenario
 from tests.fakes.server import LocalServer
@@ -104,3 +109,57 @@ def test_restart_resumes_the_same_upstream_job(tmp_path: Path, fal: tuple[FakeFa
         assert image.size == (512, 512)
     finally:
         second.stop()
+
+
+class WorkerProcess:
+    """`python -m imagegate.cli worker` on the gateway's data directory, output in a file."""
+
+    def __init__(self, tmp_path: Path, config: Path, name: str) -> None:
+        self.log_path = tmp_path / f"worker-{name}.log"
+        environ = {k: v for k, v in os.environ.items() if k not in ("FAL_KEY", "REPLICATE_API_TOKEN")}
+        environ.update({"IMAGEGATE_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"})
+        argv = [sys.executable, "-m", "imagegate.cli", "worker", "--config", str(config), "--concurrency", "1"]
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=environ)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text("utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def test_worker_processes_resume_a_killed_workers_job(tmp_path: Path, fal: tuple[FakeFal, LocalServer]) -> None:
+    """API with `jobs.workers: 0` plus two `imagegate worker` processes: the worker holding the job
+    is SIGKILLed mid-job; the other one resumes the same upstream job."""
+    fake, srv = fal
+    fake.scenario = FalScenario(queue_polls=0, progress_polls=40)
+    path = config(tmp_path, srv)
+    api_path = write_config(tmp_path / "api.yaml", **yaml.safe_load(path.read_text("utf-8")) | {"jobs": {"workers": 0}})
+    api = GatewayProcess(tmp_path, api_path)
+    workers = [WorkerProcess(tmp_path, path, name) for name in ("a", "b")]
+    try:
+        api.wait_ready()
+        job_id = submit(api.url)
+        wait_job(api.url, job_id, lambda job: job["upstream_request_id"] is not None)
+        holder = next(w for w in workers if f"job {job_id}: in_progress" in w.output())
+        other = next(w for w in workers if w is not holder)
+        holder.proc.kill()
+        holder.proc.wait(10)
+        job = wait_job(api.url, job_id, lambda job: job["status"] in ("succeeded", "failed"))
+        assert job["status"] == "succeeded", (job, other.output())
+        assert len(fake.submits) == 1 and fake.cancels == []
+        assert f"job {job_id}: in_progress (attempt 2" in other.output()
+        assert "fal resuming" in other.output()
+    finally:
+        for worker in workers:
+            worker.stop()
+        api.stop()

@@ -24,6 +24,7 @@ from imagegate.access import service_for
 from imagegate.auth.middleware import client_of
 from imagegate.core.errors import InvalidRequest
 from imagegate.core.request import ImageRequest
+from imagegate.idempotency.guard import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from imagegate.jobs.service import JobService, public_headers
 from imagegate.usage.routes import ANONYMOUS
 
@@ -54,14 +55,18 @@ def _key(request: Request) -> str:
 
 async def submit_job(request: Request, image_request: ImageRequest) -> Response:
     base_url = str(request.base_url).rstrip("/")
-    job = await _jobs(request).submit(
+    job, replayed = await _jobs(request).submit(
         image_request,
         client=client_of(request),
         key=_key(request),
         base_url=base_url,
         validator=service_for(request),
+        idempotency_key=request.headers.get(IDEMPOTENCY_HEADER),
     )
-    return JSONResponse(job.public(), status_code=202, headers={"location": f"/v1/images/jobs/{job.id}"})
+    headers = {"location": f"/v1/images/jobs/{job.id}"}
+    if replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return JSONResponse(job.public(), status_code=202, headers=headers)
 
 
 @router.get("/v1/images/jobs")

@@ -65,6 +65,8 @@ class Job:
     webhook_url: str | None = None
     webhook: dict[str, Any] | None = None  # {id, status, attempts: [...], next_at}
     queue_position: int | None = None  # filled in when read
+    idempotency_key: str | None = None  # the submit's Idempotency-Key: the same key and request -> this job
+    fingerprint: str | None = None  # of the submitted request (idempotency.codec.fingerprint)
 
     @property
     def terminal(self) -> bool:

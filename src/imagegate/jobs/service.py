@@ -19,6 +19,8 @@ from imagegate.auth.keys import ClientKey
 from imagegate.core.catalog import Catalog
 from imagegate.core.errors import InternalError, InvalidRequest, NotFound
 from imagegate.core.request import ImageRequest
+from imagegate.idempotency import IdempotencyKeyReused, fingerprint
+from imagegate.idempotency.guard import check_key
 from imagegate.jobs.model import STATUSES, Job, decode_request, encode_request, new_job_id
 from imagegate.jobs.runner import JobRunner, Outcome
 from imagegate.jobs.store import JobStore
@@ -54,8 +56,16 @@ class JobService:
     # ---- submit ----
 
     async def submit(
-        self, request: ImageRequest, *, client: ClientKey | None, key: str, base_url: str, validator: RunService
-    ) -> Job:
+        self,
+        request: ImageRequest,
+        *,
+        client: ClientKey | None,
+        key: str,
+        base_url: str,
+        validator: RunService,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """The queued job, and whether it already existed (the same Idempotency-Key and request)."""
         webhook_url = request.extra.pop(WEBHOOK_PARAM, None)
         if webhook_url is not None and not isinstance(webhook_url, str):
             raise InvalidRequest("`webhook_url` must be a string (an http or https URL).", param=WEBHOOK_PARAM)
@@ -75,11 +85,20 @@ class JobService:
             base_url=base_url,
             created_at=time.time(),
             webhook_url=webhook_url or None,
+            idempotency_key=check_key(idempotency_key) if idempotency_key is not None else None,
         )
-        await self.store.add(job, await asyncio.to_thread(encode_request, request))  # base64 of the images
+        if job.idempotency_key is not None:
+            job.fingerprint = await asyncio.to_thread(fingerprint, request)
+        stored = await self.store.add(job, await asyncio.to_thread(encode_request, request))  # base64 of the images
+        if stored.id != job.id:
+            if stored.fingerprint != job.fingerprint:
+                raise IdempotencyKeyReused(
+                    "This Idempotency-Key was already used for a different request.", param="Idempotency-Key"
+                )
+            return stored, True
         log.info("job %s: queued (key %s, model %s)", job.id, key, job.model)
         self.runner.wake()
-        return job
+        return job, False
 
     # ---- read ----
 

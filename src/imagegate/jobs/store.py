@@ -52,8 +52,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL NOT NULL DEFAULT 0,
     webhook_url TEXT,
     webhook TEXT,
-    webhook_due REAL
+    webhook_due REAL,
+    idempotency_key TEXT,
+    fingerprint TEXT
 );
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (key, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, not_before);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key, seq);
 CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_due);
@@ -63,7 +66,8 @@ _JSON_COLUMNS = ("handles", "result", "headers", "error", "webhook")
 _COLUMNS = (
     "seq", "id", "key", "status", "model", "operation", "lane", "base_url", "created_at", "started_at",
     "finished_at", "not_before", "attempts", "provider", "upstream_request_id", "handles", "result", "headers",
-    "error", "cancel_requested", "lease_owner", "lease_until", "webhook_url", "webhook",
+    "error", "cancel_requested", "lease_owner", "lease_until", "webhook_url", "webhook", "idempotency_key",
+    "fingerprint",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
@@ -71,7 +75,7 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 class JobStore(Protocol):
     """The queue and the job records (the embedded engine: `SqliteJobStore`)."""
 
-    async def add(self, job: Job, request: dict[str, Any]) -> None: ...
+    async def add(self, job: Job, request: dict[str, Any]) -> Job: ...
     async def get(self, job_id: str) -> Job | None: ...
     async def page(self, key: str, *, limit: int, after: str | None, status: str | None) -> list[Job]: ...
     async def request_of(self, job_id: str) -> dict[str, Any] | None: ...
@@ -121,19 +125,28 @@ class SqliteJobStore:
 
         return await self._run(transaction)
 
-    async def add(self, job: Job, request: dict[str, Any]) -> None:
+    async def add(self, job: Job, request: dict[str, Any]) -> Job:
+        """Store a new job; with an idempotency key already used by the same client key, store
+        nothing and return the job that has it."""
         row = _row(job)
         row.pop("seq")
         names = ", ".join(row)
         marks = ", ".join("?" for _ in row)
 
-        def insert(db: sqlite3.Connection) -> None:
+        def insert(db: sqlite3.Connection) -> Job:
+            if job.idempotency_key is not None:
+                found = db.execute(
+                    f"{_SELECT} WHERE key = ? AND idempotency_key = ?", (job.key, job.idempotency_key)
+                ).fetchone()
+                if found is not None:
+                    return _job(found)
             body = json.dumps(request, separators=(",", ":"))  # in the thread: it may hold megabytes of images
             cursor = db.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(row.values()))
             job.seq = int(cursor.lastrowid or 0)
             db.execute("INSERT INTO job_requests (id, request) VALUES (?, ?)", (job.id, body))
+            return job
 
-        await self._write(insert)
+        return await self._write(insert)
 
     async def get(self, job_id: str) -> Job | None:
         def read(db: sqlite3.Connection) -> Job | None:

@@ -138,7 +138,7 @@ def upstream_text(value: Any, *, limit: int = DEFAULT_LIMIT) -> str:
     """Text an upstream wrote, safe to put in a client message or a log line ("" for non-text)."""
     if not isinstance(value, str) or not value:
         return ""
-    text = value[: limit * 256]  # bounded work, whatever the upstream sent
+    text = value[: max(4096, limit * 16)]  # bounded work (the markup patterns scan ahead), whatever was sent
     if _TAG.search(text):
         title = _TITLE.search(text)
         text = title.group(1) if title and title.group(1).strip() else _TAG.sub(" ", _HIDDEN.sub(" ", text))

@@ -43,7 +43,7 @@ def test_every_secret_str_in_the_settings_is_remembered(monkeypatch: pytest.Monk
         ("Basic dXNlcjpwYXNzd29yZA==", "Basic [redacted]"),
         ("token r8_AbCdEf123456 leaked", "token [redacted] leaked"),
         ("key sk-proj-abcdef123456", "key [redacted]"),
-        ("5b1c2f3e-9a8b-4c7d-8e6f-0a1b2c3d4e5f:9f8e7d6c5b4a39281706f5e4d3c2b1a0", "[redacted]"),
+        ("0d4c3b2a-1f2e-4d3c-8b7a-6f5e4d3c2b1a:00112233445566778899aabbccddeeff", "[redacted]"),
         ('{"authorization": "whatever"}', '{"authorization": "[redacted]"}'),
         ("x-api-key=abc&y=2", "x-api-key=[redacted]&y=2"),
         ("Token limit reached; key error in field", "Token limit reached; key error in field"),

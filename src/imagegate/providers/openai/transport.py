@@ -167,7 +167,8 @@ def map_error(response: httpx.Response) -> GatewayError:
     401/403 -> UpstreamAuthFailed 502 (the upstream's message is dropped: it may quote the key)
     404     -> UpstreamError (e.g. model_not_found: a route configuration problem), fallback
     413     -> PayloadTooLarge
-    429     -> RateLimited with retry-after (retryable), or InsufficientCredit for insufficient_quota
+    429     -> RateLimited with retry-after (retryable unless `x-should-retry: false`), or InsufficientCredit
+               for insufficient_quota
     5xx     -> 503 ProviderUnavailable (retryable), other 5xx UpstreamError (not retryable: the work may
                have been done); `x-should-retry` overrides; both allow fallback
     """
@@ -192,8 +193,10 @@ def map_error(response: httpx.Response) -> GatewayError:
         )
     if code in _BILLING_CODES or kind == "insufficient_quota":
         return InsufficientCredit(f"Upstream: {message}", code=code, retryable=False, fallback=True)
-    if status == 429:
-        return RateLimited(f"Upstream rate limit: {message}", retry_after=retry_after)
+    if status == 429:  # `x-should-retry: false` (e.g. another imagegate): the upstream had taken the job
+        taken = should_retry == "false"
+        return RateLimited(f"Upstream rate limit: {message}", retry_after=retry_after, retryable=not taken,
+                           accepted=taken)
     if status in (400, 422):
         if code in _CONTENT_POLICY_CODES or kind == "image_generation_user_error":
             return ContentPolicyViolation(message, param=param, code=code)

@@ -15,7 +15,8 @@ message goes through `upstream_text` (identifiers such as a `param` or `code` th
                                   `Basic …`, `r8_…`, `sk-…`, fal `id:secret`, `api_key=…`) -> `[redacted]`
     remember_secrets(settings)    add every SecretStr in the settings (and route `api_key_env`
                                   variables) to the secrets `scrub` removes
-    install_log_filter()          `RedactingFilter` on the `imagegate` logger and its children
+    install_log_filter()          `RedactingFilter` on the `imagegate` (and `httpx`, `httpcore`) loggers
+                                  and their children
 
 The secrets live in one process-wide, add-only set: log records can come from any module, and
 masking a secret of another gateway instance in the same process costs nothing.
@@ -182,11 +183,14 @@ class RedactingFilter(logging.Filter):
 _FILTER = RedactingFilter()
 
 
-def install_log_filter(root: str = "imagegate") -> None:
-    """Attach the filter to `root` and every logger below it that exists now (idempotent).
-    Logger filters do not apply to records of child loggers, hence one per logger."""
-    names = [name for name in list(logging.root.manager.loggerDict) if name == root or name.startswith(root + ".")]
-    for name in {root, *names}:
-        logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
+def install_log_filter(roots: Iterable[str] = ("imagegate", "httpx", "httpcore")) -> None:
+    """Attach the filter to each root logger and every logger below it that exists now (idempotent).
+    Logger filters do not apply to records of child loggers, hence one per logger. (httpx logs the
+    URLs it calls, which an upstream chose.)"""
+    existing = list(logging.root.manager.loggerDict)
+    for root in roots:
+        names = {root, *(name for name in existing if name.startswith(root + "."))}
+        for name in names:
+            logger = logging.getLogger(name)
+            if _FILTER not in logger.filters:
+                logger.addFilter(_FILTER)

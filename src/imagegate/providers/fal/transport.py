@@ -122,8 +122,7 @@ class FalTransport:
             except TimeoutError:
                 raise UpstreamTimeout("fal did not finish before the deadline.", retryable=False) from None
         except GatewayError as exc:
-            exc.accepted = exc.costly = True  # fal answered the submit with a handle: the job is fal's
-            exc.retryable = False
+            exc.accepted = True  # fal answered the submit with a handle: the job is fal's
             if not completed:
                 await best_effort(self.cancel(handle), timeout=CANCEL_TIMEOUT)
             raise

@@ -245,7 +245,7 @@ class OpenAITransport:
         try:
             images, revised = parse_images(body, output_format=output_format)
         except UpstreamError as exc:
-            exc.accepted = exc.costly = True  # a 2xx answer: the work was done
+            exc.accepted = True  # a 2xx answer: the work was done
             raise
         return ProviderResult(images=images, request_id=response.headers.get("x-request-id"), revised_prompt=revised)
 

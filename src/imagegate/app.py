@@ -10,8 +10,10 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from imagegate import __version__
+from imagegate import __version__, usage
+from imagegate.access import Access
 from imagegate.api import errors, files, health, images, models
+from imagegate.auth import AuthMiddleware
 from imagegate.core import redact
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
@@ -19,6 +21,7 @@ from imagegate.core.imaging import ImagePool
 from imagegate.core.service import ImageService
 from imagegate.providers.registry import build_providers
 from imagegate.settings import Settings, load_settings
+from imagegate.state.redis import connect as connect_redis
 from imagegate.storage.local import LocalStorage
 
 __all__ = ["app_from_env", "create_app"]
@@ -55,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool=pool,
         fetcher=fetcher,
     )
+    redis = connect_redis(settings.redis)  # None: limits, idempotency and usage stay in memory
+    access = Access.build(settings, storage=storage, redis=redis)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await http.aclose()
             await storage.close()
+            if redis is not None:
+                await redis.aclose()
             pool.close()
 
     app = FastAPI(title="imagegate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -73,8 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.fetcher = fetcher
     app.state.service = service
+    app.state.redis = redis
+    app.state.access = access
+    app.add_middleware(AuthMiddleware, keyring=access.keyring)  # inside the request-id middleware
     errors.install(app)
-    for router in (images.router, models.router, files.router, health.router):
+    for router in (images.router, models.router, files.router, health.router, usage.router):
         app.include_router(router)
     return app
 

@@ -242,7 +242,9 @@ def test_fan_out_with_one_failed_prediction_makes_each_prediction_once(gateway: 
     replicate.script.extend([ReplicateScenario.instant(), ReplicateScenario.instant(outcome="failed", error="oom"),
                              ReplicateScenario.instant()])
     fails_without_retry(gateway, "rep", 502, n=3)
-    assert len(replicate.creates) == 3  # one prediction per image, none repeated
+    # The failure cancels the calls still in flight (a third create may not have left yet); none is repeated.
+    assert 2 <= len(replicate.creates) <= 3
+    assert [p.final_status for p in replicate.creates].count("failed") == 1
 
 
 # ---- OpenAI-compatible upstream ------------------------------------------------------------------------

@@ -93,6 +93,7 @@ def gateway_error_response(exc: GatewayError, request_id: str | None = None) -> 
         headers["retry-after-ms"] = str(round(delay * 1000))
     if (exc.status >= 500 or exc.status == 429) and (exc.costly or not exc.client_retry):
         headers["x-should-retry"] = "false"
+    headers.update(getattr(exc, "extra_headers", None) or {})  # e.g. a 429's x-ratelimit-* headers
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
     return JSONResponse(exc.envelope(), status_code=exc.status, headers=headers)

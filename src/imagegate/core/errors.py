@@ -15,6 +15,7 @@
     │   └── UpstreamTimeout           504 code=upstream_timeout
     ├── ProviderUnavailable           503 code=provider_unavailable      (overloaded, runners down)
     │   └── ProviderNotConfigured     503 code=provider_not_configured   (a key is missing)
+    ├── InsufficientResources         503 code=insufficient_resources    (image work ran out of memory)
     └── InternalError                 500 server_error
 
 Three facts drive routing: `retryable` (the same call may be made again: the upstream
@@ -39,6 +40,7 @@ __all__ = [
     "ContentPolicyViolation",
     "GatewayError",
     "InsufficientCredit",
+    "InsufficientResources",
     "InternalError",
     "InvalidRequest",
     "ModelNotFound",
@@ -200,6 +202,17 @@ class ProviderNotConfigured(ProviderUnavailable):
     code = "provider_not_configured"
     retryable = False
     client_retry = False
+
+
+class InsufficientResources(GatewayError):
+    """The gateway itself ran short (memory) doing image work: nothing wrong with the request."""
+
+    status = 503
+    type = "server_error"
+    code = "insufficient_resources"
+
+    def __init__(self, message: str, *, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class InternalError(GatewayError):

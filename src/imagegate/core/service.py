@@ -38,11 +38,11 @@ from imagegate.core.errors import (
     UpstreamTimeout,
 )
 from imagegate.core.fetch import ImageFetcher, fetch_image
-from imagegate.core.params import BuildContext, Plan, apply_table
+from imagegate.core.params import BuildContext, Mode, Plan, apply_table
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.redact import scrub
-from imagegate.core.request import ImageRequest, InputImage
-from imagegate.core.results import DryRunResult, ImageResult
+from imagegate.core.request import ImageRequest, InputImage, check_mask_size
+from imagegate.core.results import DryRunResult, ImageResult, resolved_quality
 from imagegate.core.sizes import Size, resolve_target
 from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
 from imagegate.providers.common import backoff_delay
@@ -181,6 +181,8 @@ class ImageService:
         if not provider.accepts_image_urls:
             images = [await self._materialize(image, "images") for image in images]
             mask = await self._materialize(mask, "mask") if mask is not None else None
+        if images and mask is not None:
+            check_mask_size(images[0], mask)  # fetched URL images: their sizes are known only now
         first = images[0] if images else None
         input_size = Size(first.width, first.height) if first and first.width and first.height else None
         target = resolve_target(
@@ -392,8 +394,9 @@ def _result(
         width, height = next(iter(sizes))
         if width and height:
             size = f"{width}x{height}"
-    quality = request.quality if request.quality and request.quality != "auto" else "high"
-    return ImageResult(
+    honoured = plan.outcomes.get("quality") in (Mode.PASSTHROUGH, Mode.RENAMED, Mode.CONVERTED)
+    quality = resolved_quality(request.quality, honoured=honoured)
+    result = ImageResult(
         created=int(time.time()),
         data=[d.image for d in delivered],
         size=size,
@@ -402,3 +405,7 @@ def _result(
         background="transparent" if any(d.has_alpha for d in delivered) else "opaque",
         headers=_headers(plan, provider, route, results),
     )
+    # What was produced (the cost estimate and the per-key usage counters read it).
+    result.usage["images"] = len(delivered)
+    result.usage["megapixels"] = round(sum((d.width or 0) * (d.height or 0) for d in delivered) / 1e6, 6)
+    return result

@@ -44,9 +44,12 @@ def test_every_secret_str_in_the_settings_is_remembered(monkeypatch: pytest.Monk
         ("token r8_AbCdEf123456 leaked", "token [redacted] leaked"),
         ("key sk-proj-abcdef123456", "key [redacted]"),
         ("0d4c3b2a-1f2e-4d3c-8b7a-6f5e4d3c2b1a:00112233445566778899aabbccddeeff", "[redacted]"),
-        ('{"authorization": "whatever"}', '{"authorization": "[redacted]"}'),
-        ("x-api-key=abc&y=2", "x-api-key=[redacted]&y=2"),
+        ('{"authorization": "Key whatever-1234"}', '{"authorization": "Key [redacted]"}'),
+        ('{"authorization": "abcdef123456"}', '{"authorization": "[redacted]"}'),
+        ("x-api-key=abc12345def&y=2", "x-api-key=[redacted]&y=2"),
         ("Token limit reached; key error in field", "Token limit reached; key error in field"),
+        ("Incorrect API key provided.", "Incorrect API key provided."),
+        ("Invalid value for 'api_key': must be a string", "Invalid value for 'api_key': must be a string"),
     ],
 )
 def test_credential_shapes(text: str, expected: str) -> None:

@@ -29,10 +29,12 @@ def test_every_secret_str_in_the_settings_is_remembered(monkeypatch: pytest.Monk
                    "replicate": {"api_token": "plain-token-cc33"}, "openai": {"api_key": "plainkey-dd44"}},
         models={"m": {"routes": [{"provider": "openai", "model": "x",
                                   "options": {"api_key_env": "ROUTE_KEY_FOR_REDACT_TEST"}}]}},
+        redis={"url": "redis://:redispass-ee55@127.0.0.1:6379/0"},
     )
     redact.remember_secrets(settings)
-    text = "keyid-aa11-unique keysecret-bb22-unique plain-token-cc33 plainkey-dd44 routekey-77aa-unique"
-    assert redact.scrub(text) == " ".join([redact.REDACTED] * 5)
+    text = ("keyid-aa11-unique keysecret-bb22-unique plain-token-cc33 plainkey-dd44 routekey-77aa-unique "
+            "redispass-ee55")
+    assert redact.scrub(text) == " ".join([redact.REDACTED] * 6)
 
 
 @pytest.mark.parametrize(

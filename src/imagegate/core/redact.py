@@ -13,8 +13,9 @@ message goes through `upstream_text` (identifiers such as a `param` or `code` th
     scrub(text)                   every configured secret (and its URL-, JSON- and base64-encoded
                                   forms) and anything shaped like a credential (`Key …`, `Bearer …`,
                                   `Basic …`, `r8_…`, `sk-…`, fal `id:secret`, `api_key=…`) -> `[redacted]`
-    remember_secrets(settings)    add every SecretStr in the settings (and route `api_key_env`
-                                  variables) to the secrets `scrub` removes
+    remember_secrets(settings)    add every SecretStr in the settings, every password inside a URL
+                                  setting (e.g. `redis.url`) and the route `api_key_env` variables to
+                                  the secrets `scrub` removes
     install_log_filter()          `RedactingFilter` on the `imagegate` (and `httpx`, `httpcore`) loggers
                                   and their children
 
@@ -33,7 +34,7 @@ import re
 import threading
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import BaseModel, SecretStr
 
@@ -114,6 +115,14 @@ def remember_secrets(settings: Any) -> None:
 def _secret_values(value: Any) -> Iterable[str]:
     if isinstance(value, SecretStr):
         yield value.get_secret_value()
+    elif isinstance(value, str) and "://" in value and "@" in value:  # a password in a URL (redis://:pw@host)
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            password = None
+        if password:
+            yield password
+            yield unquote(password)
     elif isinstance(value, BaseModel):
         for name in type(value).model_fields:
             yield from _secret_values(getattr(value, name, None))

@@ -37,7 +37,7 @@ from imagegate.core.errors import (
     UpstreamAuthFailed,
     UpstreamError,
 )
-from imagegate.core.redact import upstream_text, upstream_token
+from imagegate.core.redact import scrub, upstream_text, upstream_token
 from imagegate.core.request import FORMAT_MIME, Operation
 from imagegate.providers.base import ProviderImage, ProviderResult
 from imagegate.providers.common import (
@@ -138,7 +138,7 @@ def parse_images(body: Any, *, output_format: str | None = None) -> tuple[list[P
         if not isinstance(item, dict):
             continue
         if revised is None and isinstance(item.get("revised_prompt"), str):
-            revised = item["revised_prompt"]
+            revised = scrub(item["revised_prompt"])  # upstream text shown to the client: no credentials
         if isinstance(b64 := item.get("b64_json"), str) and b64:
             mime = sniff_mime(_b64_head(b64)) or FORMAT_MIME.get(output_format or "")
             uri = f"data:{mime or 'application/octet-stream'};base64,{b64}"

@@ -150,8 +150,7 @@ class ImageService:
                 internal.provider = provider.name
                 raise internal from exc
             failure.provider = failure.provider or provider.name
-            failure.accepted = failure.accepted or work.accepted
-            failure.costly = failure.costly or failure.accepted
+            failure.accepted = failure.accepted or work.accepted  # accepted work is costly
             failures.append(_Attempted(route, failure))
             failure.costly = any(f.error.costly for f in failures)
             may_fall_back = failure.fallback and (

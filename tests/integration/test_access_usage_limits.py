@@ -119,3 +119,16 @@ async def test_concurrency_slot_is_released_when_the_client_disconnects(url: str
     fake.scenario = FalScenario.instant()
     result = await sdk(url, LIMITED).images.generate(model="fal-image", prompt="x")  # the slot came back
     assert len(result.data or []) == 1
+
+
+async def test_streamed_request_with_an_idempotency_key_replays_its_events(url: str, fake: FakeFal) -> None:
+    body = {"model": "fal-image", "prompt": "x", "stream": True}
+    headers = {"authorization": f"Bearer {TEAM_A}", "idempotency-key": "stream-1"}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        first = await http.post("/v1/images/generations", json=body, headers=headers)
+        second = await http.post("/v1/images/generations", json=body, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.headers["content-type"].startswith("text/event-stream")
+    assert "event: image_generation.completed" in first.text
+    assert second.text == first.text and second.headers["idempotent-replayed"] == "true"
+    assert len(fake.submits) == 1

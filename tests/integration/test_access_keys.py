@@ -117,6 +117,8 @@ def test_open_gateway_warns_once_and_serves_without_a_key(tmp_path: Path, caplog
         response = httpx.post(srv.url + "/v1/images/generations", json={"model": "sandbox-image", "prompt": "x"})
         assert response.status_code == 200
         assert response.headers["x-imagegate-cost-usd"] == "0.0000"
+        usage = httpx.get(srv.url + "/v1/usage").json()["data"]
+        assert [(row["key"], row["requests"], row["images"]) for row in usage] == [("anonymous", 1, 1)]
 
 
 def test_an_allow_list_naming_an_unknown_model_fails_at_start(tmp_path: Path) -> None:
@@ -128,6 +130,8 @@ def test_an_allow_list_naming_an_unknown_model_fails_at_start(tmp_path: Path) ->
 def test_a_key_from_an_unset_variable_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exactly one of `key` and `key_sha256`"):
         access_settings(tmp_path, "http://127.0.0.1:9", auth={"keys": [{"name": "a", "key": ""}]})
+    with pytest.raises(ValueError, match="'anonymous' is reserved"):
+        access_settings(tmp_path, "http://127.0.0.1:9", auth={"keys": [{"name": "anonymous", "key": "x"}]})
     with pytest.raises(ValueError, match="its own `name`"):
         access_settings(
             tmp_path, "http://127.0.0.1:9", auth={"keys": [{"name": "a", "key": "x"}, {"name": "a", "key": "y"}]}

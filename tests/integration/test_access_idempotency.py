@@ -93,6 +93,7 @@ async def test_different_body_under_the_same_key_is_409(url: str, fake: FakeFal)
         "param": "Idempotency-Key",
         "code": "idempotency_key_reused",
     }
+    assert info.value.response.headers["x-should-retry"] == "false"  # the SDK would retry a 409 otherwise
     assert len(fake.submits) == 1
 
 

@@ -15,14 +15,9 @@ from tests.fakes.server import LocalServer
 
 from imagegate.app import create_app
 
-from .access_support import OPS, TEAM_A, TEAM_B, access_settings, gateway, sdk
+from .access_support import OPS, TEAM_A, TEAM_B, access_settings, fal, gateway, sdk
 
-
-@pytest.fixture(scope="module")
-def fal() -> Iterator[tuple[FakeFal, LocalServer]]:
-    fake = FakeFal()
-    with LocalServer(fake.app) as srv:
-        yield fake, srv
+__all__ = ["fal"]
 
 
 @pytest.fixture

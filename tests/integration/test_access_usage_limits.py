@@ -16,25 +16,11 @@ from tests.fakes.fal import FakeFal, FalScenario
 from tests.fakes.server import LocalServer, wait_until
 from tests.redis_support import redis_prefix, redis_url
 
-from .access_support import KEYS, OPS, TEAM_A, TEAM_B, access_settings, gateway, sdk
+from .access_support import KEYS, OPS, TEAM_A, TEAM_B, access_settings, fal, gateway, sdk, state
 
-__all__ = ["redis_prefix", "redis_url"]
+__all__ = ["fal", "redis_prefix", "redis_url", "state"]
 
 LIMITED = "sk-limited-1111"
-
-
-@pytest.fixture(scope="module")
-def fal() -> Iterator[tuple[FakeFal, LocalServer]]:
-    fake = FakeFal()
-    with LocalServer(fake.app) as srv:
-        yield fake, srv
-
-
-@pytest.fixture(params=["memory", "redis"])
-def state(request: pytest.FixtureRequest) -> dict[str, Any]:
-    if request.param == "memory":
-        return {}
-    return {"url": request.getfixturevalue("redis_url"), "key_prefix": request.getfixturevalue("redis_prefix")}
 
 
 @pytest.fixture

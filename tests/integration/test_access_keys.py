@@ -99,6 +99,10 @@ async def test_health_metrics_and_files_stay_open(url: str) -> None:
             assert (await http.get(url + path)).status_code == 200
         assert (await http.get(url + "/metrics")).status_code != 401
         assert (await http.get(url + "/v1/usage")).status_code == 401
+        for sneaky in ("/v1/files/images/../../v1/models", "/v1/files/images/x/../../../v1/usage", "/v1/files/images/"):
+            raw = httpx.Request("GET", url + "/v1/models")
+            raw.url = raw.url.copy_with(raw_path=sneaky.encode())
+            assert (await http.send(raw)).status_code == 401  # only one plain segment is open
 
 
 def test_open_gateway_warns_once_and_serves_without_a_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -221,6 +221,8 @@ class ClientKeyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_secret(self) -> ClientKeyConfig:
+        if self.name == "anonymous":
+            raise ValueError("auth key name 'anonymous' is reserved (requests without a key count under it)")
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError(f"auth key {self.name!r}: set exactly one of `key` and `key_sha256`")
         return self

@@ -27,13 +27,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import obstore
 from obstore.store import S3Store
 
+from imagegate.core.errors import InternalError
 from imagegate.settings import S3StorageSettings, StorageSettings
 from imagegate.storage.base import IMAGE_ID, Storage, StoredImage, new_image_id
 
@@ -70,7 +71,7 @@ class S3Storage(Storage):
     async def put(self, data: bytes, *, content_type: str, extension: str, ttl_seconds: int) -> str:
         image_id = new_image_id(extension, ttl_seconds)
         attributes: Any = {"Content-Type": content_type, EXPIRES_META: f"{self._clock() + ttl_seconds:.3f}"}
-        async with asyncio.timeout(self._timeout):
+        async with _unavailable_as_503("put"), asyncio.timeout(self._timeout):
             await obstore.put_async(self._store, self._key(image_id), data, attributes=attributes)
         return image_id
 
@@ -78,7 +79,7 @@ class S3Storage(Storage):
         if not IMAGE_ID.match(image_id):
             return None
         key = self._key(image_id)
-        async with asyncio.timeout(self._timeout):
+        async with _unavailable_as_503("get"), asyncio.timeout(self._timeout):
             try:
                 result = await obstore.get_async(self._store, key)
             except FileNotFoundError:
@@ -107,6 +108,19 @@ class S3Storage(Storage):
     async def _delete(self, key: str) -> None:
         with contextlib.suppress(Exception):
             await obstore.delete_async(self._store, key)
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_as_503(operation: str) -> AsyncIterator[None]:
+    """An S3 failure (unreachable, timed out, refused) is a 503 `storage_unavailable`, never a 500;
+    the client sees no detail of it, the log sees its type."""
+    try:
+        yield
+    except Exception as exc:  # TimeoutError included
+        logger.warning("S3 %s failed: %s", operation, type(exc).__name__)
+        raise InternalError(
+            "The image storage is unavailable; try again later.", code="storage_unavailable", status=503
+        ) from exc
 
 
 def _store(s3: S3StorageSettings, endpoint: str | None) -> S3Store:

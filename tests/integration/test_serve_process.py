@@ -20,9 +20,12 @@ from tests.fakes.server import LocalServer, wait_until
 from tests.integration.gateway_process import GatewayProcess, write_config
 from tests.observability.promtext import parse, value
 
+from imagegate.settings import Settings
+
 FAL_MODEL = "fal-ai/qwen-image-edit-2511"
 FAL_KEY = "fal-key-id:fal-key-secret-for-the-log-test"
 REPLICATE_TOKEN = "r8_replicate-token-for-the-log-test"
+CLIENT_KEY = "client-key-for-the-log-test-0123456789"
 CLEAN_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it handled once shut down
 
 
@@ -166,18 +169,30 @@ def test_json_logs_carry_the_request_fields_and_no_secret(
     fake.reset()
     fake.scenario = FalScenario.instant()
     prompt = "grayscale and the-private-prompt-words"
-    gateway = GatewayProcess(tmp_path, config(tmp_path, srv.url, logging={"format": "json"}))
+    extra: dict[str, Any] = {}
+    headers = {"x-request-id": "req-log-test-1"}
+    key_name = "anonymous"
+    if "auth" in Settings.model_fields:  # client keys, where this tree has them: the name is logged, never the key
+        extra["auth"] = {"keys": [{"name": "team-log", "key": CLIENT_KEY}]}
+        headers["authorization"] = f"Bearer {CLIENT_KEY}"
+        key_name = "team-log"
+    gateway = GatewayProcess(tmp_path, config(tmp_path, srv.url, logging={"format": "json"}, **extra))
     try:
         gateway.wait_ready()
         ok = httpx.post(
             gateway.url + "/v1/images/edits",
             data={"model": "fal-edit", "prompt": prompt, "response_format": "b64_json", "size": "48x48"},
             files={"image": ("a.png", png_bytes(32, 32), "image/png")},
-            headers={"x-request-id": "req-log-test-1"},
+            headers=headers,
             timeout=30,
         )
         assert ok.status_code == 200, ok.text
-        bad = httpx.post(gateway.url + "/v1/images/generations", json={"model": "sandbox-image"}, timeout=30)
+        bad = httpx.post(
+            gateway.url + "/v1/images/generations",
+            json={"model": "sandbox-image"},
+            headers={**headers, "x-request-id": "req-log-test-2"},
+            timeout=30,
+        )
         assert bad.status_code == 400
     finally:
         gateway.stop()
@@ -186,7 +201,7 @@ def test_json_logs_carry_the_request_fields_and_no_secret(
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     access = {line.get("request_id"): line for line in lines if line["logger"] == "imagegate.access"}
     line = access["req-log-test-1"]
-    assert line["level"] == "info" and line["status"] == 200 and line["key"] == "anonymous"
+    assert line["level"] == "info" and line["status"] == 200 and line["key"] == key_name
     assert line["model"] == "fal-edit" and line["provider"] == "fal" and line["upstream_model"] == FAL_MODEL
     assert line["upstream_request_id"] == fake.submits[0].request_id
     assert set(line["duration_ms"]) == {"total", "upstream", "postprocess"}
@@ -194,6 +209,6 @@ def test_json_logs_carry_the_request_fields_and_no_secret(
     assert line["params"] == dict(p.split("=") for p in ok.headers["x-imagegate-params"].split("; "))
     assert line["images"] == 1 and "prompt" not in line
     assert [e["status"] for e in access.values() if e["path"] == "/v1/images/generations"] == [400]
-    for secret in (FAL_KEY, "fal-key-secret-for-the-log-test", REPLICATE_TOKEN, "the-private-prompt-words"):
+    for secret in (FAL_KEY, "fal-key-secret-for-the-log-test", REPLICATE_TOKEN, CLIENT_KEY, "the-private-prompt-words"):
         assert secret not in output
     assert ok.json()["data"][0]["b64_json"][:40] not in output  # no image bytes

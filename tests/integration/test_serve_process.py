@@ -199,7 +199,7 @@ def test_json_logs_carry_the_request_fields_and_no_secret(
     output = gateway.output()
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line is one object
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
-    access = {line.get("request_id"): line for line in lines if line["logger"] == "imagegate.access"}
+    access = {line.get("request_id"): line for line in lines if line["logger"] == "imagegate.requests"}
     line = access["req-log-test-1"]
     assert line["level"] == "info" and line["status"] == 200 and line["key"] == key_name
     assert line["model"] == "fal-edit" and line["provider"] == "fal" and line["upstream_model"] == FAL_MODEL

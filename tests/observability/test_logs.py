@@ -19,7 +19,7 @@ PROMPT = "grayscale with the-words-of-the-prompt"
 
 async def access_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture, **logging_settings: object) -> list[dict]:
     app = create_app(gateway_settings(tmp_path, logging=logging_settings))
-    caplog.set_level(logging.INFO, logger="imagegate.access")
+    caplog.set_level(logging.INFO, logger="imagegate.requests")
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
         response = await client.post(
@@ -30,7 +30,7 @@ async def access_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture, **loggi
         )
         assert response.status_code == 200
     formatter = JsonFormatter()
-    return [json.loads(formatter.format(r)) for r in caplog.records if r.name == "imagegate.access"]
+    return [json.loads(formatter.format(r)) for r in caplog.records if r.name == "imagegate.requests"]
 
 
 async def test_prompts_stay_out_of_the_log_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

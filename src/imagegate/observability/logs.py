@@ -1,7 +1,7 @@
 """Logging: `logging.format: text` (a terminal) or `json` (one object per line), with secrets redacted.
 
 A JSON line always has `time` (UTC, ISO 8601, milliseconds), `level`, `logger`, `message`, and
-`request_id` while a request is being served. The request log line (logger `imagegate.access`,
+`request_id` while a request is being served. The request log line (logger `imagegate.requests`,
 one per request) adds the fields of `RequestLog` (see `observability.middleware`). Exceptions go
 in `exception` as text. Every configured secret (each `SecretStr` of the settings: provider keys
 and tokens, client keys, the S3 secret) is replaced by `[redacted]` in every line, whatever logged it.

@@ -39,7 +39,7 @@ from imagegate.observability.metrics import Metrics
 
 __all__ = ["ANONYMOUS", "InFlight", "ObservabilityMiddleware", "parse_params"]
 
-access_log = logging.getLogger("imagegate.access")
+access_log = logging.getLogger("imagegate.requests")
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"

@@ -10,8 +10,11 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from imagegate import __version__
+from imagegate import __version__, usage
+from imagegate.access import Access
 from imagegate.api import errors, files, health, images, metrics, models
+from imagegate.auth import AuthMiddleware
+from imagegate.core import redact
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
@@ -21,6 +24,7 @@ from imagegate.observability.metrics import Metrics
 from imagegate.observability.middleware import InFlight, ObservabilityMiddleware
 from imagegate.providers.registry import build_providers
 from imagegate.settings import Settings, load_settings
+from imagegate.state.redis import connect as connect_redis
 from imagegate.storage.factory import build_storage
 
 __all__ = ["app_from_env", "create_app"]
@@ -43,6 +47,8 @@ def _http_client() -> httpx.AsyncClient:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
+    redact.remember_secrets(settings)  # masked in every message and log line (core/redact.py)
+    redact.install_log_filter()
     http = _http_client()
     pool = ImagePool(settings.image_workers)
     storage = build_storage(settings.storage)
@@ -56,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool=pool,
         fetcher=fetcher,
     )
+    redis = connect_redis(settings.redis)  # None: limits, idempotency and usage stay in memory
+    access = Access.build(settings, storage=storage, redis=redis)
 
     telemetry = Metrics()
     inflight = InFlight()
@@ -71,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             telemetry.close()
             await http.aclose()
             await storage.close()
+            if redis is not None:
+                await redis.aclose()
             pool.close()
 
     app = FastAPI(title="imagegate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -81,10 +91,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.fetcher = fetcher
     app.state.service = service
+    app.state.redis = redis
+    app.state.access = access
     app.state.metrics = telemetry
     app.state.inflight = inflight
+    app.add_middleware(AuthMiddleware, keyring=access.keyring)  # inside the request-id middleware
     errors.install(app)
-    for router in (images.router, models.router, files.router, health.router, metrics.router):
+    for router in (images.router, models.router, files.router, health.router, usage.router, metrics.router):
         app.include_router(router)
     # Added last, so it is the outermost middleware: it sees every response, errors included.
     app.add_middleware(

@@ -101,6 +101,7 @@ async def test_readyz_and_requests_follow_the_bucket(make_app: Any) -> None:
             ready = await client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["status"] == "ready"
             server.stop()
+            await asyncio.sleep(1.05)  # a successful probe stands for a second
             not_ready = await client.get("/readyz")
             edit_response = await client.post(
                 "/v1/images/edits",

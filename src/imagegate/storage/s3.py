@@ -15,7 +15,8 @@ Deletion is the bucket's job: an operator adds a lifecycle rule expiring `<prefi
 ceil(ttl_seconds / 86400) + 1 days (README, "S3 storage").
 
 `ready()` writes one fixed probe object (`<prefix>.imagegate-ready`): it proves the bucket exists
-and the credentials may write, and leaves no debris. Every call is bounded by `timeout_seconds`.
+and the credentials may write, and leaves no debris; at most one probe runs at a time, and a
+success stands for a second. Every call is bounded by `timeout_seconds`.
 
 Why obstore: no Python dependencies (a Rust core, Apache Arrow's `object_store`), presigning
 built in, and measured faster than aiobotocore against the same local S3 server (README).
@@ -52,7 +53,11 @@ _MAX_PRESIGNED_SECONDS = 604_800  # SigV4: 7 days
 
 class S3Storage(Storage):
     def __init__(
-        self, settings: StorageSettings | S3StorageSettings, *, clock: Callable[[], float] = time.time
+        self,
+        settings: StorageSettings | S3StorageSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        ready_cache_seconds: float = 1.0,
     ) -> None:
         s3 = settings.s3 if isinstance(settings, StorageSettings) else settings
         if not s3.bucket:
@@ -64,6 +69,9 @@ class S3Storage(Storage):
         self._store = _store(s3, s3.endpoint_url)
         public = s3.public_endpoint_url
         self._signer = self._store if not public or public == s3.endpoint_url else _store(s3, public)
+        self._ready_cache = ready_cache_seconds
+        self._ready_until = 0.0  # time.monotonic() until which the last successful probe stands
+        self._ready_lock = asyncio.Lock()
 
     def _key(self, image_id: str) -> str:
         return f"{self.prefix}{image_id}"
@@ -100,9 +108,15 @@ class S3Storage(Storage):
         return await obstore.sign_async(self._signer, "GET", self._key(image_id), lifetime)
 
     async def ready(self) -> bool:
-        """Write the fixed probe object: the bucket exists, is reachable, and takes writes."""
-        async with asyncio.timeout(min(self._timeout, 5.0)):
-            await obstore.put_async(self._store, f"{self.prefix}{READY_PROBE}", b"")
+        """Write the fixed probe object: the bucket exists, is reachable, and takes writes. `/readyz`
+        is open, so probes run one at a time and a success stands for `ready_cache_seconds`: no
+        caller can turn readiness checks into a stream of paid S3 writes."""
+        async with self._ready_lock:
+            if time.monotonic() < self._ready_until:
+                return True
+            async with asyncio.timeout(min(self._timeout, 5.0)):
+                await obstore.put_async(self._store, f"{self.prefix}{READY_PROBE}", b"")
+            self._ready_until = time.monotonic() + self._ready_cache
         return True
 
     async def _delete(self, key: str) -> None:

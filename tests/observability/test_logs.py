@@ -74,3 +74,23 @@ def test_formatters_redact_secrets_wherever_they_appear(formatter_class: type[lo
     if formatter_class is JsonFormatter:
         line = json.loads(text)
         assert line["level"] == "warning" and line["time"].endswith("Z") and "exception" in line
+
+
+async def test_image_ids_stay_out_of_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(gateway_settings(tmp_path))
+    caplog.set_level(logging.DEBUG)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
+        response = await client.post(
+            "/v1/images/edits",
+            data={"model": "sandbox-edit", "prompt": "invert", "response_format": "url"},
+            files={"image": ("a.png", png_bytes(20, 20), "image/png")},
+        )
+        url = response.json()["data"][0]["url"]
+        assert (await client.get(url)).status_code == 200
+    image_id = url.rsplit("/", 1)[1]
+    formatter = JsonFormatter()
+    lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name != "httpx"]  # httpx: this test's client
+    fetch = [line for line in lines if line.get("endpoint") == "/v1/files/images/{image_id}"]
+    assert len(fetch) == 1 and fetch[0]["path"] == "/v1/files/images/{image_id}" and fetch[0]["status"] == 200
+    assert not any(image_id in json.dumps(line) for line in lines)

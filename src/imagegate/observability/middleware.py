@@ -57,6 +57,7 @@ _WATCHED = (
     "x-imagegate-cost-usd",
 )
 _MAX_PROMPT_CHARS = 2000
+_CAPABILITY_PATHS = ("/v1/files/",)
 
 
 def parse_params(header: str) -> dict[str, str]:
@@ -249,6 +250,8 @@ class ObservabilityMiddleware:
         total: float,
     ) -> None:
         path = str(scope.get("path", ""))[:200]
+        if path.startswith(_CAPABILITY_PATHS):
+            path = endpoint  # an image id is what grants access to the image: it stays out of the log
         level = logging.DEBUG if path in _QUIET and status < 400 else logging.INFO
         if not access_log.isEnabledFor(level):
             return

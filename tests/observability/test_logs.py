@@ -12,7 +12,9 @@ from tests.conftest import gateway_settings
 from tests.fakes.images import png_bytes
 
 from imagegate.app import create_app
-from imagegate.observability.logs import FIELDS_ATTR, REDACTED, JsonFormatter, TextFormatter, secrets_of
+from imagegate.core import redact
+from imagegate.core.redact import REDACTED
+from imagegate.observability.logs import FIELDS_ATTR, JsonFormatter, TextFormatter
 
 PROMPT = "grayscale with the-words-of-the-prompt"
 
@@ -48,18 +50,27 @@ async def test_log_prompts_true_adds_the_prompt(tmp_path: Path, caplog: pytest.L
     assert line["prompt"] == PROMPT
 
 
-def test_secrets_of_finds_every_secret_in_the_settings(tmp_path: Path) -> None:
-    settings = gateway_settings(
-        tmp_path,
-        providers={"fal": {"key": "fal-secret-123456"}, "replicate": {"api_token": "r8_secret-abcdef"}},
-        storage={"backend": "s3", "s3": {"bucket": "b", "secret_access_key": "s3-secret-zyxwvu"}},
+def test_configured_secrets_are_remembered(tmp_path: Path) -> None:
+    create_app(
+        gateway_settings(
+            tmp_path,
+            providers={"fal": {"key": "fal-secret-123456"}, "replicate": {"api_token": "r8_secret-abcdef"}},
+            storage={
+                "backend": "s3",
+                "s3": {"bucket": "b", "access_key_id": "id", "secret_access_key": "s3-secret-zyxwvu"},
+            },
+        )
     )
-    assert {"fal-secret-123456", "r8_secret-abcdef", "s3-secret-zyxwvu"} <= secrets_of(settings)
+    line = JsonFormatter().format(
+        logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "%s %s", ("s3-secret-zyxwvu", "x"), None)
+    )
+    assert "s3-secret-zyxwvu" not in line and REDACTED in line
 
 
 @pytest.mark.parametrize("formatter_class", [JsonFormatter, TextFormatter])
 def test_formatters_redact_secrets_wherever_they_appear(formatter_class: type[logging.Formatter]) -> None:
-    formatter = formatter_class(secrets=["sk-very-secret-value"])  # type: ignore[call-arg]
+    redact.remember_secret("sk-very-secret-value")
+    formatter = formatter_class()
     try:
         raise ValueError("upstream said: bad key sk-very-secret-value")
     except ValueError:

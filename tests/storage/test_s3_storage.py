@@ -149,3 +149,10 @@ async def test_ready_probes_are_single_flight_and_cached(s3: LocalS3, monkeypatc
     await asyncio.sleep(1.05)
     assert await storage.ready() and len(probes) == 2  # the success stood for a second
     assert s3.client().head_object(Bucket=bucket, Key="outputs/.imagegate-ready")["ContentLength"] == 0
+
+
+def test_unusable_credentials_fail_when_built() -> None:
+    settings = StorageSettings.model_validate({"backend": "s3", "s3": {"bucket": "b", "secret_access_key": "x" * 20}})
+    with pytest.raises(ValueError, match=r"storage\.s3 is not usable: .*AccessKeyId") as info:
+        S3Storage(settings)
+    assert "x" * 20 not in str(info.value)

@@ -154,7 +154,11 @@ def _store(s3: S3StorageSettings, endpoint: str | None) -> S3Store:
         "connect_timeout": timedelta(seconds=min(5.0, s3.timeout_seconds)),
     }
     retry: RetryConfig = {"max_retries": 2, "retry_timeout": timeout}
-    return S3Store(s3.bucket, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+    try:
+        return S3Store(s3.bucket, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+    except Exception as exc:  # e.g. a secret without its key id: the app fails when built, not at a request
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"storage.s3 is not usable: {reason}") from None
 
 
 def _expires_at(value: object) -> float | None:

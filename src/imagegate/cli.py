@@ -41,8 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    from imagegate.multiworker import check_workers
     from imagegate.observability.metrics import prepare_multiprocess_dir
 
+    errors, warnings = check_workers(settings, args.workers or settings.workers)
+    for line in (*(f"error: {e}" for e in errors), *(f"warning: {w}" for w in warnings)):
+        print(f"imagegate: {line}", file=sys.stderr)
+    if errors:
+        return 2
     prepare_multiprocess_dir(args.workers or settings.workers)  # before any worker imports prometheus_client
     uvicorn.run(
         "imagegate.app:app_from_env",

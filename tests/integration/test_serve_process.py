@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,10 +21,14 @@ from tests.fakes.images import image_info, png_bytes
 from tests.fakes.server import LocalServer, wait_until
 from tests.integration.gateway_process import GatewayProcess, write_config
 from tests.observability.promtext import parse, value
+from tests.redis_support import redis_prefix, redis_url  # noqa: F401 - fixtures
+
+from imagegate.settings import Settings
 
 FAL_MODEL = "fal-ai/qwen-image-edit-2511"
 FAL_KEY = "fal-key-id:fal-key-secret-for-the-log-test"
 REPLICATE_TOKEN = "r8_replicate-token-for-the-log-test"
+CLIENT_KEY = "client-key-for-the-log-test-0123456789"
 CLEAN_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it handled once shut down
 
 
@@ -166,27 +172,39 @@ def test_json_logs_carry_the_request_fields_and_no_secret(
     fake.reset()
     fake.scenario = FalScenario.instant()
     prompt = "grayscale and the-private-prompt-words"
-    gateway = GatewayProcess(tmp_path, config(tmp_path, srv.url, logging={"format": "json"}))
+    extra: dict[str, Any] = {}
+    headers = {"x-request-id": "req-log-test-1"}
+    key_name = "anonymous"
+    if "auth" in Settings.model_fields:  # client keys, where this tree has them: the name is logged, never the key
+        extra["auth"] = {"keys": [{"name": "team-log", "key": CLIENT_KEY}]}
+        headers["authorization"] = f"Bearer {CLIENT_KEY}"
+        key_name = "team-log"
+    gateway = GatewayProcess(tmp_path, config(tmp_path, srv.url, logging={"format": "json"}, **extra))
     try:
         gateway.wait_ready()
         ok = httpx.post(
             gateway.url + "/v1/images/edits",
             data={"model": "fal-edit", "prompt": prompt, "response_format": "b64_json", "size": "48x48"},
             files={"image": ("a.png", png_bytes(32, 32), "image/png")},
-            headers={"x-request-id": "req-log-test-1"},
+            headers=headers,
             timeout=30,
         )
         assert ok.status_code == 200, ok.text
-        bad = httpx.post(gateway.url + "/v1/images/generations", json={"model": "sandbox-image"}, timeout=30)
+        bad = httpx.post(
+            gateway.url + "/v1/images/generations",
+            json={"model": "sandbox-image"},
+            headers={**headers, "x-request-id": "req-log-test-2"},
+            timeout=30,
+        )
         assert bad.status_code == 400
     finally:
         gateway.stop()
     output = gateway.output()
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line is one object
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
-    access = {line.get("request_id"): line for line in lines if line["logger"] == "imagegate.access"}
+    access = {line.get("request_id"): line for line in lines if line["logger"] == "imagegate.requests"}
     line = access["req-log-test-1"]
-    assert line["level"] == "info" and line["status"] == 200 and line["key"] == "anonymous"
+    assert line["level"] == "info" and line["status"] == 200 and line["key"] == key_name
     assert line["model"] == "fal-edit" and line["provider"] == "fal" and line["upstream_model"] == FAL_MODEL
     assert line["upstream_request_id"] == fake.submits[0].request_id
     assert set(line["duration_ms"]) == {"total", "upstream", "postprocess"}
@@ -194,6 +212,53 @@ def test_json_logs_carry_the_request_fields_and_no_secret(
     assert line["params"] == dict(p.split("=") for p in ok.headers["x-imagegate-params"].split("; "))
     assert line["images"] == 1 and "prompt" not in line
     assert [e["status"] for e in access.values() if e["path"] == "/v1/images/generations"] == [400]
-    for secret in (FAL_KEY, "fal-key-secret-for-the-log-test", REPLICATE_TOKEN, "the-private-prompt-words"):
+    for secret in (FAL_KEY, "fal-key-secret-for-the-log-test", REPLICATE_TOKEN, CLIENT_KEY, "the-private-prompt-words"):
         assert secret not in output
     assert ok.json()["data"][0]["b64_json"][:40] not in output  # no image bytes
+
+
+def test_workers_without_redis_refuse_per_key_limits(tmp_path: Path, fal: tuple[FakeFal, LocalServer]) -> None:
+    _, srv = fal
+    keys = {"keys": [{"name": "team-a", "key": CLIENT_KEY, "rpm": 5}]}
+    result = subprocess.run(
+        [sys.executable, "-m", "imagegate.cli", "serve", "--workers", "2", "--port", "1",
+         "--config", str(config(tmp_path, srv.url, auth=keys))],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert "error: --workers 2 without redis.url" in result.stderr and "team-a" in result.stderr
+
+
+def test_limits_hold_across_workers_on_redis(
+    tmp_path: Path, fal: tuple[FakeFal, LocalServer], request: pytest.FixtureRequest
+) -> None:
+    _, srv = fal
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    metrics_dir = tmp_path / "prometheus"
+    cfg = config(
+        tmp_path,
+        srv.url,
+        auth={"keys": [{"name": "team-a", "key": CLIENT_KEY, "rpm": 4}]},
+        redis={"url": url, "key_prefix": prefix},
+    )
+    gateway = GatewayProcess(tmp_path, cfg, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    statuses = []
+    try:
+        gateway.wait_ready(timeout=60)
+        for _ in range(8):
+            with httpx.Client(timeout=30) as client:  # a new connection each time: any worker may take it
+                response = client.post(
+                    gateway.url + "/v1/images/generations",
+                    json={"model": "sandbox-image", "prompt": "a lighthouse", "size": "64x64"},
+                    headers={"authorization": f"Bearer {CLIENT_KEY}"},
+                )
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                assert int(response.headers["retry-after"]) >= 1
+        with httpx.Client(timeout=30) as client:
+            samples = parse(client.get(gateway.url + "/metrics").text)
+    finally:
+        gateway.stop()
+    assert statuses == [200] * 4 + [429] * 4  # one budget for both workers
+    labels = {"endpoint": "/v1/images/generations", "model": "sandbox-image", "key": "team-a"}
+    assert value(samples, "imagegate_requests_total", status="200", **labels) == 4

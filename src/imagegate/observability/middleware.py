@@ -26,9 +26,11 @@ import logging
 import math
 import re
 import time
+from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagegate.core import telemetry
@@ -39,7 +41,7 @@ from imagegate.observability.metrics import Metrics
 
 __all__ = ["ANONYMOUS", "InFlight", "ObservabilityMiddleware", "parse_params"]
 
-access_log = logging.getLogger("imagegate.access")
+access_log = logging.getLogger("imagegate.requests")
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
@@ -55,6 +57,7 @@ _WATCHED = (
     "x-imagegate-cost-usd",
 )
 _MAX_PROMPT_CHARS = 2000
+_CAPABILITY_PATHS = ("/v1/files/",)
 
 
 def parse_params(header: str) -> dict[str, str]:
@@ -65,6 +68,32 @@ def parse_params(header: str) -> dict[str, str]:
         if _PARAM.match(name) and mode in _MODES:
             out[name] = mode
     return out
+
+
+def _endpoint(scope: Scope) -> str:
+    """The route template that served the request; for one answered before routing (a 401 from the
+    auth layer, a 413), the template its path matches; `other` for unknown paths."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        return path
+    for route in _leaf_routes(getattr(scope.get("app"), "routes", ())):
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # a route that cannot judge this scope
+            continue
+        if match is Match.FULL:
+            return str(route.path)
+    return "other"
+
+
+def _leaf_routes(routes: Any, depth: int = 0) -> Iterator[Any]:
+    """Every route with a path template, inside included routers too (however the framework wraps them)."""
+    for route in routes:
+        inner = getattr(route, "routes", None) or getattr(getattr(route, "original_router", None), "routes", None)
+        if inner and depth < 4:
+            yield from _leaf_routes(inner, depth + 1)
+        elif isinstance(getattr(route, "path", None), str) and hasattr(route, "matches"):
+            yield route
 
 
 def _cost(value: str | None) -> float | None:
@@ -181,8 +210,7 @@ class ObservabilityMiddleware:
 
     def _finish(self, scope: Scope, record: RequestTelemetry, status: int, headers: dict[str, str]) -> None:
         total = time.monotonic() - record.started
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "other"
+        endpoint = _endpoint(scope)
         model = record.model or "-"
         key_name = record.state.get("key_name")
         key = key_name if isinstance(key_name, str) and _KEY_NAME.match(key_name) else ANONYMOUS
@@ -222,6 +250,8 @@ class ObservabilityMiddleware:
         total: float,
     ) -> None:
         path = str(scope.get("path", ""))[:200]
+        if path.startswith(_CAPABILITY_PATHS):
+            path = endpoint  # an image id is what grants access to the image: it stays out of the log
         level = logging.DEBUG if path in _QUIET and status < 400 else logging.INFO
         if not access_log.isEnabledFor(level):
             return

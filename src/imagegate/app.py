@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from imagegate import __version__
 from imagegate.api import errors, files, health, images, models
+from imagegate.api.admission import AdmissionMiddleware, Budget
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
@@ -70,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.fetcher = fetcher
     app.state.service = service
+    app.state.budget = Budget.from_limits(settings.limits)
+    app.add_middleware(AdmissionMiddleware, budget=app.state.budget)  # inside errors' request middleware
     errors.install(app)
     for router in (images.router, models.router, files.router, health.router):
         app.include_router(router)

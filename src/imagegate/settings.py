@@ -110,6 +110,13 @@ class LimitsSettings(BaseModel):
     max_pixels: int = 40_000_000  # per input image (from its header, before decoding) and per output
     max_images: int = 16
     max_prompt_chars: int = 32_000
+    # The in-flight budget of image requests (api/admission.py): beyond it, a short FIFO wait, then 503 server_busy.
+    max_inflight_requests: int = 10_000
+    max_inflight_bytes: int = 512 * 1024 * 1024  # bodies + decoded inputs of the image requests in flight
+    max_queued: int = 256  # requests waiting for the budget; more get 503 at once
+    queue_timeout_seconds: float = 2.0  # the longest wait for the budget (0: no queue)
+    busy_retry_after_seconds: float = 1.0  # `retry-after` on 503 server_busy
+    trim_after_bytes: int = 256 * 1024 * 1024  # malloc_trim once this much was admitted and the burst is over
 
 
 class StorageSettings(BaseModel):

@@ -11,7 +11,7 @@ import httpx
 from fastapi import FastAPI
 
 from imagegate import __version__
-from imagegate.api import errors, files, health, images, models
+from imagegate.api import errors, files, health, images, models, openapi
 from imagegate.api.admission import AdmissionMiddleware, Budget
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in (images.router, models.router, files.router, health.router):
         app.include_router(router)
+    openapi.install(app)  # the document at /openapi.json describes the wire, not FastAPI's guess
     return app
 
 

@@ -120,16 +120,23 @@ async def test_settle_gives_back_an_overestimate_and_waits_for_more() -> None:
 
 async def test_memory_is_trimmed_once_a_burst_is_over() -> None:
     trims: list[float] = []
-    budget = Budget(max_requests=10, max_bytes=1600, trim_after_bytes=1000, trim=lambda: trims.append(1))
+    budget = Budget(
+        max_requests=10, max_bytes=1600, trim_after_bytes=1000, trim_delay=0.05, trim=lambda: trims.append(1)
+    )
     tickets = [await budget.admit(400) for _ in range(3)]
     for ticket in tickets[:-1]:
         budget.release(ticket)
+    await asyncio.sleep(0.1)
     assert trims == []  # 400 bytes still in flight: the burst is not over
     budget.release(tickets[-1])
-    await asyncio.sleep(0.05)  # the trim runs in a thread
-    assert trims == [1]
+    again = await budget.admit(400)  # a new request within the quiet period: no trim yet
+    await asyncio.sleep(0.1)
+    assert trims == []
+    budget.release(again)
+    await asyncio.sleep(0.1)  # quiet for trim_delay: the trim runs (in a thread)
+    assert trims == [1] and budget.trims == 1
     budget.release(await budget.admit(10))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
     assert trims == [1]  # not after a trickle
 
 

@@ -21,9 +21,9 @@ the rest (before any new request; 503 if it cannot get it in time). A request's 
 `max_inflight_bytes`, so a single large request can still run alone.
 
 Memory return: when the bytes in flight fall to a sixteenth of the budget after at least
-`limits.trim_after_bytes` were admitted since the last time, glibc's `malloc_trim(0)` runs in a
-thread, handing freed heap pages back to the OS (without it, RSS stays near its peak after a
-burst). No-op where the C library has no `malloc_trim`.
+`limits.trim_after_bytes` were admitted since the last time, and stay there for a second,
+glibc's `malloc_trim(0)` runs in a thread, handing freed heap pages back to the OS (without it,
+RSS stays near its peak after a burst). No-op where the C library has no `malloc_trim`.
 
 Rejections are logged once per `_LOG_INTERVAL` seconds with their count, not once per request.
 """
@@ -61,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 _STATE_KEY = "admission_ticket"
 _LOG_INTERVAL = 10.0
-_TRIM_MIN_INTERVAL = 2.0
 BYTES_PER_PIXEL = 4  # decoded RGBA
 ESTIMATE_FACTOR = 3  # at admission, before the inputs are probed: body + decoded ~ 2 x body
 
@@ -102,6 +101,7 @@ class Budget:
         queue_timeout: float = 0.0,
         retry_after: float = 1.0,
         trim_after_bytes: int = 0,
+        trim_delay: float = 1.0,
         trim: Callable[[], object] | None = None,
     ) -> None:
         self.max_requests = max_requests
@@ -117,7 +117,9 @@ class Budget:
         self._trim_after = trim_after_bytes
         self._trim = trim if trim is not None else malloc_trim
         self._since_trim = 0
-        self._last_trim = 0.0
+        self._trim_delay = trim_delay
+        self._trim_timer: asyncio.TimerHandle | None = None
+        self.trims = 0
         self._rejected_logged = 0
         self._last_log = 0.0
 
@@ -250,17 +252,29 @@ class Budget:
         )
 
     def _maybe_trim(self) -> None:
-        if self._trim_after <= 0 or self._since_trim < self._trim_after or self.bytes > self.max_bytes // 16:
+        """After a burst (enough bytes admitted since the last trim, few in flight now), trim once
+        the budget has stayed quiet for `trim_delay` seconds."""
+        if self._trim_after <= 0 or self._since_trim < self._trim_after or self._trim_timer is not None:
             return
-        now = time.monotonic()
-        if now - self._last_trim < _TRIM_MIN_INTERVAL:
+        if self.bytes > self.max_bytes // 16:
             return
-        self._since_trim = 0
-        self._last_trim = now
         try:
-            asyncio.get_running_loop().run_in_executor(None, self._trim)
-        except RuntimeError:  # no running loop (tests calling release() directly)
-            self._trim()
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no running loop (release() called from plain code)
+            self._run_trim()
+            return
+        self._trim_timer = loop.call_later(self._trim_delay, self._trim_when_quiet, loop)
+
+    def _trim_when_quiet(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._trim_timer = None
+        if self.bytes <= self.max_bytes // 16:
+            self._since_trim = 0
+            loop.run_in_executor(None, self._run_trim)
+
+    def _run_trim(self) -> None:
+        self._since_trim = 0
+        self.trims += 1
+        self._trim()
 
 
 # -- the ASGI seam ---------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ Phases (each a fresh server process, same image, same K):
               no malloc_trim: the gateway as it was before the budget
   budget      the packaged defaults (limits.max_inflight_bytes etc.)
   no-trim     the defaults without malloc_trim (limits.trim_after_bytes: 0), to see what it gives back
-  trim-only   no budget, but malloc_trim after the burst (`--only trim-only`; not in the default run)
 
     .venv/bin/python bench/burst.py                 # K = 200 and 400, ~6 min on 2 cores
     .venv/bin/python bench/burst.py -k 200 --image-mb 5
@@ -155,7 +154,7 @@ def main() -> None:
     parser.add_argument("--image-mb", type=float, default=5.0)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after the burst before RSS is read")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request client timeout")
-    parser.add_argument("--only", choices=["unbounded", "budget", "no-trim", "trim-only"], help="run one phase only")
+    parser.add_argument("--only", choices=["unbounded", "budget", "no-trim"], help="run one phase only")
     args = parser.parse_args()
     image = noise_png(args.image_mb)
     print(f"image: {len(image) / 1e6:.2f} MB PNG; cpus {os.cpu_count()}; load {os.getloadavg()[0]:.2f}", flush=True)
@@ -164,9 +163,6 @@ def main() -> None:
             phase("unbounded", UNBOUNDED, image, k, args.settle, args.timeout)
         if args.only in (None, "budget"):
             phase("budget", {}, image, k, args.settle, args.timeout)
-        if args.only == "trim-only":
-            trim_only = {**UNBOUNDED, "trim_after_bytes": 256 * 1024 * 1024}
-            phase("trim-only", trim_only, image, k, args.settle, args.timeout)
         if args.only in (None, "no-trim"):
             phase("no-trim", {"trim_after_bytes": 0}, image, k, args.settle, args.timeout)
 

@@ -143,7 +143,7 @@ class LimitsSettings(BaseModel):
     max_queued: NonNegativeInt = 256  # requests waiting for the budget; more get 503 at once
     queue_timeout_seconds: NonNegativeFloat = 2.0  # the longest wait for the budget (0: no queue)
     busy_retry_after_seconds: NonNegativeFloat = 1.0  # `retry-after` on 503 server_busy
-    trim_after_bytes: NonNegativeInt = 256 * 1024 * 1024  # malloc_trim after this much, once a burst is over (0: never)
+    trim_after_bytes: NonNegativeInt = 256 * 1024 * 1024  # malloc_trim once this much was released (0: never)
 
 
 class StorageSettings(BaseModel):

@@ -20,7 +20,7 @@ from PIL import Image
 from tests.fakes.images import png_bytes
 from tests.resilience.gateway_process import GatewayProcess, rss_bytes, write_config
 
-from imagegate.api.admission import Budget, ServerBusy
+from imagegate.api.admission import AdmissionMiddleware, Budget, ServerBusy
 
 MiB = 1024 * 1024
 BUSY_ENVELOPE = {
@@ -138,6 +138,42 @@ async def test_memory_is_trimmed_once_a_burst_is_over() -> None:
     budget.release(await budget.admit(10))
     await asyncio.sleep(0.1)
     assert trims == [1]  # not after a trickle
+
+
+async def test_a_body_without_content_length_is_counted_as_it_streams_in() -> None:
+    budget = Budget(max_requests=10, max_bytes=1000)
+    held = await budget.admit(900)
+    seen: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            seen.append(budget.bytes)
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    chunks = [{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 3
+    chunks.append({"type": "http.request", "body": b"", "more_body": False})
+
+    async def receive() -> Any:
+        return chunks.pop(0)
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/images/generations", "headers": [], "state": {}}
+    with pytest.raises(ServerBusy):  # 900 held + 60 fit, the next 60 do not
+        await AdmissionMiddleware(app, budget=budget)(scope, receive, send)
+    assert seen == [960]
+    assert (budget.requests, budget.bytes) == (1, 900)  # the refused request gave everything back
+    budget.release(held)
+    chunks[:] = [{"type": "http.request", "body": b"x" * 60, "more_body": False}]
+    await AdmissionMiddleware(app, budget=budget)(scope, receive, send)
+    assert sent[-1]["body"] == b"ok" and (budget.requests, budget.bytes) == (0, 0)
 
 
 # -- against the real server ---------------------------------------------------------------------

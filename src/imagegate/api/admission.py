@@ -20,8 +20,8 @@ settles the request's share at its real size, giving back an overestimate at onc
 the rest (before any new request; 503 if it cannot get it in time). A request's share is capped at
 `max_inflight_bytes`, so a single large request can still run alone.
 
-Memory return: when the bytes in flight fall to a sixteenth of the budget after at least
-`limits.trim_after_bytes` were admitted since the last time, and stay there for a second,
+Memory return: when at least `limits.trim_after_bytes` were released since the last time and the
+bytes in flight have stayed at or below a sixteenth of the budget for a second,
 glibc's `malloc_trim(0)` runs in a thread, handing freed heap pages back to the OS (without it,
 RSS stays near its peak after a burst). No-op where the C library has no `malloc_trim`.
 
@@ -116,7 +116,7 @@ class Budget:
         self._growing: collections.deque[_Waiter] = collections.deque()  # admitted ones, served first
         self._trim_after = trim_after_bytes
         self._trim = trim if trim is not None else malloc_trim
-        self._since_trim = 0
+        self._since_trim = 0  # bytes released since the last trim
         self._trim_delay = trim_delay
         self._trim_timer: asyncio.TimerHandle | None = None
         self.trims = 0
@@ -148,7 +148,6 @@ class Budget:
             self.requests += 1
         self.bytes += size
         ticket.bytes += size
-        self._since_trim += size
 
     async def admit(self, size: int) -> Ticket:
         """A new request holding `size` bytes; raises ServerBusy if it cannot get in in time."""
@@ -211,6 +210,7 @@ class Budget:
         ticket.released = True
         self.requests -= 1
         self.bytes -= ticket.bytes
+        self._since_trim += ticket.bytes
         ticket.bytes = 0
         self._wake()
         self._maybe_trim()
@@ -228,7 +228,6 @@ class Budget:
             if not head.grow:
                 self.requests += 1
             self.bytes += head.size
-            self._since_trim += head.size
             head.future.set_result(None)
 
     def _busy(self) -> ServerBusy:
@@ -252,7 +251,7 @@ class Budget:
         )
 
     def _maybe_trim(self) -> None:
-        """After a burst (enough bytes admitted since the last trim, few in flight now), trim once
+        """After a burst (enough bytes released since the last trim, few in flight now), trim once
         the budget has stayed quiet for `trim_delay` seconds."""
         if self._trim_after <= 0 or self._since_trim < self._trim_after or self._trim_timer is not None:
             return

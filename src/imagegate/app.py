@@ -12,7 +12,8 @@ from fastapi import FastAPI
 
 from imagegate import __version__, usage
 from imagegate.access import Access
-from imagegate.api import errors, files, health, images, metrics, models, playground
+from imagegate.api import errors, files, health, images, metrics, models, openapi, playground
+from imagegate.api.admission import AdmissionMiddleware, Budget
 from imagegate.auth import AuthMiddleware
 from imagegate.core import redact
 from imagegate.core.catalog import Catalog
@@ -95,12 +96,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.access = access
     app.state.metrics = telemetry
     app.state.inflight = inflight
+    app.state.budget = Budget.from_limits(settings.limits)
+    app.add_middleware(AdmissionMiddleware, budget=app.state.budget)  # inside errors' request middleware
     app.add_middleware(AuthMiddleware, keyring=access.keyring)  # inside the request-id middleware
     errors.install(app)
     for router in (images.router, models.router, files.router, health.router, usage.router, metrics.router):
         app.include_router(router)
     if settings.playground:
         app.include_router(playground.router)
+    openapi.install(app)  # the document at /openapi.json describes the wire, not FastAPI's guess
     # Added last, so it is the outermost middleware: it sees every response, errors included.
     app.add_middleware(
         ObservabilityMiddleware, metrics=telemetry, inflight=inflight, log_prompts=settings.logging.log_prompts

@@ -40,7 +40,7 @@ from imagegate.usage.routes import ANONYMOUS
 
 __all__ = ["Access", "ClientService", "RunService", "service_for"]
 
-log = logging.getLogger("imagegate.access")
+log = logging.getLogger("imagegate.auth")
 RunResult = ImageResult | DryRunResult
 
 

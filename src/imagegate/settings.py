@@ -27,6 +27,7 @@ __all__ = [
     "FetchSettings",
     "IdempotencySettings",
     "LimitsSettings",
+    "LoggingSettings",
     "ModelConfig",
     "OpenAISettings",
     "ProvidersSettings",
@@ -35,6 +36,7 @@ __all__ = [
     "RouteConfig",
     "RoutePrice",
     "RoutingSettings",
+    "S3StorageSettings",
     "Settings",
     "StorageSettings",
     "interpolate_env",
@@ -118,10 +120,43 @@ class LimitsSettings(BaseModel):
     max_prompt_chars: int = 32_000
 
 
+class S3StorageSettings(BaseModel):
+    """`storage.s3`: an S3-compatible bucket (AWS, MinIO, R2, ...) for `storage.backend: s3`."""
+
+    bucket: str = ""
+    endpoint_url: str | None = None  # empty = AWS
+    public_endpoint_url: str | None = None  # presigned URLs are signed for this host (default: endpoint_url)
+    region: str = "us-east-1"
+    access_key_id: str | None = None  # empty = the environment / instance credentials
+    secret_access_key: SecretStr | None = None
+    prefix: str = "outputs/"
+    url_style: Literal["presigned", "gateway"] = "presigned"
+    timeout_seconds: float = 30.0  # per S3 request (retries included)
+
+    _empty = field_validator(
+        "endpoint_url", "public_endpoint_url", "access_key_id", "secret_access_key", mode="before"
+    )(_secret_or_none)
+
+
 class StorageSettings(BaseModel):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "s3"] = "local"
     path: Path = Path("data/images")
     ttl_seconds: int = 3600
+    s3: S3StorageSettings = S3StorageSettings()
+
+    @model_validator(mode="after")
+    def _check_s3(self) -> StorageSettings:
+        if self.backend == "s3":
+            if not self.s3.bucket:
+                raise ValueError("storage.backend is s3 but storage.s3.bucket is empty")
+            if self.s3.url_style == "presigned" and self.ttl_seconds > 604_800:
+                raise ValueError("presigned S3 URLs live at most 7 days: storage.ttl_seconds must be <= 604800")
+        return self
+
+
+class LoggingSettings(BaseModel):
+    format: Literal["text", "json"] = "text"  # json: one object per line (time, level, request id, ...)
+    log_prompts: bool = False  # prompts go into the request log only when true
 
 
 class DeliverySettings(BaseModel):
@@ -230,6 +265,8 @@ class Settings(BaseSettings):
     workers: int = 1
     image_workers: int | None = None  # threads for image work (default: CPU count)
     log_level: str = "info"
+    logging: LoggingSettings = LoggingSettings()
+    shutdown_grace_seconds: int = Field(30, ge=0)  # on SIGTERM: finish in-flight requests this long
     limits: LimitsSettings = LimitsSettings()
     storage: StorageSettings = StorageSettings()
     delivery: DeliverySettings = DeliverySettings()
@@ -240,6 +277,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+    playground: bool = True  # serve the browser playground at / and /playground
 
     @model_validator(mode="after")
     def _allow_lists_name_known_models(self) -> Settings:

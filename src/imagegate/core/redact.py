@@ -57,9 +57,9 @@ _lock = threading.Lock()
 _secrets: set[str] = set()
 _secret_pattern: re.Pattern[str] | None = None
 
-# Credential shapes. A value must look like a token (8+ characters, at least one a digit) so that
-# prose such as "Token limit reached" or "Incorrect API key provided." survives.
-_TOKEN = r"(?=[A-Za-z0-9._~+/=:\-]*[0-9])[A-Za-z0-9._~+/=:\-]{8,}"
+# Credential shapes. A value must look like a token (8+ characters with a digit or punctuation other
+# than a full stop) so that prose such as "Token limit reached" or "Incorrect API key provided." survives.
+_TOKEN = r"(?=[A-Za-z0-9._~+/=:\-]*[0-9_~+/=:\-])[A-Za-z0-9._~+/=:\-]{8,}"
 _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"(?i)\b(key|bearer|basic|token|digest)(\s+|%20|\+)({_TOKEN})"), rf"\1\2{REDACTED}"),
     (re.compile(r"\br8_[A-Za-z0-9_\-]{6,}"), REDACTED),

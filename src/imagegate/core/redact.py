@@ -57,20 +57,23 @@ _lock = threading.Lock()
 _secrets: set[str] = set()
 _secret_pattern: re.Pattern[str] | None = None
 
-# Credential shapes. A value must look like a token (8+ characters, at least one a digit) so that
-# prose such as "Token limit reached" or "Incorrect API key provided." survives.
-_TOKEN = r"(?=[A-Za-z0-9._~+/=:\-]*[0-9])[A-Za-z0-9._~+/=:\-]{8,}"
-_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(rf"(?i)\b(key|bearer|basic|token|digest)(\s+|%20|\+)({_TOKEN})"), rf"\1\2{REDACTED}"),
-    (re.compile(r"\br8_[A-Za-z0-9_\-]{6,}"), REDACTED),
-    (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), REDACTED),
+# Credential shapes. A value must look like a token (8+ characters with a digit or punctuation other
+# than a full stop) so that prose such as "Token limit reached" or "Incorrect API key provided." survives.
+_TOKEN = r"(?=[A-Za-z0-9._~+/=:\-]*[0-9_~+/=:\-])[A-Za-z0-9._~+/=:\-]{8,}"
+# (pattern, replacement, triggers): a pattern runs only when one of its triggers is in the lowered
+# text, so an ordinary log line costs a few substring checks.
+_SHAPES: tuple[tuple[re.Pattern[str], str, tuple[str, ...]], ...] = (
+    (re.compile(rf"(?i)\b(key|bearer|basic|token|digest)(\s+|%20|\+)({_TOKEN})"), rf"\1\2{REDACTED}",
+     ("key", "bearer", "basic", "token", "digest")),
+    (re.compile(r"\br8_[A-Za-z0-9_\-]{6,}"), REDACTED, ("r8_",)),
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), REDACTED, ("sk-",)),
     (re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9a-zA-Z]{8,}"),
-     REDACTED),
+     REDACTED, (":",)),
     (re.compile(
         r"(?i)((?:authorization|proxy-authorization|x-api-key|api[-_]?key|api[-_]?token|access[-_]?token"
         r"|fal[-_]?key|secret|password)[\"']?\s*[:=]\s*[\"']?)(?:(?:key|bearer|basic|token|digest)\s+)?+"
         rf"(?!\[redacted\]){_TOKEN}"),
-     rf"\1{REDACTED}"),
+     rf"\1{REDACTED}", ("authorization", "key", "token", "secret", "password")),
 )  # fmt: skip
 _OBJECT_REPR = re.compile(r"<[\w.]+(?: object)? at 0x[0-9a-fA-F]+>")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
@@ -139,8 +142,11 @@ def scrub(text: str) -> str:
     pattern = _secret_pattern
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
-    for shape, replacement in _SHAPES:
-        text = shape.sub(replacement, text)
+    lowered = text.lower()
+    for shape, replacement, triggers in _SHAPES:
+        if any(trigger in lowered for trigger in triggers):
+            text = shape.sub(replacement, text)
+            lowered = text.lower()
     return text
 
 

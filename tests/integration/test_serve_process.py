@@ -137,7 +137,10 @@ def test_metrics_aggregate_every_worker(tmp_path: Path, fal: tuple[FakeFal, Loca
     metrics_dir.mkdir()
     (metrics_dir / "counter_1.db").write_bytes(b"stale")  # from an earlier run: wiped at start
     gateway = GatewayProcess(
-        tmp_path, config(tmp_path, srv.url), workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        tmp_path,
+        config(tmp_path, srv.url, logging={"format": "json"}),
+        workers=2,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
     )
     sent = 0
     try:
@@ -163,6 +166,11 @@ def test_metrics_aggregate_every_worker(tmp_path: Path, fal: tuple[FakeFal, Loca
     finally:
         gateway.stop()
     assert not (metrics_dir / "counter_1.db").exists()
+    lines = [json.loads(line) for line in gateway.output().splitlines() if line.strip()]  # the supervisor's too
+    messages = [line["message"] for line in lines]
+    assert any("Started parent process" in m for m in messages)
+    assert any("Idempotency-Key records and /v1/usage totals are kept per worker" in m for m in messages)
+    assert sum(1 for line in lines if line["logger"] == "imagegate.requests" and line["status"] == 200) >= sent
 
 
 def test_json_logs_carry_the_request_fields_and_no_secret(
@@ -226,7 +234,7 @@ def test_workers_without_redis_refuse_per_key_limits(tmp_path: Path, fal: tuple[
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 2
-    assert "error: --workers 2 without redis.url" in result.stderr and "team-a" in result.stderr
+    assert "ERROR:     imagegate: --workers 2 without redis.url" in result.stderr and "team-a" in result.stderr
 
 
 def test_limits_hold_across_workers_on_redis(

@@ -78,18 +78,25 @@ def edit_in_thread(url: str, results: dict[str, Any], **data: str) -> threading.
 
 
 def sigterm_during_a_job(
-    tmp_path: Path, fal: tuple[FakeFal, LocalServer], scenario: FalScenario, grace: int, *, probe: bool = False
+    tmp_path: Path,
+    fal: tuple[FakeFal, LocalServer],
+    scenario: FalScenario,
+    grace: int,
+    *,
+    probe: bool = False,
+    stream: bool = False,
 ) -> tuple[dict[str, Any], float]:
     """Start the gateway, send an edit, SIGTERM it once fal has the job; return the client's result
     and the seconds from SIGTERM to the process's exit. `probe`: check new connections are refused."""
     fake, srv = fal
     fake.reset()
     fake.scenario = scenario
-    gateway = GatewayProcess(tmp_path, config(tmp_path, srv.url, shutdown_grace_seconds=grace))
+    routing = {"keepalive_seconds": 0.2}  # a stream starts (200, keepalives) long before the SIGTERM
+    gateway = GatewayProcess(tmp_path, config(tmp_path, srv.url, shutdown_grace_seconds=grace, routing=routing))
     results: dict[str, Any] = {}
     try:
         gateway.wait_ready()
-        thread = edit_in_thread(gateway.url, results)
+        thread = edit_in_thread(gateway.url, results, **({"stream": "true"} if stream else {}))
         wait_until(lambda: fake.submits, timeout=20)
         started = time.monotonic()
         gateway.terminate()
@@ -129,6 +136,22 @@ def test_sigterm_cancels_a_job_still_running_after_the_grace(
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "server_shutting_down"
     assert response.headers["x-should-retry"] == "false"  # the job had started upstream
+
+
+def test_sigterm_ends_a_stream_with_an_error_event_after_cancelling_upstream(
+    tmp_path: Path, fal: tuple[FakeFal, LocalServer]
+) -> None:
+    results, _ = sigterm_during_a_job(tmp_path, fal, FalScenario.hang(), grace=1, stream=True)
+    fake, _ = fal
+    job = fake.submits[0]
+    assert fake.cancels == [job.request_id] and job.cancelled
+    response = results["response"]
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert ": keepalive" in response.text
+    frames = [frame for frame in response.text.split("\n\n") if frame.startswith("event:")]
+    assert len(frames) == 1 and frames[0].startswith("event: error\ndata: ")
+    error = json.loads(frames[0].split("data: ", 1)[1])["error"]
+    assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
 
 
 def test_metrics_aggregate_every_worker(tmp_path: Path, fal: tuple[FakeFal, LocalServer]) -> None:

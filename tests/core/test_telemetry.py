@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -68,8 +69,6 @@ async def test_tasks_and_threads_record_into_the_request() -> None:
                 pass
 
         loop = asyncio.get_running_loop()
-        import contextvars
-
         await loop.run_in_executor(None, contextvars.copy_context().run, work)
     finally:
         telemetry.end(token)

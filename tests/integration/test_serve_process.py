@@ -78,18 +78,25 @@ def edit_in_thread(url: str, results: dict[str, Any], **data: str) -> threading.
 
 
 def sigterm_during_a_job(
-    tmp_path: Path, fal: tuple[FakeFal, LocalServer], scenario: FalScenario, grace: int, *, probe: bool = False
+    tmp_path: Path,
+    fal: tuple[FakeFal, LocalServer],
+    scenario: FalScenario,
+    grace: int,
+    *,
+    probe: bool = False,
+    stream: bool = False,
 ) -> tuple[dict[str, Any], float]:
     """Start the gateway, send an edit, SIGTERM it once fal has the job; return the client's result
     and the seconds from SIGTERM to the process's exit. `probe`: check new connections are refused."""
     fake, srv = fal
     fake.reset()
     fake.scenario = scenario
-    gateway = GatewayProcess(tmp_path, config(tmp_path, srv.url, shutdown_grace_seconds=grace))
+    routing = {"keepalive_seconds": 0.2}  # a stream starts (200, keepalives) long before the SIGTERM
+    gateway = GatewayProcess(tmp_path, config(tmp_path, srv.url, shutdown_grace_seconds=grace, routing=routing))
     results: dict[str, Any] = {}
     try:
         gateway.wait_ready()
-        thread = edit_in_thread(gateway.url, results)
+        thread = edit_in_thread(gateway.url, results, **({"stream": "true"} if stream else {}))
         wait_until(lambda: fake.submits, timeout=20)
         started = time.monotonic()
         gateway.terminate()
@@ -131,13 +138,32 @@ def test_sigterm_cancels_a_job_still_running_after_the_grace(
     assert response.headers["x-should-retry"] == "false"  # the job had started upstream
 
 
+def test_sigterm_ends_a_stream_with_an_error_event_after_cancelling_upstream(
+    tmp_path: Path, fal: tuple[FakeFal, LocalServer]
+) -> None:
+    results, _ = sigterm_during_a_job(tmp_path, fal, FalScenario.hang(), grace=1, stream=True)
+    fake, _ = fal
+    job = fake.submits[0]
+    assert fake.cancels == [job.request_id] and job.cancelled
+    response = results["response"]
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert ": keepalive" in response.text
+    frames = [frame for frame in response.text.split("\n\n") if frame.startswith("event:")]
+    assert len(frames) == 1 and frames[0].startswith("event: error\ndata: ")
+    error = json.loads(frames[0].split("data: ", 1)[1])["error"]
+    assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
+
+
 def test_metrics_aggregate_every_worker(tmp_path: Path, fal: tuple[FakeFal, LocalServer]) -> None:
     _, srv = fal
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
     (metrics_dir / "counter_1.db").write_bytes(b"stale")  # from an earlier run: wiped at start
     gateway = GatewayProcess(
-        tmp_path, config(tmp_path, srv.url), workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        tmp_path,
+        config(tmp_path, srv.url, logging={"format": "json"}),
+        workers=2,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
     )
     sent = 0
     try:
@@ -163,6 +189,11 @@ def test_metrics_aggregate_every_worker(tmp_path: Path, fal: tuple[FakeFal, Loca
     finally:
         gateway.stop()
     assert not (metrics_dir / "counter_1.db").exists()
+    lines = [json.loads(line) for line in gateway.output().splitlines() if line.strip()]  # the supervisor's too
+    messages = [line["message"] for line in lines]
+    assert any("Started parent process" in m for m in messages)
+    assert any("Idempotency-Key records and /v1/usage totals are kept per worker" in m for m in messages)
+    assert sum(1 for line in lines if line["logger"] == "imagegate.requests" and line["status"] == 200) >= sent
 
 
 def test_json_logs_carry_the_request_fields_and_no_secret(
@@ -226,7 +257,7 @@ def test_workers_without_redis_refuse_per_key_limits(tmp_path: Path, fal: tuple[
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 2
-    assert "error: --workers 2 without redis.url" in result.stderr and "team-a" in result.stderr
+    assert "ERROR:     imagegate: --workers 2 without redis.url" in result.stderr and "team-a" in result.stderr
 
 
 def test_limits_hold_across_workers_on_redis(

@@ -8,7 +8,8 @@ in `exception` as text. Every line, whatever logged it (uvicorn and httpx includ
 tokens, client keys, the S3 secret) and anything shaped like a credential becomes `[redacted]`.
 
 `configure_logging(settings)` installs one handler on the root logger; in json mode it also routes
-uvicorn's loggers through it and silences `uvicorn.access` (the request log replaces it).
+uvicorn's loggers through it and silences `uvicorn.access` (the request log replaces it). The CLI
+calls it before starting uvicorn (with `uvicorn_log_config`), each worker again in `app_from_env`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from imagegate.core import redact, telemetry
 from imagegate.settings import Settings
 
-__all__ = ["FIELDS_ATTR", "JsonFormatter", "TextFormatter", "configure_logging"]
+__all__ = ["FIELDS_ATTR", "JsonFormatter", "TextFormatter", "configure_logging", "uvicorn_log_config"]
 
 FIELDS_ATTR = "imagegate_fields"  # `extra={FIELDS_ATTR: {...}}` adds structured fields to a JSON line
 
@@ -77,3 +78,13 @@ def configure_logging(settings: Settings) -> None:
             uvicorn_logger.handlers.clear()
             uvicorn_logger.propagate = True
         logging.getLogger("uvicorn.access").disabled = True
+
+
+def uvicorn_log_config(settings: Settings) -> dict[str, Any] | None:
+    """`uvicorn.run(log_config=...)`: uvicorn's own configuration for text; None for json, so uvicorn
+    leaves the handlers `configure_logging` installed alone (in the supervisor and in every worker)."""
+    if settings.logging.format == "json":
+        return None
+    from uvicorn.config import LOGGING_CONFIG
+
+    return LOGGING_CONFIG

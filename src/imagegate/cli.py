@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    from imagegate.observability.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(args.workers or settings.workers)  # before any worker imports prometheus_client
     uvicorn.run(
         "imagegate.app:app_from_env",
         factory=True,
@@ -66,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port or settings.port,
         workers=args.workers or settings.workers,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
     return 0
 

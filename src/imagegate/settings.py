@@ -16,21 +16,28 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "AuthSettings",
+    "ClientKeyConfig",
     "DeliverySettings",
     "FalSettings",
     "FetchSettings",
+    "IdempotencySettings",
     "LimitsSettings",
+    "LoggingSettings",
     "ModelConfig",
     "OpenAISettings",
     "ProvidersSettings",
+    "RedisSettings",
     "ReplicateSettings",
     "RouteConfig",
+    "RoutePrice",
     "RoutingSettings",
+    "S3StorageSettings",
     "Settings",
     "StorageSettings",
     "interpolate_env",
@@ -121,6 +128,7 @@ class OpenAISettings(BaseModel):
 
 class SandboxSettings(BaseModel):
     delay_seconds: NonNegativeFloat = 0.0  # simulated model latency
+    max_operations: int = Field(16, ge=1)  # prompt operations one edit may run (400 naming `prompt` above)
 
 
 class ProvidersSettings(BaseModel):
@@ -146,16 +154,51 @@ class LimitsSettings(BaseModel):
     trim_after_bytes: NonNegativeInt = 256 * 1024 * 1024  # malloc_trim once this much was released (0: never)
 
 
+class S3StorageSettings(BaseModel):
+    """`storage.s3`: an S3-compatible bucket (AWS, MinIO, R2, ...) for `storage.backend: s3`."""
+
+    bucket: str = ""
+    endpoint_url: HttpUrl | None = None  # empty = AWS
+    public_endpoint_url: HttpUrl | None = None  # presigned URLs are signed for this host (default: endpoint_url)
+    region: str = "us-east-1"
+    access_key_id: str | None = None  # empty = the environment / instance credentials
+    secret_access_key: SecretStr | None = None
+    prefix: str = "outputs/"
+    url_style: Literal["presigned", "gateway"] = "presigned"
+    timeout_seconds: PositiveFloat = 30.0  # per S3 request (retries included)
+
+    _empty = field_validator(
+        "endpoint_url", "public_endpoint_url", "access_key_id", "secret_access_key", mode="before"
+    )(_secret_or_none)
+
+
 class StorageSettings(BaseModel):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "s3"] = "local"
     path: Path = Path("data/images")
     ttl_seconds: PositiveInt = 3600
+    s3: S3StorageSettings = S3StorageSettings()
+
+    @model_validator(mode="after")
+    def _check_s3(self) -> StorageSettings:
+        if self.backend == "s3":
+            if not self.s3.bucket:
+                raise ValueError("storage.backend is s3 but storage.s3.bucket is empty")
+            if self.s3.url_style == "presigned" and self.ttl_seconds > 604_800:
+                raise ValueError("presigned S3 URLs live at most 7 days: storage.ttl_seconds must be <= 604800")
+        return self
+
+
+class LoggingSettings(BaseModel):
+    format: Literal["text", "json"] = "text"  # json: one object per line (time, level, request id, ...)
+    log_prompts: bool = False  # prompts go into the request log only when true
 
 
 class DeliverySettings(BaseModel):
     url_mode: Literal["rehost", "passthrough"] = "rehost"
     public_base_url: HttpUrl | None = None  # e.g. https://images.example.com; default: the request's base URL
     default_response_format: Literal["url", "b64_json"] = "url"
+
+    _empty = field_validator("public_base_url", mode="before")(_secret_or_none)  # "" = not set
 
 
 class RoutingSettings(BaseModel):
@@ -165,6 +208,8 @@ class RoutingSettings(BaseModel):
     backoff_max: NonNegativeFloat = 8.0
     fanout_concurrency: PositiveInt = 4  # parallel upstream calls for an emulated `n`
     keepalive_seconds: PositiveFloat = 10.0  # SSE comment interval while streaming
+    # After an upstream accepted a job that then failed, try the next route anyway (may pay twice).
+    fallback_after_accepted: bool = False
 
 
 class FetchSettings(BaseModel):
@@ -175,12 +220,70 @@ class FetchSettings(BaseModel):
     timeout_seconds: PositiveFloat = 20.0
 
 
+class RoutePrice(BaseModel):
+    """What a route's upstream charges, for the cost estimate (`x-imagegate-cost-usd`, `/v1/usage`)."""
+
+    model_config = {"extra": "forbid"}
+
+    per_image: float | None = Field(None, ge=0)
+    per_megapixel: float | None = Field(None, ge=0)
+
+
 class RouteConfig(BaseModel):
     provider: str = Field(min_length=1)
     model: str = Field(min_length=1)
     options: dict[str, Any] = {}
     timeout_seconds: PositiveFloat | None = None
     url_mode: Literal["rehost", "passthrough"] | None = None
+    price: RoutePrice | None = None
+
+
+class ClientKeyConfig(BaseModel):
+    """One client key (`auth.keys[]`): `key` or `key_sha256` (the hex digest, so the file holds no secret)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    models: list[str] | None = None  # allow-list; None = every model
+    rpm: int | None = Field(None, ge=1)
+    images_per_minute: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    admin: bool = False  # GET /v1/usage shows every key
+    webhook_url: str | None = None
+
+    _empty = field_validator("key", "key_sha256", mode="before")(_secret_or_none)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ClientKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"auth key {self.name!r}: set exactly one of `key` and `key_sha256`")
+        return self
+
+
+class AuthSettings(BaseModel):
+    keys: list[ClientKeyConfig] = []  # none: the gateway is open
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthSettings:
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("auth.keys: every key needs its own `name`")
+        return self
+
+
+class RedisSettings(BaseModel):
+    url: str | None = None  # e.g. redis://127.0.0.1:6379/0; empty = in-memory state
+    key_prefix: str = "imagegate:"
+    timeout_seconds: float = Field(2.0, gt=0)  # per Redis command; an outage is a 503, never a hang
+    lease_seconds: float = Field(30.0, gt=0)  # concurrency slots and running idempotent requests
+
+    _empty = field_validator("url", mode="before")(_secret_or_none)
+
+
+class IdempotencySettings(BaseModel):
+    ttl_seconds: int = Field(86400, ge=1)
 
 
 class ModelConfig(BaseModel):
@@ -198,6 +301,8 @@ class Settings(BaseSettings):
     workers: PositiveInt = 1
     image_workers: PositiveInt | None = None  # threads for image work (default: CPU count)
     log_level: LogLevel = "info"
+    logging: LoggingSettings = LoggingSettings()
+    shutdown_grace_seconds: int = Field(30, ge=0)  # on SIGTERM: finish in-flight requests this long
     limits: LimitsSettings = LimitsSettings()
     storage: StorageSettings = StorageSettings()
     delivery: DeliverySettings = DeliverySettings()
@@ -205,6 +310,17 @@ class Settings(BaseSettings):
     fetch: FetchSettings = FetchSettings()
     providers: ProvidersSettings = ProvidersSettings()
     models: dict[str, ModelConfig] = {}
+    auth: AuthSettings = AuthSettings()
+    redis: RedisSettings = RedisSettings()
+    idempotency: IdempotencySettings = IdempotencySettings()
+
+    @model_validator(mode="after")
+    def _allow_lists_name_known_models(self) -> Settings:
+        for key in self.auth.keys:
+            unknown = sorted(set(key.models or ()) - set(self.models))
+            if unknown:
+                raise ValueError(f"auth key {key.name!r}: unknown model(s) in `models`: {', '.join(unknown)}")
+        return self
 
     _level = field_validator("log_level", mode="before")(_lowercase)
 

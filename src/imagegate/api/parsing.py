@@ -18,6 +18,9 @@ JSON edits
 Generations (JSON)
     a JSON object; an explicit `null` means "use the default", like a missing field.
 
+Text is Unicode or a 400 naming the field (`api.text`). Image URLs are parsed here by every
+parser that later reads them (`urlsplit`, `httpx.URL`): one that fails is a 400 `invalid_url`.
+
 Uploaded and data-URI images are identified from their bytes (`core.fetch.probe_image`:
 `imaging.probe(verify=True)` in the image pool), never from a declared content type: SDK raw-bytes
 uploads are application/octet-stream.
@@ -43,12 +46,14 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
+import httpx
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from imagegate.api.fields import build_request, duplicate_parameter, invalid_type, json_type_name, missing_parameter
+from imagegate.api.text import check_unicode, read_form
 from imagegate.core import imaging
 from imagegate.core.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedParameter
 from imagegate.core.fetch import probe_image
@@ -108,15 +113,20 @@ async def parse_generation_request(
 # -- multipart -------------------------------------------------------------------------------------
 
 
+def _form_limits(limits: LimitsSettings) -> dict[str, int]:
+    return {
+        "max_files": limits.max_images + 2,  # + mask + one spare, so "17 images" gets our message
+        "max_fields": MAX_FORM_FIELDS,
+        "max_part_size": max(1024 * 1024, limits.max_prompt_chars * 4 + 4096),  # a full prompt in UTF-8
+    }
+
+
 async def _parse_edit_form(
     request: Request, *, limits: LimitsSettings, pool: imaging.ImagePool, default_model: str
 ) -> ImageRequest:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
-        form = await request.form(
-            max_files=limits.max_images + 2,  # + mask + one spare, so "17 images" gets our message
-            max_fields=MAX_FORM_FIELDS,
-            max_part_size=max(1024 * 1024, limits.max_prompt_chars * 4 + 4096),  # a full prompt in UTF-8
-        )
+        form = await read_form(request, strict=media_type == "multipart/form-data", **_form_limits(limits))
     except (HTTPException, MultiPartException) as exc:  # Starlette wraps MultiPartException when in an app
         detail = str(exc.detail if isinstance(exc, HTTPException) else exc.message)
         if "Too many files" in detail:
@@ -223,7 +233,11 @@ async def _json_object(request: Request, *, pool: imaging.ImagePool | None = Non
 
 
 def _loads(body: bytes) -> Any:
-    return json.loads(body, parse_constant=_reject_constant)
+    """Parse, then check that all its text is Unicode (in the pool with the parse, for big bodies)."""
+    value = json.loads(body, parse_constant=_reject_constant)
+    if isinstance(value, dict):
+        check_unicode(value)
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -301,8 +315,13 @@ def _image_ref(ref: Any, *, param: str, label: str, cap: int) -> InputImage | st
         raise InvalidRequest(f"{label}: 'image_url' is longer than {MAX_IMAGE_URL_CHARS} characters.", param=param)
     if url[:5].lower() == "data:":
         return url
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https") or not urlsplit(url).hostname:
+    try:  # every parser that reads this URL later, so that none of them can fail after this point
+        parts = urlsplit(url)
+        _ = parts.port
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL):
+        raise InvalidRequest(f"{label}: 'image_url' is not a valid URL.", param=param, code="invalid_url") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(f"{label}: 'image_url' must be an http(s) URL or a data: URI.", param=param)
     return InputImage(url=url)
 

@@ -1,17 +1,27 @@
-"""All CPU-bound image work: probing, transforming and encoding, plus the pool that runs it.
+"""All CPU-bound image work: probing, transforming and encoding.
 
-Everything here except :class:`ImagePool` is a plain synchronous function over ``bytes`` or
-:class:`PIL.Image.Image`; the async side of the gateway calls them through ``ImagePool.run`` so
-that decoding and encoding never block the event loop (Pillow releases the GIL inside its codecs).
+Everything here is a plain synchronous function over ``bytes`` or :class:`PIL.Image.Image`; the
+async side of the gateway calls them through ``ImagePool.run`` (:mod:`imagegate.core.pool`,
+re-exported here with :class:`Cancelled` and :func:`checkpoint`) so that decoding and encoding
+never block the event loop (Pillow releases the GIL inside its codecs).
 
 Untrusted bytes are identified from their content only, never from a declared content type, and
 their declared pixel count is checked against ``max_pixels`` before anything is decoded.
+
+Bounded work. ``max_pixels`` holds for every image the gateway makes, not only for inputs: each
+function that creates an image (a decode, a resize target, a canvas) calls :func:`check_pixels`
+with the size it is about to allocate, before allocating it. :func:`check_pixels` is also an
+operation boundary: a job whose awaiting task was cancelled (the client went away, the deadline
+passed) raises :class:`Cancelled` there, so it stops consuming CPU at the next step instead of
+finishing in the pool. Long jobs call :func:`checkpoint` between their steps too.
 
 Errors::
 
     ValueError
      └── ImageError          unreadable, unsupported or corrupt image (``.reason``)
-          └── TooManyPixels  declared width * height exceeds the caller's ``max_pixels``
+          ├── TooManyPixels  declared (or about to be allocated) width * height exceeds ``max_pixels``
+          └── FormatSizeLimit  wider or taller than the output format can store (webp: 16383 px)
+    Cancelled                the job's awaiting task was cancelled (raised in the worker thread)
 
 A bad *argument* (unknown output format, compression outside 0..100, unknown background) is a
 plain ``ValueError``: it is the caller's mistake, not the image's.
@@ -19,35 +29,34 @@ plain ``ValueError``: it is the caller's mistake, not the image's.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import io
-import os
 import struct
 import zlib
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imagegate.core.pool import Cancelled, ImagePool, checkpoint
 
 __all__ = [
     "INPUT_FORMATS",
     "OUTPUT_FORMATS",
+    "Cancelled",
+    "FormatSizeLimit",
     "ImageError",
     "ImageInfo",
     "ImagePool",
     "TooManyPixels",
+    "check_pixels",
+    "checkpoint",
+    "decode",
     "encode_image",
     "needs_transform",
     "probe",
     "transform",
 ]
 
-P = ParamSpec("P")
-T = TypeVar("T")
 
 #: Formats accepted as input, as reported in :attr:`ImageInfo.format` (multi-frame: first frame).
 INPUT_FORMATS = frozenset({"png", "jpeg", "webp", "gif", "avif", "bmp"})  # no TIFF: a large decoder surface
@@ -97,6 +106,9 @@ _PNG_COMPRESS_LEVEL = 1
 _AVIF_SPEED = 8
 _WEBP_METHOD = 2
 _DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 80}
+# The largest side each encoder can write (measured with Pillow 13: beyond it the encoders raise
+# ValueError, OSError, OverflowError or RuntimeError); png's limit is far beyond max_pixels.
+_MAX_SIDE = {"webp": 16383, "jpeg": 65500, "gif": 65535, "avif": 65536}
 # Resize in two steps (integer reduce, then LANCZOS) once the source is this many times larger.
 _REDUCING_GAP = 3.0
 
@@ -110,7 +122,26 @@ class ImageError(ValueError):
 
 
 class TooManyPixels(ImageError):
-    """The image declares more pixels than allowed; raised before any pixel data is decoded."""
+    """An image has, or would have, more pixels than allowed; raised before its pixels are allocated."""
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
+    """The pixel budget, checked before ``size`` is allocated (and an operation boundary).
+
+    Raises :class:`TooManyPixels` naming ``what`` (e.g. "the output", "step 3 (rotate 45)") when
+    ``width * height > max_pixels``, and ``ValueError`` for an empty size."""
+    checkpoint()
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"{what} would be {width}x{height}: sizes must be positive")
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"{what} would be {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+
+
+class FormatSizeLimit(ImageError):
+    """The image is wider or taller than its output format can store; raised before encoding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +217,8 @@ def transform(
     Raises ``ValueError`` for a bad argument and :class:`ImageError` for a bad image.
     """
     _check_options(fmt=fmt, compression=compression, background=background)
-    if size is not None and (size[0] < 1 or size[1] < 1):
-        raise ValueError(f"size must be positive, got {size[0]}x{size[1]}")
+    if size is not None:
+        check_pixels(size, max_pixels, "the output")
     im = _open(data, max_pixels=max_pixels)
     if size is not None:
         _draft_for_cover(im, size)
@@ -197,8 +228,18 @@ def transform(
     if background == "opaque":
         img = _flatten(img)
     if size is not None and img.size != size:
+        checkpoint()
         img = _cover(img, size)
+    checkpoint()
     return encode_image(img, fmt, compression)
+
+
+def decode(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode the first frame of ``data`` (probed as by :func:`probe`; ``max_pixels`` applies),
+    EXIF orientation applied, so its size is the one :func:`probe` reports."""
+    im = _open(data, max_pixels=max_pixels)
+    _load(im)
+    return ImageOps.exif_transpose(im) or im
 
 
 def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
@@ -208,9 +249,13 @@ def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
     quantized to 255 colours plus one transparent index for pixels with alpha < 128, png, webp and
     avif keep alpha. ``compression`` (0..100) is the quality for jpeg (default 90), webp (90) and
     avif (80); it does not apply to png and gif, which are lossless. Metadata other than the ICC
-    profile is dropped. Raises ``ValueError`` for an unknown ``fmt`` or compression out of range.
+    profile is dropped. Raises ``ValueError`` for an unknown ``fmt`` or compression out of range,
+    :class:`FormatSizeLimit` for an image wider or taller than ``fmt`` can store.
     """
     _check_options(fmt=fmt, compression=compression, background=None)
+    limit = _MAX_SIDE.get(fmt)
+    if limit is not None and max(img.size) > limit:
+        raise FormatSizeLimit(f"{fmt} images are at most {limit} pixels per side; this one is {img.width}x{img.height}")
     img = _normalize_mode(img)
     params: dict[str, Any] = {}
     icc = img.info.get("icc_profile")
@@ -233,31 +278,6 @@ def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
     out = io.BytesIO()
     img.save(out, format=fmt.upper(), **params)
     return out.getvalue()
-
-
-class ImagePool:
-    """A bounded thread pool for image work, so it never runs on the event loop.
-
-    ``workers`` defaults to ``os.cpu_count()``. Jobs beyond that wait in the executor's queue.
-    A cancelled ``run`` stops waiting but cannot interrupt a job that has started.
-    """
-
-    def __init__(self, workers: int | None = None) -> None:
-        count = (os.cpu_count() or 1) if workers is None else workers
-        if count < 1:
-            raise ValueError(f"workers must be at least 1, got {count}")
-        self.workers = count
-        self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="imagegate-image")
-
-    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn(*args, **kwargs)`` in a worker thread (with the caller's contextvars)."""
-        loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, call)
-
-    def close(self) -> None:
-        """Wait for running jobs, drop queued ones; later ``run`` calls raise ``RuntimeError``."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 # -- private helpers ---------------------------------------------------------------------------
@@ -284,6 +304,8 @@ def _open(data: bytes, *, max_pixels: int) -> Image.Image:
         # Pillow's own global limit (2 * Image.MAX_IMAGE_PIXELS) tripped before ours, or its
         # warning (above 1x) was turned into an error by a warnings filter. We never change it.
         raise TooManyPixels(f"image declares too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:  # its text names the in-memory file object: never shown
+        raise ImageError("not a readable image of a supported format") from exc
     except _DECODE_ERRORS as exc:
         raise ImageError(f"not a readable image of a supported format ({exc})") from exc
     width, height = im.size

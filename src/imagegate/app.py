@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = telemetry
     app.state.inflight = inflight
     app.state.budget = Budget.from_limits(settings.limits)
-    app.add_middleware(AdmissionMiddleware, budget=app.state.budget)  # inside errors' request middleware
+    app.add_middleware(AdmissionMiddleware, budget=app.state.budget)  # inside auth: a refused key costs no budget
     app.add_middleware(AuthMiddleware, keyring=access.keyring)  # inside the request-id middleware
     errors.install(app)
     for router in (images.router, models.router, files.router, health.router, usage.router, metrics.router):

@@ -17,8 +17,10 @@ from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
 from imagegate.core.service import ImageService
 from imagegate.providers.registry import build_providers
+from imagegate.runtime import tune_gc
 from imagegate.settings import Settings, load_settings
 from imagegate.storage.local import LocalStorage
+from imagegate.upstream_http import upstream_client
 
 __all__ = ["app_from_env", "create_app"]
 
@@ -26,12 +28,14 @@ log = logging.getLogger("imagegate")
 
 
 def _http_client() -> httpx.AsyncClient:
-    """One pooled client for every upstream call. Per-call timeouts are set by the adapters."""
-    return httpx.AsyncClient(
+    """One pooled client for every upstream call. Per-call timeouts are set by the adapters.
+
+    Its transport (`upstream_http`: aiohttp's pool and parser behind httpx's API) costs the same per
+    request however many are in flight; at most 1000 connections per upstream host, more requests
+    wait in a FIFO queue. Idle connections are dropped before common server idle timeouts (uvicorn
+    5 s) can race a reuse."""
+    return upstream_client(
         timeout=httpx.Timeout(60.0, connect=10.0),
-        # Idle connections are dropped before common server idle timeouts (uvicorn 5 s) can race a reuse.
-        # httpcore compares max_keepalive_connections with *all* open connections, so a lower value
-        # closes every connection that goes idle once that many are open (bench/README.md, inflight).
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=4),
         headers={"user-agent": f"imagegate/{__version__}"},
     )
@@ -55,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tune_gc()
         try:
             yield
         finally:

@@ -143,7 +143,7 @@ class FalTransport:
         if not all(isinstance(value, str) and value for value in urls.values()):
             raise UpstreamError("fal's submit response lacks request_id/status_url/response_url/cancel_url.")
         handle = QueueHandle(model, **urls)  # type: ignore[arg-type]
-        log.info("fal submitted %s request_id=%s", model, handle.request_id)
+        log.debug("fal submitted %s request_id=%s", model, handle.request_id)
         foreign = [key for key in ("status_url", "response_url", "cancel_url") if not self.is_fal_url(str(urls[key]))]
         if foreign:
             # Never send the key elsewhere; cancel the job through the configured queue host instead.

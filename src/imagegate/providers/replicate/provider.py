@@ -131,8 +131,7 @@ class ReplicateProvider(Provider):
             images = output_images(prediction)
         except BaseException as exc:
             if isinstance(exc, GatewayError):
-                exc.accepted = exc.costly = True  # the prediction exists: it is never created again
-                exc.retryable = False
+                exc.accepted = True  # the prediction exists: it is never created again
             elif call is not None and call.detached:
                 raise  # the worker is stopping: the next one resumes this prediction
             if not prediction.terminal:

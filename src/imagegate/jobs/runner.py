@@ -148,6 +148,8 @@ class JobRunner:
                 if self._stopping:  # shutting down: leave the upstream job running, for the next worker
                     await self._detach(task)
                     raise
+            except Exception:  # the store failed while finishing: the lease runs out, the job is retried
+                log.exception("job %s: the worker failed", job.id)
             finally:
                 self._running.pop(job.id, None)
                 self._canceling.discard(job.id)
@@ -178,7 +180,7 @@ class JobRunner:
         task = asyncio.current_task()
         if task is not None:
             task.imagegate_hooks = hooks  # type: ignore[attr-defined]
-        heartbeat = asyncio.create_task(self._heartbeat(job, task))
+        heartbeat = asyncio.create_task(self._heartbeat(job, task, hooks))
         try:
             body, headers = await self.execute(job, hooks)
         except asyncio.CancelledError:
@@ -232,7 +234,7 @@ class JobRunner:
             self._wake.set()
         return True
 
-    async def _heartbeat(self, job: Job, task: asyncio.Task[Any] | None) -> None:
+    async def _heartbeat(self, job: Job, task: asyncio.Task[Any] | None, hooks: UpstreamHooks) -> None:
         interval = min(1.0, self.settings.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
@@ -241,6 +243,11 @@ class JobRunner:
             except Exception:
                 log.warning("job %s: could not renew the lease", job.id, exc_info=True)
                 continue
+            if cancel is None and task is not None:  # the lease ran out and another worker took the job
+                log.warning("job %s: lost its lease; leaving it to the worker that took it", job.id)
+                hooks.detached = True  # that worker follows the same upstream job
+                task.cancel()
+                return
             if cancel and task is not None and job.id not in self._canceling:
                 self._canceling.add(job.id)
                 task.cancel()

@@ -137,7 +137,10 @@ class JobService:
         last: tuple[Any, ...] | None = None
         quiet_since = time.monotonic()
         while True:
-            job = await self.get(job_id, key)
+            try:
+                job = await self.get(job_id, key)
+            except NotFound:  # removed meanwhile (retention): the stream ends
+                return
             state = (job.status, job.queue_position)
             if state != last:
                 last, quiet_since = state, time.monotonic()

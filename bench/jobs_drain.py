@@ -28,19 +28,6 @@ from imagegate.settings import load_settings
 BODY = {"model": "qwen-image", "prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json"}
 
 
-def peak_in_flight(fake: FakeFal) -> int:
-    running = peak = 0
-    done: set[str] = set()
-    for rec in list(fake.requests):
-        parts = rec.path.strip("/").split("/")
-        if rec.method == "POST" and "requests" not in parts:
-            running += 1
-            peak = max(peak, running)
-        elif rec.method == "GET" and len(parts) >= 2 and parts[-2] == "requests" and parts[-1] not in done:
-            done.add(parts[-1])
-            running -= 1
-    return peak
-
 
 async def drain(count: int, limit: int, workers: int, url: str, data_dir: str) -> dict[str, float]:
     settings = load_settings(
@@ -94,7 +81,7 @@ def main() -> None:
         f"all submitted in {result['submit']:.1f} s, drained in {result['drain']:.1f} s "
         f"(ideal {args.n / args.limit * 0.2:.1f} s); "
         f"succeeded {result['succeeded']:.0f} failed {result['failed']:.0f}; "
-        f"upstream submits {len(fake.submits)}, peak in flight {peak_in_flight(fake)}; peak RSS {rss_mb:.0f} MB"
+        f"upstream submits {len(fake.submits)}, peak in flight {fake.peak_in_flight()}; peak RSS {rss_mb:.0f} MB"
     )
 
 

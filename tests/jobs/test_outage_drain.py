@@ -117,19 +117,5 @@ async def test_drain_one_submit_per_job_and_at_most_8_in_flight(gateway: httpx.A
     assert all(job["status"] == "succeeded" for job in jobs), [j for j in jobs if j["status"] != "succeeded"][:1]
     assert len(fake.submits) == count and not fake.rejected_submits
     assert len({job["upstream_request_id"] for job in jobs}) == count
-    assert max_in_flight(fake) <= 8 and max_in_flight(fake) >= 4
+    assert fake.peak_in_flight() <= 8 and fake.peak_in_flight() >= 4
 
-
-def max_in_flight(fake: FakeFal) -> int:
-    """Jobs between their submit and their first result fetch, at each submit, in arrival order."""
-    running = peak = 0
-    done: set[str] = set()
-    for rec in fake.requests:
-        parts = rec.path.strip("/").split("/")
-        if rec.method == "POST" and "requests" not in parts:
-            running += 1
-            peak = max(peak, running)
-        elif rec.method == "GET" and len(parts) >= 2 and parts[-2] == "requests" and parts[-1] not in done:
-            done.add(parts[-1])
-            running -= 1
-    return peak

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (key, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, not_before);
+CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key, seq);
 CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_due);
 CREATE TABLE IF NOT EXISTS job_requests (id TEXT PRIMARY KEY, request TEXT NOT NULL);
@@ -194,13 +195,21 @@ class SqliteJobStore:
         def take(db: sqlite3.Connection) -> Job | None:
             now = time.time()
             lanes = "".join(" AND lane != ?" for _ in exclude_lanes)
+            # Each key's oldest due job, then the key with the fewest running jobs (one pass each).
             found = db.execute(
-                f"""{_SELECT} AS j WHERE ((status = 'queued' AND not_before <= ?)
-                    OR (status = 'in_progress' AND lease_until < ?)){lanes}
-                    ORDER BY (SELECT COUNT(*) FROM jobs AS r WHERE r.key = j.key AND r.status = 'in_progress'
-                              AND r.lease_until >= ?), seq LIMIT 1""",
+                f"""WITH due AS (
+                        SELECT key, MIN(seq) AS seq FROM jobs
+                        WHERE ((status = 'queued' AND not_before <= ?) OR (status = 'in_progress' AND lease_until < ?))
+                        {lanes} GROUP BY key),
+                    running AS (
+                        SELECT key, COUNT(*) AS n FROM jobs
+                        WHERE status = 'in_progress' AND lease_until >= ? GROUP BY key)
+                    SELECT due.seq FROM due LEFT JOIN running ON running.key = due.key
+                    ORDER BY COALESCE(running.n, 0), due.seq LIMIT 1""",
                 (now, now, *exclude_lanes, now),
             ).fetchone()
+            if found is not None:
+                found = db.execute(f"{_SELECT} WHERE seq = ?", (found[0],)).fetchone()
             if found is None:
                 return None
             job = _job(found)

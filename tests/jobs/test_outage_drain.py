@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -119,3 +120,22 @@ async def test_drain_one_submit_per_job_and_at_most_8_in_flight(gateway: httpx.A
     assert len({job["upstream_request_id"] for job in jobs}) == count
     assert fake.peak_in_flight() <= 8 and fake.peak_in_flight() >= 4
 
+
+
+async def test_events_show_the_upstream_acceptance(gateway: httpx.AsyncClient, fake: FakeFal) -> None:
+    fake.scenario = FalScenario(queue_polls=2, progress_polls=6)
+    job_id = await submit(gateway)
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with gateway.stream("GET", f"/v1/images/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        name = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    names = [name for name, _ in events]
+    assert names[-1] == "succeeded" and names.count("succeeded") == 1
+    accepted = [data for name, data in events if name == "in_progress" and data["upstream_request_id"]]
+    assert accepted and accepted[0]["provider"] == "fal"
+    assert accepted[0]["upstream_request_id"] == fake.submits[0].request_id

@@ -132,7 +132,8 @@ class JobService:
     # ---- events ----
 
     async def events(self, job_id: str, key: str, *, keepalive_seconds: float) -> AsyncIterator[Job | None]:
-        """The job now, then at every change of status (or queue position) to its terminal state;
+        """The job now, then at every change of status, queue position or upstream request id (the
+        upstream accepted the job) to its terminal state;
         None when `keepalive_seconds` passed without a change."""
         last: tuple[Any, ...] | None = None
         quiet_since = time.monotonic()
@@ -141,7 +142,7 @@ class JobService:
                 job = await self.get(job_id, key)
             except NotFound:  # removed meanwhile (retention): the stream ends
                 return
-            state = (job.status, job.queue_position)
+            state = (job.status, job.queue_position, job.upstream_request_id)  # also: the upstream took it
             if state != last:
                 last, quiet_since = state, time.monotonic()
                 yield job

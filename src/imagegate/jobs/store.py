@@ -90,7 +90,7 @@ class JobStore(Protocol):
     async def request_cancel(self, job_id: str) -> None: ...
     async def counts(self) -> dict[str, int]: ...
     async def purge(self, before: float) -> int: ...
-    async def due_webhooks(self, now: float, limit: int) -> list[Job]: ...
+    async def due_webhooks(self, now: float, limit: int, *, hold: float) -> list[Job]: ...
     async def save_webhook(self, job_id: str, webhook: dict[str, Any], due: float | None) -> None: ...
     async def close(self) -> None: ...
 
@@ -321,15 +321,20 @@ class SqliteJobStore:
 
         return await self._write(delete)
 
-    async def due_webhooks(self, now: float, limit: int) -> list[Job]:
-        def read(db: sqlite3.Connection) -> list[Job]:
+    async def due_webhooks(self, now: float, limit: int, *, hold: float) -> list[Job]:
+        """Jobs whose webhook is due, taken for `hold` seconds (their due time moves on, so another
+        process does not send the same attempt; an attempt that never reports back is retried)."""
+
+        def take(db: sqlite3.Connection) -> list[Job]:
             rows = db.execute(
                 f"{_SELECT} WHERE webhook_due IS NOT NULL AND webhook_due <= ? ORDER BY webhook_due LIMIT ?",
                 (now, limit),
             ).fetchall()
-            return [_job(row) for row in rows]
+            jobs = [_job(row) for row in rows]
+            db.executemany("UPDATE jobs SET webhook_due = ? WHERE id = ?", [(now + hold, job.id) for job in jobs])
+            return jobs
 
-        return await self._run(read)
+        return await self._write(take)
 
     async def save_webhook(self, job_id: str, webhook: dict[str, Any], due: float | None) -> None:
         await self._write(

@@ -11,6 +11,7 @@ the gateway's SSRF guard (`fetch.allow_hosts` admits a private receiver); no red
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -71,10 +72,15 @@ class WebhookSender:
         }
 
     async def deliver_due(self, store: JobStore) -> None:
-        for job in await store.due_webhooks(time.time(), _BATCH):
-            if job.webhook is not None:
-                state, due = await self.attempt(job)
-                await store.save_webhook(job.id, state, due)
+        """One attempt for each due webhook (up to a batch), concurrently."""
+        hold = self.settings.timeout_seconds + 30.0
+        jobs = [job for job in await store.due_webhooks(time.time(), _BATCH, hold=hold) if job.webhook is not None]
+
+        async def one(job: Job) -> None:
+            state, due = await self.attempt(job)
+            await store.save_webhook(job.id, state, due)
+
+        await asyncio.gather(*(one(job) for job in jobs))
 
     async def attempt(self, job: Job) -> tuple[dict[str, Any], float | None]:
         """One delivery attempt; the new state and when to try again (None: done)."""

@@ -39,18 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{entry.id}\t{routes}")
         return 0
 
-    import uvicorn
+    from imagegate.server import serve
 
-    uvicorn.run(
-        "imagegate.app:app_from_env",
-        factory=True,
+    return serve(
+        settings,
         host=args.host or settings.host,
         port=args.port or settings.port,
         workers=args.workers or settings.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -279,8 +279,13 @@ def test_low_file_limit_many_idle_sockets(tmp_path: Path) -> None:
 
 
 def test_workers_keep_tcp_nodelay(tmp_path: Path) -> None:
-    """`--workers 2`: keep-alive responses are not held back by Nagle + delayed ACK (~40 ms each)."""
-    with serve(tmp_path, workers=2) as gateway, httpx.Client(base_url=f"http://127.0.0.1:{gateway.port}") as client:
+    """`--workers 2`: keep-alive responses are not held back by Nagle + delayed ACK (~40 ms each).
+
+    On the asyncio loop, which sets TCP_NODELAY only on sockets whose proto is TCP (uvloop sets it anyway)."""
+    with (
+        serve(tmp_path, workers=2, loop="asyncio") as gateway,
+        httpx.Client(base_url=f"http://127.0.0.1:{gateway.port}") as client,
+    ):
         client.get("/healthz")
         times = []
         for _ in range(20):

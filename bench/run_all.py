@@ -1,0 +1,240 @@
+"""The whole benchmark suite in one command; rewrites BENCHMARKS.md and its plots.
+
+    .venv/bin/python bench/run_all.py            # full run, about 10-15 min on 2 cores
+    .venv/bin/python bench/run_all.py --quick    # every section, smaller counts, about 4 min
+
+What runs (every server a process of its own on 127.0.0.1, every loop bounded by count and time):
+
+  latency      zero model time; concurrency 1, 8, 32: a lean direct client against the fake fal
+               (queue protocol and sync run), imagegate (fal queue mode and fal sync mode, URL
+               passthrough) and LiteLLM's proxy (fal sync run). p50/p99, throughput, CPU per
+               request of every process, the load client's and the fake's included.
+  fakes        the direct queue client at c=32 against one fake and against two fake processes:
+               if two do not raise throughput, the fake is not what limits the others.
+  server       imagegate on asyncio + h11 vs uvloop + httptools (c=1, c=8).
+  workers      `imagegate serve --workers 1` vs `--workers 2` (c=1, c=32), CPU per request.
+  inflight     K requests at once, 5 s model time: success and wall for direct (polling with the
+               gateway's schedule), imagegate (real polling defaults) and LiteLLM (sync run).
+  conversions  bench/conversions.py: the gateway's conversion vs a bare Pillow decode + encode.
+
+Then `bench/plots.py` (run in the benchmark's own virtualenv, bench/.venv, with LiteLLM and
+matplotlib; created on first use) draws the PNGs and `bench/report.py` writes BENCHMARKS.md.
+Raw results go to bench/results/latest.json. bench/gateway_overhead.py, bench/inflight.py and
+bench/event_loop.py remain the detailed, single-topic benchmarks (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import leanclient as lc  # noqa: E402
+from bench import services  # noqa: E402
+from bench._common import machine_line  # noqa: E402
+
+ROOT = services.ROOT
+RESULTS = ROOT / "bench" / "results"
+
+
+def _summary(result: lc.LoadResult, cpu: dict[str, float]) -> dict[str, Any]:
+    ok = max(result.ok, 1)
+    return {
+        "ok": result.ok,
+        "errors": len(result.errors),
+        "error_sample": result.errors[:3],
+        "p50_ms": result.p(50) * 1000,
+        "p99_ms": result.p(99) * 1000,
+        "rps": result.throughput,
+        "wall_s": result.wall,
+        "cpu_ms_per_req": {name: seconds * 1000 / ok for name, seconds in cpu.items()},
+        "client_cpu_ms_per_req": result.client_cpu * 1000 / ok,
+    }
+
+
+async def _measure(
+    run: Callable[[], Awaitable[lc.LoadResult]], watched: dict[str, services.Service]
+) -> dict[str, Any]:
+    before = {name: svc.cpu() for name, svc in watched.items()}
+    result = await run()
+    cpu = {name: svc.cpu() - before[name] for name, svc in watched.items()}
+    return _summary(result, cpu)
+
+
+async def latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(services.fake(work, model_time=0))
+        gw_queue = stack.enter_context(services.imagegate(work, fake.url, name="imagegate-queue"))
+        gw_sync = stack.enter_context(services.imagegate(work, fake.url, name="imagegate-sync", mode="sync"))
+        litellm = stack.enter_context(services.litellm(work, fake.url))
+        client = lc.Client()
+        targets: dict[str, tuple[Callable[[], Awaitable[int]], dict[str, services.Service]]] = {
+            "direct (queue)": (lc.direct_queue(client, fake.url), {"fake": fake}),
+            "direct (sync)": (lc.direct_sync(client, fake.url), {"fake": fake}),
+            "imagegate (queue)": (lc.openai_images(client, gw_queue.url, extra={"response_format": "url"}),
+                                  {"fake": fake, "proxy": gw_queue}),
+            "imagegate (sync)": (lc.openai_images(client, gw_sync.url, extra={"response_format": "url"}),
+                                 {"fake": fake, "proxy": gw_sync}),
+            "litellm (sync)": (lc.openai_images(client, litellm.url), {"fake": fake, "proxy": litellm}),
+        }
+        for c in args.concurrency:
+            n = args.requests if c == 1 else args.requests * 2
+            for name, (once, watched) in targets.items():
+                print(f"  latency c={c} {name} ...", flush=True)
+                out.setdefault(name, {})[str(c)] = await _measure(
+                    lambda once=once, c=c, n=n: lc.closed_loop(
+                        once, concurrency=c, requests=n, max_seconds=args.point_seconds,
+                        warmup=args.warmup if c == 1 else c),
+                    watched)
+        await client.close()
+    return out
+
+
+async def fakes(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with services.fake(work, model_time=0, name="fake-a") as a, services.fake(work, model_time=0, name="fake-b") as b:
+        for label, urls in (("one fake", [a.url]), ("two fakes", [a.url, b.url])):
+            client = lc.Client()
+            ones = [lc.direct_queue(client, url) for url in urls]
+            counter = iter(range(10**9))
+
+            async def once(ones: list[Callable[[], Awaitable[int]]] = ones, counter: Any = counter) -> int:
+                return await ones[next(counter) % len(ones)]()
+
+            print(f"  fakes {label} ...", flush=True)
+            out[label] = await _measure(
+                lambda once=once: lc.closed_loop(once, concurrency=32, requests=args.requests * 2,
+                                                 max_seconds=args.point_seconds, warmup=32),
+                {"fake-a": a, "fake-b": b})
+            await client.close()
+    return out
+
+
+async def server_options(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with services.fake(work, model_time=0) as fake:
+        for label, loop, http in (("asyncio + h11", "asyncio", "h11"), ("uvloop + httptools", "uvloop", "httptools")):
+            try:
+                cm = services.imagegate(work, fake.url, name=f"imagegate-{loop}", loop=loop, http=http)
+                gw = cm.__enter__()
+            except Exception as exc:  # an option not installed: reported as such
+                out[label] = {"unavailable": repr(exc)[:200]}
+                continue
+            try:
+                client = lc.Client()
+                once = lc.openai_images(client, gw.url, extra={"response_format": "url"})
+                for c in (1, 8):
+                    print(f"  server {label} c={c} ...", flush=True)
+                    out.setdefault(label, {})[str(c)] = await _measure(
+                        lambda once=once, c=c: lc.closed_loop(once, concurrency=c, requests=args.requests * (1 + c // 8),
+                                                              max_seconds=args.point_seconds, warmup=args.warmup),
+                        {"fake": fake, "proxy": gw})
+                await client.close()
+            finally:
+                cm.__exit__(None, None, None)
+    return out
+
+
+async def workers(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with services.fake(work, model_time=0) as fake:
+        for n in (1, 2):
+            with services.imagegate(work, fake.url, name=f"imagegate-w{n}", workers=n) as gw:
+                client = lc.Client()
+                once = lc.openai_images(client, gw.url, extra={"response_format": "url"})
+                for c in (1, 32):
+                    print(f"  workers={n} c={c} ...", flush=True)
+                    out.setdefault(str(n), {})[str(c)] = await _measure(
+                        lambda once=once, c=c: lc.closed_loop(once, concurrency=c, requests=args.requests * (1 + c // 16),
+                                                              max_seconds=args.point_seconds, warmup=max(c, 10)),
+                        {"fake": fake, "proxy": gw})
+                await client.close()
+    return out
+
+
+async def inflight(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    timeout = args.model_time * 4 + 20
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(services.fake(work, model_time=args.model_time))
+        gw = stack.enter_context(services.imagegate(work, fake.url, poll=0.5, poll_max=3.0))
+        litellm = stack.enter_context(services.litellm(work, fake.url))
+        for k in args.k:
+            for name in ("direct (queue)", "imagegate (queue)", "litellm (sync)"):
+                client = lc.Client(timeout=timeout)
+                once = {
+                    "direct (queue)": lambda: lc.direct_queue(client, fake.url, poll=0.5, poll_max=3.0),
+                    "imagegate (queue)": lambda: lc.openai_images(client, gw.url, extra={"response_format": "url"}),
+                    "litellm (sync)": lambda: lc.openai_images(client, litellm.url),
+                }[name]()
+                watched = {"fake": fake} | ({} if name.startswith("direct") else
+                                            {"proxy": gw if name.startswith("imagegate") else litellm})
+                print(f"  inflight K={k} {name} ...", flush=True)
+                out.setdefault(name, {})[str(k)] = await _measure(
+                    lambda once=once, k=k: lc.burst(once, k=k, timeout=timeout), watched)
+                await client.close()
+                await asyncio.sleep(1)
+    return out
+
+
+SECTIONS = {"latency": latency, "fakes": fakes, "server": server_options, "workers": workers, "inflight": inflight}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller counts and ladders (about 4 min)")
+    parser.add_argument("--only", nargs="+", choices=[*SECTIONS, "conversions"], help="run only these sections")
+    parser.add_argument("--no-report", action="store_true", help="keep BENCHMARKS.md as it is")
+    args = parser.parse_args(argv)
+    args.concurrency = [1, 8] if args.quick else [1, 8, 32]
+    args.requests = 60 if args.quick else 200
+    args.warmup = 10
+    args.point_seconds = 8.0 if args.quick else 20.0
+    args.model_time = 2.0 if args.quick else 5.0
+    args.k = [100, 500] if args.quick else [100, 1000, 3000]
+    chosen = args.only or [*SECTIONS, "conversions"]
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    latest = RESULTS / "latest.json"
+    results: dict[str, Any] = json.loads(latest.read_text()) if latest.exists() and args.only else {}
+    started = time.time()
+    results["meta"] = {"machine": machine_line(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "command": "bench/run_all.py" + (" --quick" if args.quick else "")
+                       + (f" --only {' '.join(args.only)}" if args.only else ""), "quick": args.quick,
+                       "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                text=True, cwd=ROOT).stdout.strip()}
+    services.ensure_bench_venv()
+    with tempfile.TemporaryDirectory(prefix="imagegate-bench-") as tmp:
+        for name in chosen:
+            print(f"[{time.time() - started:5.0f} s] {name}", flush=True)
+            if name == "conversions":
+                cmd = [sys.executable, str(ROOT / "bench" / "conversions.py"), "--json"]
+                if args.quick:
+                    cmd.append("--quick")
+                results[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            else:
+                results[name] = asyncio.run(SECTIONS[name](Path(tmp), args))
+            latest.write_text(json.dumps(results, indent=1))
+    results["meta"]["seconds"] = time.time() - started
+    latest.write_text(json.dumps(results, indent=1))
+    if not args.no_report:
+        subprocess.run([str(services.BENCH_VENV / "bin" / "python"), str(ROOT / "bench" / "plots.py"), str(latest)],
+                       check=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(latest)], check=True)
+    print(f"done in {time.time() - started:.0f} s: {latest}, BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

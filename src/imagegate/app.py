@@ -10,14 +10,18 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from imagegate import __version__
+from imagegate import __version__, usage
+from imagegate.access import Access
 from imagegate.api import errors, files, health, images, models
+from imagegate.auth import AuthMiddleware
+from imagegate.core import redact
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
 from imagegate.core.service import ImageService
 from imagegate.providers.registry import build_providers
 from imagegate.settings import Settings, load_settings
+from imagegate.state.redis import connect as connect_redis
 from imagegate.storage.local import LocalStorage
 
 __all__ = ["app_from_env", "create_app"]
@@ -39,6 +43,8 @@ def _http_client() -> httpx.AsyncClient:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
+    redact.remember_secrets(settings)  # masked in every message and log line (core/redact.py)
+    redact.install_log_filter()
     http = _http_client()
     pool = ImagePool(settings.image_workers)
     storage = LocalStorage(settings.storage)
@@ -52,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool=pool,
         fetcher=fetcher,
     )
+    redis = connect_redis(settings.redis)  # None: limits, idempotency and usage stay in memory
+    access = Access.build(settings, storage=storage, redis=redis)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await http.aclose()
             await storage.close()
+            if redis is not None:
+                await redis.aclose()
             pool.close()
 
     app = FastAPI(title="imagegate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -70,8 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.fetcher = fetcher
     app.state.service = service
+    app.state.redis = redis
+    app.state.access = access
+    app.add_middleware(AuthMiddleware, keyring=access.keyring)  # inside the request-id middleware
     errors.install(app)
-    for router in (images.router, models.router, files.router, health.router):
+    for router in (images.router, models.router, files.router, health.router, usage.router):
         app.include_router(router)
     return app
 

@@ -15,20 +15,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "AuthSettings",
+    "ClientKeyConfig",
     "DeliverySettings",
     "FalSettings",
     "FetchSettings",
+    "IdempotencySettings",
     "LimitsSettings",
     "ModelConfig",
     "OpenAISettings",
     "ProvidersSettings",
+    "RedisSettings",
     "ReplicateSettings",
     "RouteConfig",
+    "RoutePrice",
     "RoutingSettings",
     "ServerSettings",
     "Settings",
@@ -95,6 +100,7 @@ class OpenAISettings(BaseModel):
 
 class SandboxSettings(BaseModel):
     delay_seconds: float = 0.0  # simulated model latency
+    max_operations: int = Field(16, ge=1)  # prompt operations one edit may run (400 naming `prompt` above)
 
 
 class ProvidersSettings(BaseModel):
@@ -132,6 +138,8 @@ class RoutingSettings(BaseModel):
     backoff_max: float = 8.0
     fanout_concurrency: int = 4  # parallel upstream calls for an emulated `n`
     keepalive_seconds: float = 10.0  # SSE comment interval while streaming
+    # After an upstream accepted a job that then failed, try the next route anyway (may pay twice).
+    fallback_after_accepted: bool = False
 
 
 class FetchSettings(BaseModel):
@@ -157,12 +165,70 @@ class ServerSettings(BaseModel):
     access_log: bool = False  # uvicorn's line per request (off: it costs ~6% of a request's CPU)
 
 
+class RoutePrice(BaseModel):
+    """What a route's upstream charges, for the cost estimate (`x-imagegate-cost-usd`, `/v1/usage`)."""
+
+    model_config = {"extra": "forbid"}
+
+    per_image: float | None = Field(None, ge=0)
+    per_megapixel: float | None = Field(None, ge=0)
+
+
 class RouteConfig(BaseModel):
     provider: str
     model: str
     options: dict[str, Any] = {}
     timeout_seconds: float | None = None
     url_mode: Literal["rehost", "passthrough"] | None = None
+    price: RoutePrice | None = None
+
+
+class ClientKeyConfig(BaseModel):
+    """One client key (`auth.keys[]`): `key` or `key_sha256` (the hex digest, so the file holds no secret)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    models: list[str] | None = None  # allow-list; None = every model
+    rpm: int | None = Field(None, ge=1)
+    images_per_minute: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    admin: bool = False  # GET /v1/usage shows every key
+    webhook_url: str | None = None
+
+    _empty = field_validator("key", "key_sha256", mode="before")(_secret_or_none)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ClientKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"auth key {self.name!r}: set exactly one of `key` and `key_sha256`")
+        return self
+
+
+class AuthSettings(BaseModel):
+    keys: list[ClientKeyConfig] = []  # none: the gateway is open
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthSettings:
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("auth.keys: every key needs its own `name`")
+        return self
+
+
+class RedisSettings(BaseModel):
+    url: str | None = None  # e.g. redis://127.0.0.1:6379/0; empty = in-memory state
+    key_prefix: str = "imagegate:"
+    timeout_seconds: float = Field(2.0, gt=0)  # per Redis command; an outage is a 503, never a hang
+    lease_seconds: float = Field(30.0, gt=0)  # concurrency slots and running idempotent requests
+
+    _empty = field_validator("url", mode="before")(_secret_or_none)
+
+
+class IdempotencySettings(BaseModel):
+    ttl_seconds: int = Field(86400, ge=1)
 
 
 class ModelConfig(BaseModel):
@@ -188,6 +254,17 @@ class Settings(BaseSettings):
     fetch: FetchSettings = FetchSettings()
     providers: ProvidersSettings = ProvidersSettings()
     models: dict[str, ModelConfig] = {}
+    auth: AuthSettings = AuthSettings()
+    redis: RedisSettings = RedisSettings()
+    idempotency: IdempotencySettings = IdempotencySettings()
+
+    @model_validator(mode="after")
+    def _allow_lists_name_known_models(self) -> Settings:
+        for key in self.auth.keys:
+            unknown = sorted(set(key.models or ()) - set(self.models))
+            if unknown:
+                raise ValueError(f"auth key {key.name!r}: unknown model(s) in `models`: {', '.join(unknown)}")
+        return self
 
     @classmethod
     def settings_customise_sources(

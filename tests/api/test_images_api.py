@@ -50,7 +50,7 @@ async def test_list_of_three_raw_bytes_and_tuples_via_sdk(sdk: openai.AsyncOpenA
 
 
 async def test_raw_bytes_arrive_as_octet_stream_and_are_sniffed(sdk: openai.AsyncOpenAI, service: FakeService) -> None:
-    await sdk.images.edit(image=JPEG, prompt="mirror", mask=("m.png", encode("png", mode="RGBA")))
+    await sdk.images.edit(image=JPEG, prompt="mirror", mask=("m.png", encode("png", 40, 30, mode="RGBA")))
     [image] = service.last.images
     assert image.format == "jpeg" and image.data == JPEG
     assert service.last.mask is not None and service.last.mask.format == "png"

@@ -114,7 +114,7 @@ def test_form_strings_are_coerced_per_field() -> None:
             "output_format": "JPG",
             "response_format": "b64_json",
             "background": "transparent",
-            "quality": "whatever-the-provider-knows",
+            "quality": "HD",
             "size": " 1024x768 ",
             "aspect_ratio": "16:9",
             "resolution": "2K",
@@ -129,7 +129,7 @@ def test_form_strings_are_coerced_per_field() -> None:
     assert (req.n, req.output_compression, req.seed, req.num_inference_steps, req.partial_images) == (3, 80, 7, 28, 2)
     assert req.cfg_scale == 4.5 and req.stream is True
     assert req.output_format == "jpeg" and req.response_format == "b64_json" and req.background == "transparent"
-    assert req.quality == "whatever-the-provider-knows"
+    assert req.quality == "hd"
     assert (req.size, req.aspect_ratio, req.resolution) == ("1024x768", "16:9", "2K")
     assert (req.negative_prompt, req.user, req.moderation, req.style, req.input_fidelity) == (
         "blur",

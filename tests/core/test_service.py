@@ -248,7 +248,7 @@ async def test_rejected_parameters_fail_before_any_upload() -> None:
 
 
 async def test_costly_failures_tell_clients_not_to_retry() -> None:
-    accepted_then_failed = Scripted("a", [ProviderUnavailable("runner died", retryable=False)])
+    accepted_then_failed = Scripted("a", [ProviderUnavailable("runner died", retryable=False, accepted=True)])
     with pytest.raises(ProviderUnavailable) as info:
         await serve(make_service(accepted_then_failed), request())
     assert info.value.costly  # rendered with x-should-retry: false
@@ -264,10 +264,10 @@ async def test_costly_failures_tell_clients_not_to_retry() -> None:
     assert timeout.value.costly
 
     # a costly failure on the first route stays costly when the last route fails cheaply
-    first = Scripted("a", [ProviderUnavailable("runner died", retryable=False)])
+    first = Scripted("a", [ProviderUnavailable("runner died", accepted=True)])
     second = Scripted("b", [ProviderUnavailable("503")] * 3)
     with pytest.raises(ProviderUnavailable) as info:
-        await serve(make_service(first, second), request())
+        await serve(make_service(first, second, fallback_after_accepted=True), request())
     assert info.value.costly and info.value.provider == "b"
 
 
@@ -319,9 +319,40 @@ async def test_a_route_timeout_falls_back_to_the_next_route() -> None:
     settings = Settings(
         models={"m": ModelConfig(routes=[RouteConfig(provider="a", model="x", timeout_seconds=0.2),
                                          RouteConfig(provider="b", model="x")])},
-        routing={"deadline_seconds": 5},
+        routing={"deadline_seconds": 5, "fallback_after_accepted": True},
     )
     service = ImageService(settings=settings, catalog=Catalog.from_config(settings.models),
                            providers={"a": slow, "b": fast}, storage=MemoryStorage(), pool=ImagePool(2))
     result = await serve(service, request())
     assert result.headers["x-imagegate-provider"] == "b" and slow.cancelled == 1
+
+
+async def test_an_accepted_job_is_never_retried_and_does_not_fall_back_by_default() -> None:
+    a = Scripted("a", [ProviderUnavailable("runner died after accepting", accepted=True)])  # retryable by class
+    b = Scripted("b", [])
+    with pytest.raises(ProviderUnavailable) as info:
+        await serve(make_service(a, b), request())
+    assert len(a.payloads) == 1 and b.payloads == [] and info.value.costly and info.value.accepted
+
+
+async def test_a_sibling_accepted_in_a_fan_out_blocks_the_fallback() -> None:
+    # n=8 at 4 per call: the first call succeeds (paid), the second is refused (not accepted itself)
+    a = Scripted("a", [(64, 48), ProviderNotConfigured("refused")])
+    b = Scripted("b", [])
+    with pytest.raises(ProviderNotConfigured) as info:
+        await serve(make_service(a, b, fanout_concurrency=1), request(n=8))
+    assert b.payloads == [] and info.value.accepted and info.value.costly
+
+
+async def test_a_route_timeout_after_acceptance_does_not_fall_back_by_default() -> None:
+    slow, fast = Scripted("a", [5.0]), Scripted("b", [])
+    settings = Settings(
+        models={"m": ModelConfig(routes=[RouteConfig(provider="a", model="x", timeout_seconds=0.2),
+                                         RouteConfig(provider="b", model="x")])},
+        routing={"deadline_seconds": 5},
+    )
+    service = ImageService(settings=settings, catalog=Catalog.from_config(settings.models),
+                           providers={"a": slow, "b": fast}, storage=MemoryStorage(), pool=ImagePool(2))
+    with pytest.raises(UpstreamTimeout) as info:
+        await serve(service, request())
+    assert fast.payloads == [] and slow.cancelled == 1 and info.value.costly

@@ -12,6 +12,10 @@ a request one step through ``queue_polls`` x IN_QUEUE, then ``progress_polls`` x
 COMPLETED. The result endpoint does not advance a request. Everything a test can vary lives in
 ``FalScenario``; pick one per request with ``fake.scenario`` (default), ``fake.model_scenarios[endpoint_id]``
 or ``fake.script`` (a queue consumed one per accepted submit/run).
+
+Hostile modes: ``fake.echo_auth = True`` makes every error answer (bodies, HTML pages, ``error`` in status
+payloads) quote the request's ``Authorization`` header, as a misconfigured proxy would; ``fake.foreign_base``
+makes submit responses name another host in ``status_url``/``response_url``/``cancel_url``.
 """
 
 from __future__ import annotations
@@ -73,16 +77,29 @@ class FalError:
     with_request_id: bool = True
     input_mode: Literal["whole", "field"] | None = None
 
-    def response(self, request_id: str | None, payload: Any = None) -> Response:
+    def response(self, request_id: str | None, payload: Any = None, echo: str | None = None) -> Response:
+        """``echo``: a request header value to quote in the body (hostile upstream mode)."""
         headers = dict(self.headers)
         if self.with_request_id and request_id:
             headers["x-fal-request-id"] = request_id
         if isinstance(self.body, str):
-            return Response(self.body, self.status, headers=headers, media_type="text/html")
+            page = self.body
+            if echo is not None:  # in the title (what a gateway would quote) and in the body
+                page = page.replace("</title>", f" ({echo})</title>").replace("</body>", f"<pre>{echo}</pre></body>")
+                page += f"<p>request headers: authorization={echo}</p>"
+            return Response(page, self.status, headers=headers, media_type="text/html")
         body = json.loads(json.dumps(self.body))
         if self.input_mode and isinstance(body, dict) and isinstance(body.get("detail"), list):
             for item in body["detail"]:
                 item["input"] = payload if self.input_mode == "whole" else _at(payload, item.get("loc", [])[1:])
+        if echo is not None and isinstance(body, dict):
+            if isinstance(body.get("detail"), list):
+                for item in body["detail"]:
+                    item["msg"] = f"{item.get('msg', '')} (sent with Authorization: {echo})"
+                    item.setdefault("loc", ["body", "prompt"])
+            else:
+                body["detail"] = f"{body.get('detail', '')} [Authorization: {echo}]"
+            body["request_headers"] = {"authorization": echo}
         return JSONResponse(body, self.status, headers=headers)
 
 
@@ -165,6 +182,8 @@ class FalScenario:
     queue_polls: int = 1  # status polls answered 202 IN_QUEUE (queue_position counts down to 0)
     progress_polls: int | None = 1  # then 202 IN_PROGRESS; None = in progress until cancelled
     submit_errors: list[FalError] = field(default_factory=list)  # answers to the first K submit attempts
+    status_errors: list[FalError] = field(default_factory=list)  # answers to the first K status polls (per job)
+    always_fail_status: FalError | None = None  # every status poll gets this
     always_fail_submit: FalError | None = None  # every submit/run attempt gets this
     result_error: FalError | None = None  # the result endpoint (and sync run) answers this when done
     completed_error: str | None = None  # COMPLETED status carries ``error`` ...
@@ -176,6 +195,7 @@ class FalScenario:
     has_nsfw_concepts: list[bool] | None = None  # default: [False] * num_images
     logs: list[dict[str, Any]] | None = None  # for ``?logs=1``; default: one INFO line
     inference_time: float = 0.1
+    output_bytes: bytes | None = None  # serve these bytes (e.g. not an image) as every output file
     submits_seen: int = field(default=0, init=False, repr=False, compare=False)
 
     @classmethod
@@ -219,6 +239,7 @@ class FalJob:
     query: dict[str, str]
     scenario: FalScenario
     polls: int = 0  # status ticks consumed (polls + SSE ticks)
+    status_errors_sent: int = 0
     cancelled: bool = False
     finished: bool = False  # forced COMPLETED (sync runs)
     disconnected: bool = False  # sync run client went away before the answer
@@ -277,6 +298,11 @@ class FakeFal:
         )
         self.app.state.on_start = self.stopping.clear
         self.app.state.on_stop = self.stopping.set
+        self.echo_auth = False  # quote the request's Authorization header in every error answer
+        self.foreign_base: str | None = None  # e.g. "http://127.0.0.1:9/": submit URLs name this host
+
+    def _echo(self, headers: Any) -> str | None:
+        return (headers.get("authorization") or "") if self.echo_auth else None
 
     def reset(self) -> None:
         """Forget every recorded request, job, upload and file (scenarios are kept)."""
@@ -334,7 +360,7 @@ class FakeFal:
             )
             if error is not None:
                 self.rejected_submits.append(rec)
-                return error.response(_new_id(), rec.json)
+                return error.response(_new_id(), rec.json, self._echo(rec.headers))
             if rec.json is None and rec.body.strip() not in (b"", b"null"):
                 self.rejected_submits.append(rec)
                 return JSONResponse({"detail": "Invalid JSON body"}, 400)
@@ -354,7 +380,8 @@ class FakeFal:
         if status == "COMPLETED":
             body["metrics"] = {"inference_time": sc.inference_time} if not job.cancelled else {}
             if sc.completed_error is not None or sc.completed_error_type is not None:
-                body["error"] = sc.completed_error
+                echo = self._echo(job.headers)
+                body["error"] = sc.completed_error if echo is None else f"{sc.completed_error} (Authorization: {echo})"
                 body["error_type"] = sc.completed_error_type
         return body
 
@@ -368,9 +395,9 @@ class FakeFal:
     async def _final_response(self, job: FalJob, base: str) -> Response:
         """What a finished job answers on its response_url (and what a sync run returns)."""
         if job.cancelled:
-            return client_cancelled().response(job.request_id)
+            return client_cancelled().response(job.request_id, echo=self._echo(job.headers))
         if job.scenario.result_error is not None:
-            return job.scenario.result_error.response(job.request_id, job.input)
+            return job.scenario.result_error.response(job.request_id, job.input, self._echo(job.headers))
         if job.output is None:
             job.output = await self._make_output(job, base)
         return JSONResponse(job.output, headers={"x-fal-request-id": job.request_id})
@@ -386,7 +413,7 @@ class FakeFal:
         w, h = await self._output_size(inp)
         images = []
         for i in range(n):
-            data = image_bytes(fmt, w, h, color_for(seed + i))
+            data = job.scenario.output_bytes or image_bytes(fmt, w, h, color_for(seed + i))
             name = f"{uuid.uuid4().hex[:8]}/{uuid.uuid4().hex[:20]}.{ext_for(fmt)}"
             if inp.get("sync_mode") is True:
                 url = data_uri(data, mime_for(fmt))
@@ -447,7 +474,7 @@ class FakeFal:
         body = {
             "status": "IN_QUEUE",
             "request_id": job.request_id,
-            **_urls(str(request.base_url), job),
+            **_urls(self.foreign_base or str(request.base_url), job),
             "queue_position": max(job.scenario.queue_polls - 1, 0),
         }
         return JSONResponse(body, headers={"x-fal-request-id": job.request_id})
@@ -467,6 +494,13 @@ class FakeFal:
         if m["suffix"] == "/status":
             with self._lock:
                 self.status_polls.append(job.request_id)
+                sc = job.scenario
+                error = sc.always_fail_status or (
+                    sc.status_errors[job.status_errors_sent] if job.status_errors_sent < len(sc.status_errors) else None
+                )
+                if error is not None:
+                    job.status_errors_sent += 1
+                    return error.response(job.request_id, job.input, self._echo(request.headers))
                 status, position = job.state()
                 job.polls += 1
             code = 200 if status == "COMPLETED" else 202

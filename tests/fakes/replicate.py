@@ -10,6 +10,11 @@ tick) until it is terminal, has its output (``early_output``), ``wait_ticks`` ru
 Ticks ``[0, starting_ticks)`` are ``starting``, the next ``processing_ticks`` are ``processing``, then the
 scenario's ``outcome``. Pick a scenario with ``fake.scenario`` (default), ``fake.model_scenarios["owner/name"]``
 or ``fake.script`` (a queue consumed one per accepted create).
+
+Faults: ``create_errors``/``always_fail_create`` (per scenario), ``fake.poll_errors`` (answers to the next
+``GET /v1/predictions/{id}``), ``fake.file_errors``/``fake.always_fail_files`` (the Files API). Hostile mode:
+``fake.echo_auth = True`` quotes the request's ``Authorization`` header in every error answer and in a failed
+prediction's ``error``, as a misconfigured proxy would; ``fake.foreign_base`` puts another host in ``urls``.
 """
 
 from __future__ import annotations
@@ -70,8 +75,14 @@ class ReplicateError:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
 
-    def response(self) -> Response:
-        return _problem(self.body, self.status, self.headers)
+    def response(self, echo: str | None = None) -> Response:
+        """``echo``: a request header value to quote in ``detail`` and ``title`` (hostile upstream mode)."""
+        body = dict(self.body)
+        if echo is not None:
+            body["detail"] = f"{body.get('detail', '')} (request Authorization: {echo})"
+            body["title"] = f"{body.get('title', 'Error')} for {echo}"
+            body["request"] = {"headers": {"Authorization": echo}}
+        return _problem(body, self.status, self.headers)
 
 
 def unauthenticated() -> ReplicateError:
@@ -260,6 +271,11 @@ class FakeReplicate:
         )
         self.app.state.on_start = self.stopping.clear
         self.app.state.on_stop = self.stopping.set
+        self.echo_auth = False  # quote the request's Authorization header in every error answer
+        self.foreign_base: str | None = None  # e.g. "http://127.0.0.1:9/": `urls.get`/`urls.cancel` name this host
+
+    def _echo(self, headers: Any) -> str | None:
+        return (headers.get("authorization") or "") if self.echo_auth else None
 
     def reset(self) -> None:
         """Forget every recorded request, prediction, upload and output file (scenarios are kept)."""
@@ -273,6 +289,9 @@ class FakeReplicate:
             self.uploads: list[ReplicateFile] = []  # Files API uploads (also kept after DELETE)
             self.files: dict[str, ReplicateFile] = {}
             self.outputs: dict[str, tuple[bytes, str]] = {}  # delivery name -> (bytes, content type)
+            self.poll_errors: list[ReplicateError] = []  # consumed one per GET /v1/predictions/{id}
+            self.file_errors: list[ReplicateError] = []  # consumed one per POST /v1/files
+            self.always_fail_files: ReplicateError | None = None
 
     @property
     def last_create(self) -> Prediction:
@@ -377,7 +396,7 @@ class FakeReplicate:
             "logs": "" if status in ("starting", "aborted") else sc.logs,
             "output": output,
             "data_removed": False,
-            "error": sc.error if status == "failed" else None,
+            "error": self._failure_text(pred) if status == "failed" else None,
             "status": status,
             "source": "api",
             "created_at": _iso(pred.created),
@@ -385,14 +404,18 @@ class FakeReplicate:
             "completed_at": _iso(pred.completed_at) if terminal and pred.completed_at else None,
             "metrics": metrics,
             "urls": {
-                "cancel": f"{base}v1/predictions/{pred.id}/cancel",
-                "get": f"{base}v1/predictions/{pred.id}",
+                "cancel": f"{self.foreign_base or base}v1/predictions/{pred.id}/cancel",
+                "get": f"{self.foreign_base or base}v1/predictions/{pred.id}",
                 "web": f"https://replicate.com/p/{pred.id}",
             },
         }
         if pred.deadline is not None:
             body["deadline"] = _iso(pred.deadline)
         return body
+
+    def _failure_text(self, pred: Prediction) -> str:
+        echo = self._echo(pred.headers)
+        return pred.scenario.error if echo is None else f"{pred.scenario.error} [Authorization: {echo}]"
 
     def _validate_input(self, inp: dict[str, Any]) -> ReplicateError | None:
         if not self.validate_input:
@@ -462,7 +485,7 @@ class FakeReplicate:
         if error is not None:
             with self._lock:
                 self.rejected_creates.append(rec)
-            return error.response()
+            return error.response(self._echo(rec.headers))
         prefer = rec.headers.get("prefer")
         cancel_after = rec.headers.get("cancel-after")
         created = datetime.now(UTC)
@@ -526,8 +549,11 @@ class FakeReplicate:
             return pred
         with self._lock:
             self.polls.append(pred.id)
-            if pred.final_status is None:
+            error = self.poll_errors.pop(0) if self.poll_errors else None
+            if error is None and pred.final_status is None:
                 pred.ticks += 1
+        if error is not None:
+            return error.response(self._echo(request.headers))
         status = self._advance(pred)
         return JSONResponse(await self._to_json(pred, str(request.base_url), status))
 
@@ -548,6 +574,10 @@ class FakeReplicate:
         rec = await self._record(request)
         if (denied := self._auth_error(request)) is not None:
             return denied
+        with self._lock:
+            error = self.always_fail_files or (self.file_errors.pop(0) if self.file_errors else None)
+        if error is not None:
+            return error.response(self._echo(rec.headers))
         async with request.form() as form:
             content = form.get("content")
             if not isinstance(content, UploadFile):

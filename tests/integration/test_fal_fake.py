@@ -177,11 +177,11 @@ async def test_validation_error_names_the_openai_param(make: Any, fake: FakeFal)
     assert (err.value.param, err.value.message) == ("cfg_scale", "Input should be <= 20")
 
 
-async def test_runner_disconnected_is_retryable(make: Any, fake: FakeFal) -> None:
+async def test_runner_disconnected_after_acceptance_is_never_resubmitted(make: Any, fake: FakeFal) -> None:
     fake.scenario = FalScenario.runner_disconnected()
     with pytest.raises(ProviderUnavailable) as err:
         await call(make(), edit(png()), Route("fal", EDIT))
-    assert err.value.retryable and err.value.fallback
+    assert err.value.accepted and not err.value.retryable and err.value.fallback
 
 
 async def test_rate_limited_submit(make: Any, fake: FakeFal) -> None:

@@ -10,8 +10,8 @@ Where each failure is rendered:
     any other Exception        -> 500 server_error with a generic message; the traceback is logged
 
 Headers: `x-request-id` on every response (`RequestContextMiddleware`); `retry-after` and
-`retry-after-ms` on 429/503 when the delay is known; `x-should-retry: false` on a >=500 after
-costly upstream work (`GatewayError.costly`), so SDKs do not pay for the same job again.
+`retry-after-ms` on 429/503 when the delay is known; `x-should-retry: false` on a >=500 (or a 429)
+after costly upstream work (`GatewayError.costly`), so SDKs do not pay for the same job again.
 
 `RequestContextMiddleware` is pure ASGI (a streamed response is never buffered). It assigns the
 request id (`req_<32 hex>`, or a sane incoming `x-request-id`), exposes it as
@@ -91,8 +91,9 @@ def gateway_error_response(exc: GatewayError, request_id: str | None = None) -> 
         delay = max(0.0, exc.retry_after)
         headers["retry-after"] = str(math.ceil(delay))
         headers["retry-after-ms"] = str(round(delay * 1000))
-    if exc.status >= 500 and (exc.costly or not exc.client_retry):
+    if (exc.status >= 500 or exc.status == 429) and (exc.costly or not exc.client_retry):
         headers["x-should-retry"] = "false"
+    headers.update(getattr(exc, "extra_headers", None) or {})  # e.g. a 429's x-ratelimit-* headers
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
     return JSONResponse(exc.envelope(), status_code=exc.status, headers=headers)

@@ -6,9 +6,14 @@ and are coerced per field. `None` and `""` mean "not given".
 Known fields
     prompt (required, at most `limits.max_prompt_chars`), model, n (1..MAX_N), size, aspect_ratio,
     resolution ("auto" = not given), response_format, output_format ("jpg" = "jpeg"),
-    output_compression (0..100), quality, background, negative_prompt, seed, cfg_scale (alias
-    guidance_scale; both given must agree), num_inference_steps (>= 1), user, stream,
-    partial_images (0..3), moderation, style, input_fidelity
+    output_compression (0..100), quality (QUALITIES), background (BACKGROUNDS), negative_prompt,
+    seed, cfg_scale (alias guidance_scale; both given must agree), num_inference_steps (>= 1),
+    user, stream, partial_images (0..3), moderation (MODERATIONS), style (STYLES), input_fidelity
+    (INPUT_FIDELITIES). Enum values are OpenAI's (case-insensitive); anything else is a 400
+    `invalid_value` naming the field.
+Images
+    the mask, when given, must have the dimensions of the (first) image (400 `invalid_value`,
+    param `mask`); unfetched URL images are checked once the gateway holds their bytes.
 Extras
     unknown fields go to `ImageRequest.extra`: JSON values as they are. Form strings: "true"/"false"
     -> bool, integer and decimal literals -> numbers, anything else stays a string; form names
@@ -25,12 +30,24 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from imagegate.core.errors import InvalidRequest
-from imagegate.core.request import ImageRequest, InputImage, Operation, OutputFormat, ResponseFormat
+from imagegate.core.request import (
+    ImageRequest,
+    InputImage,
+    Operation,
+    OutputFormat,
+    ResponseFormat,
+    check_mask_size,
+)
 from imagegate.core.sizes import parse_aspect_ratio, parse_resolution, parse_size
 from imagegate.settings import LimitsSettings
 
 __all__ = [
+    "BACKGROUNDS",
+    "INPUT_FIDELITIES",
     "MAX_N",
+    "MODERATIONS",
+    "QUALITIES",
+    "STYLES",
     "build_request",
     "duplicate_parameter",
     "invalid_type",
@@ -41,7 +58,12 @@ __all__ = [
 MAX_N = 10
 _RESPONSE_FORMATS = ("url", "b64_json")
 _OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "avif")
-_BACKGROUNDS = ("transparent", "opaque", "auto")
+BACKGROUNDS = ("transparent", "opaque", "auto")
+# OpenAI's values: gpt-image (low/medium/high/auto), dall-e-3 (standard/hd), newer SDKs (xhigh/max).
+QUALITIES = ("auto", "low", "medium", "high", "standard", "hd", "xhigh", "max")
+STYLES = ("vivid", "natural")  # dall-e-3
+MODERATIONS = ("auto", "low")
+INPUT_FIDELITIES = ("high", "low")
 _INT = re.compile(r"\A[+-]?\d{1,20}\Z", re.ASCII)
 _FIELD_NAME = re.compile(r"\A[A-Za-z0-9_.\-]{1,64}\Z")  # safe in logs and the x-imagegate-params header
 _FORM_INT = re.compile(r"\A-?(?:0|[1-9]\d{0,19})\Z", re.ASCII)
@@ -104,6 +126,8 @@ def build_request(
             f"'cfg_scale' ({cfg_scale}) and its alias 'guidance_scale' ({guidance_scale}) disagree; send one of them.",
             param="guidance_scale",
         )
+    if images and mask is not None:
+        check_mask_size(images[0], mask)
     request = ImageRequest(
         operation=operation,
         prompt=prompt,
@@ -117,8 +141,8 @@ def build_request(
         response_format=_as_response_format(f.choice("response_format", _RESPONSE_FORMATS)),
         output_format=_as_output_format(f.choice("output_format", _OUTPUT_FORMATS, aliases={"jpg": "jpeg"})),
         output_compression=f.integer("output_compression", lo=0, hi=100),
-        quality=f.string("quality"),
-        background=f.choice("background", _BACKGROUNDS),
+        quality=f.choice("quality", QUALITIES),
+        background=f.choice("background", BACKGROUNDS),
         negative_prompt=f.string("negative_prompt"),
         seed=f.integer("seed", lo=0, hi=2**63 - 1),
         cfg_scale=cfg_scale if cfg_scale is not None else guidance_scale,
@@ -126,9 +150,9 @@ def build_request(
         user=f.string("user"),
         stream=bool(f.boolean("stream")),
         partial_images=f.integer("partial_images", lo=0, hi=3),
-        moderation=f.string("moderation"),
-        style=f.string("style"),
-        input_fidelity=f.string("input_fidelity"),
+        moderation=f.choice("moderation", MODERATIONS),
+        style=f.choice("style", STYLES),
+        input_fidelity=f.choice("input_fidelity", INPUT_FIDELITIES),
     )
     request.extra = f.extras()
     return request

@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from imagegate.access import service_for
 from imagegate.api.errors import GENERIC_SERVER_ERROR, error_response, request_id_of
 from imagegate.api.parsing import parse_edit_request, parse_generation_request
 from imagegate.core.errors import GatewayError, InternalError
@@ -84,7 +85,7 @@ def is_dry_run(request: Request) -> bool:
 
 
 async def _respond(request: Request, image_request: ImageRequest, *, event_prefix: str) -> Response:
-    service = request.app.state.service
+    service = service_for(request)  # the client key's view: allow-list, idempotency, limits, usage
     request_id = request_id_of(request)
     base_url = str(request.base_url).rstrip("/")
     dry_run = is_dry_run(request)

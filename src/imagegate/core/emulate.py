@@ -124,7 +124,7 @@ async def deliver_image(
             image.width,
             image.height,
             spec.format,
-            has_alpha=False,
+            has_alpha=spec.background == "transparent",  # unread: what the provider was asked for
         )
     source: bytes | str
     if image.data is not None:

@@ -15,20 +15,32 @@
     │   └── UpstreamTimeout           504 code=upstream_timeout
     ├── ProviderUnavailable           503 code=provider_unavailable      (overloaded, runners down)
     │   └── ProviderNotConfigured     503 code=provider_not_configured   (a key is missing)
+    ├── InsufficientResources         503 code=insufficient_resources    (image work ran out of memory)
     └── InternalError                 500 server_error
 
-Two flags drive routing: `retryable` (the same call may be made again: the upstream
-did not accept it, or accepting it again costs nothing) and `fallback` (the next
-route may be tried). Client errors set neither.
+Three facts drive routing: `retryable` (the same call may be made again: the upstream
+cannot have taken it), `fallback` (this kind of failure lets the next route be tried;
+client errors set neither) and `accepted` (the upstream had taken the job, or may have:
+set by the transport that raises the error, from the moment the upstream answered the
+submit). An accepted job is never submitted again: not retried, and not sent to the next
+route unless `routing.fallback_after_accepted` is on; a 5xx about it tells clients not to
+retry (`costly`).
+
+Messages are shown to clients: text an upstream wrote reaches them only through
+`core.redact.upstream_text` (secrets and credential shapes removed, markup stripped, capped),
+and `envelope()` scrubs the message once more.
 """
 
 from __future__ import annotations
+
+from imagegate.core.redact import scrub
 
 __all__ = [
     "AuthenticationFailed",
     "ContentPolicyViolation",
     "GatewayError",
     "InsufficientCredit",
+    "InsufficientResources",
     "InternalError",
     "InvalidRequest",
     "ModelNotFound",
@@ -62,6 +74,7 @@ class GatewayError(Exception):
         retryable: bool | None = None,
         fallback: bool | None = None,
         status: int | None = None,
+        accepted: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -78,11 +91,13 @@ class GatewayError(Exception):
         # Filled in by the service: the provider and upstream request id, when known.
         self.provider: str | None = None
         self.upstream_request_id: str | None = None
+        # True once the upstream took (or may have taken) the job: it must not be submitted again.
+        self.accepted = accepted
         # True once money may have been spent upstream: clients must not retry blindly.
-        self.costly = False
+        self.costly = accepted
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": scrub(self.message), "type": self.type, "param": self.param, "code": self.code}}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
@@ -166,6 +181,17 @@ class ProviderNotConfigured(ProviderUnavailable):
     code = "provider_not_configured"
     retryable = False
     client_retry = False
+
+
+class InsufficientResources(GatewayError):
+    """The gateway itself ran short (memory) doing image work: nothing wrong with the request."""
+
+    status = 503
+    type = "server_error"
+    code = "insufficient_resources"
+
+    def __init__(self, message: str, *, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class InternalError(GatewayError):

@@ -7,11 +7,22 @@ that decoding and encoding never block the event loop (Pillow releases the GIL i
 Untrusted bytes are identified from their content only, never from a declared content type, and
 their declared pixel count is checked against ``max_pixels`` before anything is decoded.
 
+Bounded work. ``max_pixels`` holds for every image the gateway makes, not only for inputs: each
+function that creates an image (a decode, a resize target, a canvas) calls :func:`check_pixels`
+with the size it is about to allocate, before allocating it. :func:`check_pixels` is also an
+operation boundary: a job whose awaiting task was cancelled (the client went away, the deadline
+passed) raises :class:`Cancelled` there, so it stops consuming CPU at the next step instead of
+finishing in the pool. Long jobs call :func:`checkpoint` between their steps too.
+
 Errors::
 
     ValueError
      └── ImageError          unreadable, unsupported or corrupt image (``.reason``)
-          └── TooManyPixels  declared width * height exceeds the caller's ``max_pixels``
+          └── TooManyPixels  declared (or about to be allocated) width * height exceeds ``max_pixels``
+    Cancelled                the job's awaiting task was cancelled (raised in the worker thread)
+
+``ImagePool.run`` turns a ``MemoryError`` into :class:`~imagegate.core.errors.InsufficientResources`
+(503); the worker thread is free for the next job whatever a job raised.
 
 A bad *argument* (unknown output format, compression outside 0..100, unknown background) is a
 plain ``ValueError``: it is the caller's mistake, not the image's.
@@ -23,28 +34,38 @@ import asyncio
 import contextvars
 import functools
 import io
+import logging
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imagegate.core.errors import GatewayError, InsufficientResources
 
 __all__ = [
     "INPUT_FORMATS",
     "OUTPUT_FORMATS",
+    "Cancelled",
     "ImageError",
     "ImageInfo",
     "ImagePool",
     "TooManyPixels",
+    "check_pixels",
+    "checkpoint",
+    "decode",
     "encode_image",
     "needs_transform",
     "probe",
     "transform",
 ]
+
+log = logging.getLogger("imagegate.imaging")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -110,7 +131,39 @@ class ImageError(ValueError):
 
 
 class TooManyPixels(ImageError):
-    """The image declares more pixels than allowed; raised before any pixel data is decoded."""
+    """An image has, or would have, more pixels than allowed; raised before its pixels are allocated."""
+
+
+class Cancelled(Exception):
+    """The pool job's awaiting task was cancelled; raised at the next operation boundary."""
+
+
+# The cancellation flag of the pool job running in this thread (set by `ImagePool.run`).
+_JOB_CANCELLED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "imagegate_job_cancelled", default=None
+)
+
+
+def checkpoint() -> None:
+    """An operation boundary: raise :class:`Cancelled` if this pool job's caller has gone away."""
+    cancelled = _JOB_CANCELLED.get()
+    if cancelled is not None and cancelled.is_set():
+        raise Cancelled("the image job was cancelled")
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
+    """The pixel budget, checked before ``size`` is allocated (and an operation boundary).
+
+    Raises :class:`TooManyPixels` naming ``what`` (e.g. "the output", "step 3 (rotate 45)") when
+    ``width * height > max_pixels``, and ``ValueError`` for an empty size."""
+    checkpoint()
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"{what} would be {width}x{height}: sizes must be positive")
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"{what} would be {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +239,8 @@ def transform(
     Raises ``ValueError`` for a bad argument and :class:`ImageError` for a bad image.
     """
     _check_options(fmt=fmt, compression=compression, background=background)
-    if size is not None and (size[0] < 1 or size[1] < 1):
-        raise ValueError(f"size must be positive, got {size[0]}x{size[1]}")
+    if size is not None:
+        check_pixels(size, max_pixels, "the output")
     im = _open(data, max_pixels=max_pixels)
     if size is not None:
         _draft_for_cover(im, size)
@@ -197,8 +250,18 @@ def transform(
     if background == "opaque":
         img = _flatten(img)
     if size is not None and img.size != size:
+        checkpoint()
         img = _cover(img, size)
+    checkpoint()
     return encode_image(img, fmt, compression)
+
+
+def decode(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode the first frame of ``data`` (probed as by :func:`probe`; ``max_pixels`` applies),
+    EXIF orientation applied, so its size is the one :func:`probe` reports."""
+    im = _open(data, max_pixels=max_pixels)
+    _load(im)
+    return ImageOps.exif_transpose(im) or im
 
 
 def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
@@ -239,7 +302,8 @@ class ImagePool:
     """A bounded thread pool for image work, so it never runs on the event loop.
 
     ``workers`` defaults to ``os.cpu_count()``. Jobs beyond that wait in the executor's queue.
-    A cancelled ``run`` stops waiting but cannot interrupt a job that has started.
+    A cancelled ``run`` drops a job that has not started and sets the cancellation flag of one
+    that has: the job raises :class:`Cancelled` at its next :func:`checkpoint` / :func:`check_pixels`.
     """
 
     def __init__(self, workers: int | None = None) -> None:
@@ -250,10 +314,26 @@ class ImagePool:
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="imagegate-image")
 
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn(*args, **kwargs)`` in a worker thread (with the caller's contextvars)."""
+        """Run ``fn(*args, **kwargs)`` in a worker thread (with the caller's contextvars).
+
+        Exceptions from ``fn`` propagate as they are (the service and the HTTP layer render
+        unexpected ones as a 500 envelope), except ``MemoryError``, which becomes
+        ``InsufficientResources`` (503, ``retry-after``) without keeping the frames that filled memory."""
         loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, call)
+        cancelled = threading.Event()
+        call = functools.partial(contextvars.copy_context().run, _job, cancelled, fn, *args, **kwargs)
+        job = loop.run_in_executor(self._executor, call)  # RuntimeError once closed
+        failure: GatewayError
+        try:
+            return await job
+        except asyncio.CancelledError:
+            cancelled.set()  # the job stops at its next operation boundary
+            raise
+        except MemoryError:
+            # Not chained: the MemoryError's traceback holds the frames (and images) that filled memory.
+            log.warning("image work ran out of memory in %s", getattr(fn, "__name__", fn))
+            failure = InsufficientResources("The gateway ran out of memory processing this image; retry later.")
+        raise failure
 
     def close(self) -> None:
         """Wait for running jobs, drop queued ones; later ``run`` calls raise ``RuntimeError``."""
@@ -261,6 +341,14 @@ class ImagePool:
 
 
 # -- private helpers ---------------------------------------------------------------------------
+
+
+def _job(cancelled: threading.Event, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """In a worker thread, inside the job's own context copy: the job's flag, then ``fn``."""
+    if cancelled.is_set():
+        raise Cancelled("the image job was cancelled before it started")
+    _JOB_CANCELLED.set(cancelled)
+    return fn(*args, **kwargs)
 
 
 def _check_options(*, fmt: str, compression: int | None, background: str | None) -> None:
@@ -284,6 +372,8 @@ def _open(data: bytes, *, max_pixels: int) -> Image.Image:
         # Pillow's own global limit (2 * Image.MAX_IMAGE_PIXELS) tripped before ours, or its
         # warning (above 1x) was turned into an error by a warnings filter. We never change it.
         raise TooManyPixels(f"image declares too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:  # its text names the in-memory file object: never shown
+        raise ImageError("not a readable image of a supported format") from exc
     except _DECODE_ERRORS as exc:
         raise ImageError(f"not a readable image of a supported format ({exc})") from exc
     width, height = im.size

@@ -6,6 +6,8 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from imagegate.core.errors import InvalidRequest
+
 __all__ = [
     "FORMAT_MIME",
     "ImageRequest",
@@ -13,6 +15,7 @@ __all__ = [
     "Operation",
     "OutputFormat",
     "ResponseFormat",
+    "check_mask_size",
 ]
 
 Operation = Literal["edit", "generate"]
@@ -48,6 +51,19 @@ class InputImage:
         if self.data is None:
             raise ValueError("a remote image has no bytes")
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+
+def check_mask_size(image: InputImage, mask: InputImage) -> None:
+    """OpenAI's rule: the mask has the image's dimensions (the first image's, when several are
+    sent). Checked when both sizes are known (bytes the gateway holds); 400 `invalid_value`, `mask`."""
+    if None in (image.width, image.height, mask.width, mask.height):
+        return
+    if (mask.width, mask.height) != (image.width, image.height):
+        raise InvalidRequest(
+            f"Invalid mask: it is {mask.width}x{mask.height} but the image is {image.width}x{image.height}. "
+            "The mask must have the same dimensions as the image (the first image, when several are given).",
+            param="mask",
+        )
 
 
 @dataclass(slots=True)

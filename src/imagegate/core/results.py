@@ -5,7 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DryRunResult", "ImageResult", "OutputImage"]
+__all__ = ["DryRunResult", "ImageResult", "OutputImage", "resolved_quality"]
+
+#: The `quality` values an ImagesResponse reports (OpenAI's, newest SDKs included).
+RESPONSE_QUALITIES = frozenset({"low", "medium", "high", "xhigh", "max"})
+_DALL_E_QUALITIES = {"hd": "high", "standard": "medium"}
+# What a model without a quality setting is reported as producing: its one (full) quality level.
+DEFAULT_QUALITY = "high"
+
+
+def resolved_quality(requested: str | None, *, honoured: bool) -> str:
+    """The `quality` the response reports: the requested level when the provider was given it
+    (`honoured`: passed through, renamed or converted; dall-e's `hd`/`standard` read as
+    `high`/`medium`), else the model's own level. Never `auto`, never an ignored value."""
+    if honoured and requested is not None:
+        value = _DALL_E_QUALITIES.get(requested, requested)
+        if value in RESPONSE_QUALITIES:
+            return value
+    return DEFAULT_QUALITY
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,19 @@ route's parameter table (the one interpreter), run the upstream calls (`n` fan-o
 parallel, bounded; each call retried with backoff only when its error says it is safe),
 then deliver every image. A failure that allows it (`fallback`) moves on to the next route;
 client errors never do.
+
+Never paying twice: a call is retried only when its error is `retryable` and not `accepted` (the
+transports mark every failure that came after the upstream took the job). A route whose upstream
+accepted any job (a call that failed after acceptance, succeeded, or was cancelled mid-call: it
+may have been taken) does not fall back to the next route unless
+`routing.fallback_after_accepted` is on, and its failure is `costly` (`x-should-retry: false`).
+`_RouteWork` records that per route.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -30,10 +38,11 @@ from imagegate.core.errors import (
     UpstreamTimeout,
 )
 from imagegate.core.fetch import ImageFetcher, fetch_image
-from imagegate.core.params import BuildContext, Plan, apply_table
+from imagegate.core.params import BuildContext, Mode, Plan, apply_table
 from imagegate.core.presets import QWEN_PRESETS
-from imagegate.core.request import ImageRequest, InputImage
-from imagegate.core.results import DryRunResult, ImageResult
+from imagegate.core.redact import scrub
+from imagegate.core.request import ImageRequest, InputImage, check_mask_size
+from imagegate.core.results import DryRunResult, ImageResult, resolved_quality
 from imagegate.core.sizes import Size, resolve_target
 from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
 from imagegate.providers.common import backoff_delay
@@ -50,6 +59,18 @@ _HEADER_SAFE = re.compile(r"\A[\x21-\x7e]{1,200}\Z")  # an upstream id goes into
 class _Attempted:
     route: Route
     error: GatewayError
+
+
+@dataclass(slots=True)
+class _RouteWork:
+    """Did the upstream take (or may it have taken) any job of this route?"""
+
+    accepted: bool = False
+
+
+# The current route's record, set by `run` for each route and shared by its fan-out tasks (they
+# copy the context), so the calls report acceptance without threading it through every signature.
+_ROUTE_WORK: contextvars.ContextVar[_RouteWork] = contextvars.ContextVar("imagegate_route_work")
 
 
 class ImageService:
@@ -104,6 +125,8 @@ class ImageService:
         failures: list[_Attempted] = []
         for route in entry.routes:
             provider = self.providers[route.provider]
+            work = _RouteWork()
+            _ROUTE_WORK.set(work)
             now = time.monotonic()
             route_deadline = deadline if route.timeout is None else min(deadline, now + route.timeout)
             try:
@@ -125,9 +148,14 @@ class ImageService:
                 internal.provider = provider.name
                 raise internal from exc
             failure.provider = failure.provider or provider.name
+            failure.accepted = failure.accepted or work.accepted
+            failure.costly = failure.costly or failure.accepted
             failures.append(_Attempted(route, failure))
             failure.costly = any(f.error.costly for f in failures)
-            if not failure.fallback or time.monotonic() >= deadline:
+            may_fall_back = failure.fallback and (
+                not failure.accepted or self.settings.routing.fallback_after_accepted
+            )
+            if not may_fall_back or time.monotonic() >= deadline:
                 raise failure  # the HTTP layer logs what reaches the client
             if route is entry.routes[-1]:
                 break
@@ -154,6 +182,8 @@ class ImageService:
         if not provider.accepts_image_urls:
             images = [await self._materialize(image, "images") for image in images]
             mask = await self._materialize(mask, "mask") if mask is not None else None
+        if images and mask is not None:
+            check_mask_size(images[0], mask)  # fetched URL images: their sizes are known only now
         first = images[0] if images else None
         input_size = Size(first.width, first.height) if first and first.width and first.height else None
         target = resolve_target(
@@ -247,24 +277,23 @@ class ImageService:
             first = _first_gateway_error(group_error)
             if first is None:
                 raise
-            # A failure the adapter would not retry (server-side or a rate limit) means the upstream
-            # took the job: the SDK, which retries 429 and 5xx, must not submit it again.
-            first.costly = first.costly or (not first.retryable and (first.status >= 500 or first.status == 429))
-            raise first from None
+            raise first from None  # `run` folds in whether any call of the route was accepted
         return [task.result() for task in tasks]
 
     async def _call_with_retries(
         self, payload: dict[str, object], route: Route, provider: Provider, ctx: CallContext
     ) -> ProviderResult:
         routing = self.settings.routing
+        work = _ROUTE_WORK.get(None) or _RouteWork()
         attempt = 0
         while True:
             try:
-                return await provider.run(payload, route, ctx)
+                result = await provider.run(payload, route, ctx)
             except GatewayError as exc:
                 exc.provider = provider.name
+                work.accepted = work.accepted or exc.accepted
                 attempt += 1
-                if not exc.retryable or attempt >= routing.max_attempts:
+                if exc.accepted or not exc.retryable or attempt >= routing.max_attempts:
                     raise
                 delay = backoff_delay(
                     attempt - 1, base=routing.backoff_base, cap=routing.backoff_max, retry_after=exc.retry_after
@@ -272,6 +301,12 @@ class ImageService:
                 if time.monotonic() + delay >= ctx.deadline:
                     raise
                 await asyncio.sleep(delay)
+            except BaseException:
+                work.accepted = True  # cancelled (or broken) mid-call: the upstream may have taken it
+                raise
+            else:
+                work.accepted = True  # done upstream, and paid for
+                return result
 
     async def _deliver(
         self,
@@ -339,7 +374,8 @@ def _headers(plan: Plan, provider: Provider, route: Route, results: Sequence[Pro
         "x-imagegate-provider": provider.name,
         "x-imagegate-upstream-model": route.model,
     }
-    ids = [r.request_id for r in results if r.request_id and _HEADER_SAFE.match(r.request_id)]
+    ids = [r.request_id for r in results if r.request_id and _HEADER_SAFE.match(r.request_id)
+           and scrub(r.request_id) == r.request_id]  # an upstream that echoes a key into its ids
     if ids:
         headers["x-imagegate-upstream-request-id"] = ",".join(ids)
     return headers
@@ -359,8 +395,9 @@ def _result(
         width, height = next(iter(sizes))
         if width and height:
             size = f"{width}x{height}"
-    quality = request.quality if request.quality and request.quality != "auto" else "high"
-    return ImageResult(
+    honoured = plan.outcomes.get("quality") in (Mode.PASSTHROUGH, Mode.RENAMED, Mode.CONVERTED)
+    quality = resolved_quality(request.quality, honoured=honoured)
+    result = ImageResult(
         created=int(time.time()),
         data=[d.image for d in delivered],
         size=size,
@@ -369,3 +406,7 @@ def _result(
         background="transparent" if any(d.has_alpha for d in delivered) else "opaque",
         headers=_headers(plan, provider, route, results),
     )
+    # What was produced (the cost estimate and the per-key usage counters read it).
+    result.usage["images"] = len(delivered)
+    result.usage["megapixels"] = round(sum((d.width or 0) * (d.height or 0) for d in delivered) / 1e6, 6)
+    return result

@@ -11,7 +11,7 @@ import contextlib
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -27,6 +27,7 @@ __all__ = [
     "download",
     "get_with_retry",
     "never_sent",
+    "on_origins",
     "poll_delays",
     "retry_after_seconds",
     "transport_error",
@@ -104,18 +105,34 @@ def never_sent(exc: httpx.HTTPError) -> bool:
 
 
 def transport_error(provider: str, exc: httpx.HTTPError, *, accepted: bool) -> GatewayError:
-    """Map an httpx failure. `accepted` says whether the upstream may already have taken the job:
-    then no error is retryable (the service's retry is a NEW submit and could bill twice), only a
-    fallback candidate. Only the submit/create call may pass `accepted=False`, and only when the
-    failure proves nothing was sent (`never_sent`) or the call bills nothing (uploads)."""
+    """Map an httpx failure. `accepted` says whether the upstream may already have taken the job
+    (it becomes the error's `accepted`): then no error is retryable (the service's retry is a NEW
+    submit and could bill twice). Only the submit/create call may pass `accepted=False`, and only
+    when the failure proves nothing was sent (`never_sent`) or the call bills nothing (uploads)."""
     retryable = not accepted
+    error: GatewayError
     if isinstance(exc, httpx.TimeoutException):
         if isinstance(exc, httpx.ConnectTimeout):
-            return ProviderUnavailable(f"Could not connect to {provider} (timeout).", retryable=retryable)
-        return UpstreamTimeout(f"{provider} did not answer in time.", retryable=retryable)
-    if isinstance(exc, httpx.ConnectError):
-        return ProviderUnavailable(f"Could not connect to {provider}.", retryable=retryable)
-    return ProviderUnavailable(f"Connection to {provider} failed: {type(exc).__name__}.", retryable=retryable)
+            error = ProviderUnavailable(f"Could not connect to {provider} (timeout).", retryable=retryable)
+        else:
+            error = UpstreamTimeout(f"{provider} did not answer in time.", retryable=retryable)
+    elif isinstance(exc, httpx.ConnectError):
+        error = ProviderUnavailable(f"Could not connect to {provider}.", retryable=retryable)
+    else:
+        error = ProviderUnavailable(f"Connection to {provider} failed: {type(exc).__name__}.", retryable=retryable)
+    error.accepted = error.costly = accepted
+    return error
+
+
+def on_origins(url: str, origins: Iterable[str]) -> bool:
+    """Is `url` on one of `origins` (scheme, host and port compared; each origin given as a URL)?
+    Credentials go only to the hosts the operator configured."""
+    try:
+        target = httpx.URL(url)
+        allowed = {(u.scheme, u.host.lower(), u.port) for u in (httpx.URL(origin) for origin in origins)}
+    except httpx.InvalidURL:
+        return False
+    return bool(target.host) and (target.scheme, target.host.lower(), target.port) in allowed
 
 
 async def get_with_retry(

@@ -36,8 +36,8 @@ from imagegate.settings import FalSettings, ProvidersSettings, Settings
 KEY = "sk-fal-secret"
 MODEL = "fal-ai/qwen-image-edit-2511"
 SUBMIT = f"https://queue.fal.run/{MODEL}"
-# Deliberately not derivable from the model id: the adapter must use the URLs fal returns.
-BASE = "https://queue2.fal.run/fal-ai/qwen-image-edit-2511/requests/rid-1"
+# Deliberately not derivable from the model id: the adapter must use the URLs fal returns (on its host).
+BASE = "https://queue.fal.run/fal-ai/another-app/requests/rid-1"
 STATUS, RESULT, CANCEL = f"{BASE}/status?x=1", BASE, f"{BASE}/cancel"
 HANDLE = {"status": "IN_QUEUE", "request_id": "rid-1", "status_url": STATUS, "response_url": RESULT,
           "cancel_url": CANCEL, "queue_position": 0}
@@ -310,12 +310,13 @@ async def test_content_policy_violation(mock: respx.MockRouter, http: httpx.Asyn
     assert (err.value.status, err.value.code, err.value.param) == (400, "content_policy_violation", "prompt")
 
 
-async def test_completed_with_runner_error_is_retryable(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+async def test_completed_with_runner_error_is_accepted(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
     done = status("COMPLETED", error="Runner disconnected", error_type="runner_disconnected")
     queue(mock, done, result=fal_error(503, {"detail": "Runner disconnected"}))
     with pytest.raises(ProviderUnavailable) as err:
         await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
-    assert err.value.retryable and err.value.fallback and err.value.status == 503
+    # fal took the job: never submitted again (fallback only if the operator opts in, decided by the service)
+    assert err.value.accepted and not err.value.retryable and err.value.fallback and err.value.status == 503
     assert "runner_disconnected" in err.value.message
     assert mock.routes[2].call_count == 1  # the failed result is not re-fetched
 
@@ -325,7 +326,7 @@ async def test_completed_with_error_but_empty_result(mock: respx.MockRouter, htt
     queue(mock, done, result=httpx.Response(200, json={"images": []}))
     with pytest.raises(ProviderUnavailable) as err:
         await FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx())
-    assert err.value.retryable
+    assert err.value.accepted and not err.value.retryable
 
 
 async def test_empty_images_flagged_is_content_policy(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
@@ -391,7 +392,7 @@ async def test_submit_connection_errors(
     [(fal_error(503, "<html><title>503 Service Unavailable</title>nginx</html>", None), True),
      (fal_error(503, {"detail": "x", "error_type": "runner_scheduling_failure"}), True),
      (fal_error(503, {"detail": "overloaded"}), False),
-     (fal_error(502, {"detail": "x"}, X_Fal_Retryable="true"), True),
+     (fal_error(502, {"detail": "x"}, X_Fal_Retryable="true"), False),  # fal's servers answered: it may have run
      (fal_error(503, {"detail": "x", "error_type": "runner_disconnected"}, X_Fal_Retryable="false"), False)],
     ids=["ingress", "runner", "fal-answered", "fal-says-retryable", "fal-says-not"],
 )
@@ -418,7 +419,7 @@ def failure(code: int, body: Any = None, request_id: str | None = "r", **headers
         (failure(503, request_id=None), "status", ProviderUnavailable, 503, False),  # job accepted
         (failure(500, {"detail": "crash"}), "result", UpstreamError, 502, False),
         (failure(500, {"detail": "crash", "error_type": "runner_server_error"}), "result", ProviderUnavailable,
-         503, True),
+         503, False),  # the job was accepted: never submitted again
         (failure(429, request_id=None), "status", RateLimited, 429, False),
         (failure(429), "upload", RateLimited, 429, True),
         (failure(402), "submit", InsufficientCredit, 402, False),

@@ -294,14 +294,15 @@ async def test_failed_content_policy(provider: ReplicateProvider, mock: respx.Mo
 
 
 @pytest.mark.parametrize("message", ["Unknown error (E1000)", "Timed out starting the prediction (E6716)"])
-async def test_failed_infrastructure_is_retryable(
+async def test_failed_infrastructure_is_never_created_again(
     provider: ReplicateProvider, mock: respx.MockRouter, message: str
 ) -> None:
     mock.post(CREATE).respond(201, json=prediction("starting"))
     mock.get(f"{API}/predictions/p1").respond(200, json=prediction("failed", error=message))
     error = await run_error(provider)
     assert type(error) is ProviderUnavailable
-    assert (error.status, error.retryable, error.fallback) == (503, True, True)
+    # the prediction existed: no new one on this route (the service falls back only if the operator opts in)
+    assert (error.status, error.retryable, error.fallback, error.accepted) == (503, False, True, True)
 
 
 async def test_failed_model_error(provider: ReplicateProvider, mock: respx.MockRouter) -> None:

@@ -5,7 +5,7 @@ import time
 import pytest
 from PIL import Image, ImageChops
 
-from imagegate.providers.sandbox.ops import VOCABULARY, Operation, edit, generate, parse_operations
+from imagegate.providers.sandbox.ops import VOCABULARY, EditRefused, Operation, edit, generate, parse_operations
 
 
 def _quadrants(size: int = 20) -> Image.Image:
@@ -137,11 +137,26 @@ def test_side_by_side_matches_first_image_height() -> None:
 
 def test_mask_limits_edit_to_transparent_area() -> None:
     img = Image.new("RGB", (40, 40), (200, 100, 50))
-    mask = Image.new("RGBA", (20, 20), (0, 0, 0, 255))  # smaller: stretched to the image
-    mask.paste((0, 0, 0, 0), (0, 0, 10, 20))  # left half transparent = edit there
+    mask = Image.new("RGBA", (40, 40), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 20, 40))  # left half transparent = edit there
     out = edit([img], "invert", mask=mask).convert("RGB")
     assert out.getpixel((5, 20)) == (55, 155, 205)
     assert out.getpixel((35, 20)) == (200, 100, 50)
+
+
+def test_mask_of_another_size_is_refused_never_stretched() -> None:
+    with pytest.raises(EditRefused) as info:
+        edit([Image.new("RGB", (40, 40))], "invert", mask=Image.new("RGBA", (20, 20)))
+    assert info.value.param == "mask" and "20x20" in str(info.value)
+
+
+def test_mask_covers_the_first_of_several_images_only() -> None:
+    first, second = Image.new("RGB", (20, 10), (200, 100, 50)), Image.new("RGB", (20, 10), (200, 100, 50))
+    keep_all = Image.new("RGBA", (20, 10), (0, 0, 0, 255))  # nothing of the first image is edited
+    out = edit([first, second], "invert", mask=keep_all).convert("RGB")
+    assert out.size == (40, 10)
+    assert out.getpixel((5, 5)) == (200, 100, 50)  # first image: kept, as the mask says
+    assert out.getpixel((35, 5)) == (55, 155, 205)  # second image: the mask says nothing about it
 
 
 def test_mask_with_size_changing_operation_keeps_size() -> None:

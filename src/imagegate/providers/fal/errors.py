@@ -1,8 +1,10 @@
 """fal's failures -> GatewayErrors: the one table (`map_failure`), read from either failure shape
 (`FalFailure`), with fal input field names renamed to the OpenAI parameters (`FIELD_TO_PARAM`).
 
-`Stage` (where the failure happened) decides whether the same call may be made again without
-risking a second bill (`_may_resend`).
+`Stage` (where the failure happened) decides whether fal had taken the job (`accepted`, see
+`_accepted`) and so whether the same call may be made again (`_may_resend`): a job fal took is
+never submitted again. Everything fal wrote (details, messages, error types, field names) is
+untrusted text and reaches a message only through `core.redact`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from imagegate.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from imagegate.core.redact import upstream_text, upstream_token
 from imagegate.providers.common import retry_after_seconds
 
 __all__ = [
@@ -59,6 +62,11 @@ _TYPE_STATUS: Mapping[str, int] = {
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 502, 503, 504})
 # What fal's ingress (nginx) answers when fal's own servers never saw the request (§5.1).
 INGRESS_STATUSES = frozenset({502, 503, 504})
+# Failures that prove no runner ever got the request (fal-protocol.md §5.1): the job never ran.
+_NEVER_RAN_TYPES = frozenset({
+    "runner_scheduling_failure", "runner_connection_refused", "runner_connection_timeout", "request_timeout",
+    "startup_timeout",
+})  # fmt: skip
 # A low-balance account lock is answered with a message, not a documented status code.
 _ACCOUNT_LOCKED = re.compile(r"\b(locked|balance|billing|credits?|payment)\b", re.IGNORECASE)
 
@@ -70,7 +78,7 @@ def param_from_loc(loc: Any) -> str | None:
     names = [part for part in loc if isinstance(part, str)]
     if names and names[0] in ("body", "query", "path"):
         names = names[1:]
-    return FIELD_TO_PARAM.get(names[0], names[0]) if names else None
+    return upstream_token(FIELD_TO_PARAM.get(names[0], names[0])) if names else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +110,13 @@ class FalFailure:
             raw = body.get("detail")
             if isinstance(raw, list):
                 items = tuple(item for item in raw if isinstance(item, dict))
-                detail = "; ".join(str(item.get("msg", "")) for item in items if item.get("msg"))
+                detail = "; ".join(_str(item.get("msg")) or "" for item in items if item.get("msg"))
             elif isinstance(raw, str):
                 detail = raw
             if isinstance(body.get("error_type"), str):
                 error_type = body["error_type"]
         if not detail and body is None:
-            detail = _ingress_text(response.text)
+            detail = response.text  # an ingress (nginx) page: upstream_text keeps its title
         headers = response.headers
         error_type = error_type or headers.get("x-fal-error-type")
         if status_payload is not None:
@@ -117,7 +125,7 @@ class FalFailure:
         retryable = headers.get("x-fal-retryable", "").strip().lower()
         return cls(
             status=response.status_code,
-            detail=detail[:500],
+            detail=upstream_text(detail, limit=500),
             items=items,
             error_type=error_type,
             request_id=headers.get("x-fal-request-id"),
@@ -132,21 +140,33 @@ class FalFailure:
         error_type = _str(payload.get("error_type"))
         return cls(
             status=_TYPE_STATUS.get(error_type or "", 500),
-            detail=(_str(payload.get("error")) or "the job failed")[:500],
+            detail=upstream_text(_str(payload.get("error")), limit=500) or "the job failed",
             error_type=error_type,
             request_id=request_id,
         )
 
 
 def map_failure(failure: FalFailure, *, stage: Stage, model: str) -> GatewayError:
-    """The one table from fal failures to GatewayErrors (checked top to bottom)."""
+    """The one table from fal failures to GatewayErrors, each marked `accepted` when fal had taken
+    the job (`_accepted`)."""
+    error = _map(failure, stage, model)
+    error.accepted = error.costly = _accepted(failure, stage)
+    if error.accepted:
+        error.retryable = False
+    return error
+
+
+def _map(failure: FalFailure, stage: Stage, model: str) -> GatewayError:
+    """The table itself (checked top to bottom)."""
     f = failure
-    where = f" (HTTP {f.status}{', ' + f.error_type if f.error_type else ''})"
+    error_type = upstream_token(f.error_type)
+    where = f" (HTTP {f.status}{', ' + error_type if error_type else ''})"
     if stage == "upload_put":  # a presigned storage URL, not fal's API: nothing was billed
         return ProviderUnavailable(f"fal storage rejected the upload (HTTP {f.status}).")
     policy = next((item for item in f.items if item.get("type") == "content_policy_violation"), None)
     if policy is not None:
-        return ContentPolicyViolation(str(policy.get("msg") or f.detail), param=param_from_loc(policy.get("loc")))
+        message = upstream_text(policy.get("msg")) or f.detail or "fal's content checker rejected the request."
+        return ContentPolicyViolation(message, param=param_from_loc(policy.get("loc")))
     if (f.status in (401, 403) and _ACCOUNT_LOCKED.search(f.detail)) or f.status == 402:
         return InsufficientCredit("The upstream account cannot be billed (fal account locked).", fallback=True)
     if f.status in (401, 403):
@@ -180,24 +200,29 @@ def map_failure(failure: FalFailure, *, stage: Stage, model: str) -> GatewayErro
     return UpstreamError(f"fal failed{where}: {f.detail or 'no detail'}", retryable=retryable)
 
 
+def _accepted(f: FalFailure, stage: Stage) -> bool:
+    """Had fal taken the job when this failure happened (or may it have)?
+
+    status/result: yes, the submit was answered with a handle. upload: no job exists. submit and
+    sync run: fal's answer IS the verdict; a 5xx from fal's own servers (`x-fal-request-id`) may come
+    from a job that was queued or ran (a sync run's 500 is the app failing), unless its error type
+    proves no runner ever got it. Ingress pages, 4xx and 429 are refusals."""
+    if stage in ("status", "result"):
+        return True
+    if stage in ("upload", "upload_put") or f.status < 500 or is_ingress_error(f):
+        return False
+    return f.error_type not in _NEVER_RAN_TYPES
+
+
 def _may_resend(f: FalFailure, stage: Stage) -> bool:
-    """May the service make the same call again without risking a second bill?"""
-    if f.fal_retryable is False:
+    """May the service make the same call again? Only when fal cannot have taken it: storage
+    uploads, and submits/runs refused by the ingress or by a failure that proves no runner got it
+    (§5.2). 429 and connection errors are decided before this."""
+    if f.fal_retryable is False or _accepted(f, stage):
         return False
     if stage == "upload":
         return True  # storage bills nothing
-    if stage in ("submit", "run") and is_ingress_error(f):
-        return True  # fal's servers never saw the request
-    if stage == "submit":
-        # fal's own servers answered (x-fal-request-id): whether the job was queued is not known,
-        # so a resubmit could bill twice (§5.2: resubmit only on ingress errors, 429, connect errors;
-        # 429 and connection errors are decided before this).
-        return False
-    # The job ended in a runner/infra failure (5xx) and produced no output. fal does not bill 5xx
-    # outcomes (§4.8), so submitting it again cannot charge twice. Anything else (e.g. a status poll
-    # that kept failing: the job may still run and bill) is never resubmitted.
-    failed_unbilled = _is_runner_failure(f.error_type) or bool(f.fal_retryable and f.status >= 500)
-    return stage in ("run", "result") and failed_unbilled
+    return stage in ("submit", "run") and (is_ingress_error(f) or f.error_type in _NEVER_RAN_TYPES)
 
 
 def is_ingress_error(f: FalFailure) -> bool:
@@ -207,12 +232,6 @@ def is_ingress_error(f: FalFailure) -> bool:
 
 def _is_runner_failure(error_type: str | None) -> bool:
     return error_type is not None and (error_type.startswith("runner_") or error_type == "startup_timeout")
-
-
-def _ingress_text(text: str) -> str:
-    """A short, tag-free line from an HTML error page (nginx)."""
-    title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
-    return (title.group(1) if title else re.sub(r"<[^>]+>", " ", text)).strip()[:200]
 
 
 def _str(value: Any) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from imagegate.core.errors import InternalError, InvalidRequest, ProviderNotConfigured
+from imagegate.core.errors import GatewayError, InternalError, InvalidRequest, ProviderNotConfigured
 from imagegate.core.params import ParamTable
 from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
@@ -119,7 +119,12 @@ class FalProvider(Provider):
         else:
             raise InternalError(f"fal route option `mode` must be 'queue' or 'sync', not {mode!r}.")
         log.info("fal %s finished: request_id=%s gateway_request=%s", route.model, output.request_id, ctx.request_id)
-        images, seed = parse_output(output.body, safety_checker=payload.get("enable_safety_checker") is not False)
+        try:
+            images, seed = parse_output(output.body, safety_checker=payload.get("enable_safety_checker") is not False)
+        except GatewayError as exc:
+            exc.accepted = exc.costly = True  # the job ran: its output is what failed
+            exc.retryable = False
+            raise
         return ProviderResult(images=images, request_id=output.request_id, seed=seed)
 
 

@@ -6,6 +6,11 @@ Queue flow: POST {queue_url}/{model} -> {request_id, status_url, response_url, c
 returned URLs are used as given, never rebuilt. Follow status_url (202 IN_QUEUE / IN_PROGRESS, 200
 COMPLETED) until COMPLETED, then ALWAYS GET response_url: COMPLETED is also the state of failed and
 cancelled jobs, and the result endpoint answers with the app's own error status and body.
+
+The key goes only to the configured fal hosts (the origins of queue_url, run_url and rest_url): a
+submit response whose URLs name any other host is refused (the job is cancelled through the
+configured queue host) and nothing is sent there. Every failure after the submit was answered
+with a handle is marked `accepted`: the job is never submitted again.
 """
 
 from __future__ import annotations
@@ -18,11 +23,19 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from imagegate.core.errors import ProviderNotConfigured, UpstreamError, UpstreamTimeout
-from imagegate.providers.common import best_effort, get_with_retry, never_sent, poll_delays, transport_error
+from imagegate.core.errors import GatewayError, ProviderNotConfigured, UpstreamError, UpstreamTimeout
+from imagegate.providers.common import (
+    best_effort,
+    get_with_retry,
+    never_sent,
+    on_origins,
+    poll_delays,
+    transport_error,
+)
 from imagegate.providers.fal.errors import TRANSIENT_STATUSES, FalFailure, Stage, map_failure
 from imagegate.settings import FalSettings
 
@@ -108,6 +121,12 @@ class FalTransport:
                     return await self.result(handle, status)
             except TimeoutError:
                 raise UpstreamTimeout("fal did not finish before the deadline.", retryable=False) from None
+        except GatewayError as exc:
+            exc.accepted = exc.costly = True  # fal answered the submit with a handle: the job is fal's
+            exc.retryable = False
+            if not completed:
+                await best_effort(self.cancel(handle), timeout=CANCEL_TIMEOUT)
+            raise
         except BaseException:
             if not completed:
                 await best_effort(self.cancel(handle), timeout=CANCEL_TIMEOUT)
@@ -125,7 +144,29 @@ class FalTransport:
             raise UpstreamError("fal's submit response lacks request_id/status_url/response_url/cancel_url.")
         handle = QueueHandle(model, **urls)  # type: ignore[arg-type]
         log.info("fal submitted %s request_id=%s", model, handle.request_id)
+        foreign = [key for key in ("status_url", "response_url", "cancel_url") if not self.is_fal_url(str(urls[key]))]
+        if foreign:
+            # Never send the key elsewhere; cancel the job through the configured queue host instead.
+            await best_effort(self._cancel_at(self._own_cancel_url(model, handle.request_id)), timeout=CANCEL_TIMEOUT)
+            raise UpstreamError(
+                f"fal's submit response named a host that is not a configured fal host ({', '.join(foreign)}); "
+                "the gateway does not send its key there.",
+                accepted=True,
+            )
         return handle
+
+    def fal_origins(self) -> tuple[str, ...]:
+        return (self.config.queue_url, self.config.run_url, self.config.rest_url)
+
+    def is_fal_url(self, url: str) -> bool:
+        """May the key go to `url`? Only to the origins of the configured queue, run and rest URLs."""
+        return on_origins(url, self.fal_origins())
+
+    def _own_cancel_url(self, model: str, request_id: str) -> str:
+        """The cancel URL on the configured queue host (`{owner}/{app}`, fal-protocol.md §2)."""
+        parts = [part for part in model.split("/") if part]
+        app = "/".join(parts[:3] if parts and parts[0] in ("workflows", "comfy") else parts[:2])
+        return f"{self.config.queue_url.rstrip('/')}/{app}/requests/{quote(request_id, safe='')}/cancel"
 
     async def wait(self, handle: QueueHandle) -> dict[str, Any]:
         """The COMPLETED status payload: from the SSE stream when enabled (polling if it breaks)."""
@@ -204,12 +245,18 @@ class FalTransport:
     async def cancel(self, handle: QueueHandle) -> None:
         """PUT cancel_url. Best effort: its answers (OK, CANCELLATION_REQUESTED 202,
         ALREADY_COMPLETED 400, NOT_FOUND; exact codes undocumented) are only logged."""
+        url = handle.cancel_url
+        if not self.is_fal_url(url):
+            url = self._own_cancel_url(handle.model, handle.request_id)
+        await self._cancel_at(url)
+
+    async def _cancel_at(self, url: str) -> None:
         try:
-            response = await self.http.put(handle.cancel_url, headers=self.headers(), timeout=CANCEL_TIMEOUT)
+            response = await self.http.put(url, headers=self.headers(), timeout=CANCEL_TIMEOUT)
         except httpx.HTTPError as exc:
-            log.info("fal cancel %s failed: %s", handle.request_id, type(exc).__name__)
+            log.info("fal cancel %s failed: %s", url, type(exc).__name__)
             return
-        log.info("fal cancel %s -> %s", handle.request_id, response.status_code)
+        log.info("fal cancel %s -> %s", url, response.status_code)
 
     # ---- sync run ----
 
@@ -218,7 +265,11 @@ class FalTransport:
         drops the connection)."""
         response = await self._post_model(f"{self.config.run_url}/{model}", payload, deadline, stage="run",
                                           model=model)
-        body = _json(response)
+        try:
+            body = _json(response)
+        except GatewayError as exc:
+            exc.accepted = exc.costly = True  # the run answered 200: it ran
+            raise
         request_id = response.headers.get("x-fal-request-id")
         if request_id is None and isinstance(body.get("request_id"), str):
             request_id = body["request_id"]

@@ -8,7 +8,10 @@
     response  {"data": [{"b64_json" | "url", "revised_prompt"?}], ...}
 
 Request building and response parsing are pure functions; `OpenAITransport.call` does the I/O.
-Upstream failures are translated by the one function `map_error`.
+Upstream failures are translated by the one function `map_error`. A call is synchronous: once the
+request was sent, the upstream may have made (and billed) the image, so every failure after that
+is `accepted` unless the answer proves otherwise (4xx, 429, 503, `x-should-retry: true`). What the
+upstream wrote reaches a message only through `core.redact`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from imagegate.core.errors import (
     UpstreamAuthFailed,
     UpstreamError,
 )
+from imagegate.core.redact import upstream_text, upstream_token
 from imagegate.core.request import FORMAT_MIME, Operation
 from imagegate.providers.base import ProviderImage, ProviderResult
 from imagegate.providers.common import (
@@ -174,9 +178,10 @@ def map_error(response: httpx.Response) -> GatewayError:
         body = {}
     error = body.get("error") if isinstance(body, dict) else None
     error = error if isinstance(error, dict) else (body if isinstance(body, dict) else {})
-    message = _text(error.get("message")) or _text(error.get("detail")) or response.reason_phrase or f"HTTP {status}"
-    param = _text(error.get("param")) or None
-    code = _text(error.get("code")) or None
+    message = upstream_text(_text(error.get("message")) or _text(error.get("detail")) or response.reason_phrase)
+    message = message or upstream_text(response.text) or f"HTTP {status}"
+    param = upstream_token(_text(error.get("param")))
+    code = upstream_token(_text(error.get("code")))
     kind = _text(error.get("type"))
     retry_after = retry_after_seconds(response.headers)
     should_retry = response.headers.get("x-should-retry", "").strip().lower()
@@ -197,9 +202,11 @@ def map_error(response: httpx.Response) -> GatewayError:
         return PayloadTooLarge(message, param=param)
     if status >= 500:
         retryable = should_retry == "true" if should_retry in ("true", "false") else status == 503
+        # The upstream may have made the image before failing, unless it says a retry is safe.
         if status == 503:
-            return ProviderUnavailable(f"Upstream unavailable: {message}", retryable=retryable, retry_after=retry_after)
-        return UpstreamError(f"Upstream error (HTTP {status}): {message}", retryable=retryable)
+            return ProviderUnavailable(f"Upstream unavailable: {message}", retryable=retryable, retry_after=retry_after,
+                                       accepted=not retryable)
+        return UpstreamError(f"Upstream error (HTTP {status}): {message}", retryable=retryable, accepted=not retryable)
     return UpstreamError(f"Upstream answered HTTP {status}: {message}")
 
 
@@ -231,8 +238,12 @@ class OpenAITransport:
         try:
             body = response.json()
         except ValueError:
-            raise UpstreamError("The upstream answered with a body that is not JSON.") from None
-        images, revised = parse_images(body, output_format=output_format)
+            raise UpstreamError("The upstream answered with a body that is not JSON.", accepted=True) from None
+        try:
+            images, revised = parse_images(body, output_format=output_format)
+        except UpstreamError as exc:
+            exc.accepted = exc.costly = True  # a 2xx answer: the work was done
+            raise
         return ProviderResult(images=images, request_id=response.headers.get("x-request-id"), revised_prompt=revised)
 
 

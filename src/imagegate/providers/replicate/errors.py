@@ -1,5 +1,7 @@
 """Replicate's failures -> GatewayErrors: the one function `map_error` (its docstring is the table),
-with `input.*` field names renamed to the OpenAI parameters (`field_to_param`).
+with `input.*` field names renamed to the OpenAI parameters (`field_to_param`). Every error says
+whether the prediction existed (or may have): `accepted`, never submitted again. What Replicate
+wrote (details, titles, model errors, field names) reaches a message only through `core.redact`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from imagegate.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from imagegate.core.redact import upstream_text, upstream_token
 from imagegate.providers.common import retry_after_seconds
 from imagegate.providers.replicate.prediction import Prediction
 
@@ -54,7 +57,7 @@ def field_to_param(field: str, description: str = "") -> str | None:
         name = field.removeprefix("input.").split(".")[0].split("[")[0]
     else:
         return None
-    return FIELD_PARAMS.get(name, name) if name else None
+    return upstream_token(FIELD_PARAMS.get(name, name)) if name else None
 
 
 def map_error(source: httpx.Response | Prediction, *, stage: Stage = "create") -> GatewayError:
@@ -70,27 +73,36 @@ def map_error(source: httpx.Response | Prediction, *, stage: Stage = "create") -
                  fallback allowed; upload: ProviderUnavailable, retryable; poll/download: UpstreamError
       400 on create -> InvalidRequest; 404 on create -> UpstreamError (unknown model: a route problem)
       other   -> UpstreamError 502 with Replicate's detail
+    Accepted (the prediction exists, or may): every prediction error, poll/download errors, and a
+    5xx answer to the create (a create held open by `Prefer: wait` may have made the prediction).
     Predictions:
       failed with E005 / "flagged as sensitive" / NSFW / content policy -> ContentPolicyViolation 400
-      failed with E1000 / E6716 -> ProviderUnavailable (retryable: a new prediction)
+      failed with E1000 / E6716 -> ProviderUnavailable (fallback; never a new prediction on this route)
       failed otherwise -> UpstreamError 502 with the model's message
       canceled / aborted -> UpstreamTimeout 504
       done but no output -> ContentPolicyViolation if the safety checker was on (all filtered),
                             else UpstreamError
     """
     if isinstance(source, Prediction):
-        return _prediction_error(source)
-    return _http_error(source, stage)
+        error = _prediction_error(source)
+        accepted = True
+    else:
+        error = _http_error(source, stage)
+        accepted = stage in ("poll", "download") or (stage == "create" and source.status_code >= 500)
+    error.accepted = error.costly = accepted
+    if accepted:
+        error.retryable = False
+    return error
 
 
 def _http_error(response: httpx.Response, stage: Stage) -> GatewayError:
     status = response.status_code
     body = json_object(response)
     detail = _text(body.get("detail")) or _text(body.get("title")) or _text(body.get("error"))
-    detail = detail or response.reason_phrase or f"HTTP {status}"
+    detail = upstream_text(detail or response.reason_phrase or response.text) or f"HTTP {status}"
     prediction_exists = stage in ("poll", "download")
     if status in (401, 403):
-        title = _text(body.get("title"))
+        title = upstream_text(body.get("title"), limit=80)
         return UpstreamAuthFailed(
             f"Replicate rejected the configured API token (HTTP {status}{': ' + title if title else ''}). "
             "Check REPLICATE_API_TOKEN.",
@@ -133,19 +145,21 @@ def _input_error(body: Mapping[str, Any]) -> InvalidRequest | None:
         messages = "; ".join(d for d in (_text(f.get("description")) for f in fields) if d)
         code = "missing_required_parameter" if item.get("type") == "required" else "invalid_value"
         return InvalidRequest(
-            f"Invalid value for '{param}': {messages or _text(body.get('detail'))}", param=param, code=code
+            f"Invalid value for '{param}': {upstream_text(messages or _text(body.get('detail')))}",
+            param=param,
+            code=code,
         )
     return None
 
 
 def _prediction_error(prediction: Prediction) -> GatewayError:
     status = prediction.status
-    error = _text(prediction.data.get("error"))
+    error = upstream_text(_text(prediction.data.get("error")))
     if status == "failed":
         if _CONTENT_POLICY.search(error):
             return ContentPolicyViolation(f"Your request was rejected by Replicate's safety system: {error}")
         if _RETRYABLE_CODES.search(error):
-            return ProviderUnavailable(f"Replicate could not run the prediction: {error}", retryable=True)
+            return ProviderUnavailable(f"Replicate could not run the prediction: {error}")
         return UpstreamError(f"The model failed: {error or 'no error message'}")
     if status in ("canceled", "aborted"):
         return UpstreamTimeout(

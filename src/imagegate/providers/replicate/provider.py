@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from imagegate.core.errors import InvalidRequest, ProviderNotConfigured
+from imagegate.core.errors import GatewayError, InvalidRequest, ProviderNotConfigured
 from imagegate.core.params import ParamTable
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import InputImage, Operation
@@ -95,7 +95,10 @@ class ReplicateProvider(Provider):
         try:
             await transport.wait(prediction, deadline=ctx.deadline)
             images = output_images(prediction)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, GatewayError):
+                exc.accepted = exc.costly = True  # the prediction exists: it is never created again
+                exc.retryable = False
             if not prediction.terminal:
                 await best_effort(transport.cancel(prediction))
             raise

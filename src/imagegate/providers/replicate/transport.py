@@ -19,11 +19,13 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 
 from imagegate.core.errors import UpstreamError, UpstreamTimeout
+from imagegate.core.redact import upstream_text
 from imagegate.core.request import FORMAT_MIME, InputImage
 from imagegate.providers.base import ProviderImage
 from imagegate.providers.common import (
@@ -92,7 +94,8 @@ def output_images(prediction: Prediction) -> list[ProviderImage]:
     images: list[ProviderImage] = []
     for item in items:
         if not isinstance(item, str) or not item:
-            raise UpstreamError(f"Replicate returned an output that is not a file: {str(item)[:100]!r}.")
+            shown = upstream_text(str(item), limit=100)
+            raise UpstreamError(f"Replicate returned an output that is not a file: {shown!r}.")
         if item.startswith("data:"):
             images.append(ProviderImage(url=item, content_type=data_uri_mime(item)))
         elif item.startswith(("https://", "http://")):
@@ -100,7 +103,7 @@ def output_images(prediction: Prediction) -> list[ProviderImage]:
             evident = next((m for ext, m in _EXTENSION_MIME.items() if path.endswith(ext)), None)
             images.append(ProviderImage(url=item, content_type=evident))
         else:
-            raise UpstreamError(f"Replicate returned an output that is not a file: {item[:100]!r}.")
+            raise UpstreamError(f"Replicate returned an output that is not a file: {upstream_text(item, limit=100)!r}.")
     if not images:
         raise map_error(prediction)
     return images
@@ -149,7 +152,11 @@ class ReplicateTransport:
             raise transport_error(PROVIDER, exc, accepted=not never_sent(exc)) from None
         if not response.is_success:
             raise map_error(response, stage="create")
-        return Prediction(_prediction_body(response))
+        try:
+            return Prediction(_prediction_body(response))
+        except UpstreamError as exc:
+            exc.accepted = exc.costly = True  # a 2xx create: the prediction may exist
+            raise
 
     async def wait(self, prediction: Prediction, *, deadline: float) -> Prediction:
         """Poll `urls.get` with a growing interval until done; updates `prediction` in place.
@@ -158,7 +165,7 @@ class ReplicateTransport:
             if number:
                 response = await get_with_retry(
                     self.http,
-                    prediction.url("get", self.base_url),
+                    self._own_url(prediction, "get"),
                     provider=PROVIDER,
                     headers=self._auth(),
                     base=self.poll_interval,
@@ -177,7 +184,15 @@ class ReplicateTransport:
 
     async def cancel(self, prediction: Prediction) -> None:
         """POST `urls.cancel`; failures are the caller's to ignore (use `best_effort`)."""
-        await self.http.post(prediction.url("cancel", self.base_url), headers=self._auth(), timeout=CANCEL_TIMEOUT)
+        await self.http.post(self._own_url(prediction, "cancel"), headers=self._auth(), timeout=CANCEL_TIMEOUT)
+
+    def _own_url(self, prediction: Prediction, name: Literal["get", "cancel"]) -> str:
+        """`urls.get` / `urls.cancel` when they are Replicate's, else the canonical URL on the
+        configured base_url: the token never goes to another host."""
+        url = prediction.url(name, self.base_url)
+        if is_replicate_url(url, self.base_url):
+            return url
+        return f"{self.base_url}/predictions/{quote(prediction.id, safe='')}" + ("/cancel" if name == "cancel" else "")
 
     async def upload(self, image: InputImage, *, filename: str) -> str:
         """Files API: multipart `content` (filename + content type) and `metadata`; returns `urls.get`."""

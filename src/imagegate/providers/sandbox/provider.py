@@ -8,7 +8,6 @@ provider's, so dry-runs and the parameter tables behave the same as everywhere e
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,8 +60,9 @@ class SandboxProvider(Provider):
         count = int(payload.get("num_images", 1))
         seed = payload.get("seed")
         max_pixels = self.settings.limits.max_pixels
+        max_operations = self.settings.providers.sandbox.max_operations
         outputs = [
-            await self.pool.run(_render, payload, None if seed is None else int(seed) + i, max_pixels)
+            await self.pool.run(_render, payload, None if seed is None else int(seed) + i, max_pixels, max_operations)
             for i in range(count)
         ]
         fmt = payload.get("output_format", "png")
@@ -76,29 +76,53 @@ class SandboxProvider(Provider):
         )
 
 
-def _decode(uri: str, max_pixels: int) -> Image.Image:
-    data, _ = decode_data_uri(uri)
-    imaging.probe(data, max_pixels=max_pixels)
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def _render(payload: dict[str, Any], seed: int | None, max_pixels: int) -> tuple[bytes, int, int]:
-    """In the pool: one output image as (bytes, width, height)."""
+def _render(
+    payload: dict[str, Any], seed: int | None, max_pixels: int, max_operations: int
+) -> tuple[bytes, int, int]:
+    """In the pool: one output image as (bytes, width, height), every image it makes within
+    ``max_pixels`` (checked from the sizes before anything is decoded), stopping between steps if
+    the job is cancelled."""
     size = payload.get("size")
     wanted = (int(size["width"]), int(size["height"])) if size else None
     prompt = str(payload["prompt"])
-    if "images" in payload:
-        try:
-            images = [_decode(uri, max_pixels) for uri in payload["images"]]
-            mask = _decode(payload["mask"], max_pixels) if payload.get("mask") else None
-            result = ops.edit(images, prompt, mask=mask)
-        except ValueError as exc:  # e.g. a mask without alpha
-            raise InvalidRequest(f"The sandbox cannot apply this edit: {exc}", param="mask") from exc
-        if wanted and result.size != wanted:
-            result = ImageOps.fit(result, wanted, Image.Resampling.LANCZOS)  # cover, then center-crop
-    else:
-        result = ops.generate(prompt, seed=seed, size=wanted or _DEFAULT_SIZE)
+    try:
+        if wanted is not None:
+            imaging.check_pixels(wanted, max_pixels, "the requested size")
+        if "images" in payload:
+            result = _edit(payload, prompt, max_pixels, max_operations)
+            if wanted and result.size != wanted:
+                imaging.checkpoint()
+                result = ImageOps.fit(result, wanted, Image.Resampling.LANCZOS)  # cover, then center-crop
+        else:
+            result = ops.generate(prompt, seed=seed, size=wanted or _DEFAULT_SIZE, max_pixels=max_pixels)
+    except ops.EditRefused as exc:
+        raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
+    except imaging.TooManyPixels as exc:
+        raise InvalidRequest(f"The sandbox cannot make this image: {exc.reason}.", param="size",
+                             code="image_too_large") from None
+    except imaging.ImageError as exc:
+        raise InvalidRequest(f"The sandbox cannot read an input image: {exc.reason}.", param="image",
+                             code="invalid_image") from None
+    except ValueError as exc:  # e.g. a mask without alpha
+        raise InvalidRequest(f"The sandbox cannot apply this edit: {exc}", param="mask") from None
+    imaging.checkpoint()
     data = imaging.encode_image(result, payload.get("output_format", "png"), payload.get("output_compression"))
     return data, result.width, result.height
+
+
+def _edit(payload: dict[str, Any], prompt: str, max_pixels: int, max_operations: int) -> Image.Image:
+    """Plan the edit from the inputs' headers (a refusal decodes nothing), then decode and run it."""
+    blobs = [decode_data_uri(uri)[0] for uri in payload["images"]]
+    mask_blob = decode_data_uri(payload["mask"])[0] if payload.get("mask") else None
+    infos = [imaging.probe(blob, max_pixels=max_pixels) for blob in blobs]
+    mask_info = imaging.probe(mask_blob, max_pixels=max_pixels) if mask_blob is not None else None
+    ops.plan_edit(
+        [(info.width, info.height) for info in infos],
+        prompt,
+        mask_size=(mask_info.width, mask_info.height) if mask_info else None,
+        max_pixels=max_pixels,
+        max_operations=max_operations,
+    )
+    images = [imaging.decode(blob, max_pixels=max_pixels) for blob in blobs]
+    mask = imaging.decode(mask_blob, max_pixels=max_pixels) if mask_blob is not None else None
+    return ops.edit(images, prompt, mask=mask, max_pixels=max_pixels, max_operations=max_operations)

@@ -1,0 +1,78 @@
+"""`AuthMiddleware`: pure ASGI, in front of every route.
+
+Every `/v1/...` route needs a configured key, sent as `Authorization: Bearer <key>` or
+`api-key: <key>` (Azure-style clients), except `GET /v1/files/images/{id}` (its ids are
+unguessable). `/healthz`, `/readyz`, `/metrics` and the docs stay open. A missing or unknown key is
+401 `invalid_api_key` in OpenAI's envelope, answered before the body is read. Every HTTP request
+gets `request.state.key_name` (the key's name, or None: open gateway or open route) and
+`request.state.client_key` (the `ClientKey`, or None). With no keys configured nothing is checked.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from imagegate.api.errors import gateway_error_response
+from imagegate.auth.keys import ClientKey, KeyRing
+from imagegate.core.errors import AuthenticationFailed
+
+__all__ = ["AuthMiddleware", "client_of", "presented_keys"]
+
+_PROTECTED = "/v1/"
+_OPEN = ("/v1/files/images/",)
+_MAX_PRESENTED = 4  # repeated headers cannot multiply the work
+
+
+def client_of(request: Request) -> ClientKey | None:
+    """The authenticated client of a request (None: the gateway is open)."""
+    client = request.scope.get("state", {}).get("client_key")
+    return client if isinstance(client, ClientKey) else None
+
+
+def presented_keys(scope: Scope) -> list[str]:
+    """The keys a request presents: the Bearer token, then the `api-key` header."""
+    keys: list[str] = []
+    for name, raw in scope.get("headers", ()):
+        name = bytes(name).lower()
+        value = bytes(raw).decode("latin-1").strip()
+        if name == b"authorization":
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                keys.insert(0, token.strip())
+        elif name == b"api-key" and value:
+            keys.append(value)
+    return keys[:_MAX_PRESENTED]
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, *, keyring: KeyRing) -> None:
+        self.app = app
+        self.keyring = keyring
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["key_name"] = None
+        state["client_key"] = None
+        path: str = scope.get("path", "")
+        if self.keyring.open or not path.startswith(_PROTECTED) or path.startswith(_OPEN):
+            await self.app(scope, receive, send)
+            return
+        presented = presented_keys(scope)
+        client = self.keyring.authenticate(presented)
+        if client is None:
+            failure = AuthenticationFailed(
+                "Incorrect API key provided."
+                if presented
+                else "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or as `api-key: <key>`."
+            )
+            response = gateway_error_response(failure, state.get("request_id"))
+            response.headers["www-authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        state["key_name"] = client.name
+        state["client_key"] = client
+        await self.app(scope, receive, send)

@@ -1,0 +1,1 @@
+"""Shared state: the Redis connection every instance shares (limits, idempotency, usage, jobs)."""

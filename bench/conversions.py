@@ -30,12 +30,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PIL import Image  # noqa: E402
+from bench import leanclient as lc
+from bench import services
+from bench.fake_upstream import render
+from PIL import Image
 
-from bench import leanclient as lc  # noqa: E402
-from bench import services  # noqa: E402
-from bench.fake_upstream import render  # noqa: E402
-from imagegate.core import emulate, imaging  # noqa: E402
+from imagegate.core import emulate, imaging
 
 CASES = (("webp", 80), ("jpeg", 80), ("avif", 60))
 _PILLOW = {"webp": {"method": 2}, "jpeg": {"optimize": False}, "avif": {"speed": 8}}
@@ -50,8 +50,17 @@ def bare(data: bytes, fmt: str, quality: int) -> str:
 
 
 def spec(fmt: str, quality: int) -> emulate.OutputSpec:
-    return emulate.OutputSpec(format=fmt, size=None, compression=quality, background=None, response_format="b64_json",
-                              url_mode="rehost", max_pixels=40_000_000, ttl_seconds=60, public_base_url="http://x")
+    return emulate.OutputSpec(
+        format=fmt,
+        size=None,
+        compression=quality,
+        background=None,
+        response_format="b64_json",
+        url_mode="rehost",
+        max_pixels=40_000_000,
+        ttl_seconds=60,
+        public_base_url="http://x",
+    )
 
 
 async def in_process(repeats: int) -> dict[str, Any]:
@@ -82,15 +91,20 @@ async def over_http(repeats: int) -> dict[str, Any]:
         work = Path(tmp)
         for kind in ("photo", "flat"):
             data = render(kind)
-            with services.fake(work, model_time=0, image=kind, name=f"fake-{kind}") as fake, \
-                    services.imagegate(work, fake.url, name=f"imagegate-{kind}") as gw:
+            with (
+                services.fake(work, model_time=0, image=kind, name=f"fake-{kind}") as fake,
+                services.imagegate(work, fake.url, name=f"imagegate-{kind}") as gw,
+            ):
                 client = lc.Client()
                 plain = lc.openai_images(client, gw.url, extra={"response_format": "b64_json", "output_format": "png"})
                 for _ in range(5):
                     await plain()
                 for fmt, quality in CASES:
-                    converted = lc.openai_images(client, gw.url, extra={
-                        "response_format": "b64_json", "output_format": fmt, "output_compression": quality})
+                    converted = lc.openai_images(
+                        client,
+                        gw.url,
+                        extra={"response_format": "b64_json", "output_format": fmt, "output_compression": quality},
+                    )
                     await converted()
                     times: dict[str, list[float]] = {"plain": [], "converted": [], "bare": []}
                     for _ in range(repeats):
@@ -103,8 +117,13 @@ async def over_http(repeats: int) -> dict[str, Any]:
                         times["bare"].append(time.perf_counter() - started)
                     med = {name: statistics.median(values) * 1000 for name, values in times.items()}
                     added = med["converted"] - med["plain"]
-                    out[f"{kind} {fmt}"] = {"plain_ms": med["plain"], "converted_ms": med["converted"],
-                                            "added_ms": added, "bare_ms": med["bare"], "ratio": added / med["bare"]}
+                    out[f"{kind} {fmt}"] = {
+                        "plain_ms": med["plain"],
+                        "converted_ms": med["converted"],
+                        "added_ms": added,
+                        "bare_ms": med["bare"],
+                        "ratio": added / med["bare"],
+                    }
                 await client.close()
     return out
 

@@ -34,9 +34,8 @@ SIZE = 1024
 
 
 def render(kind: str) -> bytes:
-    from PIL import Image
-
     from bench._common import photo_like
+    from PIL import Image
 
     img = photo_like(SIZE, SIZE) if kind == "photo" else Image.new("RGB", (SIZE, SIZE), (46, 120, 190))
     out = io.BytesIO()
@@ -64,8 +63,13 @@ class FakeFal:
             if not message.get("more_body"):
                 break
         status, payload, ctype = await self.handle(scope, body)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", ctype), (b"content-length", str(len(payload)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(payload)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
     async def handle(self, scope: dict[str, Any], body: bytes) -> tuple[int, bytes, bytes]:
@@ -91,8 +95,11 @@ class FakeFal:
             rid = str(uuid.uuid4())
             self.jobs[rid] = time.monotonic()
             app = "/".join(parts[:2])
-            return 200, _json({"status": "IN_QUEUE", "request_id": rid, "queue_position": 0,
-                               **_urls(base, app, rid)}), b"application/json"
+            return (
+                200,
+                _json({"status": "IN_QUEUE", "request_id": rid, "queue_position": 0, **_urls(base, app, rid)}),
+                b"application/json",
+            )
         # /{owner}/{app}/requests/{id}[/status|/cancel]
         if len(parts) < 4 or parts[2] != "requests" or parts[3] not in self.jobs:
             return 404, _json({"detail": "Request not found"}), b"application/json"
@@ -101,8 +108,11 @@ class FakeFal:
         if suffix == "status":
             self.stats["status"] += 1
             state = "COMPLETED" if done else "IN_PROGRESS"
-            return (200 if done else 202), _json({"status": state, "request_id": rid, **_urls(base, app, rid),
-                                                  "logs": None}), b"application/json"
+            return (
+                (200 if done else 202),
+                _json({"status": state, "request_id": rid, **_urls(base, app, rid), "logs": None}),
+                b"application/json",
+            )
         if suffix == "cancel":
             self.stats["cancel"] += 1
             return 200, _json({"status": "CANCELLATION_REQUESTED"}), b"application/json"
@@ -115,9 +125,20 @@ class FakeFal:
     def output(self, base: str) -> dict[str, Any]:
         name = f"{uuid.uuid4().hex[:20]}.png"
         return {
-            "images": [{"url": f"{base}/cdn/{name}", "width": SIZE, "height": SIZE, "content_type": "image/png",
-                        "file_name": name, "file_size": len(self.image)}],
-            "seed": 42, "has_nsfw_concepts": [False], "prompt": "", "timings": {"inference": self.model_time},
+            "images": [
+                {
+                    "url": f"{base}/cdn/{name}",
+                    "width": SIZE,
+                    "height": SIZE,
+                    "content_type": "image/png",
+                    "file_name": name,
+                    "file_size": len(self.image),
+                }
+            ],
+            "seed": 42,
+            "has_nsfw_concepts": [False],
+            "prompt": "",
+            "timings": {"inference": self.model_time},
         }
 
 
@@ -145,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     sock.bind(("127.0.0.1", args.port))
     port = sock.getsockname()[1]
     app = FakeFal(args.model_time, render(args.image))
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", ws="none",
-                            timeout_keep_alive=75, backlog=16384)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", ws="none", timeout_keep_alive=75, backlog=16384
+    )
     server = uvicorn.Server(config)
 
     async def run() -> None:

@@ -32,7 +32,9 @@ class _Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def request(self, method: str, target: str, host: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, target: str, host: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
         head = f"{method} {target} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self.writer.write(head.encode() + b"\r\n" + body)
@@ -76,8 +78,9 @@ class Client:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self.opened = 0
 
-    async def request(self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
-                      ) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         parts = urlsplit(url)
         key = (parts.hostname or "127.0.0.1", parts.port or 80)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -93,7 +96,8 @@ class Client:
             self.opened += 1
         try:
             status, data = await asyncio.wait_for(
-                conn.request(method, target, f"{key[0]}:{key[1]}", payload, hdrs), self.timeout)
+                conn.request(method, target, f"{key[0]}:{key[1]}", payload, hdrs), self.timeout
+            )
         except BaseException:
             conn.writer.close()
             raise
@@ -101,8 +105,14 @@ class Client:
             idle.append(conn)
         return status, data
 
-    async def json(self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-                   ok: tuple[int, ...] = (200,)) -> Any:
+    async def json(
+        self,
+        method: str,
+        url: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> Any:
         status, data = await self.request(method, url, body, headers)
         if status not in ok:
             raise HTTPStatusError(f"{method} {url} -> {status}: {data[:200]!r}")
@@ -118,8 +128,9 @@ class Client:
 # -- request shapes ------------------------------------------------------------------------------
 
 
-def direct_queue(client: Client, fal: str, *, poll: float = 0.005, poll_max: float = 0.05,
-                 payload: dict[str, Any] | None = None) -> Callable[[], Awaitable[int]]:
+def direct_queue(
+    client: Client, fal: str, *, poll: float = 0.005, poll_max: float = 0.05, payload: dict[str, Any] | None = None
+) -> Callable[[], Awaitable[int]]:
     """fal's queue protocol straight at the fake: submit, poll status (the gateway's schedule:
     at once, then `poll` growing x1.5 up to `poll_max`, +-25% jitter), fetch the result."""
     body = payload or {"prompt": "a lighthouse at dusk", "num_images": 1}
@@ -154,8 +165,14 @@ def direct_sync(client: Client, fal: str) -> Callable[[], Awaitable[int]]:
     return once
 
 
-def openai_images(client: Client, base: str, *, model: str = "qwen-image", extra: dict[str, Any] | None = None,
-                  headers: dict[str, str] | None = None) -> Callable[[], Awaitable[int]]:
+def openai_images(
+    client: Client,
+    base: str,
+    *,
+    model: str = "qwen-image",
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Callable[[], Awaitable[int]]:
     """`POST {base}/v1/images/generations` as the OpenAI SDK sends it."""
     body = {"model": model, "prompt": "a lighthouse at dusk", "n": 1, **(extra or {})}
 
@@ -202,8 +219,9 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-async def closed_loop(once: Callable[[], Awaitable[int]], *, concurrency: int, requests: int, max_seconds: float,
-                      warmup: int = 10) -> LoadResult:
+async def closed_loop(
+    once: Callable[[], Awaitable[int]], *, concurrency: int, requests: int, max_seconds: float, warmup: int = 10
+) -> LoadResult:
     """`concurrency` workers send `requests` in all (or until `max_seconds`), after `warmup`."""
     for _ in range(warmup):
         await once()

@@ -39,9 +39,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import leanclient as lc  # noqa: E402
-from bench import services  # noqa: E402
-from bench._common import machine_line  # noqa: E402
+from bench import leanclient as lc
+from bench import services
+from bench._common import machine_line
 
 ROOT = services.ROOT
 RESULTS = ROOT / "bench" / "results"
@@ -62,9 +62,7 @@ def _summary(result: lc.LoadResult, cpu: dict[str, float]) -> dict[str, Any]:
     }
 
 
-async def _measure(
-    run: Callable[[], Awaitable[lc.LoadResult]], watched: dict[str, services.Service]
-) -> dict[str, Any]:
+async def _measure(run: Callable[[], Awaitable[lc.LoadResult]], watched: dict[str, services.Service]) -> dict[str, Any]:
     before = {name: svc.cpu() for name, svc in watched.items()}
     result = await run()
     cpu = {name: svc.cpu() - before[name] for name, svc in watched.items()}
@@ -82,10 +80,14 @@ async def latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         targets: dict[str, tuple[Callable[[], Awaitable[int]], dict[str, services.Service]]] = {
             "direct (queue)": (lc.direct_queue(client, fake.url), {"fake": fake}),
             "direct (sync)": (lc.direct_sync(client, fake.url), {"fake": fake}),
-            "imagegate (queue)": (lc.openai_images(client, gw_queue.url, extra={"response_format": "url"}),
-                                  {"fake": fake, "proxy": gw_queue}),
-            "imagegate (sync)": (lc.openai_images(client, gw_sync.url, extra={"response_format": "url"}),
-                                 {"fake": fake, "proxy": gw_sync}),
+            "imagegate (queue)": (
+                lc.openai_images(client, gw_queue.url, extra={"response_format": "url"}),
+                {"fake": fake, "proxy": gw_queue},
+            ),
+            "imagegate (sync)": (
+                lc.openai_images(client, gw_sync.url, extra={"response_format": "url"}),
+                {"fake": fake, "proxy": gw_sync},
+            ),
             "litellm (sync)": (lc.openai_images(client, litellm.url), {"fake": fake, "proxy": litellm}),
         }
         for c in args.concurrency:
@@ -94,9 +96,14 @@ async def latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  latency c={c} {name} ...", flush=True)
                 out.setdefault(name, {})[str(c)] = await _measure(
                     lambda once=once, c=c, n=n: lc.closed_loop(
-                        once, concurrency=c, requests=n, max_seconds=args.point_seconds,
-                        warmup=args.warmup if c == 1 else c),
-                    watched)
+                        once,
+                        concurrency=c,
+                        requests=n,
+                        max_seconds=args.point_seconds,
+                        warmup=args.warmup if c == 1 else c,
+                    ),
+                    watched,
+                )
         await client.close()
     return out
 
@@ -114,9 +121,11 @@ async def fakes(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
             print(f"  fakes {label} ...", flush=True)
             out[label] = await _measure(
-                lambda once=once: lc.closed_loop(once, concurrency=32, requests=args.requests * 2,
-                                                 max_seconds=args.point_seconds, warmup=32),
-                {"fake-a": a, "fake-b": b})
+                lambda once=once: lc.closed_loop(
+                    once, concurrency=32, requests=args.requests * 2, max_seconds=args.point_seconds, warmup=32
+                ),
+                {"fake-a": a, "fake-b": b},
+            )
             await client.close()
     return out
 
@@ -137,9 +146,15 @@ async def server_options(work: Path, args: argparse.Namespace) -> dict[str, Any]
                 for c in (1, 8):
                     print(f"  server {label} c={c} ...", flush=True)
                     out.setdefault(label, {})[str(c)] = await _measure(
-                        lambda once=once, c=c: lc.closed_loop(once, concurrency=c, requests=args.requests * (1 + c // 8),
-                                                              max_seconds=args.point_seconds, warmup=args.warmup),
-                        {"fake": fake, "proxy": gw})
+                        lambda once=once, c=c: lc.closed_loop(
+                            once,
+                            concurrency=c,
+                            requests=args.requests * (1 + c // 8),
+                            max_seconds=args.point_seconds,
+                            warmup=args.warmup,
+                        ),
+                        {"fake": fake, "proxy": gw},
+                    )
                 await client.close()
             finally:
                 cm.__exit__(None, None, None)
@@ -156,9 +171,15 @@ async def workers(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 for c in (1, 32):
                     print(f"  workers={n} c={c} ...", flush=True)
                     out.setdefault(str(n), {})[str(c)] = await _measure(
-                        lambda once=once, c=c: lc.closed_loop(once, concurrency=c, requests=args.requests * (1 + c // 16),
-                                                              max_seconds=args.point_seconds, warmup=max(c, 10)),
-                        {"fake": fake, "proxy": gw})
+                        lambda once=once, c=c: lc.closed_loop(
+                            once,
+                            concurrency=c,
+                            requests=args.requests * (1 + c // 16),
+                            max_seconds=args.point_seconds,
+                            warmup=max(c, 10),
+                        ),
+                        {"fake": fake, "proxy": gw},
+                    )
                 await client.close()
     return out
 
@@ -173,16 +194,19 @@ async def inflight(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         for k in args.k:
             for name in ("direct (queue)", "imagegate (queue)", "litellm (sync)"):
                 client = lc.Client(timeout=timeout)
-                once = {
-                    "direct (queue)": lambda: lc.direct_queue(client, fake.url, poll=0.5, poll_max=3.0),
-                    "imagegate (queue)": lambda: lc.openai_images(client, gw.url, extra={"response_format": "url"}),
-                    "litellm (sync)": lambda: lc.openai_images(client, litellm.url),
-                }[name]()
-                watched = {"fake": fake} | ({} if name.startswith("direct") else
-                                            {"proxy": gw if name.startswith("imagegate") else litellm})
+                if name.startswith("direct"):
+                    once = lc.direct_queue(client, fake.url, poll=0.5, poll_max=3.0)
+                elif name.startswith("imagegate"):
+                    once = lc.openai_images(client, gw.url, extra={"response_format": "url"})
+                else:
+                    once = lc.openai_images(client, litellm.url)
+                watched = {"fake": fake} | (
+                    {} if name.startswith("direct") else {"proxy": gw if name.startswith("imagegate") else litellm}
+                )
                 print(f"  inflight K={k} {name} ...", flush=True)
                 out.setdefault(name, {})[str(k)] = await _measure(
-                    lambda once=once, k=k: lc.burst(once, k=k, timeout=timeout), watched)
+                    lambda once=once, k=k: lc.burst(once, k=k, timeout=timeout), watched
+                )
                 await client.close()
                 await asyncio.sleep(1)
     return out
@@ -209,11 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     latest = RESULTS / "latest.json"
     results: dict[str, Any] = json.loads(latest.read_text()) if latest.exists() and args.only else {}
     started = time.time()
-    results["meta"] = {"machine": machine_line(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       "command": "bench/run_all.py" + (" --quick" if args.quick else "")
-                       + (f" --only {' '.join(args.only)}" if args.only else ""), "quick": args.quick,
-                       "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                text=True, cwd=ROOT).stdout.strip()}
+    results["meta"] = {
+        "machine": machine_line(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "bench/run_all.py"
+        + (" --quick" if args.quick else "")
+        + (f" --only {' '.join(args.only)}" if args.only else ""),
+        "quick": args.quick,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
+    }
     services.ensure_bench_venv()
     with tempfile.TemporaryDirectory(prefix="imagegate-bench-") as tmp:
         for name in chosen:
@@ -229,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["seconds"] = time.time() - started
     latest.write_text(json.dumps(results, indent=1))
     if not args.no_report:
-        subprocess.run([str(services.BENCH_VENV / "bin" / "python"), str(ROOT / "bench" / "plots.py"), str(latest)],
-                       check=True)
+        subprocess.run(
+            [str(services.BENCH_VENV / "bin" / "python"), str(ROOT / "bench" / "plots.py"), str(latest)], check=True
+        )
         subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(latest)], check=True)
     print(f"done in {time.time() - started:.0f} s: {latest}, BENCHMARKS.md")
     return 0

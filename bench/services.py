@@ -87,8 +87,9 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 
 
 @contextlib.contextmanager
-def _started(name: str, cmd: list[str], health: str, workdir: Path, env: dict[str, str] | None = None,
-             timeout: float = 60) -> Iterator[Service]:
+def _started(
+    name: str, cmd: list[str], health: str, workdir: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> Iterator[Service]:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
@@ -103,14 +104,31 @@ def _started(name: str, cmd: list[str], health: str, workdir: Path, env: dict[st
 @contextlib.contextmanager
 def fake(workdir: Path, *, model_time: float, image: str = "photo", name: str = "fake") -> Iterator[Service]:
     port = free_port()
-    cmd = [PYTHON, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port), "--model-time", str(model_time),
-           "--image", image]
+    cmd = [
+        PYTHON,
+        str(ROOT / "bench" / "fake_upstream.py"),
+        "--port",
+        str(port),
+        "--model-time",
+        str(model_time),
+        "--image",
+        image,
+    ]
     with _started(name, cmd, f"http://127.0.0.1:{port}/__stats", workdir) as service:
         yield service
 
 
-def imagegate_config(fal_url: str, storage: Path, *, mode: str = "queue", poll: float = 0.005,
-                     poll_max: float = 0.05, url_mode: str = "passthrough", loop: str = "auto", http: str = "auto") -> str:
+def imagegate_config(
+    fal_url: str,
+    storage: Path,
+    *,
+    mode: str = "queue",
+    poll: float = 0.005,
+    poll_max: float = 0.05,
+    url_mode: str = "passthrough",
+    loop: str = "auto",
+    http: str = "auto",
+) -> str:
     return f"""
 host: 127.0.0.1
 log_level: warning
@@ -135,14 +153,25 @@ models:
 
 
 @contextlib.contextmanager
-def imagegate(workdir: Path, fal_url: str, *, workers: int = 1, name: str = "imagegate", **config: object
-              ) -> Iterator[Service]:
+def imagegate(
+    workdir: Path, fal_url: str, *, workers: int = 1, name: str = "imagegate", **config: object
+) -> Iterator[Service]:
     port = free_port()
     path = workdir / f"{name}.yaml"
     path.write_text(imagegate_config(fal_url, workdir / f"{name}-images", **config))  # type: ignore[arg-type]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEGATE_", "FAL_", "REPLICATE_", "OPENAI_"))}
-    cmd = [PYTHON, "-m", "imagegate.cli", "serve", "--config", str(path), "--port", str(port),
-           "--workers", str(workers)]
+    cmd = [
+        PYTHON,
+        "-m",
+        "imagegate.cli",
+        "serve",
+        "--config",
+        str(path),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     with _started(name, cmd, f"http://127.0.0.1:{port}/healthz", workdir, env=env) as service:
         yield service
 
@@ -176,10 +205,24 @@ litellm_settings:
   telemetry: false
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "OPENAI_", "LITELLM_"))}
-    env |= {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
-            "DISABLE_SCHEMA_UPDATE": "true", "TMPDIR": tempfile.gettempdir()}
-    cmd = [str(BENCH_VENV / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-           "--num_workers", "1"]
+    env |= {
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_TELEMETRY": "False",
+        "LITELLM_LOG": "ERROR",
+        "DISABLE_SCHEMA_UPDATE": "true",
+        "TMPDIR": tempfile.gettempdir(),
+    }
+    cmd = [
+        str(BENCH_VENV / "bin" / "litellm"),
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
     with _started(name, cmd, f"http://127.0.0.1:{port}/health/liveliness", workdir, env=env, timeout=120) as service:
         service.url = f"http://127.0.0.1:{port}"
         yield service

@@ -93,7 +93,7 @@ def _finish(source: bytes | str, spec: OutputSpec) -> tuple[bytes, imaging.Image
     if imaging.needs_transform(
         info, size=size, fmt=spec.format, compression=spec.compression, background=spec.background
     ):
-        data = imaging.transform(
+        data, info = imaging.transform_with_info(  # no second parse of what was just encoded
             data,
             size=size,
             fmt=spec.format,
@@ -101,7 +101,6 @@ def _finish(source: bytes | str, spec: OutputSpec) -> tuple[bytes, imaging.Image
             background=spec.background,
             max_pixels=spec.max_pixels,
         )
-        info = imaging.probe(data, max_pixels=spec.max_pixels)
     encoded = base64.b64encode(data).decode("ascii") if spec.response_format == "b64_json" else None
     return data, info, encoded
 

@@ -264,3 +264,33 @@ async def burst(once: Callable[[], Awaitable[int]], *, k: int, timeout: float) -
     await asyncio.gather(*(one() for _ in range(k)))
     result.wall, result.client_cpu = time.perf_counter() - started, _cpu() - cpu
     return result
+
+
+async def interleaved(
+    onces: dict[str, Callable[[], Awaitable[int]]], *, requests: int, max_seconds: float, warmup: int = 10
+) -> dict[str, LoadResult]:
+    """One request at a time, rotating over the targets (the order shifts every round), so that
+    drift on a shared machine hits every target alike: the fair way to compare latencies at c=1."""
+    names = list(onces)
+    for _ in range(warmup):
+        for name in names:
+            await onces[name]()
+    results = {name: LoadResult() for name in names}
+    stop_at = time.monotonic() + max_seconds
+    cpu, started = _cpu(), time.perf_counter()
+    for i in range(requests):
+        if time.monotonic() > stop_at:
+            break
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            begun = time.perf_counter()
+            try:
+                await onces[name]()
+            except Exception as exc:
+                results[name].errors.append(repr(exc)[:200])
+            else:
+                results[name].latencies.append(time.perf_counter() - begun)
+    wall, client_cpu = time.perf_counter() - started, _cpu() - cpu
+    for result in results.values():
+        result.wall = sum(result.latencies)
+        result.client_cpu = client_cpu / len(names)
+    return results

@@ -69,6 +69,30 @@ async def _measure(run: Callable[[], Awaitable[lc.LoadResult]], watched: dict[st
     return _summary(result, cpu)
 
 
+async def _interleaved(
+    onces: dict[str, Callable[[], Awaitable[int]]],
+    watched: dict[str, dict[str, services.Service]],
+    args: argparse.Namespace,
+) -> dict[str, dict[str, Any]]:
+    """c=1, targets interleaved; CPU per request of each target's proxy, and of the shared fake overall."""
+    procs = {svc.proc.pid: svc for w in watched.values() for svc in w.values()}
+    before = {pid: svc.cpu() for pid, svc in procs.items()}
+    results = await lc.interleaved(
+        onces, requests=args.requests, max_seconds=args.point_seconds * 2, warmup=args.warmup
+    )
+    spent = {pid: svc.cpu() - before[pid] for pid, svc in procs.items()}
+    total = max(sum(r.ok for r in results.values()), 1)
+    out = {}
+    for name, result in results.items():
+        cpu = {}
+        for role, svc in watched[name].items():
+            per = spent[svc.proc.pid] / total if role.startswith("fake") else spent[svc.proc.pid] / max(result.ok, 1)
+            cpu[role] = per * max(result.ok, 1)
+        out[name] = _summary(result, cpu)
+        out[name]["interleaved"] = True
+    return out
+
+
 async def latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -90,17 +114,22 @@ async def latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             ),
             "litellm (sync)": (lc.openai_images(client, litellm.url), {"fake": fake, "proxy": litellm}),
         }
+        print("  latency c=1, all targets interleaved ...", flush=True)
+        out_c1 = await _interleaved(
+            {name: once for name, (once, _) in targets.items()},
+            {name: watched for name, (_, watched) in targets.items()},
+            args,
+        )
+        for name, summary in out_c1.items():
+            out.setdefault(name, {})["1"] = summary
         for c in args.concurrency:
-            n = args.requests if c == 1 else args.requests * 2
+            if c == 1:
+                continue
             for name, (once, watched) in targets.items():
                 print(f"  latency c={c} {name} ...", flush=True)
-                out.setdefault(name, {})[str(c)] = await _measure(
-                    lambda once=once, c=c, n=n: lc.closed_loop(
-                        once,
-                        concurrency=c,
-                        requests=n,
-                        max_seconds=args.point_seconds,
-                        warmup=args.warmup if c == 1 else c,
+                out[name][str(c)] = await _measure(
+                    lambda once=once, c=c: lc.closed_loop(
+                        once, concurrency=c, requests=args.requests * 2, max_seconds=args.point_seconds, warmup=c
                     ),
                     watched,
                 )
@@ -130,58 +159,54 @@ async def fakes(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def server_options(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    with services.fake(work, model_time=0) as fake:
-        for label, loop, http in (("asyncio + h11", "asyncio", "h11"), ("uvloop + httptools", "uvloop", "httptools")):
-            try:
-                cm = services.imagegate(work, fake.url, name=f"imagegate-{loop}", loop=loop, http=http)
-                gw = cm.__enter__()
-            except Exception as exc:  # an option not installed: reported as such
-                out[label] = {"unavailable": repr(exc)[:200]}
-                continue
-            try:
-                client = lc.Client()
-                once = lc.openai_images(client, gw.url, extra={"response_format": "url"})
-                for c in (1, 8):
-                    print(f"  server {label} c={c} ...", flush=True)
-                    out.setdefault(label, {})[str(c)] = await _measure(
-                        lambda once=once, c=c: lc.closed_loop(
-                            once,
-                            concurrency=c,
-                            requests=args.requests * (1 + c // 8),
-                            max_seconds=args.point_seconds,
-                            warmup=args.warmup,
-                        ),
-                        {"fake": fake, "proxy": gw},
-                    )
-                await client.close()
-            finally:
-                cm.__exit__(None, None, None)
+async def _side_by_side(
+    gateways: dict[str, services.Service], fake: services.Service, args: argparse.Namespace, concurrency: int
+) -> dict[str, Any]:
+    """Gateways running at the same time: c=1 interleaved, then `concurrency` one after another."""
+    client = lc.Client()
+    onces = {name: lc.openai_images(client, gw.url, extra={"response_format": "url"}) for name, gw in gateways.items()}
+    watched = {name: {"fake": fake, "proxy": gw} for name, gw in gateways.items()}
+    print(f"  c=1 interleaved: {', '.join(gateways)} ...", flush=True)
+    out: dict[str, Any] = {name: {"1": summary} for name, summary in (await _interleaved(onces, watched, args)).items()}
+    for name, once in onces.items():
+        print(f"  c={concurrency} {name} ...", flush=True)
+        out[name][str(concurrency)] = await _measure(
+            lambda once=once: lc.closed_loop(
+                once,
+                concurrency=concurrency,
+                requests=args.requests * 2,
+                max_seconds=args.point_seconds,
+                warmup=concurrency,
+            ),
+            watched[name],
+        )
+    await client.close()
     return out
+
+
+async def server_options(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(services.fake(work, model_time=0))
+        gateways = {
+            label: stack.enter_context(
+                services.imagegate(work, fake.url, name=f"imagegate-{loop}", loop=loop, http=http)
+            )
+            for label, loop, http in (
+                ("asyncio + h11", "asyncio", "h11"),
+                ("uvloop + httptools", "uvloop", "httptools"),
+            )
+        }
+        return await _side_by_side(gateways, fake, args, 8)
 
 
 async def workers(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    with services.fake(work, model_time=0) as fake:
-        for n in (1, 2):
-            with services.imagegate(work, fake.url, name=f"imagegate-w{n}", workers=n) as gw:
-                client = lc.Client()
-                once = lc.openai_images(client, gw.url, extra={"response_format": "url"})
-                for c in (1, 32):
-                    print(f"  workers={n} c={c} ...", flush=True)
-                    out.setdefault(str(n), {})[str(c)] = await _measure(
-                        lambda once=once, c=c: lc.closed_loop(
-                            once,
-                            concurrency=c,
-                            requests=args.requests * (1 + c // 16),
-                            max_seconds=args.point_seconds,
-                            warmup=max(c, 10),
-                        ),
-                        {"fake": fake, "proxy": gw},
-                    )
-                await client.close()
-    return out
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(services.fake(work, model_time=0))
+        gateways = {
+            str(n): stack.enter_context(services.imagegate(work, fake.url, name=f"imagegate-w{n}", workers=n))
+            for n in (1, 2)
+        }
+        return await _side_by_side(gateways, fake, args, 32)
 
 
 async def inflight(work: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -140,9 +140,10 @@ def _assert_healthy(served: Served) -> None:
     assert time.monotonic() - started < 2.0
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Served]:
-    with serve(tmp_path) as served:
+@pytest.fixture(params=["httptools", "h11"])
+def gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
+    """The server with each HTTP parser it supports (the guards wrap both)."""
+    with serve(tmp_path, http=request.param) as served:
         yield served
 
 

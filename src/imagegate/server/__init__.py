@@ -133,9 +133,14 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
     """Run the gateway until interrupted; returns the process exit code."""
     raise_open_file_limit()  # inherited by worker processes
     config = build_config(settings, host=host, port=port, workers=workers)
-    if workers > 1:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
-        return 0
     server = uvicorn.Server(config)
+    if workers > 1:
+        sockets = [config.bind_socket()]
+        try:
+            supervisor = Multiprocess(config, sockets=sockets)
+        except TypeError:  # uvicorn before 0.50 also takes the worker's target
+            supervisor = Multiprocess(config, target=server.run, sockets=sockets)  # type: ignore[call-arg]
+        supervisor.run()
+        return 0
     server.run()
     return 0 if server.started else 3

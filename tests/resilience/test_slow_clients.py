@@ -294,3 +294,21 @@ def test_workers_keep_tcp_nodelay(tmp_path: Path) -> None:
             assert client.get("/healthz").status_code == 200
             times.append(time.perf_counter() - started)
         assert statistics.median(times) < 0.02, times
+
+
+def test_accept_out_of_file_descriptors_is_logged_once_per_interval(tmp_path: Path) -> None:
+    """A cap set above the file limit (a misconfiguration): accept() fails with EMFILE about once a
+    second (asyncio retries it), and the log reports it once per `log_interval`, with a count."""
+    with serve(tmp_path, nofile=128, max_connections=1000, header_timeout=30, loop="asyncio") as gateway:
+        sockets = []
+        for _ in range(250):
+            with suppress(OSError):
+                sockets.append(gateway.connect())
+        time.sleep(3.5)
+        for sock in sockets:
+            sock.close()
+        time.sleep(0.5)
+        _assert_healthy(gateway)  # descriptors are back: it serves again
+        log = gateway.log_text()
+        assert log.count("out of system resource: Too many open files") == 1, log[-2000:]
+        assert "Traceback" not in log

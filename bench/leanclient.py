@@ -9,6 +9,7 @@ one OpenAI images request to a gateway (imagegate or LiteLLM).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -89,21 +90,28 @@ class Client:
         if body is not None:
             hdrs["content-type"] = "application/json"
         idle = self._idle.setdefault(key, [])
-        conn = idle.pop() if idle else None
-        if conn is None:
-            reader, writer = await asyncio.open_connection(*key, limit=2**24)
-            conn = _Conn(reader, writer)
-            self.opened += 1
-        try:
-            status, data = await asyncio.wait_for(
-                conn.request(method, target, f"{key[0]}:{key[1]}", payload, hdrs), self.timeout
-            )
-        except BaseException:
-            conn.writer.close()
-            raise
-        if not conn.writer.is_closing():
-            idle.append(conn)
-        return status, data
+        while True:
+            reused = bool(idle)
+            conn = idle.pop() if idle else None
+            if conn is None:
+                reader, writer = await asyncio.open_connection(*key, limit=2**24)
+                conn = _Conn(reader, writer)
+                self.opened += 1
+            try:
+                status, data = await asyncio.wait_for(
+                    conn.request(method, target, f"{key[0]}:{key[1]}", payload, hdrs), self.timeout
+                )
+            except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
+                conn.writer.close()
+                if reused:  # the server closed an idle keep-alive connection: what every client retries
+                    continue
+                raise
+            except BaseException:
+                conn.writer.close()
+                raise
+            if not conn.writer.is_closing():
+                idle.append(conn)
+            return status, data
 
     async def json(
         self,
@@ -224,7 +232,8 @@ async def closed_loop(
 ) -> LoadResult:
     """`concurrency` workers send `requests` in all (or until `max_seconds`), after `warmup`."""
     for _ in range(warmup):
-        await once()
+        with contextlib.suppress(Exception):
+            await once()
     result = LoadResult()
     remaining = requests
     stop_at = time.monotonic() + max_seconds
@@ -274,10 +283,11 @@ async def interleaved(
     names = list(onces)
     for _ in range(warmup):
         for name in names:
-            await onces[name]()
+            with contextlib.suppress(Exception):
+                await onces[name]()
     results = {name: LoadResult() for name in names}
     stop_at = time.monotonic() + max_seconds
-    cpu, started = _cpu(), time.perf_counter()
+    cpu = _cpu()
     for i in range(requests):
         if time.monotonic() > stop_at:
             break
@@ -289,7 +299,7 @@ async def interleaved(
                 results[name].errors.append(repr(exc)[:200])
             else:
                 results[name].latencies.append(time.perf_counter() - begun)
-    wall, client_cpu = time.perf_counter() - started, _cpu() - cpu
+    client_cpu = _cpu() - cpu
     for result in results.values():
         result.wall = sum(result.latencies)
         result.client_cpu = client_cpu / len(names)

@@ -196,7 +196,27 @@ async def server_options(work: Path, args: argparse.Namespace) -> dict[str, Any]
                 ("uvloop + httptools", "uvloop", "httptools"),
             )
         }
-        return await _side_by_side(gateways, fake, args, 8)
+        out = await _side_by_side(gateways, fake, args, 8)
+        # The server stack alone (accept, parse, loop, route, respond): GET /healthz, 3 alternating rounds.
+        client = lc.Client()
+        for _ in range(3):
+            for label, gw in gateways.items():
+
+                async def healthz(gw: services.Service = gw) -> int:
+                    status, _ = await client.request("GET", f"{gw.url}/healthz")
+                    assert status == 200
+                    return 1
+
+                print(f"  /healthz c=8 {label} ...", flush=True)
+                result = await _measure(
+                    lambda healthz=healthz: lc.closed_loop(
+                        healthz, concurrency=8, requests=args.requests * 10, max_seconds=args.point_seconds, warmup=50
+                    ),
+                    {"proxy": gw},
+                )
+                out.setdefault("_healthz_cpu_ms", {}).setdefault(label, []).append(result["cpu_ms_per_req"]["proxy"])
+        await client.close()
+        return out
 
 
 async def workers(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -258,17 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     latest = RESULTS / "latest.json"
     results: dict[str, Any] = json.loads(latest.read_text()) if latest.exists() and args.only else {}
     started = time.time()
-    results["meta"] = {
+    meta = {
         "machine": machine_line(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "bench/run_all.py"
-        + (" --quick" if args.quick else "")
-        + (f" --only {' '.join(args.only)}" if args.only else ""),
+        "command": "bench/run_all.py" + (" --quick" if args.quick else ""),
         "quick": args.quick,
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
         ).stdout.strip(),
     }
+    if args.only and "meta" in results:  # a partial re-run: say so next to the full run's data
+        meta = results["meta"] | {
+            "rerun": f"{' '.join(args.only)} re-run on {meta['date']} at {meta['commit']} ({meta['machine']})"
+        }
+    results["meta"] = meta
     services.ensure_bench_venv()
     with tempfile.TemporaryDirectory(prefix="imagegate-bench-") as tmp:
         for name in chosen:
@@ -281,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results[name] = asyncio.run(SECTIONS[name](Path(tmp), args))
             latest.write_text(json.dumps(results, indent=1))
-    results["meta"]["seconds"] = time.time() - started
+    if not args.only:
+        results["meta"]["seconds"] = time.time() - started
     latest.write_text(json.dumps(results, indent=1))
     if not args.no_report:
         subprocess.run(

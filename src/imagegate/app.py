@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from imagegate import __version__, usage
 from imagegate.access import Access
-from imagegate.api import errors, files, health, images, metrics, models, openapi
+from imagegate.api import errors, files, health, images, metrics, models, openapi, playground
 from imagegate.api.admission import AdmissionMiddleware, Budget
 from imagegate.auth import AuthMiddleware
 from imagegate.core import redact
@@ -102,6 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in (images.router, models.router, files.router, health.router, usage.router, metrics.router):
         app.include_router(router)
+    if settings.playground:
+        app.include_router(playground.router)
     openapi.install(app)  # the document at /openapi.json describes the wire, not FastAPI's guess
     # Added last, so it is the outermost middleware: it sees every response, errors included.
     app.add_middleware(

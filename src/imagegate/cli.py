@@ -7,6 +7,7 @@ stops it with one line per bad setting on stderr and exit status 2, never a trac
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -59,8 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    from imagegate.multiworker import check_workers
+    from imagegate.observability.logs import configure_logging, uvicorn_log_config
     from imagegate.observability.metrics import prepare_multiprocess_dir
 
+    configure_logging(settings)  # this process's own lines (the supervisor's, with workers) in the same format
+    errors, warnings = check_workers(settings, args.workers or settings.workers)
+    for error in errors:
+        logging.getLogger("imagegate").error(error)
+    for warning in warnings:
+        logging.getLogger("imagegate").warning(warning)
+    if errors:
+        return 2
     prepare_multiprocess_dir(args.workers or settings.workers)  # before any worker imports prometheus_client
     uvicorn.run(
         "imagegate.app:app_from_env",
@@ -70,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers or settings.workers,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        log_config=uvicorn_log_config(settings),
     )
     return 0
 

@@ -257,6 +257,8 @@ class ClientKeyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_secret(self) -> ClientKeyConfig:
+        if self.name == "anonymous":
+            raise ValueError("auth key name 'anonymous' is reserved (requests without a key count under it)")
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError(f"auth key {self.name!r}: set exactly one of `key` and `key_sha256`")
         return self
@@ -313,6 +315,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+    playground: bool = True  # serve the browser playground at / and /playground
 
     @model_validator(mode="after")
     def _allow_lists_name_known_models(self) -> Settings:

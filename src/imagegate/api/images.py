@@ -15,6 +15,8 @@ call `app.state.service.run(...)`.
 - Dry run: the header `x-imagegate-dry-run: 1` or the query flag `?dry_run=1` (also `true`/`yes`)
   asks the service what it *would* send upstream; the answer is the 200 JSON
   `DryRunResult.body()`, never a stream, with the result headers.
+- Route pin: the header `x-imagegate-route` (or `?route=`) serves the request on one route of the
+  model only (an index, a provider, or `provider:upstream-model`; see `CatalogEntry.pinned`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from imagegate.core.results import DryRunResult, ImageResult
 
 __all__ = [
     "DRY_RUN_HEADER",
+    "ROUTE_HEADER",
     "ClientDisconnected",
     "ImageEventStream",
     "is_dry_run",
@@ -54,6 +57,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 DRY_RUN_HEADER = "x-imagegate-dry-run"
+ROUTE_HEADER = "x-imagegate-route"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _KEEPALIVE = b": keepalive\n\n"
 T = TypeVar("T")
@@ -91,6 +95,7 @@ async def _respond(request: Request, image_request: ImageRequest, *, event_prefi
     request_id = request_id_of(request)
     base_url = str(request.base_url).rstrip("/")
     dry_run = is_dry_run(request)
+    image_request.route = request.headers.get(ROUTE_HEADER) or request.query_params.get("route") or None
     if image_request.stream and not dry_run:
         streamed = dataclasses.replace(image_request, response_format="b64_json")
 

@@ -117,14 +117,15 @@ class ImageService:
         before the result exists)."""
         entry = self.catalog.get(request.model)
         telemetry.note_request(model=entry.id, operation=request.operation, prompt=request.prompt)
+        routes = entry.routes if request.route is None else entry.pinned(request.route)
         started = time.monotonic()
         deadline = started + self.settings.routing.deadline_seconds
         if dry_run:
-            route = entry.routes[0]
+            route = routes[0]
             return await self._dry_run(entry, route, self.providers[route.provider], request)
 
         failures: list[_Attempted] = []
-        for route in entry.routes:
+        for route in routes:
             provider = self.providers[route.provider]
             work = _RouteWork()
             _ROUTE_WORK.set(work)
@@ -149,8 +150,7 @@ class ImageService:
                 internal.provider = provider.name
                 raise internal from exc
             failure.provider = failure.provider or provider.name
-            failure.accepted = failure.accepted or work.accepted
-            failure.costly = failure.costly or failure.accepted
+            failure.accepted = failure.accepted or work.accepted  # accepted work is costly
             failures.append(_Attempted(route, failure))
             failure.costly = any(f.error.costly for f in failures)
             may_fall_back = failure.fallback and (
@@ -158,7 +158,7 @@ class ImageService:
             )
             if not may_fall_back or time.monotonic() >= deadline:
                 raise failure  # the HTTP layer logs what reaches the client
-            if route is entry.routes[-1]:
+            if route is routes[-1]:
                 break
             telemetry.note_fallback(entry.id)
             log.warning(
@@ -234,6 +234,7 @@ class ImageService:
             notes=plan.notes,
             target_size=str(plan.target.size) if plan.target else None,
             headers=_headers(plan, provider, route, []),
+            routes=[{"provider": r.provider, "upstream_model": r.model} for r in entry.routes],
         )
 
     # -- execution --------------------------------------------------------------------------

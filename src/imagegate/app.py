@@ -12,23 +12,28 @@ from fastapi import FastAPI
 
 from imagegate import __version__, usage
 from imagegate.access import Access
-from imagegate.api import errors, files, health, images, models
+from imagegate.api import errors, files, health, images, metrics, models, openapi, playground
+from imagegate.api.admission import AdmissionMiddleware, Budget
 from imagegate.auth import AuthMiddleware
 from imagegate.core import redact
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
 from imagegate.core.service import ImageService
+from imagegate.observability.logs import configure_logging
+from imagegate.observability.metrics import Metrics
+from imagegate.observability.middleware import InFlight, ObservabilityMiddleware
 from imagegate.providers.registry import build_providers
 from imagegate.runtime import tune_gc
 from imagegate.settings import Settings, load_settings
 from imagegate.state.redis import connect as connect_redis
-from imagegate.storage.local import LocalStorage
+from imagegate.storage.factory import build_storage
 from imagegate.upstream_http import upstream_client
 
 __all__ = ["app_from_env", "create_app"]
 
 log = logging.getLogger("imagegate")
+_CANCEL_WAIT_SECONDS = 10.0  # for upstream cancellations (fal's cancel call is bounded by 5 s)
 
 
 def _http_client() -> httpx.AsyncClient:
@@ -51,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     redact.install_log_filter()
     http = _http_client()
     pool = ImagePool(settings.image_workers)
-    storage = LocalStorage(settings.storage)
+    storage = build_storage(settings.storage)
     catalog = Catalog.from_config(settings.models)
     fetcher = GuardedFetcher(http, settings.fetch)
     service = ImageService(
@@ -65,12 +70,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     redis = connect_redis(settings.redis)  # None: limits, idempotency and usage stay in memory
     access = Access.build(settings, storage=storage, redis=redis)
 
+    telemetry = Metrics()
+    inflight = InFlight()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         tune_gc()
         try:
             yield
         finally:
+            # The server has stopped accepting and waited `shutdown_grace_seconds`; requests it then
+            # cancelled are cancelling their upstream jobs: let them finish before the client closes.
+            await inflight.drain(_CANCEL_WAIT_SECONDS)
+            telemetry.close()
             await http.aclose()
             await storage.close()
             if redis is not None:
@@ -87,15 +99,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.state.redis = redis
     app.state.access = access
+    app.state.metrics = telemetry
+    app.state.inflight = inflight
+    app.state.budget = Budget.from_limits(settings.limits)
+    app.add_middleware(AdmissionMiddleware, budget=app.state.budget)  # inside errors' request middleware
     app.add_middleware(AuthMiddleware, keyring=access.keyring)  # inside the request-id middleware
     errors.install(app)
-    for router in (images.router, models.router, files.router, health.router, usage.router):
+    for router in (images.router, models.router, files.router, health.router, usage.router, metrics.router):
         app.include_router(router)
+    if settings.playground:
+        app.include_router(playground.router)
+    openapi.install(app)  # the document at /openapi.json describes the wire, not FastAPI's guess
+    # Added last, so it is the outermost middleware: it sees every response, errors included.
+    app.add_middleware(
+        ObservabilityMiddleware, metrics=telemetry, inflight=inflight, log_prompts=settings.logging.log_prompts
+    )
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` and multi-worker serving: config from `$IMAGEGATE_CONFIG`."""
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    configure_logging(settings)
     return create_app(settings)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from imagegate.core import imaging
+from imagegate.core import imaging, telemetry
 from imagegate.core.catalog import Catalog, CatalogEntry
 from imagegate.core.emulate import Delivered, OutputSpec, deliver_image
 from imagegate.core.errors import (
@@ -116,14 +116,16 @@ class ImageService:
         route's `x-imagegate-*` headers as soon as a route is planned (a stream's headers go out
         before the result exists)."""
         entry = self.catalog.get(request.model)
+        telemetry.note_request(model=entry.id, operation=request.operation, prompt=request.prompt)
+        routes = entry.routes if request.route is None else entry.pinned(request.route)
         started = time.monotonic()
         deadline = started + self.settings.routing.deadline_seconds
         if dry_run:
-            route = entry.routes[0]
+            route = routes[0]
             return await self._dry_run(entry, route, self.providers[route.provider], request)
 
         failures: list[_Attempted] = []
-        for route in entry.routes:
+        for route in routes:
             provider = self.providers[route.provider]
             work = _RouteWork()
             _ROUTE_WORK.set(work)
@@ -148,8 +150,7 @@ class ImageService:
                 internal.provider = provider.name
                 raise internal from exc
             failure.provider = failure.provider or provider.name
-            failure.accepted = failure.accepted or work.accepted
-            failure.costly = failure.costly or failure.accepted
+            failure.accepted = failure.accepted or work.accepted  # accepted work is costly
             failures.append(_Attempted(route, failure))
             failure.costly = any(f.error.costly for f in failures)
             may_fall_back = failure.fallback and (
@@ -157,8 +158,9 @@ class ImageService:
             )
             if not may_fall_back or time.monotonic() >= deadline:
                 raise failure  # the HTTP layer logs what reaches the client
-            if route is entry.routes[-1]:
+            if route is routes[-1]:
                 break
+            telemetry.note_fallback(entry.id)
             log.warning(
                 "%s: route %s:%s failed (%s %s: %s); trying the next route",
                 request_id, provider.name, route.model, failure.status, failure.code, failure.message,
@@ -234,6 +236,7 @@ class ImageService:
             notes=plan.notes,
             target_size=str(plan.target.size) if plan.target else None,
             headers=_headers(plan, provider, route, []),
+            routes=[{"provider": r.provider, "upstream_model": r.model} for r in entry.routes],
         )
 
     # -- execution --------------------------------------------------------------------------
@@ -260,6 +263,7 @@ class ImageService:
             exc.costly = True
             exc.fallback = False  # the upstream work is done and paid for: do not redo it elsewhere
             raise
+        telemetry.note_images(provider.name, len(delivered))
         return _result(request, plan, provider, route, results, delivered)
 
     async def _execute(
@@ -292,7 +296,8 @@ class ImageService:
         attempt = 0
         while True:
             try:
-                result = await provider.run(payload, route, ctx)
+                with telemetry.upstream_call(provider.name):
+                    result = await provider.run(payload, route, ctx)
             except GatewayError as exc:
                 exc.provider = provider.name
                 work.accepted = work.accepted or exc.accepted
@@ -304,6 +309,7 @@ class ImageService:
                 )
                 if time.monotonic() + delay >= ctx.deadline:
                     raise
+                telemetry.note_retry(provider.name)
                 await asyncio.sleep(delay)
             except BaseException:
                 work.accepted = True  # cancelled (or broken) mid-call: the upstream may have taken it

@@ -121,7 +121,7 @@ def transport_error(provider: str, exc: httpx.HTTPError, *, accepted: bool) -> G
         error = ProviderUnavailable(f"Could not connect to {provider}.", retryable=retryable)
     else:
         error = ProviderUnavailable(f"Connection to {provider} failed: {type(exc).__name__}.", retryable=retryable)
-    error.accepted = error.costly = accepted
+    error.accepted = accepted
     return error
 
 

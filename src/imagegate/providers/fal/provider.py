@@ -122,8 +122,7 @@ class FalProvider(Provider):
         try:
             images, seed = parse_output(output.body, safety_checker=payload.get("enable_safety_checker") is not False)
         except GatewayError as exc:
-            exc.accepted = exc.costly = True  # the job ran: its output is what failed
-            exc.retryable = False
+            exc.accepted = True  # the job ran: its output is what failed
             raise
         return ProviderResult(images=images, request_id=output.request_id, seed=seed)
 

@@ -158,9 +158,8 @@ def _where(frame: FrameType) -> str:
     if inner.f_code.co_name == "select" and inner.f_code.co_filename.endswith("selectors.py"):
         return "loop idle in select(): the loop thread was waiting for the GIL/CPU, not working"
     ours: FrameType | None = frame
-    while (
-        ours is not None and "/imagegate/" not in ours.f_code.co_filename and "/bench/" not in ours.f_code.co_filename
-    ):
+    while ours is not None and "/imagegate/" not in ours.f_code.co_filename \
+            and "/bench/" not in ours.f_code.co_filename:
         ours = ours.f_back
     here = f"{inner.f_code.co_name} ({Path(inner.f_code.co_filename).name}:{inner.f_lineno})"
     if ours is None or ours is inner:
@@ -172,17 +171,9 @@ def _where(frame: FrameType) -> str:
 # Part 1
 
 
-async def loaded_phase(
-    client: httpx.AsyncClient,
-    png: bytes,
-    *,
-    concurrency: int,
-    edits: int,
-    max_seconds: float,
-    size: int,
-    diagnose: bool = False,
-    verify: bool = False,
-) -> tuple[Lag, int, float]:
+async def loaded_phase(client: httpx.AsyncClient, png: bytes, *, concurrency: int, edits: int,
+                       max_seconds: float, size: int, diagnose: bool = False,
+                       verify: bool = False) -> tuple[Lag, int, float]:
     """The ticker while `edits` edits run `concurrency` at a time. Returns (lag, done, cpu seconds)."""
     issued = done = 0
     deadline = time.perf_counter() + max_seconds
@@ -192,9 +183,8 @@ async def loaded_phase(
         nonlocal issued, done
         while issued < edits and time.perf_counter() < deadline:
             issued += 1
-            response = await client.post(
-                "/v1/images/edits", data=form, files={"image": ("input.png", png, "image/png")}
-            )
+            response = await client.post("/v1/images/edits", data=form,
+                                          files={"image": ("input.png", png, "image/png")})
             if response.status_code != 200:
                 raise RuntimeError(f"edit failed: {response.status_code} {response.text[:300]}")
             item = response.json()["data"][0]
@@ -217,10 +207,8 @@ async def loaded_phase(
     if sampler is not None:
         blamed = sampler.blame(lag.windows)
         total = sum(blamed.values()) or 1
-        print(
-            f"  diagnose: {len(lag.windows)} wake-ups later than {SLOW * 1000:.0f} ms; "
-            f"loop-thread samples inside them ({total}):"
-        )
+        print(f"  diagnose: {len(lag.windows)} wake-ups later than {SLOW * 1000:.0f} ms; "
+              f"loop-thread samples inside them ({total}):")
         for where, count in blamed.most_common(12):
             print(f"    {100 * count / total:5.1f}%  {where}")
     return lag, done, time.process_time() - cpu0
@@ -255,22 +243,13 @@ async def part1(args: argparse.Namespace, image: Image.Image, png: bytes) -> lis
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=120) as client:
                 # Warm-up (imports, first AVIF encoder init, pool threads), not measured.
-                await loaded_phase(
-                    client, png, concurrency=1, edits=1, max_seconds=args.max_seconds, size=args.size, verify=True
-                )
-                loaded, done, cpu = await loaded_phase(
-                    client,
-                    png,
-                    concurrency=args.k,
-                    edits=args.edits,
-                    max_seconds=args.max_seconds,
-                    size=args.size,
-                    diagnose=args.diagnose,
-                )
-    print(
-        f"  loaded: {done} edits in {loaded.seconds:.1f} s, process CPU {cpu:.1f} s "
-        f"({cpu / loaded.seconds:.2f} cores busy on average)"
-    )
+                await loaded_phase(client, png, concurrency=1, edits=1, max_seconds=args.max_seconds,
+                                   size=args.size, verify=True)
+                loaded, done, cpu = await loaded_phase(client, png, concurrency=args.k, edits=args.edits,
+                                                       max_seconds=args.max_seconds, size=args.size,
+                                                       diagnose=args.diagnose)
+    print(f"  loaded: {done} edits in {loaded.seconds:.1f} s, process CPU {cpu:.1f} s "
+          f"({cpu / loaded.seconds:.2f} cores busy on average)")
     baseline = await idle_phase(min(loaded.seconds, args.max_seconds))
     print(f"  baseline: {baseline.seconds:.1f} s idle")
     control = await control_phase(image)
@@ -302,21 +281,12 @@ def _save(image: Image.Image, fmt: str, **params: Any) -> bytes:
 def part2(repeats: int, size: int) -> list[EncodeRow]:
     image = photo_like(size, size, seed=11)
     cases: list[tuple[EncodeRow, Any, Any]] = [
-        (
-            EncodeRow("PNG", "compress_level=1", "Pillow default (compress_level=6)"),
-            lambda: encode_image(image, "png", None),
-            lambda: _save(image, "PNG"),
-        ),
-        (
-            EncodeRow("AVIF", "quality=80, speed=8", "Pillow default (quality=75, speed=6)"),
-            lambda: encode_image(image, "avif", None),
-            lambda: _save(image, "AVIF"),
-        ),
-        (
-            EncodeRow("AVIF q80", "quality=80, speed=8", "quality=80, speed=6 (same quality)"),
-            lambda: encode_image(image, "avif", None),
-            lambda: _save(image, "AVIF", quality=80),
-        ),
+        (EncodeRow("PNG", "compress_level=1", "Pillow default (compress_level=6)"),
+         lambda: encode_image(image, "png", None), lambda: _save(image, "PNG")),
+        (EncodeRow("AVIF", "quality=80, speed=8", "Pillow default (quality=75, speed=6)"),
+         lambda: encode_image(image, "avif", None), lambda: _save(image, "AVIF")),
+        (EncodeRow("AVIF q80", "quality=80, speed=8", "quality=80, speed=6 (same quality)"),
+         lambda: encode_image(image, "avif", None), lambda: _save(image, "AVIF", quality=80)),
     ]
     for row, configured, default in cases:
         configured(), default()  # warm-up
@@ -339,34 +309,24 @@ def report(lags: list[Lag], rows: list[EncodeRow], args: argparse.Namespace) -> 
     baseline, loaded, control = lags
     print()
     print(f"event_loop: {machine_line()}")
-    print(
-        f"part 1: {TICK * 1000:.0f} ms ticker; K={args.k} concurrent sandbox edits of a {args.size}x{args.size} "
-        f"PNG -> AVIF (x = ratio to baseline)"
-    )
-    print(
-        f"{'phase':9s} {'ticks':>6s} {'max lag':>10s} {'p99 lag':>10s} {'mean lag':>10s}  "
-        f"{'max x':>7s} {'p99 x':>7s}  note"
-    )
+    print(f"part 1: {TICK * 1000:.0f} ms ticker; K={args.k} concurrent sandbox edits of a {args.size}x{args.size} "
+          f"PNG -> AVIF (x = ratio to baseline)")
+    print(f"{'phase':9s} {'ticks':>6s} {'max lag':>10s} {'p99 lag':>10s} {'mean lag':>10s}  "
+          f"{'max x':>7s} {'p99 x':>7s}  note")
     for lag in lags:
-        print(
-            f"{lag.name:9s} {len(lag.lags):6d} {fmt_ms(lag.max):>10s} {fmt_ms(lag.p(99)):>10s} "
-            f"{fmt_ms(statistics.fmean(lag.lags)):>10s}  {ratio(lag.max, baseline.max):7.1f} "
-            f"{ratio(lag.p(99), baseline.p(99)):7.1f}  {lag.note}"
-        )
+        print(f"{lag.name:9s} {len(lag.lags):6d} {fmt_ms(lag.max):>10s} {fmt_ms(lag.p(99)):>10s} "
+              f"{fmt_ms(statistics.fmean(lag.lags)):>10s}  {ratio(lag.max, baseline.max):7.1f} "
+              f"{ratio(lag.p(99), baseline.p(99)):7.1f}  {lag.note}")
     print(f"loaded max lag / control max lag = {ratio(loaded.max, control.max):.2f}")
     print()
-    print(
-        f"part 2: encode_image vs Pillow defaults, {args.encode_size}x{args.encode_size}, "
-        f"median of {args.encode_repeats} (x = configured/default)"
-    )
+    print(f"part 2: encode_image vs Pillow defaults, {args.encode_size}x{args.encode_size}, "
+          f"median of {args.encode_repeats} (x = configured/default)")
     print(f"{'format':9s} {'configured':>11s} {'default':>10s} {'time x':>7s}  {'size x':>7s}  settings")
     for row in rows:
         cfg, dfl = statistics.median(row.times_cfg), statistics.median(row.times_def)
-        print(
-            f"{row.name:9s} {fmt_ms(cfg):>11s} {fmt_ms(dfl):>10s} {ratio(cfg, dfl):7.2f}  "
-            f"{ratio(row.size_cfg, row.size_def):7.2f}  {row.configured} vs {row.default}; "
-            f"{row.size_cfg / 1024:.0f} vs {row.size_def / 1024:.0f} KiB"
-        )
+        print(f"{row.name:9s} {fmt_ms(cfg):>11s} {fmt_ms(dfl):>10s} {ratio(cfg, dfl):7.2f}  "
+              f"{ratio(row.size_cfg, row.size_def):7.2f}  {row.configured} vs {row.default}; "
+              f"{row.size_cfg / 1024:.0f} vs {row.size_def / 1024:.0f} KiB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,18 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=25.0, help="time limit of the loaded phase")
     parser.add_argument("--encode-size", type=int, default=1024, help="part 2 image edge (default 1024)")
     parser.add_argument("--encode-repeats", type=int, default=5, help="part 2 repeats (default 5)")
-    parser.add_argument(
-        "--image-workers",
-        type=int,
-        default=None,
-        help="the gateway's image pool size (default: its own, the CPU count)",
-    )
+    parser.add_argument("--image-workers", type=int, default=None,
+                        help="the gateway's image pool size (default: its own, the CPU count)")
     parser.add_argument("--skip-encoders", action="store_true", help="part 1 only")
-    parser.add_argument(
-        "--diagnose",
-        action="store_true",
-        help="sample the loop thread's stack and attribute late wake-ups (> 5 ms) to code",
-    )
+    parser.add_argument("--diagnose", action="store_true",
+                        help="sample the loop thread's stack and attribute late wake-ups (> 5 ms) to code")
     args = parser.parse_args(argv)
 
     image = photo_like(args.size, args.size)

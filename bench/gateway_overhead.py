@@ -93,11 +93,11 @@ def _serve_gateway(conn: Any, stop: Any, storage_dir: str, fal_url: str, poll_in
 
 
 @contextlib.contextmanager
-def servers(
-    isolation: str, storage_dir: str, poll_interval: float, fake_keepalive: float
-) -> Iterator[tuple[str, str, Any]]:
-    """(fal_url, gateway_url, fake-or-None) with both servers running. `fake_keepalive` is the fake's
-    idle keep-alive timeout (uvicorn's timeout_keep_alive; uvicorn's default is 5 s)."""
+def servers(isolation: str, storage_dir: str, poll_interval: float, fake_keepalive: float
+            ) -> Iterator[tuple[str, str, Any, int | None]]:
+    """(fal_url, gateway_url, fake-or-None, gateway pid with --isolation process) with both servers
+    running. `fake_keepalive` is the fake's idle keep-alive timeout (uvicorn's timeout_keep_alive;
+    uvicorn's default is 5 s)."""
     if isolation == "thread":
         from tests.fakes.fal import FakeFal, FalScenario
         from tests.fakes.server import LocalServer
@@ -108,7 +108,7 @@ def servers(
         with LocalServer(fake.app, timeout_keep_alive=fake_keepalive) as fal_srv:
             app = create_app(fal_gateway_settings(storage_dir, fal_srv.url, poll_interval=poll_interval))
             with LocalServer(app) as gw_srv:
-                yield fal_srv.url, gw_srv.url, fake
+                yield fal_srv.url, gw_srv.url, fake, None
         return
 
     ctx = mp.get_context("spawn")
@@ -122,13 +122,12 @@ def servers(
             raise RuntimeError("the fake fal process did not start")
         fal_url = fal_recv.recv()
         gw_recv, gw_send = ctx.Pipe(duplex=False)
-        procs.append(
-            ctx.Process(target=_serve_gateway, args=(gw_send, stop, storage_dir, fal_url, poll_interval), daemon=True)
-        )
+        procs.append(ctx.Process(target=_serve_gateway, args=(gw_send, stop, storage_dir, fal_url, poll_interval),
+                                 daemon=True))
         procs[-1].start()
         if not gw_recv.poll(30):
             raise RuntimeError("the gateway process did not start")
-        yield fal_url, gw_recv.recv(), None
+        yield fal_url, gw_recv.recv(), None, procs[-1].pid
     finally:
         stop.set()
         for proc in procs:
@@ -148,15 +147,13 @@ AUTH = {"Authorization": f"Key {FAL_KEY}"}
 def _ok(response: httpx.Response) -> httpx.Response:
     """raise_for_status with the body (the gateway's error envelope) in the message."""
     if response.is_error:
-        raise RuntimeError(
-            f"{response.request.method} {response.request.url.path} -> {response.status_code} {response.text[:400]}"
-        )
+        raise RuntimeError(f"{response.request.method} {response.request.url.path} -> {response.status_code} "
+                           f"{response.text[:400]}")
     return response
 
 
-def baseline_request(
-    client: httpx.AsyncClient, fal_url: str, endpoint: str, payload: dict[str, Any], poll_interval: float
-) -> Callable[[], Awaitable[int]]:
+def baseline_request(client: httpx.AsyncClient, fal_url: str, endpoint: str, payload: dict[str, Any],
+                     poll_interval: float) -> Callable[[], Awaitable[int]]:
     async def once() -> int:
         submitted = await client.post(f"{fal_url}/{endpoint}", json=payload, headers=AUTH)
         submitted.raise_for_status()
@@ -177,9 +174,8 @@ def baseline_request(
     return once
 
 
-def gateway_url_request(
-    client: httpx.AsyncClient, gw_url: str, fal_url: str, download: bool
-) -> Callable[[], Awaitable[int]]:
+def gateway_url_request(client: httpx.AsyncClient, gw_url: str, fal_url: str, download: bool
+                        ) -> Callable[[], Awaitable[int]]:
     body = {"model": MODEL, "prompt": PROMPT, "response_format": "url"}
 
     async def once() -> int:
@@ -220,6 +216,7 @@ class Phase:
     errors: list[str] = field(default_factory=list)
     elapsed: float = 0.0
     stopped_by_time: bool = False
+    gateway_cpu: float | None = None  # seconds of the gateway process's CPU (--isolation process)
 
     @property
     def throughput(self) -> float:
@@ -229,15 +226,8 @@ class Phase:
         return percentile(self.latencies, q)
 
 
-async def run_phase(
-    name: str,
-    once: Callable[[], Awaitable[int]],
-    *,
-    requests: int,
-    concurrency: int,
-    max_seconds: float,
-    request_timeout: float,
-) -> Phase:
+async def run_phase(name: str, once: Callable[[], Awaitable[int]], *, requests: int, concurrency: int,
+                    max_seconds: float, request_timeout: float) -> Phase:
     """`requests` calls of `once`, `concurrency` at a time; stops early after `max_seconds`."""
     phase = Phase(name)
     issued = 0
@@ -265,14 +255,20 @@ async def run_phase(
     return phase
 
 
-async def measure(args: argparse.Namespace, fal_url: str, gw_url: str, fake: Any) -> list[list[Phase]]:
+def _cpu(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    from bench.inflight import proc_cpu
+
+    return proc_cpu(pid)
+
+
+async def measure(args: argparse.Namespace, fal_url: str, gw_url: str, fake: Any, gw_pid: int | None
+                  ) -> list[list[Phase]]:
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as client:
-        dry = await client.post(
-            f"{gw_url}/v1/images/generations",
-            headers={"x-imagegate-dry-run": "1"},
-            json={"model": MODEL, "prompt": PROMPT, "response_format": "url"},
-        )
+        dry = await client.post(f"{gw_url}/v1/images/generations", headers={"x-imagegate-dry-run": "1"},
+                                json={"model": MODEL, "prompt": PROMPT, "response_format": "url"})
         dry.raise_for_status()
         plan = dry.json()
         endpoint, payload = plan["upstream_model"], plan["payloads"][0]
@@ -290,52 +286,38 @@ async def measure(args: argparse.Namespace, fal_url: str, gw_url: str, fake: Any
                     continue
                 if fake is not None:
                     fake.reset()  # keep the fake's recordings from growing across phases
-                await run_phase(
-                    name,
-                    once,
-                    requests=args.warmup,
-                    concurrency=args.concurrency,
-                    max_seconds=args.phase_seconds,
-                    request_timeout=args.request_timeout,
-                )
-                phase = await run_phase(
-                    name,
-                    once,
-                    requests=args.requests,
-                    concurrency=args.concurrency,
-                    max_seconds=args.phase_seconds,
-                    request_timeout=args.request_timeout,
-                )
+                await run_phase(name, once, requests=args.warmup, concurrency=args.concurrency,
+                                max_seconds=args.phase_seconds, request_timeout=args.request_timeout)
+                cpu0 = _cpu(gw_pid)
+                phase = await run_phase(name, once, requests=args.requests, concurrency=args.concurrency,
+                                        max_seconds=args.phase_seconds, request_timeout=args.request_timeout)
+                if gw_pid is not None:
+                    phase.gateway_cpu = _cpu(gw_pid) - cpu0
                 phases.append(phase)
-                print(
-                    f"  round {number + 1} {name:9s} {len(phase.latencies)} ok, {len(phase.errors)} errors, "
-                    f"{phase.elapsed:.1f} s"
-                )
+                print(f"  round {number + 1} {name:9s} {len(phase.latencies)} ok, {len(phase.errors)} errors, "
+                      f"{phase.elapsed:.1f} s")
             rounds.append(phases)
         return rounds
 
 
 def report(rounds: list[list[Phase]], args: argparse.Namespace) -> bool:
     print()
-    print(
-        f"gateway_overhead: {machine_line()}; isolation={args.isolation}, C={args.concurrency}, "
-        f"N={args.requests}, rounds={args.rounds}"
-    )
+    print(f"gateway_overhead: {machine_line()}; isolation={args.isolation}, C={args.concurrency}, "
+          f"N={args.requests}, rounds={args.rounds}")
     ok = True
-    header = (
-        f"{'phase':10s} {'ok':>5s} {'p50':>10s} {'p95':>10s} {'req/s':>8s}   "
-        f"{'p50 x':>6s} {'p95 x':>6s} {'req/s x':>7s}"
-    )
+    header = (f"{'phase':10s} {'ok':>5s} {'p50':>10s} {'p95':>10s} {'req/s':>8s}   "
+              f"{'p50 x':>6s} {'p95 x':>6s} {'req/s x':>7s}")
     for number, phases in enumerate(rounds, 1):
         print(f"round {number}  (x = ratio to {phases[0].name}; req/s x < 1 means fewer requests per second)")
         print(header)
         base = phases[0]
         for phase in phases:
-            print(
-                f"{phase.name:10s} {len(phase.latencies):5d} {fmt_ms(phase.p(50)):>10s} "
-                f"{fmt_ms(phase.p(95)):>10s} {phase.throughput:8.1f}   {ratio(phase.p(50), base.p(50)):6.2f} "
-                f"{ratio(phase.p(95), base.p(95)):6.2f} {ratio(phase.throughput, base.throughput):7.2f}"
-            )
+            print(f"{phase.name:10s} {len(phase.latencies):5d} {fmt_ms(phase.p(50)):>10s} "
+                  f"{fmt_ms(phase.p(95)):>10s} {phase.throughput:8.1f}   {ratio(phase.p(50), base.p(50)):6.2f} "
+                  f"{ratio(phase.p(95), base.p(95)):6.2f} {ratio(phase.throughput, base.throughput):7.2f}"
+                  + (f"   added p50 {1000 * (phase.p(50) - base.p(50)):+.2f} ms" if phase is not base else "")
+                  + (f"   gateway CPU {1000 * phase.gateway_cpu / max(1, len(phase.latencies)):.2f} ms/req"
+                     if phase.gateway_cpu is not None else ""))
             if phase.errors:
                 rate = len(phase.errors) / (len(phase.errors) + len(phase.latencies))
                 ok = ok and rate <= args.max_error_rate
@@ -358,34 +340,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=30.0)
     parser.add_argument("--poll-interval", type=float, default=0.005, help="fal poll interval, both sides")
     parser.add_argument("--isolation", choices=("thread", "process"), default="thread")
-    parser.add_argument(
-        "--phases",
-        nargs="+",
-        choices=PHASES,
-        default=list(PHASES),
-        help="phases to run; ratios are against the first one listed (default: all three)",
-    )
-    parser.add_argument(
-        "--max-error-rate",
-        type=float,
-        default=0.01,
-        help="exit 1 when a phase fails more often than this (default 0.01)",
-    )
-    parser.add_argument(
-        "--fake-keepalive",
-        type=float,
-        default=75.0,
-        help="the fake fal's idle keep-alive timeout in seconds (default 75, nginx's "
-        "default; uvicorn's own default of 5 makes ~0.3-1%% of gateway requests "
-        "fail on reused connections, see bench/README.md)",
-    )
-    parser.add_argument("--url-no-download", action="store_true", help="url phase: do not download the returned URL")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="phases to run; ratios are against the first one listed (default: all three)")
+    parser.add_argument("--max-error-rate", type=float, default=0.01,
+                        help="exit 1 when a phase fails more often than this (default 0.01)")
+    parser.add_argument("--fake-keepalive", type=float, default=75.0,
+                        help="the fake fal's idle keep-alive timeout in seconds (default 75, nginx's "
+                             "default; uvicorn's own default of 5 makes ~0.3-1%% of gateway requests "
+                             "fail on reused connections, see bench/README.md)")
+    parser.add_argument("--url-no-download", action="store_true",
+                        help="url phase: do not download the returned URL")
     args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory(prefix="imagegate-bench-") as storage_dir,
-        servers(args.isolation, storage_dir, args.poll_interval, args.fake_keepalive) as (fal_url, gw_url, fake),
+        servers(args.isolation, storage_dir, args.poll_interval, args.fake_keepalive) as (fal_url, gw_url, fake, pid),
     ):
-        rounds = asyncio.run(measure(args, fal_url, gw_url, fake))
+        rounds = asyncio.run(measure(args, fal_url, gw_url, fake, pid))
     return 0 if report(rounds, args) else 1
 
 

@@ -557,3 +557,12 @@ async def test_real_server_stream_disconnect_cancels_the_service(app: FastAPI) -
             # leaving the block closes the connection mid-stream
         assert await asyncio.to_thread(service.cancelled.wait, 5)
     assert not service.finished.is_set()
+
+
+async def test_route_pin_reaches_the_service(client: httpx.AsyncClient, service: FakeService) -> None:
+    await client.post("/v1/images/generations", json={"prompt": "p"}, headers={"x-imagegate-route": "replicate"})
+    assert service.last.route == "replicate"
+    await client.post("/v1/images/generations?route=1", json={"prompt": "p"})
+    assert service.last.route == "1"
+    await client.post("/v1/images/generations", json={"prompt": "p"})
+    assert service.last.route is None

@@ -327,6 +327,29 @@ async def test_a_route_timeout_falls_back_to_the_next_route() -> None:
     assert result.headers["x-imagegate-provider"] == "b" and slow.cancelled == 1
 
 
+async def test_a_route_pin_serves_that_route_only_and_never_falls_back() -> None:
+    a, b = Scripted("a", []), Scripted("b", [ProviderUnavailable("down", retryable=False)] * 3)
+    service = make_service(a, b)
+    for pin in ("1", "b", "b:x"):
+        with pytest.raises(ProviderUnavailable):
+            await serve(service, request(route=pin))
+    assert a.payloads == [] and len(b.payloads) == 3
+    result = await serve(service, request(route="0"))
+    assert result.headers["x-imagegate-provider"] == "a"
+    dry = await service.run(request(route="b"), request_id="r", base_url="http://gw", dry_run=True)
+    assert isinstance(dry, DryRunResult) and dry.provider == "b"
+    assert dry.routes == [{"provider": "a", "upstream_model": "x"}, {"provider": "b", "upstream_model": "x"}]
+
+
+@pytest.mark.parametrize("pin", ["2", "c", "a:y", "9" * 5000, "-1", "\u0661"])
+async def test_an_unknown_route_pin_is_a_400_naming_the_header(pin: str) -> None:
+    a = Scripted("a", [])
+    with pytest.raises(InvalidRequest) as info:
+        await serve(make_service(a, Scripted("b", [])), request(route=pin))
+    assert info.value.status == 400 and info.value.param == "x-imagegate-route"
+    assert "0 (a:x), 1 (b:x)" in info.value.message and a.payloads == []
+
+
 async def test_an_accepted_job_is_never_retried_and_does_not_fall_back_by_default() -> None:
     a = Scripted("a", [ProviderUnavailable("runner died after accepting", accepted=True)])  # retryable by class
     b = Scripted("b", [])

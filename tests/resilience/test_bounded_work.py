@@ -234,8 +234,13 @@ async def test_a_cancelled_pool_job_stops_at_its_next_checkpoint() -> None:
     pool.close()
 
 
-async def test_memory_error_in_image_work_is_a_clean_503_and_the_pool_keeps_serving(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [(MemoryError, 503, "insufficient_resources"), (RuntimeError("boom at 0x7f00deadbeef"), 500, "internal_error")],
+    ids=["memory-error", "unexpected-error"],
+)
+def test_a_failure_in_image_work_is_a_clean_error_and_the_pool_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException, status: int, code: str
 ) -> None:
     real_edit = ops.edit
     calls = 0
@@ -244,7 +249,7 @@ async def test_memory_error_in_image_work_is_a_clean_503_and_the_pool_keeps_serv
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise MemoryError
+            raise failure
         return real_edit(*args, **kwargs)
 
     monkeypatch.setattr(ops, "edit", failing_once)
@@ -253,16 +258,26 @@ async def test_memory_error_in_image_work_is_a_clean_503_and_the_pool_keeps_serv
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.InternalServerError) as info:
             client.images.edit(model="sandbox-edit", image=("a.png", png_bytes(16, 16)), prompt="invert")
-        assert info.value.status_code == 503
+        assert info.value.status_code == status
         body = info.value.response.json()["error"]
-        assert body["code"] == "insufficient_resources" and body["type"] == "server_error"
-        assert "MemoryError" not in body["message"]
-        assert info.value.response.headers.get("retry-after") == "1"
-        result = client.images.edit(
+        assert body["code"] == code and body["type"] == "server_error" and body["param"] is None
+        assert "Error" not in body["message"] and "0x" not in body["message"]  # no Python internals
+        if status == 503:
+            assert info.value.response.headers.get("retry-after") == "1"
+        result = client.images.edit(  # the single worker is free again
             model="sandbox-edit", image=("a.png", png_bytes(16, 16)), prompt="invert", response_format="b64_json"
         )
         assert result.data and result.data[0].b64_json
         client.close()
+
+
+def test_a_gif_frame_larger_than_its_screen_counts_at_its_real_size() -> None:
+    frame = io.BytesIO()
+    Image.new("P", (2000, 2000), 0).save(frame, "GIF")
+    data = bytearray(frame.getvalue())
+    data[6:10] = (8).to_bytes(2, "little") * 2  # the logical screen claims 8x8
+    with pytest.raises(imaging.TooManyPixels, match="2000x2000"):
+        imaging.probe(bytes(data), max_pixels=1_000_000)
 
 
 # -- every image operation checks the budget before it allocates -------------------------------

@@ -30,13 +30,16 @@ from imagegate.core.results import resolved_quality
 
 
 def _image_server_app() -> Starlette:
-    """`GET /<w>x<h>.png` -> a PNG of that size."""
+    """`GET /<w>x<h>.png` -> a PNG of that size; `GET /bad-redirect` -> a Location no parser reads."""
 
     async def image(request: Request) -> Response:
         width, height = (int(v) for v in request.path_params["size"].split("x"))
         return Response(png_bytes(width, height, mode="RGBA"), media_type="image/png")
 
-    return Starlette(routes=[Route("/{size}.png", image)])
+    async def bad_redirect(request: Request) -> Response:
+        return Response(status_code=302, headers={"location": "http://[::1/x.png"})
+
+    return Starlette(routes=[Route("/{size}.png", image), Route("/bad-redirect", bad_redirect)])
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +136,11 @@ def test_lone_surrogates_in_generations_keys_and_image_urls_are_400s(gateway: st
     assert fine.status_code == 200, fine.text
 
 
+def test_a_surrogate_in_a_big_json_body_checked_in_the_pool_is_a_400(gateway: str) -> None:
+    body = {"prompt": "cat", "padding": "a" * 400_000, "user": "u" + SURROGATE}  # > 256 kB: parsed in the pool
+    _assert_400(_post_json(gateway, "/v1/images/generations", body), "user")
+
+
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt", "user", "style", "custom_option"])
 def test_invalid_utf8_in_multipart_text_is_a_400(gateway: str, upstreams: tuple[FakeFal, str], field: str) -> None:
     data: dict[str, Any] = {"model": "fal-edit", "prompt": "cat", field: b"caf\xe9 \xff"}
@@ -164,6 +172,12 @@ def test_unparseable_image_urls_are_400s(gateway: str, upstreams: tuple[FakeFal,
             "mask": {"image_url": url}}  # fmt: skip
     _assert_400(_post_json(gateway, "/v1/images/edits", mask), "mask", "invalid_url")
     assert upstreams[0].submits == []
+
+
+def test_a_redirect_to_an_unparseable_url_is_a_400(gateway: str, upstreams: tuple[FakeFal, str]) -> None:
+    body = {"model": "sandbox-edit", "prompt": "cat", "images": [{"image_url": upstreams[1] + "/bad-redirect"}]}
+    response = _post_json(gateway, "/v1/images/edits", body)
+    assert response.status_code == 400 and _error(response)["param"] == "images"
 
 
 # -- the mask has the image's dimensions, always -------------------------------------------------
@@ -210,6 +224,19 @@ def test_a_fetched_mask_of_another_size_is_refused(gateway: str, upstreams: tupl
     body["mask"] = {"image_url": images_url + "/40x30.png"}
     ok = _post_json(gateway, "/v1/images/edits", body)
     assert ok.status_code == 200, ok.text
+
+
+# -- an output format that cannot hold the image --------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "width"), [("webp", 16_384), ("gif", 65_536), ("jpeg", 65_501)])
+def test_an_image_too_wide_for_its_output_format_is_a_400(gateway: str, fmt: str, width: int) -> None:
+    # webp is written by the sandbox itself; gif and jpeg conversions by the gateway (emulated or not)
+    files = {"image": ("wide.png", png_bytes(width, 2), "image/png")}
+    data = {"model": "sandbox-edit", "prompt": "invert", "output_format": fmt, "response_format": "b64_json"}
+    response = httpx.post(gateway + "/v1/images/edits", data=data, files=files, timeout=30)
+    _assert_400(response, "output_format")
+    assert str(width) in _error(response)["message"]
 
 
 # -- enum parameters and what the response reports ----------------------------------------------

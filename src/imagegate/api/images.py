@@ -15,6 +15,8 @@ call `app.state.service.run(...)`.
 - Dry run: the header `x-imagegate-dry-run: 1` or the query flag `?dry_run=1` (also `true`/`yes`)
   asks the service what it *would* send upstream; the answer is the 200 JSON
   `DryRunResult.body()`, never a stream, with the result headers.
+- Route pin: the header `x-imagegate-route` (or `?route=`) serves the request on one route of the
+  model only (an index, a provider, or `provider:upstream-model`; see `CatalogEntry.pinned`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from imagegate.access import service_for
+from imagegate.api.admission import charge_inputs
 from imagegate.api.errors import GENERIC_SERVER_ERROR, error_response, request_id_of
 from imagegate.api.parsing import parse_edit_request, parse_generation_request
 from imagegate.core.errors import GatewayError, InternalError
@@ -40,6 +43,7 @@ from imagegate.core.results import DryRunResult, ImageResult
 
 __all__ = [
     "DRY_RUN_HEADER",
+    "ROUTE_HEADER",
     "ClientDisconnected",
     "ImageEventStream",
     "is_dry_run",
@@ -53,6 +57,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 DRY_RUN_HEADER = "x-imagegate-dry-run"
+ROUTE_HEADER = "x-imagegate-route"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _KEEPALIVE = b": keepalive\n\n"
 T = TypeVar("T")
@@ -85,10 +90,12 @@ def is_dry_run(request: Request) -> bool:
 
 
 async def _respond(request: Request, image_request: ImageRequest, *, event_prefix: str) -> Response:
+    await charge_inputs(request.scope, image_request)  # the decoded inputs join the in-flight budget
     service = service_for(request)  # the client key's view: allow-list, idempotency, limits, usage
     request_id = request_id_of(request)
     base_url = str(request.base_url).rstrip("/")
     dry_run = is_dry_run(request)
+    image_request.route = request.headers.get(ROUTE_HEADER) or request.query_params.get("route") or None
     if image_request.stream and not dry_run:
         streamed = dataclasses.replace(image_request, response_format="b64_json")
 
@@ -124,23 +131,36 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work` as a task; cancel it and raise ClientDisconnected if the client disconnects first.
+    """Await `work` in this task while one watcher task reads `receive()`; if the client disconnects
+    first, the work is cancelled and ClientDisconnected raised. If this coroutine is itself
+    cancelled, the work (running in this task) is cancelled with it. A `receive()` that breaks only
+    stops the watching.
 
-    If this coroutine is itself cancelled, the task is cancelled too."""
-    task = asyncio.ensure_future(work)
+    One task per request, not two: the work is not wrapped in a task of its own (hot path)."""
+    current = asyncio.current_task()
+    assert current is not None
+    state = {"disconnected": False, "finished": False}
+
+    def on_watcher_done(watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled() or watcher.exception() is not None or state["finished"]:
+            return  # stopped by us, or receive() broke: keep working
+        state["disconnected"] = True
+        current.cancel()
+
     watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    watcher.add_done_callback(on_watcher_done)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and watcher.exception() is not None:  # receive() broke: just wait for the work
-            await asyncio.wait((task,))
+        result = await work
+    except asyncio.CancelledError:
+        if state["disconnected"] and current.uncancel() == 0:  # our cancel alone, not the server's
+            raise ClientDisconnected from None
+        raise
     finally:
+        state["finished"] = True
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
-        raise ClientDisconnected
-    return task.result()
+    if state["disconnected"]:  # the work swallowed our cancel and finished anyway
+        current.uncancel()
+    return result
 
 
 class ImageEventStream(Response):

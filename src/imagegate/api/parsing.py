@@ -18,11 +18,8 @@ JSON edits
 Generations (JSON)
     a JSON object; an explicit `null` means "use the default", like a missing field.
 
-Text is Unicode or a 400: a JSON string holding a lone surrogate (`"\\ud800"`, which `json` accepts)
-anywhere in the body, or a multipart text part that is not valid in the form's charset (UTF-8;
-Starlette would silently read it as latin-1), is refused naming the parameter, so no later
-encoder (a provider's JSON, a log line, an error message) meets it. Image URLs are parsed here,
-once, by every parser that later reads them (`urlsplit`, `httpx.URL`): one that fails is a 400.
+Text is Unicode or a 400 naming the field (`api.text`). Image URLs are parsed here by every
+parser that later reads them (`urlsplit`, `httpx.URL`): one that fails is a 400 `invalid_url`.
 
 Uploaded and data-URI images are identified from their bytes (`core.fetch.probe_image`:
 `imaging.probe(verify=True)` in the image pool), never from a declared content type: SDK raw-bytes
@@ -46,17 +43,17 @@ import binascii
 import json
 import re
 from collections.abc import Sequence
-from contextlib import aclosing
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from imagegate.api.fields import build_request, duplicate_parameter, invalid_type, json_type_name, missing_parameter
+from imagegate.api.text import check_unicode, read_form
 from imagegate.core import imaging
 from imagegate.core.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedParameter
 from imagegate.core.fetch import probe_image
@@ -116,39 +113,12 @@ async def parse_generation_request(
 # -- multipart -------------------------------------------------------------------------------------
 
 
-class _StrictTextParser(MultiPartParser):
-    """Starlette's multipart parser, except that a text part that does not decode in the form's
-    charset is recorded in `undecodable` (Starlette itself falls back to latin-1 without a word)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.undecodable: list[str] = []
-
-    def on_part_end(self) -> None:
-        part = self._current_part
-        if part.file is None:
-            try:
-                bytes(part.data).decode(self._charset or "utf-8")
-            except (UnicodeDecodeError, LookupError):
-                self.undecodable.append(part.field_name)
-        super().on_part_end()
-
-
-async def _read_form(request: Request, limits: LimitsSettings, media_type: str) -> FormData:
-    options: dict[str, Any] = {
+def _form_limits(limits: LimitsSettings) -> dict[str, int]:
+    return {
         "max_files": limits.max_images + 2,  # + mask + one spare, so "17 images" gets our message
         "max_fields": MAX_FORM_FIELDS,
         "max_part_size": max(1024 * 1024, limits.max_prompt_chars * 4 + 4096),  # a full prompt in UTF-8
     }
-    if media_type != "multipart/form-data":
-        return await request.form(**options)
-    async with aclosing(request.stream()) as stream:
-        parser = _StrictTextParser(request.headers, stream, **options)
-        form = await parser.parse()
-    if parser.undecodable:
-        await form.close()
-        raise invalid_text(parser.undecodable[0], "is not valid UTF-8 text")
-    return form
 
 
 async def _parse_edit_form(
@@ -156,7 +126,7 @@ async def _parse_edit_form(
 ) -> ImageRequest:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
-        form = await _read_form(request, limits, media_type)
+        form = await read_form(request, strict=media_type == "multipart/form-data", **_form_limits(limits))
     except (HTTPException, MultiPartException) as exc:  # Starlette wraps MultiPartException when in an app
         detail = str(exc.detail if isinstance(exc, HTTPException) else exc.message)
         if "Too many files" in detail:
@@ -259,38 +229,15 @@ async def _json_object(request: Request, *, pool: imaging.ImagePool | None = Non
         raise InvalidRequest(
             f"The request body must be a JSON object, not {json_type_name(value)}.", code="invalid_json"
         )
-    _check_unicode(value)
     return value
 
 
-def _check_unicode(body: dict[str, Any]) -> None:
-    """Every string in the body (keys included, at any depth) is encodable Unicode: `json` accepts
-    lone surrogates (`"\\ud800"`), which no encoder after it does. The first offender is a 400
-    naming its top-level field. Big strings (data URIs) are ASCII and pass `isascii()` at C speed."""
-    for key, value in body.items():
-        stack: list[Any] = [key, value]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, str):
-                if not item.isascii() and not _encodable(item):
-                    raise invalid_text(key, "is not valid Unicode text (it holds a lone surrogate)")
-            elif isinstance(item, dict):
-                stack.extend(item.keys())
-                stack.extend(item.values())
-            elif isinstance(item, list):
-                stack.extend(item)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _loads(body: bytes) -> Any:
-    return json.loads(body, parse_constant=_reject_constant)
+    """Parse, then check that all its text is Unicode (in the pool with the parse, for big bodies)."""
+    value = json.loads(body, parse_constant=_reject_constant)
+    if isinstance(value, dict):
+        check_unicode(value)
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -455,13 +402,6 @@ async def _probe_many(
 
 
 # -- errors ----------------------------------------------------------------------------------------
-
-
-def invalid_text(param: str, problem: str) -> InvalidRequest:
-    """A field whose text is not Unicode; `param` is shown escaped, as it may be the culprit itself."""
-    shown = param if param.isascii() and param.isprintable() else param.encode("unicode_escape", "backslashreplace")
-    name = shown if isinstance(shown, str) else shown.decode("ascii")[:80]
-    return InvalidRequest(f"Invalid value for '{name}': the text {problem}.", param=name)
 
 
 def _too_many_images(limit: int, given: int | None = None, *, param: str = "image") -> InvalidRequest:

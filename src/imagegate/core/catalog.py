@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from imagegate.core.errors import ModelNotFound
+from imagegate.core.errors import InvalidRequest, ModelNotFound
 from imagegate.providers.base import Route
 from imagegate.settings import ModelConfig
 
-__all__ = ["Catalog", "CatalogEntry"]
+__all__ = ["ROUTE_PARAM", "Catalog", "CatalogEntry"]
+
+ROUTE_PARAM = "x-imagegate-route"  # the `param` of an error about a route pin (it arrives as a header)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,20 @@ class CatalogEntry:
 
     def as_openai_model(self) -> dict[str, object]:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by}
+
+    def pinned(self, spec: str) -> tuple[Route, ...]:
+        """The one route a pin names: its 0-based index, its provider (the first route of that
+        provider) or `provider:upstream-model`. A pinned request has no fallback."""
+        spec = spec.strip()
+        if spec.isascii() and spec.isdigit() and len(spec) < 6 and int(spec) < len(self.routes):
+            return (self.routes[int(spec)],)
+        for route in self.routes:
+            if spec in (route.provider, f"{route.provider}:{route.model}"):
+                return (route,)
+        listed = ", ".join(f"{i} ({r.provider}:{r.model})" for i, r in enumerate(self.routes))
+        raise InvalidRequest(
+            f"The model `{self.id}` has no route {spec[:100]!r}; its routes are {listed}.", param=ROUTE_PARAM
+        )
 
 
 class Catalog:

@@ -14,8 +14,8 @@ from typing import Literal
 
 import httpx
 
-from imagegate.core import imaging
-from imagegate.core.errors import UpstreamError
+from imagegate.core import imaging, telemetry
+from imagegate.core.errors import InvalidRequest, UpstreamError
 from imagegate.core.request import FORMAT_MIME
 from imagegate.core.results import OutputImage
 from imagegate.core.sizes import Size
@@ -93,15 +93,19 @@ def _finish(source: bytes | str, spec: OutputSpec) -> tuple[bytes, imaging.Image
     if imaging.needs_transform(
         info, size=size, fmt=spec.format, compression=spec.compression, background=spec.background
     ):
-        data, info = imaging.transform_with_info(  # no second parse of what was just encoded
-            data,
-            size=size,
-            fmt=spec.format,
-            compression=spec.compression,
-            background=spec.background,
-            max_pixels=spec.max_pixels,
-        )
-    encoded = base64.b64encode(data).decode("ascii") if spec.response_format == "b64_json" else None
+        with telemetry.postprocess("transform"):
+            data, info = imaging.transform_with_info(  # no second parse of what was just encoded
+                data,
+                size=size,
+                fmt=spec.format,
+                compression=spec.compression,
+                background=spec.background,
+                max_pixels=spec.max_pixels,
+            )
+    encoded = None
+    if spec.response_format == "b64_json":
+        with telemetry.postprocess("base64"):
+            encoded = base64.b64encode(data).decode("ascii")
     return data, info, encoded
 
 
@@ -138,13 +142,18 @@ async def deliver_image(
             raise UpstreamError(f"Could not download the output image from {provider.name}.") from exc
     try:
         data, info, encoded = await pool.run(_finish, source, spec)
+    except imaging.FormatSizeLimit as exc:  # the output exists, but not in the format asked for
+        raise InvalidRequest(f"The image cannot be converted: {exc.reason}.", param="output_format") from exc
     except imaging.ImageError as exc:
         raise UpstreamError(f"The provider returned an image the gateway cannot read: {exc.reason}") from exc
     if encoded is not None:
         output = OutputImage(b64_json=encoded, revised_prompt=revised_prompt)
     else:
-        image_id = await storage.put(
-            data, content_type=FORMAT_MIME[info.format], extension=info.format, ttl_seconds=spec.ttl_seconds
-        )
-        output = OutputImage(url=f"{spec.public_base_url}/v1/files/images/{image_id}", revised_prompt=revised_prompt)
+        with telemetry.postprocess("store"):
+            image_id = await storage.put(
+                data, content_type=FORMAT_MIME[info.format], extension=info.format, ttl_seconds=spec.ttl_seconds
+            )
+        url = await storage.url_for(image_id, ttl_seconds=spec.ttl_seconds)
+        url = url or f"{spec.public_base_url}/v1/files/images/{image_id}"
+        output = OutputImage(url=url, revised_prompt=revised_prompt)
     return Delivered(output, info.width, info.height, info.format, info.has_alpha)

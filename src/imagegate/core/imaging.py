@@ -1,8 +1,9 @@
-"""All CPU-bound image work: probing, transforming and encoding, plus the pool that runs it.
+"""All CPU-bound image work: probing, transforming and encoding.
 
-Everything here except :class:`ImagePool` is a plain synchronous function over ``bytes`` or
-:class:`PIL.Image.Image`; the async side of the gateway calls them through ``ImagePool.run`` so
-that decoding and encoding never block the event loop (Pillow releases the GIL inside its codecs).
+Everything here is a plain synchronous function over ``bytes`` or :class:`PIL.Image.Image`; the
+async side of the gateway calls them through ``ImagePool.run`` (:mod:`imagegate.core.pool`,
+re-exported here with :class:`Cancelled` and :func:`checkpoint`) so that decoding and encoding
+never block the event loop (Pillow releases the GIL inside its codecs).
 
 Untrusted bytes are identified from their content only, never from a declared content type, and
 their declared pixel count is checked against ``max_pixels`` before anything is decoded.
@@ -18,11 +19,9 @@ Errors::
 
     ValueError
      └── ImageError          unreadable, unsupported or corrupt image (``.reason``)
-          └── TooManyPixels  declared (or about to be allocated) width * height exceeds ``max_pixels``
+          ├── TooManyPixels  declared (or about to be allocated) width * height exceeds ``max_pixels``
+          └── FormatSizeLimit  wider or taller than the output format can store (webp: 16383 px)
     Cancelled                the job's awaiting task was cancelled (raised in the worker thread)
-
-``ImagePool.run`` turns a ``MemoryError`` into :class:`~imagegate.core.errors.InsufficientResources`
-(503); the worker thread is free for the next job whatever a job raised.
 
 A bad *argument* (unknown output format, compression outside 0..100, unknown background) is a
 plain ``ValueError``: it is the caller's mistake, not the image's.
@@ -30,28 +29,21 @@ plain ``ValueError``: it is the caller's mistake, not the image's.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import io
-import logging
-import os
 import struct
-import threading
 import zlib
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imagegate.core.errors import GatewayError, InsufficientResources
+from imagegate.core.pool import Cancelled, ImagePool, checkpoint
 
 __all__ = [
     "INPUT_FORMATS",
     "OUTPUT_FORMATS",
     "Cancelled",
+    "FormatSizeLimit",
     "ImageError",
     "ImageInfo",
     "ImagePool",
@@ -66,10 +58,6 @@ __all__ = [
     "transform_with_info",
 ]
 
-log = logging.getLogger("imagegate.imaging")
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 #: Formats accepted as input, as reported in :attr:`ImageInfo.format` (multi-frame: first frame).
 INPUT_FORMATS = frozenset({"png", "jpeg", "webp", "gif", "avif", "bmp"})  # no TIFF: a large decoder surface
@@ -119,6 +107,9 @@ _PNG_COMPRESS_LEVEL = 1
 _AVIF_SPEED = 8
 _WEBP_METHOD = 2
 _DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 80}
+# The largest side each encoder can write (measured with Pillow 13: beyond it the encoders raise
+# ValueError, OSError, OverflowError or RuntimeError); png's limit is far beyond max_pixels.
+_MAX_SIDE = {"webp": 16383, "jpeg": 65500, "gif": 65535, "avif": 65536}
 # Resize in two steps (integer reduce, then LANCZOS) once the source is this many times larger.
 _REDUCING_GAP = 3.0
 
@@ -135,23 +126,6 @@ class TooManyPixels(ImageError):
     """An image has, or would have, more pixels than allowed; raised before its pixels are allocated."""
 
 
-class Cancelled(Exception):
-    """The pool job's awaiting task was cancelled; raised at the next operation boundary."""
-
-
-# The cancellation flag of the pool job running in this thread (set by `ImagePool.run`).
-_JOB_CANCELLED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
-    "imagegate_job_cancelled", default=None
-)
-
-
-def checkpoint() -> None:
-    """An operation boundary: raise :class:`Cancelled` if this pool job's caller has gone away."""
-    cancelled = _JOB_CANCELLED.get()
-    if cancelled is not None and cancelled.is_set():
-        raise Cancelled("the image job was cancelled")
-
-
 def check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
     """The pixel budget, checked before ``size`` is allocated (and an operation boundary).
 
@@ -165,6 +139,10 @@ def check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
         raise TooManyPixels(
             f"{what} would be {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+
+
+class FormatSizeLimit(ImageError):
+    """The image is wider or taller than its output format can store; raised before encoding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +267,8 @@ def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
     quantized to 255 colours plus one transparent index for pixels with alpha < 128, png, webp and
     avif keep alpha. ``compression`` (0..100) is the quality for jpeg (default 90), webp (90) and
     avif (80); it does not apply to png and gif, which are lossless. Metadata other than the ICC
-    profile is dropped. Raises ``ValueError`` for an unknown ``fmt`` or compression out of range.
+    profile is dropped. Raises ``ValueError`` for an unknown ``fmt`` or compression out of range,
+    :class:`FormatSizeLimit` for an image wider or taller than ``fmt`` can store.
     """
     return _encode(img, fmt, compression)[0]
 
@@ -297,6 +276,9 @@ def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
 def _encode(img: Image.Image, fmt: str, compression: int | None) -> tuple[bytes, bool]:
     """:func:`encode_image`, plus whether the encoded image has alpha (as :func:`probe` reports it)."""
     _check_options(fmt=fmt, compression=compression, background=None)
+    limit = _MAX_SIDE.get(fmt)
+    if limit is not None and max(img.size) > limit:
+        raise FormatSizeLimit(f"{fmt} images are at most {limit} pixels per side; this one is {img.width}x{img.height}")
     img = _normalize_mode(img)
     params: dict[str, Any] = {}
     icc = img.info.get("icc_profile")
@@ -321,57 +303,7 @@ def _encode(img: Image.Image, fmt: str, compression: int | None) -> tuple[bytes,
     return out.getvalue(), img.mode in _ALPHA_MODES or "transparency" in params
 
 
-class ImagePool:
-    """A bounded thread pool for image work, so it never runs on the event loop.
-
-    ``workers`` defaults to ``os.cpu_count()``. Jobs beyond that wait in the executor's queue.
-    A cancelled ``run`` drops a job that has not started and sets the cancellation flag of one
-    that has: the job raises :class:`Cancelled` at its next :func:`checkpoint` / :func:`check_pixels`.
-    """
-
-    def __init__(self, workers: int | None = None) -> None:
-        count = (os.cpu_count() or 1) if workers is None else workers
-        if count < 1:
-            raise ValueError(f"workers must be at least 1, got {count}")
-        self.workers = count
-        self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="imagegate-image")
-
-    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn(*args, **kwargs)`` in a worker thread (with the caller's contextvars).
-
-        Exceptions from ``fn`` propagate as they are (the service and the HTTP layer render
-        unexpected ones as a 500 envelope), except ``MemoryError``, which becomes
-        ``InsufficientResources`` (503, ``retry-after``) without keeping the frames that filled memory."""
-        loop = asyncio.get_running_loop()
-        cancelled = threading.Event()
-        call = functools.partial(contextvars.copy_context().run, _job, cancelled, fn, *args, **kwargs)
-        job = loop.run_in_executor(self._executor, call)  # RuntimeError once closed
-        failure: GatewayError
-        try:
-            return await job
-        except asyncio.CancelledError:
-            cancelled.set()  # the job stops at its next operation boundary
-            raise
-        except MemoryError:
-            # Not chained: the MemoryError's traceback holds the frames (and images) that filled memory.
-            log.warning("image work ran out of memory in %s", getattr(fn, "__name__", fn))
-            failure = InsufficientResources("The gateway ran out of memory processing this image; retry later.")
-        raise failure
-
-    def close(self) -> None:
-        """Wait for running jobs, drop queued ones; later ``run`` calls raise ``RuntimeError``."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-
 # -- private helpers ---------------------------------------------------------------------------
-
-
-def _job(cancelled: threading.Event, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-    """In a worker thread, inside the job's own context copy: the job's flag, then ``fn``."""
-    if cancelled.is_set():
-        raise Cancelled("the image job was cancelled before it started")
-    _JOB_CANCELLED.set(cancelled)
-    return fn(*args, **kwargs)
 
 
 def _check_options(*, fmt: str, compression: int | None, background: str | None) -> None:

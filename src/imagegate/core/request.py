@@ -96,6 +96,8 @@ class ImageRequest:
     input_fidelity: str | None = None
     # Every field the gateway does not model itself, with its (coerced) value.
     extra: dict[str, Any] = field(default_factory=dict)
+    # A route pin (`x-imagegate-route`): serve on that route of the model only (see CatalogEntry.pinned).
+    route: str | None = None
 
     def given(self) -> dict[str, Any]:
         """The OpenAI-side parameters the caller actually set (not None), extra fields included."""

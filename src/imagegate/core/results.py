@@ -91,6 +91,7 @@ class DryRunResult:
     notes: dict[str, str]
     target_size: str | None
     headers: dict[str, str] = field(default_factory=dict)
+    routes: list[dict[str, str]] = field(default_factory=list)  # every route of the model, in order
 
     def body(self) -> dict[str, Any]:
         return {
@@ -102,4 +103,5 @@ class DryRunResult:
             "params": self.params,
             "notes": self.notes,
             "target_size": self.target_size,
+            "routes": self.routes,
         }

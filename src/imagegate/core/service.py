@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from imagegate.core import imaging
+from imagegate.core import imaging, telemetry
 from imagegate.core.catalog import Catalog, CatalogEntry
 from imagegate.core.emulate import Delivered, OutputSpec, deliver_image
 from imagegate.core.errors import (
@@ -116,14 +116,16 @@ class ImageService:
         route's `x-imagegate-*` headers as soon as a route is planned (a stream's headers go out
         before the result exists)."""
         entry = self.catalog.get(request.model)
+        telemetry.note_request(model=entry.id, operation=request.operation, prompt=request.prompt)
+        routes = entry.routes if request.route is None else entry.pinned(request.route)
         started = time.monotonic()
         deadline = started + self.settings.routing.deadline_seconds
         if dry_run:
-            route = entry.routes[0]
+            route = routes[0]
             return await self._dry_run(entry, route, self.providers[route.provider], request)
 
         failures: list[_Attempted] = []
-        for route in entry.routes:
+        for route in routes:
             provider = self.providers[route.provider]
             work = _RouteWork()
             _ROUTE_WORK.set(work)
@@ -148,8 +150,7 @@ class ImageService:
                 internal.provider = provider.name
                 raise internal from exc
             failure.provider = failure.provider or provider.name
-            failure.accepted = failure.accepted or work.accepted
-            failure.costly = failure.costly or failure.accepted
+            failure.accepted = failure.accepted or work.accepted  # accepted work is costly
             failures.append(_Attempted(route, failure))
             failure.costly = any(f.error.costly for f in failures)
             may_fall_back = failure.fallback and (
@@ -157,8 +158,9 @@ class ImageService:
             )
             if not may_fall_back or time.monotonic() >= deadline:
                 raise failure  # the HTTP layer logs what reaches the client
-            if route is entry.routes[-1]:
+            if route is routes[-1]:
                 break
+            telemetry.note_fallback(entry.id)
             log.warning(
                 "%s: route %s:%s failed (%s %s: %s); trying the next route",
                 request_id, provider.name, route.model, failure.status, failure.code, failure.message,
@@ -202,7 +204,9 @@ class ImageService:
         ctx = BuildContext(request.operation, target=target, input_size=input_size, options=route.options)
         # Validate every parameter before anything is uploaded: a request the table rejects costs nothing.
         placeholder_mask = None if mask is None else "<mask>"
-        apply_table(table, request, ctx, image_refs=["<image>"] * len(images), mask_ref=placeholder_mask)
+        checked = apply_table(table, request, ctx, image_refs=["<image>"] * len(images), mask_ref=placeholder_mask)
+        if not images and mask is None:
+            return checked  # nothing to upload: the checked plan is the plan (one table pass per request)
         refs = await provider.prepare_images(images, route, dry_run=dry_run) if images else []
         mask_ref = None
         if mask is not None:
@@ -232,6 +236,7 @@ class ImageService:
             notes=plan.notes,
             target_size=str(plan.target.size) if plan.target else None,
             headers=_headers(plan, provider, route, []),
+            routes=[{"provider": r.provider, "upstream_model": r.model} for r in entry.routes],
         )
 
     # -- execution --------------------------------------------------------------------------
@@ -258,11 +263,14 @@ class ImageService:
             exc.costly = True
             exc.fallback = False  # the upstream work is done and paid for: do not redo it elsewhere
             raise
+        telemetry.note_images(provider.name, len(delivered))
         return _result(request, plan, provider, route, results, delivered)
 
     async def _execute(
         self, plan: Plan, route: Route, provider: Provider, ctx: CallContext
     ) -> list[ProviderResult]:
+        if len(plan.payloads) == 1:  # the common case: no task group, no extra task (hot path)
+            return [await self._call_with_retries(dict(plan.payloads[0]), route, provider, ctx)]
         limit = asyncio.Semaphore(max(1, self.settings.routing.fanout_concurrency))
 
         async def one(payload: dict[str, object]) -> ProviderResult:
@@ -288,7 +296,8 @@ class ImageService:
         attempt = 0
         while True:
             try:
-                result = await provider.run(payload, route, ctx)
+                with telemetry.upstream_call(provider.name):
+                    result = await provider.run(payload, route, ctx)
             except GatewayError as exc:
                 exc.provider = provider.name
                 work.accepted = work.accepted or exc.accepted
@@ -300,6 +309,7 @@ class ImageService:
                 )
                 if time.monotonic() + delay >= ctx.deadline:
                     raise
+                telemetry.note_retry(provider.name)
                 await asyncio.sleep(delay)
             except BaseException:
                 work.accepted = True  # cancelled (or broken) mid-call: the upstream may have taken it

@@ -109,8 +109,11 @@ def _rate_limit_resource_errors(loop: asyncio.AbstractEventLoop, interval: float
     loop.set_exception_handler(handler)
 
 
-def build_config(settings: Settings, *, host: str, port: int, workers: int) -> GatewayConfig:
+def build_config(
+    settings: Settings, *, host: str, port: int, workers: int, log_config: dict[str, Any] | None = None
+) -> GatewayConfig:
     server = settings.server
+    logging_options: dict[str, Any] = {} if log_config is None else {"log_config": log_config}
     return GatewayConfig(
         APP,
         factory=True,
@@ -124,15 +127,19 @@ def build_config(settings: Settings, *, host: str, port: int, workers: int) -> G
         log_level=settings.log_level,
         access_log=server.access_log,
         timeout_keep_alive=server.keepalive_timeout,  # a float works
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         server_settings=server,
+        **logging_options,
     )
 
 
-def serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
-    """Run the gateway until interrupted; returns the process exit code."""
+def serve(
+    settings: Settings, *, host: str, port: int, workers: int, log_config: dict[str, Any] | None = None
+) -> int:
+    """Run the gateway until interrupted; returns the process exit code. `log_config`: uvicorn's
+    logging dictConfig (default: uvicorn's own)."""
     raise_open_file_limit()  # inherited by worker processes
-    config = build_config(settings, host=host, port=port, workers=workers)
+    config = build_config(settings, host=host, port=port, workers=workers, log_config=log_config)
     server = uvicorn.Server(config)
     if workers > 1:
         sockets = [config.bind_socket()]

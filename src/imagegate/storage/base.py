@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import abc
+import re
+import secrets
 from dataclasses import dataclass
 
-__all__ = ["Storage", "StoredImage"]
+__all__ = ["IMAGE_ID", "Storage", "StoredImage", "new_image_id"]
+
+IMAGE_ID = re.compile(r"\A[A-Za-z0-9_-]{32}\.[a-z0-9]{1,8}\Z")  # what every backend accepts as an id
+_EXTENSION = re.compile(r"\A[a-z0-9]{1,8}\Z")
+
+
+def new_image_id(extension: str, ttl_seconds: int) -> str:
+    """A fresh unguessable id (`secrets.token_urlsafe(24)` + `.<extension>`), after checking the
+    arguments of `Storage.put` (ValueError for a bad extension or a non-positive TTL)."""
+    ext = extension.lower().lstrip(".")
+    if not _EXTENSION.match(ext):
+        raise ValueError(f"invalid file extension {extension!r}")
+    if ttl_seconds <= 0:
+        raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
+    return f"{secrets.token_urlsafe(24)}.{ext}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +41,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def get(self, image_id: str) -> StoredImage | None:
         """The stored image, or None if it does not exist, has expired, or the id is malformed."""
+
+    async def url_for(self, image_id: str, *, ttl_seconds: int) -> str | None:
+        """A URL the client downloads `image_id` from directly (e.g. a presigned S3 URL valid for
+        `ttl_seconds`), or None: the gateway serves it at `/v1/files/images/{image_id}`."""
+        return None
 
     async def ready(self) -> bool:
         """Whether the storage can take new images (`/readyz`). An exception also means not ready.

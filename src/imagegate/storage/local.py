@@ -16,21 +16,18 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from imagegate.settings import StorageSettings
-from imagegate.storage.base import Storage, StoredImage
+from imagegate.storage.base import IMAGE_ID, Storage, StoredImage, new_image_id
 
 __all__ = ["LocalStorage"]
 
 logger = logging.getLogger(__name__)
 
-_ID = re.compile(r"\A[A-Za-z0-9_-]{32}\.[a-z0-9]{1,8}\Z")
-_EXTENSION = re.compile(r"\A[a-z0-9]{1,8}\Z")
 _META = ".json"
 _TMP = ".tmp"
 _ORPHAN_GRACE_SECONDS = 3600.0  # an image without metadata older than this is debris from a crash
@@ -52,19 +49,14 @@ class LocalStorage(Storage):
         self._sweeper: asyncio.Task[int] | None = None
 
     async def put(self, data: bytes, *, content_type: str, extension: str, ttl_seconds: int) -> str:
-        ext = extension.lower().lstrip(".")
-        if not _EXTENSION.match(ext):
-            raise ValueError(f"invalid file extension {extension!r}")
-        if ttl_seconds <= 0:
-            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
-        image_id = f"{secrets.token_urlsafe(24)}.{ext}"
+        image_id = new_image_id(extension, ttl_seconds)
         meta = {"content_type": content_type, "expires_at": self._clock() + ttl_seconds}
         await asyncio.to_thread(self._write, image_id, data, json.dumps(meta).encode())
         self._maybe_sweep()
         return image_id
 
     async def get(self, image_id: str) -> StoredImage | None:
-        if not _ID.match(image_id):
+        if not IMAGE_ID.match(image_id):
             return None
         return await asyncio.to_thread(self._read, image_id)
 
@@ -116,12 +108,12 @@ class LocalStorage(Storage):
         names = {entry.name for entry in entries}
         for entry in entries:
             name = entry.name
-            if name.endswith(_META) and _ID.match(name[: -len(_META)]):
+            if name.endswith(_META) and IMAGE_ID.match(name[: -len(_META)]):
                 meta = _load_meta(Path(entry.path))
                 if meta is None or meta[1] <= now:
                     _remove(self.root / name[: -len(_META)])
                     removed += 1
-            elif (_ID.match(name) and name + _META not in names) or name.endswith(_TMP):
+            elif (IMAGE_ID.match(name) and name + _META not in names) or name.endswith(_TMP):
                 with contextlib.suppress(OSError):
                     if time.time() - entry.stat().st_mtime > _ORPHAN_GRACE_SECONDS:  # file times are wall-clock
                         os.unlink(entry.path)

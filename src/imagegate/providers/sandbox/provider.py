@@ -85,9 +85,12 @@ def _render(
     size = payload.get("size")
     wanted = (int(size["width"]), int(size["height"])) if size else None
     prompt = str(payload["prompt"])
-    try:
-        if wanted is not None:
+    if wanted is not None:
+        try:
             imaging.check_pixels(wanted, max_pixels, "the requested size")
+        except imaging.TooManyPixels as exc:
+            raise InvalidRequest(f"The sandbox cannot make this image: {exc.reason}.", param="size") from None
+    try:
         if "images" in payload:
             result = _edit(payload, prompt, max_pixels, max_operations)
             if wanted and result.size != wanted:
@@ -97,8 +100,8 @@ def _render(
             result = ops.generate(prompt, seed=seed, size=wanted or _DEFAULT_SIZE, max_pixels=max_pixels)
     except ops.EditRefused as exc:
         raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
-    except imaging.TooManyPixels as exc:
-        raise InvalidRequest(f"The sandbox cannot make this image: {exc.reason}.", param="size",
+    except imaging.TooManyPixels as exc:  # an input (checked at parse time already)
+        raise InvalidRequest(f"The sandbox cannot make this image: {exc.reason}.", param="image",
                              code="image_too_large") from None
     except imaging.ImageError as exc:
         raise InvalidRequest(f"The sandbox cannot read an input image: {exc.reason}.", param="image",
@@ -106,7 +109,10 @@ def _render(
     except ValueError as exc:  # e.g. a mask without alpha
         raise InvalidRequest(f"The sandbox cannot apply this edit: {exc}", param="mask") from None
     imaging.checkpoint()
-    data = imaging.encode_image(result, payload.get("output_format", "png"), payload.get("output_compression"))
+    try:
+        data = imaging.encode_image(result, payload.get("output_format", "png"), payload.get("output_compression"))
+    except imaging.FormatSizeLimit as exc:
+        raise InvalidRequest(f"The sandbox cannot write this image: {exc.reason}.", param="output_format") from None
     return data, result.width, result.height
 
 

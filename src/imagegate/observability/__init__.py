@@ -1,0 +1,1 @@
+"""Metrics, the request log and the request tracking behind a graceful shutdown."""

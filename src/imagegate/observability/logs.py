@@ -1,0 +1,90 @@
+"""Logging: `logging.format: text` (a terminal) or `json` (one object per line), with secrets redacted.
+
+A JSON line always has `time` (UTC, ISO 8601, milliseconds), `level`, `logger`, `message`, and
+`request_id` while a request is being served. The request log line (logger `imagegate.requests`,
+one per request) adds the fields of `RequestLog` (see `observability.middleware`). Exceptions go
+in `exception` as text. Every line, whatever logged it (uvicorn and httpx included), goes through
+`core.redact.scrub`: each configured secret (every `SecretStr` of the settings: provider keys and
+tokens, client keys, the S3 secret) and anything shaped like a credential becomes `[redacted]`.
+
+`configure_logging(settings)` installs one handler on the root logger; in json mode it also routes
+uvicorn's loggers through it and silences `uvicorn.access` (the request log replaces it). The CLI
+calls it before starting uvicorn (with `uvicorn_log_config`), each worker again in `app_from_env`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from imagegate.core import redact, telemetry
+from imagegate.settings import Settings
+
+__all__ = ["FIELDS_ATTR", "JsonFormatter", "TextFormatter", "configure_logging", "uvicorn_log_config"]
+
+FIELDS_ATTR = "imagegate_fields"  # `extra={FIELDS_ATTR: {...}}` adds structured fields to a JSON line
+
+
+def _timestamp(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s:     %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact.scrub(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        current = telemetry.current()
+        request_id = current.state.get("request_id") if current is not None else None
+        if isinstance(request_id, str):
+            line["request_id"] = request_id
+        fields = getattr(record, FIELDS_ATTR, None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return redact.scrub(json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":")))
+
+
+def configure_logging(settings: Settings) -> None:
+    """One stderr handler on the root logger, in the configured format, at `log_level`."""
+    redact.remember_secrets(settings)
+    json_lines = settings.logging.format == "json"
+    formatter = JsonFormatter() if json_lines else TextFormatter()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    if json_lines:
+        for name in ("uvicorn", "uvicorn.error"):
+            uvicorn_logger = logging.getLogger(name)
+            uvicorn_logger.handlers.clear()
+            uvicorn_logger.propagate = True
+        logging.getLogger("uvicorn.access").disabled = True
+
+
+def uvicorn_log_config(settings: Settings) -> dict[str, Any] | None:
+    """`uvicorn.run(log_config=...)`: uvicorn's own configuration for text; None for json, so uvicorn
+    leaves the handlers `configure_logging` installed alone (in the supervisor and in every worker)."""
+    if settings.logging.format == "json":
+        return None
+    from uvicorn.config import LOGGING_CONFIG
+
+    return LOGGING_CONFIG

@@ -1,0 +1,1 @@
+"""The browser playground's static files (`static/`), served by `imagegate.api.playground`."""

@@ -1,0 +1,107 @@
+"""The request log line: fields, prompts only when asked, secrets redacted by the formatters."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.conftest import gateway_settings
+from tests.fakes.images import png_bytes
+
+from imagegate.app import create_app
+from imagegate.core import redact
+from imagegate.core.redact import REDACTED
+from imagegate.observability.logs import FIELDS_ATTR, JsonFormatter, TextFormatter
+
+PROMPT = "grayscale with the-words-of-the-prompt"
+
+
+async def access_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture, **logging_settings: object) -> list[dict]:
+    app = create_app(gateway_settings(tmp_path, logging=logging_settings))
+    caplog.set_level(logging.INFO, logger="imagegate.requests")
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
+        response = await client.post(
+            "/v1/images/edits",
+            data={"model": "sandbox-edit", "prompt": PROMPT, "response_format": "b64_json"},
+            files={"image": ("a.png", png_bytes(20, 20), "image/png")},
+            headers={"x-request-id": "req-logs-1"},
+        )
+        assert response.status_code == 200
+    formatter = JsonFormatter()
+    return [json.loads(formatter.format(r)) for r in caplog.records if r.name == "imagegate.requests"]
+
+
+async def test_prompts_stay_out_of_the_log_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (line,) = await access_lines(tmp_path, caplog)
+    assert "prompt" not in line and PROMPT not in json.dumps(line)
+    assert line["status"] == 200 and line["model"] == "sandbox-edit" and line["provider"] == "sandbox"
+    assert line["operation"] == "edit" and line["images"] == 1 and line["key"] == "anonymous"
+    assert line["duration_ms"]["total"] >= line["duration_ms"]["upstream"] > 0
+    assert line["duration_ms"]["postprocess"] > 0  # base64 at least
+    assert isinstance(line["params"], dict) and line["params"]
+
+
+async def test_log_prompts_true_adds_the_prompt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (line,) = await access_lines(tmp_path, caplog, log_prompts=True)
+    assert line["prompt"] == PROMPT
+
+
+def test_configured_secrets_are_remembered(tmp_path: Path) -> None:
+    create_app(
+        gateway_settings(
+            tmp_path,
+            providers={"fal": {"key": "fal-secret-123456"}, "replicate": {"api_token": "r8_secret-abcdef"}},
+            storage={
+                "backend": "s3",
+                "s3": {"bucket": "b", "access_key_id": "id", "secret_access_key": "s3-secret-zyxwvu"},
+            },
+        )
+    )
+    line = JsonFormatter().format(
+        logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "%s %s", ("s3-secret-zyxwvu", "x"), None)
+    )
+    assert "s3-secret-zyxwvu" not in line and REDACTED in line
+
+
+@pytest.mark.parametrize("formatter_class", [JsonFormatter, TextFormatter])
+def test_formatters_redact_secrets_wherever_they_appear(formatter_class: type[logging.Formatter]) -> None:
+    redact.remember_secret("sk-very-secret-value")
+    formatter = formatter_class()
+    try:
+        raise ValueError("upstream said: bad key sk-very-secret-value")
+    except ValueError:
+        import sys
+
+        exc_info = sys.exc_info()
+    args = ("sk-very-secret-value",)
+    record = logging.LogRecord("imagegate.x", logging.WARNING, __file__, 1, "key=%s", args, exc_info)
+    setattr(record, FIELDS_ATTR, {"header": "Bearer sk-very-secret-value"})
+    text = formatter.format(record)
+    assert "sk-very-secret-value" not in text and REDACTED in text
+    if formatter_class is JsonFormatter:
+        line = json.loads(text)
+        assert line["level"] == "warning" and line["time"].endswith("Z") and "exception" in line
+
+
+async def test_image_ids_stay_out_of_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(gateway_settings(tmp_path))
+    caplog.set_level(logging.DEBUG)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
+        response = await client.post(
+            "/v1/images/edits",
+            data={"model": "sandbox-edit", "prompt": "invert", "response_format": "url"},
+            files={"image": ("a.png", png_bytes(20, 20), "image/png")},
+        )
+        url = response.json()["data"][0]["url"]
+        assert (await client.get(url)).status_code == 200
+    image_id = url.rsplit("/", 1)[1]
+    formatter = JsonFormatter()
+    lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name != "httpx"]  # httpx: this test's client
+    fetch = [line for line in lines if line.get("endpoint") == "/v1/files/images/{image_id}"]
+    assert len(fetch) == 1 and fetch[0]["path"] == "/v1/files/images/{image_id}" and fetch[0]["status"] == 200
+    assert not any(image_id in json.dumps(line) for line in lines)

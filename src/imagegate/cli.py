@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if errors:
         return 2
     prepare_multiprocess_dir(workers)  # before any worker imports prometheus_client
-    return serve(
+    return serve(  # uvicorn with the read timeouts and connection cap of `server:` (imagegate.server)
         settings,
         host=args.host or settings.host,
         port=args.port or settings.port,

@@ -165,7 +165,7 @@ class S3StorageSettings(BaseModel):
     secret_access_key: SecretStr | None = None
     prefix: str = "outputs/"
     url_style: Literal["presigned", "gateway"] = "presigned"
-    timeout_seconds: float = 30.0  # per S3 request (retries included)
+    timeout_seconds: PositiveFloat = 30.0  # per S3 request (retries included)
 
     _empty = field_validator(
         "endpoint_url", "public_endpoint_url", "access_key_id", "secret_access_key", mode="before"
@@ -198,7 +198,7 @@ class DeliverySettings(BaseModel):
     public_base_url: HttpUrl | None = None  # e.g. https://images.example.com; default: the request's base URL
     default_response_format: Literal["url", "b64_json"] = "url"
 
-    _empty = field_validator("public_base_url", mode="before")(_secret_or_none)
+    _empty = field_validator("public_base_url", mode="before")(_secret_or_none)  # "" = not set
 
 
 class RoutingSettings(BaseModel):

@@ -117,7 +117,7 @@ def _image_operation(operation_id: str, summary: str, body: Schema, event: str) 
     )
     events = [_sse(event, _EVENT_SCHEMAS[event]), _sse("error", "ErrorEvent")]
     ok["content"]["text/event-stream"] = {"schema": {"oneOf": events}}
-    for name in ("params", "provider", "upstream-model", "upstream-request-id"):
+    for name in ("params", "provider", "upstream-model", "upstream-request-id", "cost-usd"):
         ok["headers"][f"x-imagegate-{name}"] = {"schema": _STR}
     return {
         "operationId": operation_id,
@@ -174,11 +174,11 @@ def _components() -> Schema:
                                             ["text_tokens", "image_tokens"]),
             "output_tokens_details": _object({"image_tokens": {"type": "integer"}, "text_tokens": {"type": "integer"}},
                                              ["image_tokens", "text_tokens"]),
-            # The gateway's additions: what was produced (the cost estimate and per-key usage read them).
-            "images": {"type": "integer", "minimum": 0},
-            "megapixels": {"type": "number", "minimum": 0},
+            "images": {"type": "integer", "minimum": 0, "description": "Images produced (fan-out included)."},
+            "megapixels": {"type": "number", "minimum": 0, "description": "Their megapixels."},
         },
         ["total_tokens", "input_tokens", "output_tokens", "input_tokens_details"],
+        extra=True,
     )  # fmt: skip
     image_ref = _object(
         {"image_url": {"type": "string", "maxLength": MAX_IMAGE_URL_CHARS}, "file_id": _STR},

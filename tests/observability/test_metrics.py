@@ -201,3 +201,20 @@ async def test_unknown_paths_and_file_ids_do_not_create_label_values(client: htt
     endpoints = {dict(labels).get("endpoint") for (name, labels) in samples if name == "imagegate_requests_total"}
     assert "other" in endpoints and "/v1/files/images/{image_id}" in endpoints
     assert not any(e and ("nope" in e or "aaaa" in e) for e in endpoints)
+
+
+async def test_unknown_request_fields_do_not_create_label_values(client: httpx.AsyncClient) -> None:
+    """The sandbox ignores fields it does not model and reports them in `x-imagegate-params`;
+    a client inventing field names must not mint a time series per name."""
+    for i in range(3):
+        response = await client.post(
+            "/v1/images/generations",
+            json={"model": "sandbox-image", "prompt": "x", "size": "64x64", f"made_up_{i}": 1},
+        )
+        assert response.status_code == 200
+        assert f"made_up_{i}=ignored" in response.headers["x-imagegate-params"]
+    samples = await scrape(client)
+    params = {dict(labels)["param"] for (name, labels) in samples if name == "imagegate_emulations_total"}
+    assert "size" in params
+    assert not any(p.startswith("made_up_") for p in params)
+    assert value(samples, "imagegate_emulations_total", param="other", mode="ignored") == 3

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagegate.core import telemetry
 from imagegate.core.errors import InternalError
+from imagegate.core.params import GATEWAY_PARAMS, KNOWN_PARAMS, SIZE_PARAMS
 from imagegate.core.telemetry import RequestTelemetry
 from imagegate.observability.logs import FIELDS_ATTR
 from imagegate.observability.metrics import Metrics
@@ -47,6 +48,9 @@ _QUIET = frozenset({"/metrics", "/healthz", "/readyz"})  # probes and scrapes lo
 _MODES = frozenset({"passthrough", "renamed", "converted", "emulated", "rejected", "ignored"})
 _PARAM = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
 _KEY_NAME = re.compile(r"\A[\x21-\x7e]{1,64}\Z")
+# The `param` label: a parameter the tables know; fields a client made up count as `other`.
+_PARAM_LABELS = frozenset({*KNOWN_PARAMS, *GATEWAY_PARAMS, *SIZE_PARAMS})
+OTHER_PARAM = "other"
 _WATCHED = (
     "x-imagegate-provider",
     "x-imagegate-upstream-model",
@@ -204,7 +208,7 @@ class ObservabilityMiddleware:
             m.images.labels(model, record.provider).inc(record.images)
             for param, mode in params.items():
                 if mode != "passthrough":
-                    m.emulations.labels(param, mode).inc()
+                    m.emulations.labels(param if param in _PARAM_LABELS else OTHER_PARAM, mode).inc()
         if cost is not None and 200 <= status < 300:
             m.cost.labels(key, model).inc(cost)
         self._log(scope, record, status, headers, params, cost, endpoint, key, total)

@@ -218,3 +218,26 @@ async def test_unknown_request_fields_do_not_create_label_values(client: httpx.A
     assert "size" in params
     assert not any(p.startswith("made_up_") for p in params)
     assert value(samples, "imagegate_emulations_total", param="other", mode="ignored") == 3
+
+
+async def test_a_request_the_app_left_unanswered_counts_as_499_not_500() -> None:
+    """A stream whose client goes away before the first byte returns without answering: that is the
+    client's doing (499), not a server error that would page someone."""
+    from imagegate.observability.metrics import Metrics
+    from imagegate.observability.middleware import InFlight, ObservabilityMiddleware
+
+    async def gone(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing is sent")
+
+    metrics = Metrics()
+    middleware = ObservabilityMiddleware(gone, metrics=metrics, inflight=InFlight())
+    await middleware({"type": "http", "method": "POST", "path": "/v1/images/edits", "headers": []}, receive, send)
+    samples = parse(metrics.render().decode())
+    statuses = {dict(labels)["status"] for (name, labels) in samples if name == "imagegate_requests_total"}
+    assert statuses == {"499"}

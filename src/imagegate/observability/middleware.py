@@ -175,7 +175,9 @@ class ObservabilityMiddleware:
             self.metrics.in_flight.dec()
             if task is not None:
                 self.inflight.tasks.discard(task)
-            status = response["status"] or (499 if isinstance(error, asyncio.CancelledError) else 500)
+            # No response: cancelled, or the app returned without answering (its client went away) -> 499.
+            unanswered = error is None or isinstance(error, asyncio.CancelledError)
+            status = response["status"] or (499 if unanswered else 500)
             try:
                 self._finish(scope, record, status, response["headers"])
             except Exception:  # observability must never break a response

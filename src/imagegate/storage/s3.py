@@ -27,15 +27,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import obstore
+import obstore.exceptions
 from obstore.store import S3Store
 
 from imagegate.settings import S3StorageSettings, StorageSettings
-from imagegate.storage.base import IMAGE_ID, Storage, StoredImage, new_image_id
+from imagegate.storage.base import IMAGE_ID, Storage, StorageUnavailable, StoredImage, new_image_id
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
@@ -70,25 +71,27 @@ class S3Storage(Storage):
     async def put(self, data: bytes, *, content_type: str, extension: str, ttl_seconds: int) -> str:
         image_id = new_image_id(extension, ttl_seconds)
         attributes: Any = {"Content-Type": content_type, EXPIRES_META: f"{self._clock() + ttl_seconds:.3f}"}
-        async with asyncio.timeout(self._timeout):
-            await obstore.put_async(self._store, self._key(image_id), data, attributes=attributes)
+        with _unavailable_as_503("storing an image"):
+            async with asyncio.timeout(self._timeout):
+                await obstore.put_async(self._store, self._key(image_id), data, attributes=attributes)
         return image_id
 
     async def get(self, image_id: str) -> StoredImage | None:
         if not IMAGE_ID.match(image_id):
             return None
         key = self._key(image_id)
-        async with asyncio.timeout(self._timeout):
-            try:
-                result = await obstore.get_async(self._store, key)
-            except FileNotFoundError:
-                return None
-            attributes = result.attributes
-            expires_at = _expires_at(attributes.get(EXPIRES_META))
-            if expires_at is None or expires_at <= self._clock():
-                await self._delete(key)
-                return None
-            data = bytes(await result.bytes_async())
+        with _unavailable_as_503("reading an image"):
+            async with asyncio.timeout(self._timeout):
+                try:
+                    result = await obstore.get_async(self._store, key)
+                except (FileNotFoundError, obstore.exceptions.NotFoundError):
+                    return None
+                attributes = result.attributes
+                expires_at = _expires_at(attributes.get(EXPIRES_META))
+                if expires_at is None or expires_at <= self._clock():
+                    await self._delete(key)
+                    return None
+                data = bytes(await result.bytes_async())
         content_type = attributes.get("Content-Type") or "application/octet-stream"
         return StoredImage(data=data, content_type=str(content_type), expires_at=expires_at)
 
@@ -107,6 +110,16 @@ class S3Storage(Storage):
     async def _delete(self, key: str) -> None:
         with contextlib.suppress(Exception):
             await obstore.delete_async(self._store, key)
+
+
+@contextlib.contextmanager
+def _unavailable_as_503(what: str) -> Iterator[None]:
+    """The S3 client's failures (unreachable server, timeout, S3 error) as `StorageUnavailable`."""
+    try:
+        yield
+    except (obstore.exceptions.BaseError, OSError, TimeoutError) as exc:
+        logger.warning("S3 failed while %s: %s", what, exc)
+        raise StorageUnavailable() from None
 
 
 def _store(s3: S3StorageSettings, endpoint: str | None) -> S3Store:

@@ -9,6 +9,7 @@ Node's HTTP parser (the Node SDK) refuses heads above 16 KiB, nginx's default pr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -52,9 +53,7 @@ def test_a_paid_job_with_hundreds_of_extra_fields_answers_a_readable_response(
     fake.reset()
     sdk = openai.OpenAI(base_url=gateway + "/v1", api_key="unused")  # default retries: 2
     extra = {f"{FIELD}{i:03d}": i for i in range(250)}
-    result = sdk.images.edit(
-        model="fal-edit", image=("a.png", png_bytes(64, 64)), prompt="cat", extra_body=extra
-    )
+    result = sdk.images.edit(model="fal-edit", image=("a.png", png_bytes(64, 64)), prompt="cat", extra_body=extra)
     assert result.data and len(fake.submits) == 1  # paid once, and the answer reached the client
     response = httpx.post(
         gateway + "/v1/images/edits",
@@ -67,3 +66,19 @@ def test_a_paid_job_with_hundreds_of_extra_fields_answers_a_readable_response(
     assert len(report) <= MAX_PARAMS_HEADER_CHARS
     assert report.endswith("; (more omitted)")
 
+
+def test_a_json_body_with_more_fields_than_a_form_may_have_is_a_400(gateway: str, fal: tuple[FakeFal, str]) -> None:
+    fake = fal[0]
+    fake.reset()
+    body = {"model": "fal-edit", "prompt": "cat", **{f"f{i}": i for i in range(300)}}
+    response = httpx.post(
+        gateway + "/v1/images/generations",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "too_many_parameters"
+    assert "256" in error["message"]
+    assert not fake.submits and not fake.runs

@@ -74,3 +74,22 @@ def test_formatters_redact_secrets_wherever_they_appear(formatter_class: type[lo
     if formatter_class is JsonFormatter:
         line = json.loads(text)
         assert line["level"] == "warning" and line["time"].endswith("Z") and "exception" in line
+
+
+async def test_the_request_log_never_holds_a_whole_image_id(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An image URL's id is its only credential (GET /v1/files/images/{id} is open): the request
+    log keeps a short prefix to find the request by, never the id itself."""
+    app = create_app(gateway_settings(tmp_path))
+    caplog.set_level(logging.INFO, logger="imagegate.access")
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
+        made = await client.post(
+            "/v1/images/generations", json={"model": "sandbox-image", "prompt": "x", "size": "64x64"}
+        )
+        image_id = made.json()["data"][0]["url"].rsplit("/", 1)[-1]
+        assert (await client.get(f"/v1/files/images/{image_id}")).status_code == 200
+    lines = [JsonFormatter().format(r) for r in caplog.records if r.name == "imagegate.access"]
+    served = json.loads(lines[-1])
+    assert served["endpoint"] == "/v1/files/images/{image_id}" and served["status"] == 200
+    assert served["path"].startswith("/v1/files/images/" + image_id[:6])
+    assert not any(image_id in line for line in lines)

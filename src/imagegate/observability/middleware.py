@@ -59,6 +59,8 @@ _WATCHED = (
     "x-imagegate-cost-usd",
 )
 _MAX_PROMPT_CHARS = 2000
+_CREDENTIAL_PATH_PARAMS = ("image_id",)  # GET /v1/files/images/{image_id} is open: the id is the key
+_ID_PREFIX_CHARS = 6
 
 
 def parse_params(header: str) -> dict[str, str]:
@@ -69,6 +71,18 @@ def parse_params(header: str) -> dict[str, str]:
         if _PARAM.match(name) and mode in _MODES:
             out[name] = mode
     return out
+
+
+def _loggable_path(scope: Scope) -> str:
+    """The request path for the log, with credential path parameters (an image id is the only
+    key to its image) cut to a prefix that finds the request but fetches nothing."""
+    path = str(scope.get("path", ""))
+    params = scope.get("path_params") or {}
+    for name in _CREDENTIAL_PATH_PARAMS:
+        value = params.get(name)
+        if isinstance(value, str) and len(value) > _ID_PREFIX_CHARS:
+            path = path.replace(value, value[:_ID_PREFIX_CHARS] + "...")
+    return path[:200]
 
 
 def _cost(value: str | None) -> float | None:
@@ -227,7 +241,7 @@ class ObservabilityMiddleware:
         key: str,
         total: float,
     ) -> None:
-        path = str(scope.get("path", ""))[:200]
+        path = _loggable_path(scope)
         level = logging.DEBUG if path in _QUIET and status < 400 else logging.INFO
         if not access_log.isEnabledFor(level):
             return

@@ -142,3 +142,22 @@ async def test_skeleton_keeps_image_bytes_out_of_the_record(tmp_path: Path) -> N
     assert base64.b64encode(PNG).decode()[:40] not in str(record) and len(str(record)) < 600
     assert (await restore(record, storage)).data == result().data
     await storage.close()
+
+
+async def test_the_fingerprint_is_hashed_off_the_event_loop(
+    guard: Idempotency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing a 100 MB edit takes hundreds of milliseconds: it must not stall every other request."""
+    import threading
+
+    from imagegate.idempotency import guard as guard_module
+
+    threads: list[threading.Thread] = []
+
+    def recording(value: ImageRequest) -> str:
+        threads.append(threading.current_thread())
+        return fingerprint(value)
+
+    monkeypatch.setattr(guard_module, "fingerprint", recording)
+    await guard.run("k", "key-thread", request(), Work())
+    assert threads and all(t is not threading.main_thread() for t in threads)

@@ -67,7 +67,7 @@ class Idempotency:
     ) -> ImageResult:
         """`work()`'s result, run at most once for (`scope`, `key`) while its record lives."""
         record_key = self.record_key(scope, check_key(key))
-        wanted = fingerprint(request)
+        wanted = await asyncio.to_thread(fingerprint, request)  # hashes every input image: not on the loop
         give_up = time.monotonic() + self.max_wait_seconds
         delay = 0.02
         while True:

@@ -161,3 +161,25 @@ async def test_the_fingerprint_is_hashed_off_the_event_loop(
     monkeypatch.setattr(guard_module, "fingerprint", recording)
     await guard.run("k", "key-thread", request(), Work())
     assert threads and all(t is not threading.main_thread() for t in threads)
+
+
+async def test_a_full_memory_store_does_not_scan_every_record_on_every_claim() -> None:
+    """At `max_records`, making room evicts a tenth of the records at once (oldest first), so the
+    O(records) sweep runs once per many claims, not on each one (on the event loop)."""
+    from imagegate.idempotency.store import Record
+
+    store = MemoryStore(max_records=1000)
+    sweeps = 0
+    sweep = store._sweep
+
+    def counting() -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep()
+
+    store._sweep = counting  # type: ignore[method-assign]
+    for i in range(5000):
+        assert await store.claim(f"k{i}", Record("pending", "f", "o"), 3600) is None
+    assert len(store._records) <= 1000
+    assert sweeps <= 50
+    assert store._live("k4999") is not None and store._live("k0") is None  # the oldest went first

@@ -93,3 +93,16 @@ async def test_the_request_log_never_holds_a_whole_image_id(tmp_path: Path, capl
     assert served["endpoint"] == "/v1/files/images/{image_id}" and served["status"] == 200
     assert served["path"].startswith("/v1/files/images/" + image_id[:6])
     assert not any(image_id in line for line in lines)
+
+
+async def test_a_path_cannot_forge_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The server decodes `%0d%0a` in a path: the text log must not start a new line from it."""
+    app = create_app(gateway_settings(tmp_path))
+    caplog.set_level(logging.INFO, logger="imagegate.access")
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
+        await client.get("/nope%0d%0aINFO:%20imagegate.access:%20forged%00")
+    (record,) = [r for r in caplog.records if r.name == "imagegate.access"]
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\x00" not in line
+    assert "forged" in line

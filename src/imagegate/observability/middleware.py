@@ -61,6 +61,7 @@ _WATCHED = (
 _MAX_PROMPT_CHARS = 2000
 _CREDENTIAL_PATH_PARAMS = ("image_id",)  # GET /v1/files/images/{image_id} is open: the id is the key
 _ID_PREFIX_CHARS = 6
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_params(header: str) -> dict[str, str]:
@@ -82,7 +83,8 @@ def _loggable_path(scope: Scope) -> str:
         value = params.get(name)
         if isinstance(value, str) and len(value) > _ID_PREFIX_CHARS:
             path = path.replace(value, value[:_ID_PREFIX_CHARS] + "...")
-    return path[:200]
+    # The server decodes `%0a` and friends: written raw, they would start a forged log line.
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path[:200])
 
 
 def _cost(value: str | None) -> float | None:

@@ -183,3 +183,25 @@ async def test_a_full_memory_store_does_not_scan_every_record_on_every_claim() -
     assert len(store._records) <= 1000
     assert sweeps <= 50
     assert store._live("k4999") is not None and store._live("k0") is None  # the oldest went first
+
+
+async def test_a_client_leaving_while_the_paid_result_is_stored_still_stores_it(guard: Idempotency) -> None:
+    """The work succeeded (and was paid for); the client disconnects while its images are written to
+    the storage. The record must still be completed: the SDK's retry replays, it does not pay again."""
+    real_put = guard.storage.put
+    writing = asyncio.Event()
+
+    async def slow_put(data: bytes, **kwargs: object) -> str:
+        writing.set()
+        await asyncio.sleep(0.3)
+        return await real_put(data, **kwargs)  # type: ignore[arg-type]
+
+    guard.storage.put = slow_put  # type: ignore[method-assign]
+    work = Work()
+    task = asyncio.create_task(guard.run("k", "key-store", request(), work))
+    await asyncio.wait_for(writing.wait(), 3)
+    task.cancel()  # the client went away after the upstream work was done
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    again = await asyncio.wait_for(guard.run("k", "key-store", request(), work), 5)
+    assert work.calls == 1 and again.headers.get("idempotent-replayed") == "true"

@@ -50,7 +50,7 @@ async def run(args: argparse.Namespace) -> None:
     handler = logging.StreamHandler(open("/dev/null", "w"))  # noqa: SIM115
     handler.setFormatter(JsonFormatter())
     logging.getLogger().addHandler(handler)
-    logging.getLogger("imagegate.access").setLevel(logging.WARNING if args.no_log else logging.INFO)
+    logging.getLogger("imagegate.requests").setLevel(logging.WARNING if args.no_log else logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(None, storage={"path": tmp})
         observed = create_app(settings)

@@ -40,7 +40,7 @@ from imagegate.usage.routes import ANONYMOUS
 
 __all__ = ["Access", "ClientService", "RunService", "service_for"]
 
-log = logging.getLogger("imagegate.auth")
+log = logging.getLogger("imagegate.auth")  # "imagegate.access" is left to the request log
 RunResult = ImageResult | DryRunResult
 
 

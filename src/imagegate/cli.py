@@ -1,8 +1,13 @@
-"""`imagegate serve` and `imagegate models`."""
+"""`imagegate serve`, `imagegate models` and `imagegate config check`.
+
+Every command checks the settings first (`imagegate.config_check`): a setting that cannot work
+stops it with one line per bad setting on stderr and exit status 2, never a traceback;
+`IMAGEGATE_*` variables that name no setting are warned about (with the closest known name)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -20,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (default from config: 1)")
     models = sub.add_parser("models", help="list the catalog")
     models.add_argument("--config", help="YAML config file")
+    config = sub.add_parser("config", help="inspect the configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="print the effective configuration (secrets masked); exit 2 on errors")
+    check.add_argument("--config", help="YAML config file")
     return parser
 
 
@@ -28,9 +37,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config:
         os.environ["IMAGEGATE_CONFIG"] = os.path.abspath(args.config)  # worker processes read it too
 
-    from imagegate.settings import load_settings
+    from imagegate.config_check import check_config, masked_config
 
-    settings = load_settings()
+    check = check_config()
+    for warning in check.warnings:
+        print(f"imagegate: warning: {warning}", file=sys.stderr)
+    for error in check.errors:
+        print(f"imagegate: {error}", file=sys.stderr)
+    if not check.ok or check.settings is None:
+        return 2
+    settings = check.settings
+    if args.command == "config":
+        print(masked_config(settings), end="")
+        return 0
     if args.command == "models":
         from imagegate.core.catalog import Catalog
 
@@ -41,8 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    from imagegate.multiworker import check_workers
+    from imagegate.observability.logs import configure_logging, uvicorn_log_config
     from imagegate.observability.metrics import prepare_multiprocess_dir
 
+    configure_logging(settings)  # this process's own lines (the supervisor's, with workers) in the same format
+    errors, warnings = check_workers(settings, args.workers or settings.workers)
+    for error in errors:
+        logging.getLogger("imagegate").error(error)
+    for warning in warnings:
+        logging.getLogger("imagegate").warning(warning)
+    if errors:
+        return 2
     prepare_multiprocess_dir(args.workers or settings.workers)  # before any worker imports prometheus_client
     uvicorn.run(
         "imagegate.app:app_from_env",
@@ -52,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers or settings.workers,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        log_config=uvicorn_log_config(settings),
     )
     return 0
 

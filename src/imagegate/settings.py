@@ -12,10 +12,11 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "StorageSettings",
     "interpolate_env",
     "load_settings",
+    "merged_config",
 ]
 
 DEFAULT_CONFIG = "imagegate.yaml"  # packaged under imagegate/defaults/ (configs/imagegate.yaml links to it)
@@ -64,17 +66,42 @@ def _secret_or_none(value: Any) -> Any:
     return None if value in ("", None) else value
 
 
+def _http_url(value: str) -> str:
+    """An absolute http(s) URL with a host (a setting that is not one cannot work)."""
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # e.g. a bad port or IPv6 literal
+        ok = False
+    if not ok or any(c.isspace() for c in value):
+        raise ValueError("must be an http(s) URL such as https://example.com")
+    return value
+
+
+def _lowercase(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# Ranges every setting is checked against at startup (a setting outside its range cannot work).
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+
 class FalSettings(BaseModel):
     key: SecretStr | None = None  # FAL_KEY
     key_id: SecretStr | None = None  # FAL_KEY_ID (with key_secret, when no key)
     key_secret: SecretStr | None = None
-    queue_url: str = "https://queue.fal.run"
-    run_url: str = "https://fal.run"
-    rest_url: str = "https://rest.fal.ai"
+    queue_url: HttpUrl = "https://queue.fal.run"
+    run_url: HttpUrl = "https://fal.run"
+    rest_url: HttpUrl = "https://rest.fal.ai"
     mode: Literal["queue", "sync"] = "queue"
-    inline_max_bytes: int = 1_000_000  # inputs up to this size go as data URIs, larger ones are uploaded
-    poll_interval: float = 0.5
-    poll_max_interval: float = 3.0
+    inline_max_bytes: NonNegativeInt = 1_000_000  # inputs up to this size go as data URIs, larger ones are uploaded
+    poll_interval: PositiveFloat = 0.5
+    poll_max_interval: PositiveFloat = 3.0
     status_stream: bool = False  # follow the SSE status stream instead of polling
     sync_mode_b64: bool = False  # for b64_json, ask fal for data URIs instead of downloading
 
@@ -83,24 +110,24 @@ class FalSettings(BaseModel):
 
 class ReplicateSettings(BaseModel):
     api_token: SecretStr | None = None  # REPLICATE_API_TOKEN
-    base_url: str = "https://api.replicate.com/v1"
+    base_url: HttpUrl = "https://api.replicate.com/v1"
     wait_seconds: int = Field(60, ge=1, le=60)  # `Prefer: wait=N`
-    inline_max_bytes: int = 256_000  # larger inputs go through the Files API
-    poll_interval: float = 0.5
-    poll_max_interval: float = 3.0
+    inline_max_bytes: NonNegativeInt = 256_000  # larger inputs go through the Files API
+    poll_interval: PositiveFloat = 0.5
+    poll_max_interval: PositiveFloat = 3.0
 
     _empty = field_validator("api_token", mode="before")(_secret_or_none)
 
 
 class OpenAISettings(BaseModel):
     api_key: SecretStr | None = None  # OPENAI_API_KEY
-    base_url: str = "https://api.openai.com/v1"
+    base_url: HttpUrl = "https://api.openai.com/v1"
 
     _empty = field_validator("api_key", mode="before")(_secret_or_none)
 
 
 class SandboxSettings(BaseModel):
-    delay_seconds: float = 0.0  # simulated model latency
+    delay_seconds: NonNegativeFloat = 0.0  # simulated model latency
     max_operations: int = Field(16, ge=1)  # prompt operations one edit may run (400 naming `prompt` above)
 
 
@@ -112,26 +139,33 @@ class ProvidersSettings(BaseModel):
 
 
 class LimitsSettings(BaseModel):
-    max_image_bytes: int = 50 * 1024 * 1024  # per uploaded image (OpenAI: < 50 MB)
-    max_mask_bytes: int = 4 * 1024 * 1024
-    max_body_bytes: int = 100 * 1024 * 1024  # a whole request body
-    max_pixels: int = 40_000_000  # per input image (from its header, before decoding) and per output
-    max_images: int = 16
-    max_prompt_chars: int = 32_000
+    max_image_bytes: PositiveInt = 50 * 1024 * 1024  # per uploaded image (OpenAI: < 50 MB)
+    max_mask_bytes: PositiveInt = 4 * 1024 * 1024
+    max_body_bytes: PositiveInt = 100 * 1024 * 1024  # a whole request body
+    max_pixels: PositiveInt = 40_000_000  # per input image (from its header, before decoding) and per output
+    max_images: int = Field(16, ge=1, le=1000)
+    max_prompt_chars: PositiveInt = 32_000
+    # The in-flight budget of image requests (api/admission.py): beyond it, a short FIFO wait, then 503 server_busy.
+    max_inflight_requests: PositiveInt = 10_000
+    max_inflight_bytes: PositiveInt = 512 * 1024 * 1024  # bodies + decoded inputs of the image requests in flight
+    max_queued: NonNegativeInt = 256  # requests waiting for the budget; more get 503 at once
+    queue_timeout_seconds: NonNegativeFloat = 2.0  # the longest wait for the budget (0: no queue)
+    busy_retry_after_seconds: NonNegativeFloat = 1.0  # `retry-after` on 503 server_busy
+    trim_after_bytes: NonNegativeInt = 256 * 1024 * 1024  # malloc_trim once this much was released (0: never)
 
 
 class S3StorageSettings(BaseModel):
     """`storage.s3`: an S3-compatible bucket (AWS, MinIO, R2, ...) for `storage.backend: s3`."""
 
     bucket: str = ""
-    endpoint_url: str | None = None  # empty = AWS
-    public_endpoint_url: str | None = None  # presigned URLs are signed for this host (default: endpoint_url)
+    endpoint_url: HttpUrl | None = None  # empty = AWS
+    public_endpoint_url: HttpUrl | None = None  # presigned URLs are signed for this host (default: endpoint_url)
     region: str = "us-east-1"
     access_key_id: str | None = None  # empty = the environment / instance credentials
     secret_access_key: SecretStr | None = None
     prefix: str = "outputs/"
     url_style: Literal["presigned", "gateway"] = "presigned"
-    timeout_seconds: float = 30.0  # per S3 request (retries included)
+    timeout_seconds: PositiveFloat = 30.0  # per S3 request (retries included)
 
     _empty = field_validator(
         "endpoint_url", "public_endpoint_url", "access_key_id", "secret_access_key", mode="before"
@@ -141,7 +175,7 @@ class S3StorageSettings(BaseModel):
 class StorageSettings(BaseModel):
     backend: Literal["local", "s3"] = "local"
     path: Path = Path("data/images")
-    ttl_seconds: int = 3600
+    ttl_seconds: PositiveInt = 3600
     s3: S3StorageSettings = S3StorageSettings()
 
     @model_validator(mode="after")
@@ -161,17 +195,19 @@ class LoggingSettings(BaseModel):
 
 class DeliverySettings(BaseModel):
     url_mode: Literal["rehost", "passthrough"] = "rehost"
-    public_base_url: str | None = None  # e.g. https://images.example.com; default: the request's base URL
+    public_base_url: HttpUrl | None = None  # e.g. https://images.example.com; default: the request's base URL
     default_response_format: Literal["url", "b64_json"] = "url"
+
+    _empty = field_validator("public_base_url", mode="before")(_secret_or_none)  # "" = not set
 
 
 class RoutingSettings(BaseModel):
-    deadline_seconds: float = 300.0  # per request, all routes and retries included
-    max_attempts: int = 3  # per route, for retryable failures
-    backoff_base: float = 0.5
-    backoff_max: float = 8.0
-    fanout_concurrency: int = 4  # parallel upstream calls for an emulated `n`
-    keepalive_seconds: float = 10.0  # SSE comment interval while streaming
+    deadline_seconds: PositiveFloat = 300.0  # per request, all routes and retries included
+    max_attempts: PositiveInt = 3  # per route, for retryable failures
+    backoff_base: NonNegativeFloat = 0.5
+    backoff_max: NonNegativeFloat = 8.0
+    fanout_concurrency: PositiveInt = 4  # parallel upstream calls for an emulated `n`
+    keepalive_seconds: PositiveFloat = 10.0  # SSE comment interval while streaming
     # After an upstream accepted a job that then failed, try the next route anyway (may pay twice).
     fallback_after_accepted: bool = False
 
@@ -180,8 +216,8 @@ class FetchSettings(BaseModel):
     """The guard for image URLs the gateway itself must fetch (the JSON form of edits)."""
 
     allow_hosts: list[str] = []  # hosts exempt from the private-address block (operators, tests)
-    max_bytes: int = 50 * 1024 * 1024
-    timeout_seconds: float = 20.0
+    max_bytes: PositiveInt = 50 * 1024 * 1024
+    timeout_seconds: PositiveFloat = 20.0
 
 
 class RoutePrice(BaseModel):
@@ -194,10 +230,10 @@ class RoutePrice(BaseModel):
 
 
 class RouteConfig(BaseModel):
-    provider: str
-    model: str
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
     options: dict[str, Any] = {}
-    timeout_seconds: float | None = None
+    timeout_seconds: PositiveFloat | None = None
     url_mode: Literal["rehost", "passthrough"] | None = None
     price: RoutePrice | None = None
 
@@ -221,6 +257,8 @@ class ClientKeyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_secret(self) -> ClientKeyConfig:
+        if self.name == "anonymous":
+            raise ValueError("auth key name 'anonymous' is reserved (requests without a key count under it)")
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError(f"auth key {self.name!r}: set exactly one of `key` and `key_sha256`")
         return self
@@ -253,18 +291,18 @@ class IdempotencySettings(BaseModel):
 class ModelConfig(BaseModel):
     routes: list[RouteConfig] = Field(min_length=1)
     owned_by: str = "imagegate"
-    created: int = 1_767_225_600  # 2026-01-01
+    created: NonNegativeInt = 1_767_225_600  # 2026-01-01
     description: str = ""
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEGATE_", env_nested_delimiter="__", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    image_workers: int | None = None  # threads for image work (default: CPU count)
-    log_level: str = "info"
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=0, le=65535)
+    workers: PositiveInt = 1
+    image_workers: PositiveInt | None = None  # threads for image work (default: CPU count)
+    log_level: LogLevel = "info"
     logging: LoggingSettings = LoggingSettings()
     shutdown_grace_seconds: int = Field(30, ge=0)  # on SIGTERM: finish in-flight requests this long
     limits: LimitsSettings = LimitsSettings()
@@ -286,6 +324,8 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"auth key {key.name!r}: unknown model(s) in `models`: {', '.join(unknown)}")
         return self
+
+    _level = field_validator("log_level", mode="before")(_lowercase)
 
     @classmethod
     def settings_customise_sources(
@@ -314,11 +354,15 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Settings from `path` (or `$IMAGEGATE_CONFIG`, or the packaged default) plus the environment.
 
     The environment wins over the file; `overrides` win over both."""
+    return Settings.model_validate(merged_config(path, **overrides))
+
+
+def merged_config(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """The raw settings data `load_settings` validates: the file, the environment, `overrides`."""
     chosen = path or os.environ.get("IMAGEGATE_CONFIG") or None
     file_data = _read_yaml(Path(chosen) if chosen else None)
     env_data = Settings().model_dump(exclude_unset=True)  # the environment alone
-    merged = _deep_merge(_deep_merge(file_data, env_data), overrides)
-    return Settings.model_validate(merged)
+    return _deep_merge(_deep_merge(file_data, env_data), overrides)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

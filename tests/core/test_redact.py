@@ -29,10 +29,12 @@ def test_every_secret_str_in_the_settings_is_remembered(monkeypatch: pytest.Monk
                    "replicate": {"api_token": "plain-token-cc33"}, "openai": {"api_key": "plainkey-dd44"}},
         models={"m": {"routes": [{"provider": "openai", "model": "x",
                                   "options": {"api_key_env": "ROUTE_KEY_FOR_REDACT_TEST"}}]}},
+        redis={"url": "redis://:redispass-ee55@127.0.0.1:6379/0"},
     )
     redact.remember_secrets(settings)
-    text = "keyid-aa11-unique keysecret-bb22-unique plain-token-cc33 plainkey-dd44 routekey-77aa-unique"
-    assert redact.scrub(text) == " ".join([redact.REDACTED] * 5)
+    text = ("keyid-aa11-unique keysecret-bb22-unique plain-token-cc33 plainkey-dd44 routekey-77aa-unique "
+            "redispass-ee55")
+    assert redact.scrub(text) == " ".join([redact.REDACTED] * 6)
 
 
 @pytest.mark.parametrize(
@@ -43,10 +45,13 @@ def test_every_secret_str_in_the_settings_is_remembered(monkeypatch: pytest.Monk
         ("Basic dXNlcjpwYXNzd29yZA==", "Basic [redacted]"),
         ("token r8_AbCdEf123456 leaked", "token [redacted] leaked"),
         ("key sk-proj-abcdef123456", "key [redacted]"),
-        ("5b1c2f3e-9a8b-4c7d-8e6f-0a1b2c3d4e5f:9f8e7d6c5b4a39281706f5e4d3c2b1a0", "[redacted]"),
-        ('{"authorization": "whatever"}', '{"authorization": "[redacted]"}'),
-        ("x-api-key=abc&y=2", "x-api-key=[redacted]&y=2"),
+        ("0d4c3b2a-1f2e-4d3c-8b7a-6f5e4d3c2b1a:00112233445566778899aabbccddeeff", "[redacted]"),
+        ('{"authorization": "Key whatever-1234"}', '{"authorization": "Key [redacted]"}'),
+        ('{"authorization": "abcdef123456"}', '{"authorization": "[redacted]"}'),
+        ("x-api-key=abc12345def&y=2", "x-api-key=[redacted]&y=2"),
         ("Token limit reached; key error in field", "Token limit reached; key error in field"),
+        ("Incorrect API key provided.", "Incorrect API key provided."),
+        ("Invalid value for 'api_key': must be a string", "Invalid value for 'api_key': must be a string"),
     ],
 )
 def test_credential_shapes(text: str, expected: str) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import pytest
 from tests.conftest import gateway_settings
+from tests.fakes.fal import FakeFal
 from tests.fakes.server import LocalServer
 
 from imagegate.app import create_app
@@ -29,6 +32,22 @@ MODELS: dict[str, Any] = {
     "sandbox-image": {"routes": [{"provider": "sandbox", "model": "sandbox-image", "price": {"per_megapixel": 0.02}}]},
     "sandbox-edit": {"routes": [{"provider": "sandbox", "model": "sandbox-edit"}]},
 }
+
+
+@pytest.fixture(scope="module")
+def fal() -> Iterator[tuple[FakeFal, LocalServer]]:
+    """The fake fal for a test module."""
+    fake = FakeFal()
+    with LocalServer(fake.app) as srv:
+        yield fake, srv
+
+
+@pytest.fixture(params=["memory", "redis"])
+def state(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The `redis:` settings of a test run twice: in memory, then on the real Redis."""
+    if request.param == "memory":
+        return {}
+    return {"url": request.getfixturevalue("redis_url"), "key_prefix": request.getfixturevalue("redis_prefix")}
 
 
 def access_settings(tmp_path: Path, fal_url: str, **overrides: Any) -> Settings:

@@ -15,14 +15,9 @@ from tests.fakes.server import LocalServer
 
 from imagegate.app import create_app
 
-from .access_support import OPS, TEAM_A, TEAM_B, access_settings, gateway, sdk
+from .access_support import OPS, TEAM_A, TEAM_B, access_settings, fal, gateway, sdk
 
-
-@pytest.fixture(scope="module")
-def fal() -> Iterator[tuple[FakeFal, LocalServer]]:
-    fake = FakeFal()
-    with LocalServer(fake.app) as srv:
-        yield fake, srv
+__all__ = ["fal"]
 
 
 @pytest.fixture
@@ -104,6 +99,10 @@ async def test_health_metrics_and_files_stay_open(url: str) -> None:
             assert (await http.get(url + path)).status_code == 200
         assert (await http.get(url + "/metrics")).status_code != 401
         assert (await http.get(url + "/v1/usage")).status_code == 401
+        for sneaky in ("/v1/files/images/../../v1/models", "/v1/files/images/x/../../../v1/usage", "/v1/files/images/"):
+            raw = httpx.Request("GET", url + "/v1/models")
+            raw.url = raw.url.copy_with(raw_path=sneaky.encode())
+            assert (await http.send(raw)).status_code == 401  # only one plain segment is open
 
 
 def test_open_gateway_warns_once_and_serves_without_a_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -117,6 +116,8 @@ def test_open_gateway_warns_once_and_serves_without_a_key(tmp_path: Path, caplog
         response = httpx.post(srv.url + "/v1/images/generations", json={"model": "sandbox-image", "prompt": "x"})
         assert response.status_code == 200
         assert response.headers["x-imagegate-cost-usd"] == "0.0000"
+        usage = httpx.get(srv.url + "/v1/usage").json()["data"]
+        assert [(row["key"], row["requests"], row["images"]) for row in usage] == [("anonymous", 1, 1)]
 
 
 def test_an_allow_list_naming_an_unknown_model_fails_at_start(tmp_path: Path) -> None:
@@ -128,6 +129,8 @@ def test_an_allow_list_naming_an_unknown_model_fails_at_start(tmp_path: Path) ->
 def test_a_key_from_an_unset_variable_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exactly one of `key` and `key_sha256`"):
         access_settings(tmp_path, "http://127.0.0.1:9", auth={"keys": [{"name": "a", "key": ""}]})
+    with pytest.raises(ValueError, match="'anonymous' is reserved"):
+        access_settings(tmp_path, "http://127.0.0.1:9", auth={"keys": [{"name": "anonymous", "key": "x"}]})
     with pytest.raises(ValueError, match="its own `name`"):
         access_settings(
             tmp_path, "http://127.0.0.1:9", auth={"keys": [{"name": "a", "key": "x"}, {"name": "a", "key": "y"}]}

@@ -16,25 +16,11 @@ from tests.fakes.fal import FakeFal, FalScenario
 from tests.fakes.server import LocalServer, wait_until
 from tests.redis_support import redis_prefix, redis_url
 
-from .access_support import KEYS, OPS, TEAM_A, TEAM_B, access_settings, gateway, sdk
+from .access_support import KEYS, OPS, TEAM_A, TEAM_B, access_settings, fal, gateway, sdk, state
 
-__all__ = ["redis_prefix", "redis_url"]
+__all__ = ["fal", "redis_prefix", "redis_url", "state"]
 
 LIMITED = "sk-limited-1111"
-
-
-@pytest.fixture(scope="module")
-def fal() -> Iterator[tuple[FakeFal, LocalServer]]:
-    fake = FakeFal()
-    with LocalServer(fake.app) as srv:
-        yield fake, srv
-
-
-@pytest.fixture(params=["memory", "redis"])
-def state(request: pytest.FixtureRequest) -> dict[str, Any]:
-    if request.param == "memory":
-        return {}
-    return {"url": request.getfixturevalue("redis_url"), "key_prefix": request.getfixturevalue("redis_prefix")}
 
 
 @pytest.fixture
@@ -119,3 +105,16 @@ async def test_concurrency_slot_is_released_when_the_client_disconnects(url: str
     fake.scenario = FalScenario.instant()
     result = await sdk(url, LIMITED).images.generate(model="fal-image", prompt="x")  # the slot came back
     assert len(result.data or []) == 1
+
+
+async def test_streamed_request_with_an_idempotency_key_replays_its_events(url: str, fake: FakeFal) -> None:
+    body = {"model": "fal-image", "prompt": "x", "stream": True}
+    headers = {"authorization": f"Bearer {TEAM_A}", "idempotency-key": "stream-1"}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        first = await http.post("/v1/images/generations", json=body, headers=headers)
+        second = await http.post("/v1/images/generations", json=body, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.headers["content-type"].startswith("text/event-stream")
+    assert "event: image_generation.completed" in first.text
+    assert second.text == first.text and second.headers["idempotent-replayed"] == "true"
+    assert len(fake.submits) == 1

@@ -93,7 +93,7 @@ async def test_gateway_style_serves_from_the_bucket_until_expiry(s3: LocalS3, ma
     assert expired.json()["error"]["param"] == "image_id"
 
 
-async def test_readyz_follows_the_bucket(make_app: Any) -> None:
+async def test_readyz_and_requests_follow_the_bucket(make_app: Any) -> None:
     server = LocalS3().start()
     try:
         app = await make_app(server.storage_settings(server.create_bucket()))
@@ -101,12 +101,23 @@ async def test_readyz_follows_the_bucket(make_app: Any) -> None:
             ready = await client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["status"] == "ready"
             server.stop()
+            await asyncio.sleep(1.05)  # a successful probe stands for a second
             not_ready = await client.get("/readyz")
+            edit_response = await client.post(
+                "/v1/images/edits",
+                data={"model": "sandbox-edit", "prompt": "grayscale", "response_format": "url"},
+                files={"image": ("a.png", png_bytes(16, 16), "image/png")},
+            )
+            file_response = await client.get("/v1/files/images/" + "A" * 32 + ".png")
     finally:
         server.stop()
     assert not_ready.status_code == 503
     error = not_ready.json()["error"]
     assert error["code"] == "not_ready" and "storage" in error["message"]
+    for response in (edit_response, file_response):  # a clean 503, never a 500 with a traceback
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "storage_unavailable"
+        assert "127.0.0.1" not in response.text
 
 
 async def test_readyz_fails_for_a_missing_bucket(s3: LocalS3, make_app: Any) -> None:

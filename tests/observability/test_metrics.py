@@ -241,3 +241,54 @@ async def test_a_request_the_app_left_unanswered_counts_as_499_not_500() -> None
     samples = parse(metrics.render().decode())
     statuses = {dict(labels)["status"] for (name, labels) in samples if name == "imagegate_requests_total"}
     assert statuses == {"499"}
+
+
+async def test_real_keys_prices_and_replays(tmp_path: Path, fal: tuple[FakeFal, LocalServer]) -> None:
+    """With the access layer configured: the key's name labels the requests, the route's price the
+    cost, and an idempotent replay (no upstream work) adds no cost and no images."""
+    _, srv = fal
+    settings = settings_for(tmp_path, srv.url)
+    sandbox = settings.models["sandbox-edit"].model_dump()
+    sandbox["routes"][0]["price"] = {"per_image": 0.03}
+    settings = gateway_settings(
+        tmp_path,
+        auth={"keys": [{"name": "team-a", "key": "team-a-key-0123456789abcdef"}]},
+        models={"sandbox-edit": sandbox},
+    )
+    application = create_app(settings)
+    headers = {"authorization": "Bearer team-a-key-0123456789abcdef"}
+    transport = httpx.ASGITransport(app=application)
+    async with application.router.lifespan_context(application), httpx.AsyncClient(
+        transport=transport, base_url="http://gateway", headers=headers
+    ) as client:
+        before = await scrape(client)
+        for _ in range(3):
+            response = await edit(client, "sandbox-edit", n="2", response_format="b64_json")
+            assert response.status_code == 200 and response.headers["x-imagegate-cost-usd"]
+        first = await client.post(
+            "/v1/images/edits",
+            data={"model": "sandbox-edit", "prompt": "invert", "response_format": "b64_json"},
+            files={"image": ("a.png", png_bytes(20, 20), "image/png")},
+            headers={"idempotency-key": "metrics-replay-1"},
+        )
+        replay = await client.post(
+            "/v1/images/edits",
+            data={"model": "sandbox-edit", "prompt": "invert", "response_format": "b64_json"},
+            files={"image": ("a.png", png_bytes(20, 20), "image/png")},
+            headers={"idempotency-key": "metrics-replay-1"},
+        )
+        assert first.status_code == replay.status_code == 200
+        assert replay.headers.get("idempotent-replayed") == "true"
+        denied = await client.post("/v1/images/edits", headers={"authorization": "Bearer nope-nope-nope"})
+        assert denied.status_code == 401
+        after = await scrape(client)
+    labels = {"endpoint": "/v1/images/edits", "model": "sandbox-edit", "status": "200"}
+    assert delta(before, after, "imagegate_requests_total", key="team-a", **labels) == 4
+    replays = {"endpoint": "/v1/images/edits", "model": "-", "status": "200"}  # never reached the service
+    assert delta(before, after, "imagegate_requests_total", key="team-a", **replays) == 1
+    assert delta(before, after, "imagegate_cost_usd_total", key="team-a", model="sandbox-edit") == pytest.approx(
+        3 * 2 * 0.03 + 0.03
+    )
+    assert delta(before, after, "imagegate_images_total", model="sandbox-edit", provider="sandbox") == 7
+    assert delta(before, after, "imagegate_requests_total", endpoint="/v1/images/edits", model="-",
+                 status="401", key="anonymous") == 1

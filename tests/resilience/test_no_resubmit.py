@@ -137,7 +137,7 @@ def test_status_failure_after_acceptance_is_one_submit_and_a_cancel(gateway: str
     fal.scenario = FalScenario(always_fail_status=FalError(404, {"detail": "Request not found"}))
     fails_without_retry(gateway, "fal-q", 502)
     assert len(fal.submits) == 1
-    assert wait_until(lambda: fal.cancels == [fal.last_submit.request_id])
+    assert wait_until(lambda: fal.cancels == [fal.last_submit.request_id], timeout=5)
 
 
 def test_result_500_after_acceptance_is_one_submit_whatever_the_sdk_retries(
@@ -176,7 +176,7 @@ def test_a_route_timeout_after_acceptance_cancels_and_does_not_fall_back(gateway
     error = fails_without_retry(gateway, "slow-fal-then-rep", 504)
     assert error.code == "upstream_timeout"
     assert len(fal.submits) == 1 and replicate.creates == []
-    assert wait_until(lambda: fal.cancels == [fal.last_submit.request_id])
+    assert wait_until(lambda: fal.cancels == [fal.last_submit.request_id], timeout=5)
 
 
 def test_refused_submits_still_fall_back(gateway: str, upstreams: Upstreams) -> None:
@@ -220,7 +220,7 @@ def test_poll_failure_after_creation_is_one_prediction_and_a_cancel(gateway: str
     replicate.poll_errors = [ReplicateError(404, {"detail": "Not found.", "status": 404})]
     fails_without_retry(gateway, "rep", 502)
     assert len(replicate.creates) == 1
-    assert wait_until(lambda: replicate.cancels == [replicate.last_create.id])
+    assert wait_until(lambda: replicate.cancels == [replicate.last_create.id], timeout=5)
 
 
 def test_throttled_creates_are_retried_and_the_prediction_runs_once(gateway: str, upstreams: Upstreams) -> None:

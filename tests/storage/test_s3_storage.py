@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from tests.fakes.images import png_bytes
 from tests.fakes.s3 import LocalS3
 
 from imagegate.settings import StorageSettings
+from imagegate.storage import s3 as s3_module
 from imagegate.storage.s3 import EXPIRES_META, S3Storage
 
 
@@ -107,7 +109,9 @@ async def test_public_endpoint_url_signs_for_the_public_host(s3: LocalS3) -> Non
 
 async def test_ready_on_a_bucket_and_not_without_one() -> None:
     with LocalS3() as s3:
-        storage, _ = storage_for(s3)
+        bucket = s3.create_bucket()
+        settings = StorageSettings.model_validate(s3.storage_settings(bucket))
+        storage = S3Storage(settings, ready_cache_seconds=0)
         assert await storage.ready() is True
         missing = S3Storage(StorageSettings.model_validate(s3.storage_settings("no-such-bucket-here")))
         with pytest.raises(Exception):  # noqa: B017 - obstore's error for a missing bucket
@@ -128,3 +132,27 @@ def test_settings_require_a_bucket_and_a_presignable_ttl() -> None:
         {"backend": "s3", "ttl_seconds": 700_000, "s3": {"bucket": "b", "url_style": "gateway", "endpoint_url": ""}}
     )
     assert gateway.s3.endpoint_url is None
+
+
+async def test_ready_probes_are_single_flight_and_cached(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage, bucket = storage_for(s3)
+    probes: list[str] = []
+    original = s3_module.obstore.put_async
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        probes.append(str(args[1]))
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(s3_module.obstore, "put_async", counting)
+    results = await asyncio.gather(*(storage.ready() for _ in range(20)))
+    assert all(results) and probes == ["outputs/.imagegate-ready"]  # 20 callers, one S3 write
+    await asyncio.sleep(1.05)
+    assert await storage.ready() and len(probes) == 2  # the success stood for a second
+    assert s3.client().head_object(Bucket=bucket, Key="outputs/.imagegate-ready")["ContentLength"] == 0
+
+
+def test_unusable_credentials_fail_when_built() -> None:
+    settings = StorageSettings.model_validate({"backend": "s3", "s3": {"bucket": "b", "secret_access_key": "x" * 20}})
+    with pytest.raises(ValueError, match=r"storage\.s3 is not usable: .*AccessKeyId") as info:
+        S3Storage(settings)
+    assert "x" * 20 not in str(info.value)

@@ -45,6 +45,13 @@ def presented_keys(scope: Scope) -> list[str]:
     return keys[:_MAX_PRESENTED]
 
 
+def _is_open(path: str) -> bool:
+    """`/v1/files/images/<one segment>` and nothing else below /v1/."""
+    return any(
+        path.startswith(p) and "/" not in path[len(p) :] and path[len(p) :] not in ("", ".", "..") for p in _OPEN
+    )
+
+
 class AuthMiddleware:
     def __init__(self, app: ASGIApp, *, keyring: KeyRing) -> None:
         self.app = app
@@ -58,7 +65,7 @@ class AuthMiddleware:
         state["key_name"] = None
         state["client_key"] = None
         path: str = scope.get("path", "")
-        if self.keyring.open or not path.startswith(_PROTECTED) or path.startswith(_OPEN):
+        if self.keyring.open or not path.startswith(_PROTECTED) or _is_open(path):
             await self.app(scope, receive, send)
             return
         presented = presented_keys(scope)

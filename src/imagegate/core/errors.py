@@ -91,10 +91,31 @@ class GatewayError(Exception):
         # Filled in by the service: the provider and upstream request id, when known.
         self.provider: str | None = None
         self.upstream_request_id: str | None = None
-        # True once the upstream took (or may have taken) the job: it must not be submitted again.
+        self._accepted = False
+        self._costly = False
         self.accepted = accepted
-        # True once money may have been spent upstream: clients must not retry blindly.
-        self.costly = accepted
+
+    @property
+    def accepted(self) -> bool:
+        """The upstream took (or may have taken) the job: it must not be submitted again. Setting it
+        makes the error not retryable (and costly)."""
+        return self._accepted
+
+    @accepted.setter
+    def accepted(self, value: bool) -> None:
+        self._accepted = value
+        if value:
+            self.retryable = False
+
+    @property
+    def costly(self) -> bool:
+        """Money may have been spent upstream (always so once `accepted`): clients must not retry
+        blindly (`x-should-retry: false`)."""
+        return self._costly or self._accepted
+
+    @costly.setter
+    def costly(self, value: bool) -> None:
+        self._costly = value
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": scrub(self.message), "type": self.type, "param": self.param, "code": self.code}}

@@ -13,9 +13,11 @@ message goes through `upstream_text` (identifiers such as a `param` or `code` th
     scrub(text)                   every configured secret (and its URL-, JSON- and base64-encoded
                                   forms) and anything shaped like a credential (`Key …`, `Bearer …`,
                                   `Basic …`, `r8_…`, `sk-…`, fal `id:secret`, `api_key=…`) -> `[redacted]`
-    remember_secrets(settings)    add every SecretStr in the settings (and route `api_key_env`
-                                  variables) to the secrets `scrub` removes
-    install_log_filter()          `RedactingFilter` on the `imagegate` logger and its children
+    remember_secrets(settings)    add every SecretStr in the settings, every password inside a URL
+                                  setting (e.g. `redis.url`) and the route `api_key_env` variables to
+                                  the secrets `scrub` removes
+    install_log_filter()          `RedactingFilter` on the `imagegate` (and `httpx`, `httpcore`) loggers
+                                  and their children
 
 The secrets live in one process-wide, add-only set: log records can come from any module, and
 masking a secret of another gateway instance in the same process costs nothing.
@@ -32,7 +34,7 @@ import re
 import threading
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import BaseModel, SecretStr
 
@@ -58,17 +60,20 @@ _secret_pattern: re.Pattern[str] | None = None
 # Credential shapes. A value must look like a token (8+ characters with a digit or punctuation other
 # than a full stop) so that prose such as "Token limit reached" or "Incorrect API key provided." survives.
 _TOKEN = r"(?=[A-Za-z0-9._~+/=:\-]*[0-9_~+/=:\-])[A-Za-z0-9._~+/=:\-]{8,}"
-_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(rf"(?i)\b(key|bearer|basic|token|digest)(\s+|%20|\+)({_TOKEN})"), rf"\1\2{REDACTED}"),
-    (re.compile(r"\br8_[A-Za-z0-9_\-]{6,}"), REDACTED),
-    (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), REDACTED),
+# (pattern, replacement, triggers): a pattern runs only when one of its triggers is in the lowered
+# text, so an ordinary log line costs a few substring checks.
+_SHAPES: tuple[tuple[re.Pattern[str], str, tuple[str, ...]], ...] = (
+    (re.compile(rf"(?i)\b(key|bearer|basic|token|digest)(\s+|%20|\+)({_TOKEN})"), rf"\1\2{REDACTED}",
+     ("key", "bearer", "basic", "token", "digest")),
+    (re.compile(r"\br8_[A-Za-z0-9_\-]{6,}"), REDACTED, ("r8_",)),
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), REDACTED, ("sk-",)),
     (re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9a-zA-Z]{8,}"),
-     REDACTED),
+     REDACTED, (":",)),
     (re.compile(
         r"(?i)((?:authorization|proxy-authorization|x-api-key|api[-_]?key|api[-_]?token|access[-_]?token"
         r"|fal[-_]?key|secret|password)[\"']?\s*[:=]\s*[\"']?)(?:(?:key|bearer|basic|token|digest)\s+)?+"
-        r"(?!\[redacted\])[^\s\"',;}&<>()\[\]]+"),
-     rf"\1{REDACTED}"),
+        rf"(?!\[redacted\]){_TOKEN}"),
+     rf"\1{REDACTED}", ("authorization", "key", "token", "secret", "password")),
 )  # fmt: skip
 _OBJECT_REPR = re.compile(r"<[\w.]+(?: object)? at 0x[0-9a-fA-F]+>")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
@@ -113,6 +118,14 @@ def remember_secrets(settings: Any) -> None:
 def _secret_values(value: Any) -> Iterable[str]:
     if isinstance(value, SecretStr):
         yield value.get_secret_value()
+    elif isinstance(value, str) and "://" in value and "@" in value:  # a password in a URL (redis://:pw@host)
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            password = None
+        if password:
+            yield password
+            yield unquote(password)
     elif isinstance(value, BaseModel):
         for name in type(value).model_fields:
             yield from _secret_values(getattr(value, name, None))
@@ -129,8 +142,11 @@ def scrub(text: str) -> str:
     pattern = _secret_pattern
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
-    for shape, replacement in _SHAPES:
-        text = shape.sub(replacement, text)
+    lowered = text.lower()
+    for shape, replacement, triggers in _SHAPES:
+        if any(trigger in lowered for trigger in triggers):
+            text = shape.sub(replacement, text)
+            lowered = text.lower()
     return text
 
 
@@ -138,7 +154,7 @@ def upstream_text(value: Any, *, limit: int = DEFAULT_LIMIT) -> str:
     """Text an upstream wrote, safe to put in a client message or a log line ("" for non-text)."""
     if not isinstance(value, str) or not value:
         return ""
-    text = value[: limit * 256]  # bounded work, whatever the upstream sent
+    text = value[: max(4096, limit * 16)]  # bounded work (the markup patterns scan ahead), whatever was sent
     if _TAG.search(text):
         title = _TITLE.search(text)
         text = title.group(1) if title and title.group(1).strip() else _TAG.sub(" ", _HIDDEN.sub(" ", text))
@@ -182,11 +198,14 @@ class RedactingFilter(logging.Filter):
 _FILTER = RedactingFilter()
 
 
-def install_log_filter(root: str = "imagegate") -> None:
-    """Attach the filter to `root` and every logger below it that exists now (idempotent).
-    Logger filters do not apply to records of child loggers, hence one per logger."""
-    names = [name for name in list(logging.root.manager.loggerDict) if name == root or name.startswith(root + ".")]
-    for name in {root, *names}:
-        logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
+def install_log_filter(roots: Iterable[str] = ("imagegate", "httpx", "httpcore")) -> None:
+    """Attach the filter to each root logger and every logger below it that exists now (idempotent).
+    Logger filters do not apply to records of child loggers, hence one per logger. (httpx logs the
+    URLs it calls, which an upstream chose.)"""
+    existing = list(logging.root.manager.loggerDict)
+    for root in roots:
+        names = {root, *(name for name in existing if name.startswith(root + "."))}
+        for name in names:
+            logger = logging.getLogger(name)
+            if _FILTER not in logger.filters:
+                logger.addFilter(_FILTER)

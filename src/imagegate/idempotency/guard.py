@@ -26,9 +26,16 @@ _MAX_KEY_CHARS = 255
 
 
 class IdempotencyKeyReused(GatewayError):
+    """409. A reused key is final (`x-should-retry: false`: the SDKs retry 409 otherwise); a key
+    still in use (`idempotency_key_in_use`) may be retried."""
+
     status = 409
     type = "invalid_request_error"
     code = "idempotency_key_reused"
+
+    @property
+    def extra_headers(self) -> dict[str, str]:
+        return {"x-should-retry": "false"} if self.code == "idempotency_key_reused" else {}
 
 
 def check_key(value: str) -> str:
@@ -68,7 +75,7 @@ class Idempotency:
     ) -> ImageResult:
         """`work()`'s result, run at most once for (`scope`, `key`) while its record lives."""
         record_key = self.record_key(scope, check_key(key))
-        wanted = await asyncio.to_thread(fingerprint, request)  # hashes every input image: not on the loop
+        wanted = await asyncio.to_thread(fingerprint, request)  # hashes every input image: off the event loop
         give_up = time.monotonic() + self.max_wait_seconds
         delay = 0.02
         while True:

@@ -61,6 +61,7 @@ class MemoryStore(IdempotencyStore):
         self._clock = clock
         self._max = max_records
         self._records: dict[str, tuple[Record, float]] = {}
+        self._claims = 0
 
     def _live(self, key: str) -> Record | None:
         entry = self._records.get(key)
@@ -83,7 +84,8 @@ class MemoryStore(IdempotencyStore):
         existing = self._live(key)
         if existing is not None:
             return existing
-        if len(self._records) >= self._max:
+        self._claims += 1
+        if len(self._records) >= self._max or self._claims % 1024 == 0:
             self._sweep()
         self._records[key] = (record, self._clock() + lease_seconds)
         return None

@@ -21,26 +21,27 @@ Nothing here reads a request or response body: no image bytes, no key, no token 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
 import time
+from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagegate.core import telemetry
-from imagegate.core.errors import InternalError
 from imagegate.core.params import GATEWAY_PARAMS, KNOWN_PARAMS, SIZE_PARAMS
 from imagegate.core.telemetry import RequestTelemetry
 from imagegate.observability.logs import FIELDS_ATTR
 from imagegate.observability.metrics import Metrics
+from imagegate.observability.shutdown import InFlight, ShutdownAnswer
 
 __all__ = ["ANONYMOUS", "InFlight", "ObservabilityMiddleware", "parse_params"]
 
-access_log = logging.getLogger("imagegate.access")
+access_log = logging.getLogger("imagegate.requests")
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
@@ -57,10 +58,10 @@ _WATCHED = (
     "x-imagegate-upstream-request-id",
     "x-imagegate-params",
     "x-imagegate-cost-usd",
+    "content-type",
 )
 _MAX_PROMPT_CHARS = 2000
-_CREDENTIAL_PATH_PARAMS = ("image_id",)  # GET /v1/files/images/{image_id} is open: the id is the key
-_ID_PREFIX_CHARS = 6
+_CAPABILITY_PATHS = ("/v1/files/",)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -74,17 +75,30 @@ def parse_params(header: str) -> dict[str, str]:
     return out
 
 
-def _loggable_path(scope: Scope) -> str:
-    """The request path for the log, with credential path parameters (an image id is the only
-    key to its image) cut to a prefix that finds the request but fetches nothing."""
-    path = str(scope.get("path", ""))
-    params = scope.get("path_params") or {}
-    for name in _CREDENTIAL_PATH_PARAMS:
-        value = params.get(name)
-        if isinstance(value, str) and len(value) > _ID_PREFIX_CHARS:
-            path = path.replace(value, value[:_ID_PREFIX_CHARS] + "...")
-    # The server decodes `%0a` and friends: written raw, they would start a forged log line.
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path[:200])
+def _endpoint(scope: Scope) -> str:
+    """The route template that served the request; for one answered before routing (a 401 from the
+    auth layer, a 413), the template its path matches; `other` for unknown paths."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        return path
+    for route in _leaf_routes(getattr(scope.get("app"), "routes", ())):
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # a route that cannot judge this scope
+            continue
+        if match is Match.FULL:
+            return str(route.path)
+    return "other"
+
+
+def _leaf_routes(routes: Any, depth: int = 0) -> Iterator[Any]:
+    """Every route with a path template, inside included routers too (however the framework wraps them)."""
+    for route in routes:
+        inner = getattr(route, "routes", None) or getattr(getattr(route, "original_router", None), "routes", None)
+        if inner and depth < 4:
+            yield from _leaf_routes(inner, depth + 1)
+        elif isinstance(getattr(route, "path", None), str) and hasattr(route, "matches"):
+            yield route
 
 
 def _cost(value: str | None) -> float | None:
@@ -95,55 +109,6 @@ def _cost(value: str | None) -> float | None:
     except (InvalidOperation, ValueError):
         return None
     return cost if math.isfinite(cost) and cost >= 0 else None
-
-
-async def _answer_shutdown(scope: Scope, send: Send, record: RequestTelemetry) -> bool:
-    """Send a 503 `server_shutting_down` envelope; False if the client is gone."""
-    error = InternalError(
-        "The server is shutting down and cancelled this request before it finished.",
-        code="server_shutting_down",
-        status=503,
-    )
-    headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
-    if record.upstream:  # the upstream may have started (and billed) the work: the SDKs must not retry blindly
-        headers.append((b"x-should-retry", b"false"))
-    request_id = record.state.get("request_id")
-    if isinstance(request_id, str):
-        headers.append((b"x-request-id", request_id.encode("latin-1")))
-    body = json.dumps(error.envelope()).encode()
-    try:
-        async with asyncio.timeout(2.0):
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-    except Exception:
-        return False
-    return True
-
-
-class InFlight:
-    """The request tasks being served, for a graceful shutdown."""
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    def __len__(self) -> int:
-        return sum(1 for task in self.tasks if not task.done())
-
-    async def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` seconds for the requests in flight (and the upstream cancellations
-        they run when cancelled), then cancel the rest and give them a moment. Returns how many
-        had to be cancelled here."""
-        pending = {t for t in self.tasks if not t.done() and t is not asyncio.current_task()}
-        if not pending:
-            return 0
-        log.info("shutdown: waiting up to %.1fs for %d request(s) in flight", timeout, len(pending))
-        _, pending = await asyncio.wait(pending, timeout=max(0.0, timeout))
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning("shutdown: cancelled %d request(s) still in flight", len(pending))
-            await asyncio.wait(pending, timeout=5.0)
-        return len(pending)
 
 
 class ObservabilityMiddleware:
@@ -162,7 +127,7 @@ class ObservabilityMiddleware:
         if task is not None:
             self.inflight.tasks.add(task)
         self.metrics.in_flight.inc()
-        response: dict[str, Any] = {"status": None, "headers": {}}
+        response: dict[str, Any] = {"status": None, "headers": {}, "finished": False}
 
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -172,6 +137,8 @@ class ObservabilityMiddleware:
                     name = bytes(raw_name).decode("latin-1").lower()
                     if name in _WATCHED:
                         headers[name] = bytes(raw_value).decode("latin-1")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                response["finished"] = True
             await send(message)
 
         error: BaseException | None = None
@@ -179,11 +146,18 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, watch)
         except asyncio.CancelledError as exc:
             # Only the server cancels a request task: at shutdown, after `shutdown_grace_seconds`.
-            # The upstream jobs have been cancelled on the way out; answer a clean 503 if we still can.
+            # The upstream jobs have been cancelled on the way out; end the response cleanly if we can.
             error = exc
-            if response["status"] is not None or not await _answer_shutdown(scope, send, record):
+            answer = ShutdownAnswer(
+                started=response["status"] is not None,
+                finished=response["finished"],
+                event_stream=response["headers"].get("content-type", "").startswith("text/event-stream"),
+                costly=bool(record.upstream),
+                request_id=record.state.get("request_id"),
+            )
+            if not await answer.send(send):
                 raise
-            response["status"] = 503
+            response["status"] = response["status"] or 503
         except BaseException as exc:
             error = exc
             raise
@@ -203,8 +177,7 @@ class ObservabilityMiddleware:
 
     def _finish(self, scope: Scope, record: RequestTelemetry, status: int, headers: dict[str, str]) -> None:
         total = time.monotonic() - record.started
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "other"
+        endpoint = _endpoint(scope)
         model = record.model or "-"
         key_name = record.state.get("key_name")
         key = key_name if isinstance(key_name, str) and _KEY_NAME.match(key_name) else ANONYMOUS
@@ -243,7 +216,11 @@ class ObservabilityMiddleware:
         key: str,
         total: float,
     ) -> None:
-        path = _loggable_path(scope)
+        path = str(scope.get("path", ""))[:200]
+        if path.startswith(_CAPABILITY_PATHS):
+            path = endpoint  # an image id is what grants access to the image: it stays out of the log
+        # The server decodes `%0a` and friends: written raw, they would start a forged log line.
+        path = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
         level = logging.DEBUG if path in _QUIET and status < 400 else logging.INFO
         if not access_log.isEnabledFor(level):
             return

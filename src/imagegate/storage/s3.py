@@ -15,7 +15,8 @@ Deletion is the bucket's job: an operator adds a lifecycle rule expiring `<prefi
 ceil(ttl_seconds / 86400) + 1 days (README, "S3 storage").
 
 `ready()` writes one fixed probe object (`<prefix>.imagegate-ready`): it proves the bucket exists
-and the credentials may write, and leaves no debris. Every call is bounded by `timeout_seconds`.
+and the credentials may write, and leaves no debris; at most one probe runs at a time, and a
+success stands for a second. Every call is bounded by `timeout_seconds`.
 
 Why obstore: no Python dependencies (a Rust core, Apache Arrow's `object_store`), presigning
 built in, and measured faster than aiobotocore against the same local S3 server (README).
@@ -27,12 +28,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import obstore
-import obstore.exceptions
 from obstore.store import S3Store
 
 from imagegate.settings import S3StorageSettings, StorageSettings
@@ -52,7 +52,11 @@ _MAX_PRESIGNED_SECONDS = 604_800  # SigV4: 7 days
 
 class S3Storage(Storage):
     def __init__(
-        self, settings: StorageSettings | S3StorageSettings, *, clock: Callable[[], float] = time.time
+        self,
+        settings: StorageSettings | S3StorageSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        ready_cache_seconds: float = 1.0,
     ) -> None:
         s3 = settings.s3 if isinstance(settings, StorageSettings) else settings
         if not s3.bucket:
@@ -64,6 +68,9 @@ class S3Storage(Storage):
         self._store = _store(s3, s3.endpoint_url)
         public = s3.public_endpoint_url
         self._signer = self._store if not public or public == s3.endpoint_url else _store(s3, public)
+        self._ready_cache = ready_cache_seconds
+        self._ready_until = 0.0  # time.monotonic() until which the last successful probe stands
+        self._ready_lock = asyncio.Lock()
 
     def _key(self, image_id: str) -> str:
         return f"{self.prefix}{image_id}"
@@ -71,27 +78,25 @@ class S3Storage(Storage):
     async def put(self, data: bytes, *, content_type: str, extension: str, ttl_seconds: int) -> str:
         image_id = new_image_id(extension, ttl_seconds)
         attributes: Any = {"Content-Type": content_type, EXPIRES_META: f"{self._clock() + ttl_seconds:.3f}"}
-        with _unavailable_as_503("storing an image"):
-            async with asyncio.timeout(self._timeout):
-                await obstore.put_async(self._store, self._key(image_id), data, attributes=attributes)
+        async with _unavailable_as_503("put"), asyncio.timeout(self._timeout):
+            await obstore.put_async(self._store, self._key(image_id), data, attributes=attributes)
         return image_id
 
     async def get(self, image_id: str) -> StoredImage | None:
         if not IMAGE_ID.match(image_id):
             return None
         key = self._key(image_id)
-        with _unavailable_as_503("reading an image"):
-            async with asyncio.timeout(self._timeout):
-                try:
-                    result = await obstore.get_async(self._store, key)
-                except (FileNotFoundError, obstore.exceptions.NotFoundError):
-                    return None
-                attributes = result.attributes
-                expires_at = _expires_at(attributes.get(EXPIRES_META))
-                if expires_at is None or expires_at <= self._clock():
-                    await self._delete(key)
-                    return None
-                data = bytes(await result.bytes_async())
+        async with _unavailable_as_503("get"), asyncio.timeout(self._timeout):
+            try:
+                result = await obstore.get_async(self._store, key)
+            except FileNotFoundError:
+                return None
+            attributes = result.attributes
+            expires_at = _expires_at(attributes.get(EXPIRES_META))
+            if expires_at is None or expires_at <= self._clock():
+                await self._delete(key)
+                return None
+            data = bytes(await result.bytes_async())
         content_type = attributes.get("Content-Type") or "application/octet-stream"
         return StoredImage(data=data, content_type=str(content_type), expires_at=expires_at)
 
@@ -102,9 +107,15 @@ class S3Storage(Storage):
         return await obstore.sign_async(self._signer, "GET", self._key(image_id), lifetime)
 
     async def ready(self) -> bool:
-        """Write the fixed probe object: the bucket exists, is reachable, and takes writes."""
-        async with asyncio.timeout(min(self._timeout, 5.0)):
-            await obstore.put_async(self._store, f"{self.prefix}{READY_PROBE}", b"")
+        """Write the fixed probe object: the bucket exists, is reachable, and takes writes. `/readyz`
+        is open, so probes run one at a time and a success stands for `ready_cache_seconds`: no
+        caller can turn readiness checks into a stream of paid S3 writes."""
+        async with self._ready_lock:
+            if time.monotonic() < self._ready_until:
+                return True
+            async with asyncio.timeout(min(self._timeout, 5.0)):
+                await obstore.put_async(self._store, f"{self.prefix}{READY_PROBE}", b"")
+            self._ready_until = time.monotonic() + self._ready_cache
         return True
 
     async def _delete(self, key: str) -> None:
@@ -112,14 +123,15 @@ class S3Storage(Storage):
             await obstore.delete_async(self._store, key)
 
 
-@contextlib.contextmanager
-def _unavailable_as_503(what: str) -> Iterator[None]:
-    """The S3 client's failures (unreachable server, timeout, S3 error) as `StorageUnavailable`."""
+@contextlib.asynccontextmanager
+async def _unavailable_as_503(operation: str) -> AsyncIterator[None]:
+    """An S3 failure (unreachable, timed out, refused) is a 503 `storage_unavailable`, never a 500;
+    the client sees no detail of it, the log sees its type."""
     try:
         yield
-    except (obstore.exceptions.BaseError, OSError, TimeoutError) as exc:
-        logger.warning("S3 failed while %s: %s", what, exc)
-        raise StorageUnavailable() from None
+    except Exception as exc:  # TimeoutError included
+        logger.warning("S3 %s failed: %s", operation, type(exc).__name__)
+        raise StorageUnavailable() from exc
 
 
 def _store(s3: S3StorageSettings, endpoint: str | None) -> S3Store:
@@ -139,7 +151,11 @@ def _store(s3: S3StorageSettings, endpoint: str | None) -> S3Store:
         "connect_timeout": timedelta(seconds=min(5.0, s3.timeout_seconds)),
     }
     retry: RetryConfig = {"max_retries": 2, "retry_timeout": timeout}
-    return S3Store(s3.bucket, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+    try:
+        return S3Store(s3.bucket, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+    except Exception as exc:  # e.g. a secret without its key id: the app fails when built, not at a request
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"storage.s3 is not usable: {reason}") from None
 
 
 def _expires_at(value: object) -> float | None:

@@ -1,5 +1,5 @@
 """`GET /v1/usage`: the calling key's totals; every key's for an `admin: true` key (and on an open
-gateway, where all requests count as `(anonymous)`).
+gateway, where all requests count as `anonymous`).
 
     {"object": "list", "data": [{"object": "imagegate.usage", "key": "team-a", "requests": 3,
      "images": 5, "megapixels": 5.24288, "cost_usd": 0.15}]}
@@ -16,7 +16,7 @@ from imagegate.auth.middleware import client_of
 
 __all__ = ["ANONYMOUS", "router"]
 
-ANONYMOUS = "(anonymous)"  # the name an open gateway counts under (no configured key can have it)
+ANONYMOUS = "anonymous"  # the name an open gateway counts under (reserved: no key may have it)
 router = APIRouter()
 
 

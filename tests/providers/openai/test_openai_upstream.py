@@ -479,6 +479,8 @@ async def test_429_rate_limit_and_quota(provider: OpenAIProvider, mock: respx.Mo
         (500, {"x-should-retry": "true"}, UpstreamError, True),
         (503, {"retry-after": "2"}, ProviderUnavailable, True),
         (503, {"x-should-retry": "false"}, ProviderUnavailable, False),
+        (429, {}, RateLimited, True),
+        (429, {"x-should-retry": "false"}, RateLimited, False),  # e.g. another imagegate: the job was taken
     ],
 )
 async def test_5xx(
@@ -493,6 +495,7 @@ async def test_5xx(
     error = await error_for(provider, mock, httpx.Response(status, json=body, headers=headers))
     assert type(error) is kind
     assert (error.retryable, error.fallback) == (retryable, True)
+    assert error.accepted is (not retryable)  # a failure the upstream may have done the work for
 
 
 async def test_413_and_non_json_errors(provider: OpenAIProvider, mock: respx.MockRouter) -> None:

@@ -150,9 +150,7 @@ def map_failure(failure: FalFailure, *, stage: Stage, model: str) -> GatewayErro
     """The one table from fal failures to GatewayErrors, each marked `accepted` when fal had taken
     the job (`_accepted`)."""
     error = _map(failure, stage, model)
-    error.accepted = error.costly = _accepted(failure, stage)
-    if error.accepted:
-        error.retryable = False
+    error.accepted = _accepted(failure, stage)  # then never retryable
     return error
 
 

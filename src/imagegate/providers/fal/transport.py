@@ -122,8 +122,7 @@ class FalTransport:
             except TimeoutError:
                 raise UpstreamTimeout("fal did not finish before the deadline.", retryable=False) from None
         except GatewayError as exc:
-            exc.accepted = exc.costly = True  # fal answered the submit with a handle: the job is fal's
-            exc.retryable = False
+            exc.accepted = True  # fal answered the submit with a handle: the job is fal's
             if not completed:
                 await best_effort(self.cancel(handle), timeout=CANCEL_TIMEOUT)
             raise
@@ -138,12 +137,14 @@ class FalTransport:
     async def submit(self, model: str, payload: Mapping[str, Any], *, deadline: float) -> QueueHandle:
         response = await self._post_model(f"{self.config.queue_url}/{model}", payload, deadline, stage="submit",
                                           model=model)
-        body = _json(response)
+        # fal answered 200: the job may be queued even if the answer is unusable, so it is never resubmitted.
+        body = _json(response, accepted=True)
         urls = {key: body.get(key) for key in ("request_id", "status_url", "response_url", "cancel_url")}
         if not all(isinstance(value, str) and value for value in urls.values()):
-            raise UpstreamError("fal's submit response lacks request_id/status_url/response_url/cancel_url.")
+            raise UpstreamError("fal's submit response lacks request_id/status_url/response_url/cancel_url.",
+                                accepted=True)
         handle = QueueHandle(model, **urls)  # type: ignore[arg-type]
-        log.info("fal submitted %s request_id=%s", model, handle.request_id)
+        log.debug("fal submitted %s request_id=%s", model, handle.request_id)
         foreign = [key for key in ("status_url", "response_url", "cancel_url") if not self.is_fal_url(str(urls[key]))]
         if foreign:
             # Never send the key elsewhere; cancel the job through the configured queue host instead.
@@ -265,11 +266,7 @@ class FalTransport:
         drops the connection)."""
         response = await self._post_model(f"{self.config.run_url}/{model}", payload, deadline, stage="run",
                                           model=model)
-        try:
-            body = _json(response)
-        except GatewayError as exc:
-            exc.accepted = exc.costly = True  # the run answered 200: it ran
-            raise
+        body = _json(response, accepted=True)  # the run answered 200: it ran
         request_id = response.headers.get("x-fal-request-id")
         if request_id is None and isinstance(body.get("request_id"), str):
             request_id = body["request_id"]
@@ -334,10 +331,11 @@ def _timeout(seconds: float) -> httpx.Timeout:
     return httpx.Timeout(seconds, connect=min(seconds, 10.0))
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
+def _json(response: httpx.Response, *, accepted: bool = False) -> dict[str, Any]:
     body = _json_or_none(response)
     if not isinstance(body, dict):
-        raise UpstreamError(f"fal answered HTTP {response.status_code} with a body that is not a JSON object.")
+        raise UpstreamError(f"fal answered HTTP {response.status_code} with a body that is not a JSON object.",
+                            accepted=accepted)
     return body
 
 

@@ -37,7 +37,7 @@ from imagegate.core.errors import (
     UpstreamAuthFailed,
     UpstreamError,
 )
-from imagegate.core.redact import upstream_text, upstream_token
+from imagegate.core.redact import scrub, upstream_text, upstream_token
 from imagegate.core.request import FORMAT_MIME, Operation
 from imagegate.providers.base import ProviderImage, ProviderResult
 from imagegate.providers.common import (
@@ -138,7 +138,7 @@ def parse_images(body: Any, *, output_format: str | None = None) -> tuple[list[P
         if not isinstance(item, dict):
             continue
         if revised is None and isinstance(item.get("revised_prompt"), str):
-            revised = item["revised_prompt"]
+            revised = scrub(item["revised_prompt"])  # upstream text shown to the client: no credentials
         if isinstance(b64 := item.get("b64_json"), str) and b64:
             mime = sniff_mime(_b64_head(b64)) or FORMAT_MIME.get(output_format or "")
             uri = f"data:{mime or 'application/octet-stream'};base64,{b64}"
@@ -167,7 +167,8 @@ def map_error(response: httpx.Response) -> GatewayError:
     401/403 -> UpstreamAuthFailed 502 (the upstream's message is dropped: it may quote the key)
     404     -> UpstreamError (e.g. model_not_found: a route configuration problem), fallback
     413     -> PayloadTooLarge
-    429     -> RateLimited with retry-after (retryable), or InsufficientCredit for insufficient_quota
+    429     -> RateLimited with retry-after (retryable unless `x-should-retry: false`), or InsufficientCredit
+               for insufficient_quota
     5xx     -> 503 ProviderUnavailable (retryable), other 5xx UpstreamError (not retryable: the work may
                have been done); `x-should-retry` overrides; both allow fallback
     """
@@ -192,8 +193,10 @@ def map_error(response: httpx.Response) -> GatewayError:
         )
     if code in _BILLING_CODES or kind == "insufficient_quota":
         return InsufficientCredit(f"Upstream: {message}", code=code, retryable=False, fallback=True)
-    if status == 429:
-        return RateLimited(f"Upstream rate limit: {message}", retry_after=retry_after)
+    if status == 429:  # `x-should-retry: false` (e.g. another imagegate): the upstream had taken the job
+        taken = should_retry == "false"
+        return RateLimited(f"Upstream rate limit: {message}", retry_after=retry_after, retryable=not taken,
+                           accepted=taken)
     if status in (400, 422):
         if code in _CONTENT_POLICY_CODES or kind == "image_generation_user_error":
             return ContentPolicyViolation(message, param=param, code=code)
@@ -242,7 +245,7 @@ class OpenAITransport:
         try:
             images, revised = parse_images(body, output_format=output_format)
         except UpstreamError as exc:
-            exc.accepted = exc.costly = True  # a 2xx answer: the work was done
+            exc.accepted = True  # a 2xx answer: the work was done
             raise
         return ProviderResult(images=images, request_id=response.headers.get("x-request-id"), revised_prompt=revised)
 

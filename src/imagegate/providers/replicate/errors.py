@@ -89,9 +89,7 @@ def map_error(source: httpx.Response | Prediction, *, stage: Stage = "create") -
     else:
         error = _http_error(source, stage)
         accepted = stage in ("poll", "download") or (stage == "create" and source.status_code >= 500)
-    error.accepted = error.costly = accepted
-    if accepted:
-        error.retryable = False
+    error.accepted = accepted  # then never retryable
     return error
 
 

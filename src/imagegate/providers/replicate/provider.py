@@ -97,8 +97,7 @@ class ReplicateProvider(Provider):
             images = output_images(prediction)
         except BaseException as exc:
             if isinstance(exc, GatewayError):
-                exc.accepted = exc.costly = True  # the prediction exists: it is never created again
-                exc.retryable = False
+                exc.accepted = True  # the prediction exists: it is never created again
             if not prediction.terminal:
                 await best_effort(transport.cancel(prediction))
             raise

@@ -155,7 +155,7 @@ class ReplicateTransport:
         try:
             return Prediction(_prediction_body(response))
         except UpstreamError as exc:
-            exc.accepted = exc.costly = True  # a 2xx create: the prediction may exist
+            exc.accepted = True  # a 2xx create: the prediction may exist
             raise
 
     async def wait(self, prediction: Prediction, *, deadline: float) -> Prediction:

@@ -1,171 +1,390 @@
-"""A burst of large concurrent edits: how much memory does the gateway take, and give back?
+"""K long requests fired at once: one gateway process vs a lean client straight to the fake.
 
-Runs the real `imagegate serve` (sandbox provider, storage in a temporary directory) in its own
-process, fires K concurrent multipart edits of one incompressible PNG of about --image-mb MB
-(`prompt=grayscale`, `response_format=b64_json`), and samples the server's VmRSS from
-/proc/<pid>/status every 20 ms. Reported per phase: status counts, wall time, RSS before the burst,
-peak, and `--settle` seconds after the last answer.
+Three processes on 127.0.0.1, each with its open-file limit raised to the hard limit:
 
-Phases (each a fresh server process, same image, same K):
+  fake     tests.fakes.lean_fal.LeanFal: fal's queue protocol from a bare asyncio.Protocol, each
+           job COMPLETED --model-seconds after its submit (wall time, not a poll count), so both
+           sides poll for the same model time and the fake costs tens of microseconds a request.
+  gateway  the real create_app (fal pointed at the fake, url passthrough, the real polling
+           defaults: 0.5 s growing x1.5 to 3 s, +-25 % jitter) under uvicorn, a fresh process per run.
+  bench    this process. `direct`: K jobs driven straight against the fake by a lean raw-socket
+           client (one keep-alive connection per job: submit, status polls on the gateway's own
+           schedule, result). `gateway`: K `POST /v1/images/generations` (qwen-image,
+           response_format=url), one connection each. Connects are paced (--connect-concurrency in
+           progress at once) so the kernel's accept backlog does not turn a burst into SYN retries;
+           every request is in flight before the first job ends. Meanwhile a prober sends
+           `GET /healthz` every 50 ms on its own connection.
 
-  unbounded   the in-flight budget effectively off (limits.max_inflight_requests/bytes huge) and
-              no malloc_trim: the gateway as it was before the budget
-  budget      the packaged defaults (limits.max_inflight_bytes etc.)
-  no-trim     the defaults without malloc_trim (limits.trim_after_bytes: 0), to see what it gives back
+Reported per K: ok, wall (first send to last answer), p50/max latency, wall gateway/direct,
+upstream requests per job (what the fake counted) gateway vs direct, the gateway's peak RSS and
+CPU, the fake's and this process's CPU (so a saturated fake or client shows), /healthz p50/p99/max.
 
-    .venv/bin/python bench/burst.py                 # K = 200 and 400, ~6 min on 2 cores
-    .venv/bin/python bench/burst.py -k 200 --image-mb 5
+    .venv/bin/python bench/burst.py                       # K = 3000 then 10000, ~2 min
+    .venv/bin/python bench/burst.py --ladder 1000 --model-seconds 2
+
+Exit status 1 if any request failed or a target was missed (--max-wall-ratio, --max-rss-mib,
+--max-healthz-p99-ms). Bounded: every request has --request-timeout, every run --run-seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import io
-import os
+import contextlib
+import json
 import random
-import socket
-import subprocess
+import resource
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import yaml
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
-UNBOUNDED = {"max_inflight_requests": 10**9, "max_inflight_bytes": 2**62, "trim_after_bytes": 0}
+from bench._common import FAL_KEY, fal_gateway_settings, machine_line, percentile, ratio
+from bench.inflight import child, proc_cpu, proc_status
 
-
-def noise_png(megabytes: float) -> bytes:
-    side = int((megabytes * 1e6 / 3) ** 0.5)
-    img = Image.frombytes("RGB", (side, side), random.Random(7).randbytes(side * side * 3))
-    buf = io.BytesIO()
-    img.save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
+MODEL = "qwen-image"
+ENDPOINT = "fal-ai/qwen-image"
+CHILD_LIFETIME = 900.0
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# ------------------------------------------------------------------------------------------------
+# Server processes
 
 
-def start_server(tmp: Path, limits: dict[str, Any]) -> tuple[subprocess.Popen[bytes], str]:
-    config = {
-        "limits": limits,
-        "storage": {"path": str(tmp / "images")},
-        "providers": {"fal": {"key": ""}, "replicate": {"api_token": ""}, "openai": {"api_key": ""}},
-    }
-    path = tmp / "config.yaml"
-    defaults = yaml.safe_load((ROOT / "src/imagegate/defaults/imagegate.yaml").read_text())
-    for key, value in config.items():
-        defaults[key] = {**(defaults.get(key) or {}), **value}
-    path.write_text(yaml.safe_dump(defaults))
-    port = free_port()
-    exe = Path(sys.executable).with_name("imagegate")
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--config", str(path), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def _serve_fake(conn: Any, stop: Any, model_seconds: float) -> None:
+    raise_nofile()
+    from tests.fakes.lean_fal import LeanFal
+
+    async def main() -> None:
+        fake = LeanFal(key=FAL_KEY, model_seconds=model_seconds)
+        conn.send(await fake.start())
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait, CHILD_LIFETIME)
+        await fake.close()
+
+    asyncio.run(main())
+
+
+def _serve_gateway(conn: Any, stop: Any, storage_dir: str, fal_url: str, deadline: float) -> None:
+    raise_nofile()
+    from tests.fakes.server import LocalServer
+
+    from imagegate.app import create_app
+
+    settings = fal_gateway_settings(
+        storage_dir, fal_url, poll_interval=0.5, poll_max_interval=3.0, deadline_seconds=deadline
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the gateway did not start")
+    with LocalServer(create_app(settings), backlog=4096, timeout_keep_alive=75) as srv:
+        conn.send(srv.url)
+        stop.wait(CHILD_LIFETIME)
 
 
-async def burst(url: str, image: bytes, k: int, timeout: float) -> tuple[collections.Counter[int], float]:
-    limits = httpx.Limits(max_connections=k + 10, max_keepalive_connections=k + 10)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+# ------------------------------------------------------------------------------------------------
+# A lean HTTP/1.1 client on asyncio streams (Content-Length bodies only)
 
-        async def one() -> int:
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, url: str) -> Conn:
+        host_port = url.split("//", 1)[1].split("/", 1)[0]
+        host, port = host_port.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+        return cls(reader, writer, host_port)
+
+    async def request(self, method: str, target: str, body: bytes = b"", headers: str = "") -> tuple[int, bytes]:
+        if target.startswith("http"):
+            target = "/" + target.split("//", 1)[1].split("/", 1)[1]
+        head = (
+            f"{method} {target} HTTP/1.1\r\nhost: {self.host}\r\ncontent-length: {len(body)}\r\n"
+            f"content-type: application/json\r\n{headers}\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readuntil(b"\r\n")
+        length = 0
+        while True:
+            line = await self.reader.readuntil(b"\r\n")
+            if line == b"\r\n":
+                break
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        data = await self.reader.readexactly(length) if length else b""
+        return int(status_line.split(b" ", 2)[1]), data
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+AUTH = f"authorization: Key {FAL_KEY}\r\n"
+
+
+async def direct_job(fal_url: str, gate: asyncio.Semaphore, payload: bytes) -> None:
+    """submit -> status (the gateway's schedule: first poll at once, 0.5 s x1.5 up to 3 s, +-25 %)
+    -> result."""
+    async with gate:
+        conn = await Conn.open(fal_url)
+    try:
+        status, body = await conn.request("POST", f"/{ENDPOINT}", payload, AUTH)
+        if status != 200:
+            raise RuntimeError(f"submit -> {status}")
+        handle = json.loads(body)
+        delay = 0.5
+        while True:
+            status, body = await conn.request("GET", handle["status_url"], b"", AUTH)
+            if status == 200 and json.loads(body)["status"] == "COMPLETED":
+                break
+            if status not in (200, 202):
+                raise RuntimeError(f"status -> {status}")
+            await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(3.0, delay * 1.5)
+        status, body = await conn.request("GET", handle["response_url"], b"", AUTH)
+        if status != 200 or not json.loads(body)["images"]:
+            raise RuntimeError(f"result -> {status}")
+    finally:
+        conn.close()
+
+
+async def gateway_job(gw_url: str, fal_url: str, gate: asyncio.Semaphore, payload: bytes) -> None:
+    async with gate:
+        conn = await Conn.open(gw_url)
+    try:
+        status, body = await conn.request("POST", "/v1/images/generations", payload)
+        if status != 200:
+            raise RuntimeError(f"gateway -> {status} {body[:200]!r}")
+        url = json.loads(body)["data"][0]["url"]
+        if not url.startswith(fal_url):
+            raise RuntimeError(f"not fal's own URL: {url}")
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class Run:
+    side: str
+    k: int
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    wall: float = 0.0
+    upstream: dict[str, Any] = field(default_factory=dict)
+    healthz: list[float] = field(default_factory=list)
+    healthz_errors: int = 0
+    rss_peak_kib: int = 0
+    rss_before_kib: int = 0
+    cpu: float = 0.0  # the gateway's (gateway side only)
+    fake_cpu: float = 0.0
+    bench_cpu: float = 0.0
+
+    @property
+    def per_job(self) -> float:
+        return ratio(self.upstream.get("requests", 0), self.upstream.get("submits", 0))
+
+
+async def _probe_healthz(gw_url: str, stop: asyncio.Event, run: Run) -> None:
+    conn = await Conn.open(gw_url)
+    try:
+        while not stop.is_set():
+            t0 = time.perf_counter()
             try:
-                r = await client.post(
-                    "/v1/images/edits",
-                    data={"model": "sandbox-edit", "prompt": "grayscale", "response_format": "b64_json"},
-                    files={"image": ("noise.png", image, "image/png")},
-                )
-                return r.status_code
-            except httpx.HTTPError:
-                return -1
+                status, _ = await asyncio.wait_for(conn.request("GET", "/healthz"), 10)
+                if status != 200:
+                    run.healthz_errors += 1
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                run.healthz_errors += 1
+                conn.close()
+                conn = await Conn.open(gw_url)
+            run.healthz.append(time.perf_counter() - t0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+    finally:
+        conn.close()
 
-        start = time.monotonic()
-        codes = collections.Counter(await asyncio.gather(*(one() for _ in range(k))))
-        return codes, time.monotonic() - start
 
+async def fire(run: Run, make: Any, args: argparse.Namespace) -> None:
+    gate = asyncio.Semaphore(args.connect_concurrency)
 
-def phase(name: str, limits: dict[str, Any], image: bytes, k: int, settle: float, timeout: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(Path(tmp), limits)
+    async def timed() -> None:
+        t0 = time.perf_counter()
         try:
-            time.sleep(0.5)
-            before = rss_bytes(proc.pid)
-            peak = [before]
-            stop = threading.Event()
+            async with asyncio.timeout(args.request_timeout):
+                await make(gate)
+        except Exception as exc:
+            run.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+            return
+        run.latencies.append(time.perf_counter() - t0)
 
-            def sample() -> None:
-                while not stop.is_set():
-                    peak[0] = max(peak[0], rss_bytes(proc.pid))
-                    time.sleep(0.02)
+    start = time.perf_counter()
+    tasks = [asyncio.ensure_future(timed()) for _ in range(run.k)]
+    _, pending = await asyncio.wait(tasks, timeout=args.run_seconds)
+    for task in pending:
+        task.cancel()
+    if pending:
+        run.errors.append(f"{len(pending)} abandoned after --run-seconds")
+        await asyncio.gather(*pending, return_exceptions=True)
+    run.wall = time.perf_counter() - start
 
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            codes, wall = asyncio.run(burst(url, image, k, timeout))
-            time.sleep(settle)
-            stop.set()
-            sampler.join()
-            after = rss_bytes(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    mib = 1024 * 1024
-    row = {"phase": name, "k": k, "codes": dict(codes), "wall": wall, "before": before / mib,
-           "peak": peak[0] / mib, "after": after / mib}  # fmt: skip
+
+async def control(fal_url: str, what: str) -> dict[str, Any]:
+    conn = await Conn.open(fal_url)
+    try:
+        _, body = await conn.request("GET", f"/__{what}")
+        return dict(json.loads(body))
+    finally:
+        conn.close()
+
+
+async def run_direct(args: argparse.Namespace, k: int, fal_url: str, fake_pid: int, payload: bytes) -> Run:
+    run = Run("direct", k)
+    before = await control(fal_url, "stats")
+    fake0, bench0 = proc_cpu(fake_pid), time.process_time()
+    await fire(run, lambda gate: direct_job(fal_url, gate, payload), args)
+    run.fake_cpu, run.bench_cpu = proc_cpu(fake_pid) - fake0, time.process_time() - bench0
+    after = await control(fal_url, "stats")
+    run.upstream = {key: after[key] - before.get(key, 0) for key in ("requests", "submits", "status_polls")}
+    run.upstream["requests"] -= 1  # the stats request itself
+    return run
+
+
+async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: int, storage: str) -> Run:
+    run = Run("gateway", k)
+    body = json.dumps({"model": MODEL, "prompt": "a lighthouse at dusk", "response_format": "url"}).encode()
+    with child(_serve_gateway, storage, fal_url, args.request_timeout, what="gateway") as (gw_url, gw_pid):
+        for _ in range(args.warmup):
+            await gateway_job(gw_url, fal_url, asyncio.Semaphore(1), body)
+        before = await control(fal_url, "stats")
+        run.rss_before_kib = proc_status(gw_pid)["VmRSS"]
+        cpu0, fake0, bench0 = proc_cpu(gw_pid), proc_cpu(fake_pid), time.process_time()
+        stop_sampling = threading.Event()
+
+        def sample() -> None:
+            while not stop_sampling.wait(0.1):
+                run.rss_peak_kib = max(run.rss_peak_kib, proc_status(gw_pid)["VmRSS"])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        spy = None
+        if args.py_spy:  # sampled profile of the gateway during the burst (collapsed stacks)
+            import subprocess
+
+            out = Path(args.py_spy) / f"gateway-{k}.txt"
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(gw_pid), "--format", "raw", "--rate", "200", "-o", str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        stop = asyncio.Event()
+        prober = asyncio.ensure_future(_probe_healthz(gw_url, stop, run))
+        await asyncio.sleep(0.2)
+        await fire(run, lambda gate: gateway_job(gw_url, fal_url, gate, body), args)
+        stop.set()
+        await prober
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+            spy.wait(30)
+        stop_sampling.set()
+        sampler.join(2)
+        run.cpu, run.fake_cpu = proc_cpu(gw_pid) - cpu0, proc_cpu(fake_pid) - fake0
+        run.bench_cpu = time.process_time() - bench0
+        run.rss_peak_kib = max(run.rss_peak_kib, proc_status(gw_pid)["VmRSS"])
+        after = await control(fal_url, "stats")
+        run.upstream = {key: after[key] - before.get(key, 0) for key in ("requests", "submits", "status_polls")}
+        run.upstream["requests"] -= 1
+    return run
+
+
+def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
+    print()
+    print(f"burst: {machine_line()}; model {args.model_seconds} s, fal queue protocol, polling")
     print(
-        f"{name:10s} K={k:4d}  {dict(sorted(codes.items()))}  wall {wall:6.1f} s  RSS before {row['before']:.0f} MiB"
-        f"  peak {row['peak']:.0f} MiB  after {settle:.0f} s {row['after']:.0f} MiB",
-        flush=True,
+        f"{'side':8s} {'K':>6s} {'ok':>11s} {'wall':>7s} {'p50':>7s} {'max':>7s} {'req/job':>7s} "
+        f"{'polls/job':>9s} | {'gw CPU':>7s} {'fake CPU':>8s} {'client CPU':>10s} | {'RSS peak':>9s} | "
+        f"{'healthz p50/p99/max (n, errors)':>32s}"
     )
-    return row
+    ok = True
+    for direct, gateway in pairs:
+        for run in (direct, gateway):
+            lat = run.latencies
+            polls = ratio(run.upstream.get("status_polls", 0), run.upstream.get("submits", 0))
+            health = (
+                f"{1000 * percentile(run.healthz, 50):.1f}/{1000 * percentile(run.healthz, 99):.1f}/"
+                f"{1000 * max(run.healthz):.0f} ms ({len(run.healthz)}, {run.healthz_errors})"
+                if run.healthz
+                else "-"
+            )
+            print(
+                f"{run.side:8s} {run.k:6d} {len(lat):5d}/{run.k:<5d} {run.wall:6.1f}s "
+                f"{percentile(lat, 50):6.1f}s {max(lat, default=float('nan')):6.1f}s {run.per_job:7.2f} "
+                f"{polls:9.2f} | {run.cpu:6.1f}s {run.fake_cpu:7.1f}s {run.bench_cpu:9.1f}s | "
+                f"{run.rss_peak_kib / 1024 if run.rss_peak_kib else float('nan'):7.0f}MiB | {health:>32s}"
+            )
+            for error in sorted(set(run.errors))[:3]:
+                print(f"    error x{run.errors.count(error)}: {error}")
+        wall_x = ratio(gateway.wall, direct.wall)
+        per_job_ok = gateway.per_job <= direct.per_job + 1e-9
+        rss_ok = gateway.rss_peak_kib / 1024 <= args.max_rss_mib
+        p99 = 1000 * percentile(gateway.healthz, 99) if gateway.healthz else float("inf")
+        all_ok = len(gateway.latencies) == gateway.k and len(direct.latencies) == direct.k
+        verdict = all_ok and wall_x <= args.max_wall_ratio and per_job_ok and rss_ok and p99 <= args.max_healthz_p99_ms
+        ok = ok and verdict
+        print(
+            f"  K={gateway.k}: wall gateway/direct {wall_x:.2f} (<= {args.max_wall_ratio}), requests/job "
+            f"{gateway.per_job:.2f} vs {direct.per_job:.2f}, RSS {gateway.rss_peak_kib / 1024:.0f} MiB "
+            f"(<= {args.max_rss_mib}), healthz p99 {p99:.1f} ms (<= {args.max_healthz_p99_ms}): "
+            f"{'MET' if verdict else 'NOT MET'}"
+        )
+    return ok
 
 
-def main() -> None:
+async def measure(args: argparse.Namespace, fal_url: str, fake_pid: int) -> list[tuple[Run, Run]]:
+    raise_nofile()
+    pairs = []
+    plan = {"prompt": "a lighthouse at dusk", "num_images": 1, "output_format": "png"}
+    payload = json.dumps(plan).encode()
+    with tempfile.TemporaryDirectory(prefix="imagegate-burst-") as storage:
+        for k in args.ladder:
+            direct = await run_direct(args, k, fal_url, fake_pid, payload)
+            print(f"  direct  K={k}: {len(direct.latencies)}/{k} ok in {direct.wall:.1f} s", flush=True)
+            await asyncio.sleep(2)
+            gateway = await run_gateway(args, k, fal_url, fake_pid, storage)
+            print(f"  gateway K={k}: {len(gateway.latencies)}/{k} ok in {gateway.wall:.1f} s", flush=True)
+            pairs.append((direct, gateway))
+            await asyncio.sleep(2)
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-k", type=int, nargs="+", default=[200, 400], help="concurrent edits per burst")
-    parser.add_argument("--image-mb", type=float, default=5.0)
-    parser.add_argument("--settle", type=float, default=5.0, help="seconds after the burst before RSS is read")
-    parser.add_argument("--timeout", type=float, default=300.0, help="per-request client timeout")
-    parser.add_argument("--only", choices=["unbounded", "budget", "no-trim"], help="run one phase only")
-    args = parser.parse_args()
-    image = noise_png(args.image_mb)
-    print(f"image: {len(image) / 1e6:.2f} MB PNG; cpus {os.cpu_count()}; load {os.getloadavg()[0]:.2f}", flush=True)
-    for k in args.k:
-        if args.only in (None, "unbounded"):
-            phase("unbounded", UNBOUNDED, image, k, args.settle, args.timeout)
-        if args.only in (None, "budget"):
-            phase("budget", {}, image, k, args.settle, args.timeout)
-        if args.only in (None, "no-trim"):
-            phase("no-trim", {"trim_after_bytes": 0}, image, k, args.settle, args.timeout)
+    parser.add_argument("--ladder", type=int, nargs="+", default=[3000, 10000])
+    parser.add_argument("--model-seconds", type=float, default=5.0)
+    parser.add_argument("--connect-concurrency", type=int, default=512, help="connects in progress at once")
+    parser.add_argument("--request-timeout", type=float, default=120.0)
+    parser.add_argument("--run-seconds", type=float, default=150.0)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--py-spy", metavar="DIR", help="py-spy record the gateway during each burst into DIR")
+    parser.add_argument("--max-wall-ratio", type=float, default=1.3)
+    parser.add_argument("--max-rss-mib", type=float, default=1024)
+    parser.add_argument("--max-healthz-p99-ms", type=float, default=100)
+    args = parser.parse_args(argv)
+    with child(_serve_fake, args.model_seconds, what="fake fal") as (fal_url, fake_pid):
+        pairs = asyncio.run(measure(args, fal_url, fake_pid))
+    return 0 if report(pairs, args) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

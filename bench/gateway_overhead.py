@@ -94,9 +94,10 @@ def _serve_gateway(conn: Any, stop: Any, storage_dir: str, fal_url: str, poll_in
 
 @contextlib.contextmanager
 def servers(isolation: str, storage_dir: str, poll_interval: float, fake_keepalive: float
-            ) -> Iterator[tuple[str, str, Any]]:
-    """(fal_url, gateway_url, fake-or-None) with both servers running. `fake_keepalive` is the fake's
-    idle keep-alive timeout (uvicorn's timeout_keep_alive; uvicorn's default is 5 s)."""
+            ) -> Iterator[tuple[str, str, Any, int | None]]:
+    """(fal_url, gateway_url, fake-or-None, gateway pid with --isolation process) with both servers
+    running. `fake_keepalive` is the fake's idle keep-alive timeout (uvicorn's timeout_keep_alive;
+    uvicorn's default is 5 s)."""
     if isolation == "thread":
         from tests.fakes.fal import FakeFal, FalScenario
         from tests.fakes.server import LocalServer
@@ -107,7 +108,7 @@ def servers(isolation: str, storage_dir: str, poll_interval: float, fake_keepali
         with LocalServer(fake.app, timeout_keep_alive=fake_keepalive) as fal_srv:
             app = create_app(fal_gateway_settings(storage_dir, fal_srv.url, poll_interval=poll_interval))
             with LocalServer(app) as gw_srv:
-                yield fal_srv.url, gw_srv.url, fake
+                yield fal_srv.url, gw_srv.url, fake, None
         return
 
     ctx = mp.get_context("spawn")
@@ -126,7 +127,7 @@ def servers(isolation: str, storage_dir: str, poll_interval: float, fake_keepali
         procs[-1].start()
         if not gw_recv.poll(30):
             raise RuntimeError("the gateway process did not start")
-        yield fal_url, gw_recv.recv(), None
+        yield fal_url, gw_recv.recv(), None, procs[-1].pid
     finally:
         stop.set()
         for proc in procs:
@@ -215,6 +216,7 @@ class Phase:
     errors: list[str] = field(default_factory=list)
     elapsed: float = 0.0
     stopped_by_time: bool = False
+    gateway_cpu: float | None = None  # seconds of the gateway process's CPU (--isolation process)
 
     @property
     def throughput(self) -> float:
@@ -253,7 +255,16 @@ async def run_phase(name: str, once: Callable[[], Awaitable[int]], *, requests: 
     return phase
 
 
-async def measure(args: argparse.Namespace, fal_url: str, gw_url: str, fake: Any) -> list[list[Phase]]:
+def _cpu(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    from bench.inflight import proc_cpu
+
+    return proc_cpu(pid)
+
+
+async def measure(args: argparse.Namespace, fal_url: str, gw_url: str, fake: Any, gw_pid: int | None
+                  ) -> list[list[Phase]]:
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as client:
         dry = await client.post(f"{gw_url}/v1/images/generations", headers={"x-imagegate-dry-run": "1"},
@@ -277,8 +288,11 @@ async def measure(args: argparse.Namespace, fal_url: str, gw_url: str, fake: Any
                     fake.reset()  # keep the fake's recordings from growing across phases
                 await run_phase(name, once, requests=args.warmup, concurrency=args.concurrency,
                                 max_seconds=args.phase_seconds, request_timeout=args.request_timeout)
+                cpu0 = _cpu(gw_pid)
                 phase = await run_phase(name, once, requests=args.requests, concurrency=args.concurrency,
                                         max_seconds=args.phase_seconds, request_timeout=args.request_timeout)
+                if gw_pid is not None:
+                    phase.gateway_cpu = _cpu(gw_pid) - cpu0
                 phases.append(phase)
                 print(f"  round {number + 1} {name:9s} {len(phase.latencies)} ok, {len(phase.errors)} errors, "
                       f"{phase.elapsed:.1f} s")
@@ -300,7 +314,10 @@ def report(rounds: list[list[Phase]], args: argparse.Namespace) -> bool:
         for phase in phases:
             print(f"{phase.name:10s} {len(phase.latencies):5d} {fmt_ms(phase.p(50)):>10s} "
                   f"{fmt_ms(phase.p(95)):>10s} {phase.throughput:8.1f}   {ratio(phase.p(50), base.p(50)):6.2f} "
-                  f"{ratio(phase.p(95), base.p(95)):6.2f} {ratio(phase.throughput, base.throughput):7.2f}")
+                  f"{ratio(phase.p(95), base.p(95)):6.2f} {ratio(phase.throughput, base.throughput):7.2f}"
+                  + (f"   added p50 {1000 * (phase.p(50) - base.p(50)):+.2f} ms" if phase is not base else "")
+                  + (f"   gateway CPU {1000 * phase.gateway_cpu / max(1, len(phase.latencies)):.2f} ms/req"
+                     if phase.gateway_cpu is not None else ""))
             if phase.errors:
                 rate = len(phase.errors) / (len(phase.errors) + len(phase.latencies))
                 ok = ok and rate <= args.max_error_rate
@@ -336,9 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory(prefix="imagegate-bench-") as storage_dir,
-        servers(args.isolation, storage_dir, args.poll_interval, args.fake_keepalive) as (fal_url, gw_url, fake),
+        servers(args.isolation, storage_dir, args.poll_interval, args.fake_keepalive) as (fal_url, gw_url, fake, pid),
     ):
-        rounds = asyncio.run(measure(args, fal_url, gw_url, fake))
+        rounds = asyncio.run(measure(args, fal_url, gw_url, fake, pid))
     return 0 if report(rounds, args) else 1
 
 

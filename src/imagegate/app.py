@@ -24,9 +24,11 @@ from imagegate.observability.logs import configure_logging
 from imagegate.observability.metrics import Metrics
 from imagegate.observability.middleware import InFlight, ObservabilityMiddleware
 from imagegate.providers.registry import build_providers
+from imagegate.runtime import tune_gc
 from imagegate.settings import Settings, load_settings
 from imagegate.state.redis import connect as connect_redis
 from imagegate.storage.factory import build_storage
+from imagegate.upstream_http import upstream_client
 
 __all__ = ["app_from_env", "create_app"]
 
@@ -35,12 +37,14 @@ _CANCEL_WAIT_SECONDS = 10.0  # for upstream cancellations (fal's cancel call is 
 
 
 def _http_client() -> httpx.AsyncClient:
-    """One pooled client for every upstream call. Per-call timeouts are set by the adapters."""
-    return httpx.AsyncClient(
+    """One pooled client for every upstream call. Per-call timeouts are set by the adapters.
+
+    Its transport (`upstream_http`: aiohttp's pool and parser behind httpx's API) costs the same per
+    request however many are in flight; at most 1000 connections per upstream host, more requests
+    wait in a FIFO queue. Idle connections are dropped before common server idle timeouts (uvicorn
+    5 s) can race a reuse."""
+    return upstream_client(
         timeout=httpx.Timeout(60.0, connect=10.0),
-        # Idle connections are dropped before common server idle timeouts (uvicorn 5 s) can race a reuse.
-        # httpcore compares max_keepalive_connections with *all* open connections, so a lower value
-        # closes every connection that goes idle once that many are open (bench/README.md, inflight).
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=4),
         headers={"user-agent": f"imagegate/{__version__}"},
     )
@@ -49,7 +53,6 @@ def _http_client() -> httpx.AsyncClient:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     redact.remember_secrets(settings)  # masked in every message and log line (core/redact.py)
-    redact.install_log_filter()
     http = _http_client()
     pool = ImagePool(settings.image_workers)
     storage = build_storage(settings.storage)
@@ -71,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tune_gc()
         try:
             yield
         finally:
@@ -109,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         ObservabilityMiddleware, metrics=telemetry, inflight=inflight, log_prompts=settings.logging.log_prompts
     )
+    redact.install_log_filter()  # last: every module (storage backends included) has made its logger
     return app
 
 

@@ -131,23 +131,36 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work` as a task; cancel it and raise ClientDisconnected if the client disconnects first.
+    """Await `work` in this task while one watcher task reads `receive()`; if the client disconnects
+    first, the work is cancelled and ClientDisconnected raised. If this coroutine is itself
+    cancelled, the work (running in this task) is cancelled with it. A `receive()` that breaks only
+    stops the watching.
 
-    If this coroutine is itself cancelled, the task is cancelled too."""
-    task = asyncio.ensure_future(work)
+    One task per request, not two: the work is not wrapped in a task of its own (hot path)."""
+    current = asyncio.current_task()
+    assert current is not None
+    state = {"disconnected": False, "finished": False}
+
+    def on_watcher_done(watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled() or watcher.exception() is not None or state["finished"]:
+            return  # stopped by us, or receive() broke: keep working
+        state["disconnected"] = True
+        current.cancel()
+
     watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    watcher.add_done_callback(on_watcher_done)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and watcher.exception() is not None:  # receive() broke: just wait for the work
-            await asyncio.wait((task,))
+        result = await work
+    except asyncio.CancelledError:
+        if state["disconnected"] and current.uncancel() == 0:  # our cancel alone, not the server's
+            raise ClientDisconnected from None
+        raise
     finally:
+        state["finished"] = True
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
-        raise ClientDisconnected
-    return task.result()
+    if state["disconnected"]:  # the work swallowed our cancel and finished anyway
+        current.uncancel()
+    return result
 
 
 class ImageEventStream(Response):

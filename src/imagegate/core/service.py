@@ -204,7 +204,9 @@ class ImageService:
         ctx = BuildContext(request.operation, target=target, input_size=input_size, options=route.options)
         # Validate every parameter before anything is uploaded: a request the table rejects costs nothing.
         placeholder_mask = None if mask is None else "<mask>"
-        apply_table(table, request, ctx, image_refs=["<image>"] * len(images), mask_ref=placeholder_mask)
+        checked = apply_table(table, request, ctx, image_refs=["<image>"] * len(images), mask_ref=placeholder_mask)
+        if not images and mask is None:
+            return checked  # nothing to upload: the checked plan is the plan (one table pass per request)
         refs = await provider.prepare_images(images, route, dry_run=dry_run) if images else []
         mask_ref = None
         if mask is not None:
@@ -267,6 +269,8 @@ class ImageService:
     async def _execute(
         self, plan: Plan, route: Route, provider: Provider, ctx: CallContext
     ) -> list[ProviderResult]:
+        if len(plan.payloads) == 1:  # the common case: no task group, no extra task (hot path)
+            return [await self._call_with_retries(dict(plan.payloads[0]), route, provider, ctx)]
         limit = asyncio.Semaphore(max(1, self.settings.routing.fanout_concurrency))
 
         async def one(payload: dict[str, object]) -> ProviderResult:

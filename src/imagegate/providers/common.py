@@ -9,6 +9,7 @@ import base64
 import binascii
 import contextlib
 import email.utils
+import functools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -129,10 +130,16 @@ def on_origins(url: str, origins: Iterable[str]) -> bool:
     Credentials go only to the hosts the operator configured."""
     try:
         target = httpx.URL(url)
-        allowed = {(u.scheme, u.host.lower(), u.port) for u in (httpx.URL(origin) for origin in origins)}
+        allowed = _origin_set(tuple(origins))
     except httpx.InvalidURL:
         return False
     return bool(target.host) and (target.scheme, target.host.lower(), target.port) in allowed
+
+
+@functools.lru_cache(maxsize=64)
+def _origin_set(origins: tuple[str, ...]) -> frozenset[tuple[str, str, int | None]]:
+    """The configured origins, parsed once (they are checked on every upstream URL: hot path)."""
+    return frozenset((u.scheme, u.host.lower(), u.port) for u in (httpx.URL(origin) for origin in origins))
 
 
 async def get_with_retry(

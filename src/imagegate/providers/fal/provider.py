@@ -118,7 +118,7 @@ class FalProvider(Provider):
             output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)
         else:
             raise InternalError(f"fal route option `mode` must be 'queue' or 'sync', not {mode!r}.")
-        log.info("fal %s finished: request_id=%s gateway_request=%s", route.model, output.request_id, ctx.request_id)
+        log.debug("fal %s finished: request_id=%s gateway_request=%s", route.model, output.request_id, ctx.request_id)
         try:
             images, seed = parse_output(output.body, safety_checker=payload.get("enable_safety_checker") is not False)
         except GatewayError as exc:

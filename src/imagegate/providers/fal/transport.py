@@ -144,7 +144,7 @@ class FalTransport:
             raise UpstreamError("fal's submit response lacks request_id/status_url/response_url/cancel_url.",
                                 accepted=True)
         handle = QueueHandle(model, **urls)  # type: ignore[arg-type]
-        log.info("fal submitted %s request_id=%s", model, handle.request_id)
+        log.debug("fal submitted %s request_id=%s", model, handle.request_id)
         foreign = [key for key in ("status_url", "response_url", "cancel_url") if not self.is_fal_url(str(urls[key]))]
         if foreign:
             # Never send the key elsewhere; cancel the job through the configured queue host instead.

@@ -1,0 +1,163 @@
+"""The upstream HTTP client: httpx's API (what every adapter calls) on aiohttp's connection pool
+and HTTP/1.1 parser.
+
+Why not httpx's own transport: httpcore 1.0's `AsyncConnectionPool` re-scans every queued request
+against every connection each time a request starts or ends, so its cost per request grows with
+the number in flight; with ~1,500 fal jobs polling at once one gateway process spent all its CPU
+there and completed nothing. Measured against the alternatives (bench/README.md, "Choosing the
+upstream client"), aiohttp's connector costs O(1) per request at any K, and with its C parser an
+upstream request costs about half the CPU of httpx + httpcore even at concurrency 1.
+
+`AiohttpTransport` keeps httpx's contract for the adapters:
+
+- httpx exceptions, mapped so that the distinctions the adapters rely on hold: `ConnectError` /
+  `ConnectTimeout` only when no connection was made (a submit that failed so was never sent),
+  `ReadTimeout` when the answer was late, `RemoteProtocolError` when the server hung up or
+  answered garbage, `ReadError`/`WriteError` for socket errors on an open connection;
+- httpx's per-request timeouts: `connect` (TCP + TLS), `read` (between bytes), `pool` (waiting
+  for a free connection, plus the connect);
+- bodies untouched (no decompression here, httpx decodes), no redirects (httpx follows them when
+  asked), no cookies kept, no headers added beyond what httpx sends, URLs sent exactly as httpx
+  encoded them, the `sni_hostname` extension (connect to an address, verify the name).
+
+`limits.max_connections` applies per upstream host (one slow upstream cannot starve another); more
+requests wait in aiohttp's FIFO queue. Idle connections close after `limits.keepalive_expiry`.
+The aiohttp session is created on first use in the running event loop (a new one if the loop
+changed, e.g. between tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp
+import httpx
+from multidict import CIMultiDict
+from yarl import URL
+
+__all__ = ["AiohttpTransport", "upstream_client"]
+
+CHUNK = 64 * 1024
+# Headers aiohttp would otherwise add on its own: httpx already sends the ones it means to.
+_SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+@contextmanager
+def _mapped(request: httpx.Request) -> Iterator[None]:
+    """aiohttp / socket failures -> the httpx exception httpcore would have raised."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise httpx.ConnectTimeout(str(exc) or "Timed out connecting", request=request) from exc
+    except aiohttp.ClientConnectorError as exc:  # DNS, refused, TLS handshake: nothing was sent
+        raise httpx.ConnectError(str(exc), request=request) from exc
+    except (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, TimeoutError) as exc:
+        raise httpx.ReadTimeout(str(exc) or "Timed out reading the response", request=request) from exc
+    except aiohttp.ServerDisconnectedError as exc:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a complete response.",
+                                        request=request) from exc
+    except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+        raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+    except aiohttp.InvalidURL as exc:
+        raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
+    except (aiohttp.ClientOSError, OSError) as exc:
+        raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+    except aiohttp.ClientError as exc:
+        raise httpx.TransportError(str(exc) or type(exc).__name__, request=request) from exc
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped(self._request):
+            async for chunk in self._response.content.iter_chunked(CHUNK):
+                yield chunk
+
+    async def aclose(self) -> None:
+        # Fully read: the connection goes back to the pool; otherwise it is closed.
+        self._response.release()
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """An httpx transport on an `aiohttp.ClientSession` (module docstring). HTTP/1.1, no proxy."""
+
+    def __init__(self, *, limits: httpx.Limits, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._limits = limits
+        self._ssl = ssl_context or httpx.create_ssl_context()  # httpx's CA bundle and settings
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _session_here(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            connector = aiohttp.TCPConnector(
+                limit=0,
+                limit_per_host=self._limits.max_connections or 0,
+                keepalive_timeout=self._limits.keepalive_expiry or 0,
+                ssl=self._ssl,
+                ttl_dns_cache=10,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=_SKIP_AUTO,
+                timeout=aiohttp.ClientTimeout(total=None),
+                max_field_size=16 * 1024,
+            )
+            self._loop = loop
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session_here()
+        timeouts = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.get("pool"),
+            sock_connect=timeouts.get("connect"),
+            sock_read=timeouts.get("read"),
+        )
+        headers: CIMultiDict[str] = CIMultiDict()
+        for key, value in request.headers.raw:
+            headers.add(key.decode("latin-1"), value.decode("latin-1"))
+        data: Any
+        try:
+            data = request.content or None
+        except httpx.RequestNotRead:
+            data = request.stream  # a streamed body: aiohttp sends it chunked
+            headers.popall("transfer-encoding", None)
+        with _mapped(request):
+            response = await session.request(
+                request.method,
+                URL(str(request.url), encoded=True),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=timeout,
+                server_hostname=request.extensions.get("sni_hostname"),
+            )
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=_ResponseStream(response, request),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1")},
+        )
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
+            await session.close()
+
+
+def upstream_client(
+    *, limits: httpx.Limits, timeout: httpx.Timeout, headers: dict[str, str] | None = None
+) -> httpx.AsyncClient:
+    """The shared upstream client (`limits.max_connections` per upstream host)."""
+    return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=timeout, headers=headers)

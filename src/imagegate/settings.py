@@ -39,6 +39,7 @@ __all__ = [
     "RoutePrice",
     "RoutingSettings",
     "S3StorageSettings",
+    "ServerSettings",
     "Settings",
     "StorageSettings",
     "WebhookSettings",
@@ -226,6 +227,21 @@ class FetchSettings(BaseModel):
     timeout_seconds: PositiveFloat = 20.0
 
 
+class ServerSettings(BaseModel):
+    """The HTTP server of `imagegate serve` (per worker process; see README "Server runtime")."""
+
+    header_timeout: float = Field(10.0, gt=0)  # a request's headers must arrive within this (also a new idle socket)
+    body_timeout: float = Field(30.0, gt=0)  # the body gets this long, plus 1 s per `body_min_rate` bytes received
+    body_min_rate: int = Field(10_000, ge=1)  # bytes per second
+    keepalive_timeout: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this
+    max_connections: int | None = Field(None, ge=1)  # per worker; default: 3/4 of the open-file limit
+    reserved_connections: int = Field(32, ge=1)  # beyond the cap: only /healthz and /readyz are served
+    log_interval: float = Field(10.0, gt=0)  # a resource-exhaustion condition is logged at most this often
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    http: Literal["auto", "h11", "httptools"] = "auto"
+    access_log: bool = False  # uvicorn's line per request (off: it costs ~6% of a request's CPU)
+
+
 class RoutePrice(BaseModel):
     """What a route's upstream charges, for the cost estimate (`x-imagegate-cost-usd`, `/v1/usage`)."""
 
@@ -336,6 +352,7 @@ class Settings(BaseSettings):
     log_level: LogLevel = "info"
     logging: LoggingSettings = LoggingSettings()
     shutdown_grace_seconds: int = Field(30, ge=0)  # on SIGTERM: finish in-flight requests this long
+    server: ServerSettings = ServerSettings()
     limits: LimitsSettings = LimitsSettings()
     storage: StorageSettings = StorageSettings()
     delivery: DeliverySettings = DeliverySettings()

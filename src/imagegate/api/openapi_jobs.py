@@ -108,21 +108,21 @@ def job_paths(errors: ErrorsOf) -> Schema:
             "get": {"operationId": "listImageJobs", "tags": ["jobs"], "summary": "The calling key's jobs, newest first",
                     "parameters": listing,
                     "responses": {"200": _ok("A page of jobs.", {"$ref": "#/components/schemas/ImageJobList"}),
-                                  **errors(400, 401, 429, 500)}}
+                                  **errors(400, 401, 429, 500, 503)}}
         },
         "/v1/images/jobs/{job_id}": {
             "get": {"operationId": "retrieveImageJob", "tags": ["jobs"], "summary": "One job",
                     "parameters": [job_id],
-                    "responses": {"200": _ok("The job.", _JOB), **errors(401, 404, 429, 500)}}
+                    "responses": {"200": _ok("The job.", _JOB), **errors(401, 404, 429, 500, 503)}}
         },
         "/v1/images/jobs/{job_id}/cancel": {
             "post": {"operationId": "cancelImageJob", "tags": ["jobs"], "summary": "Cancel a job (upstream too)",
                      "parameters": [job_id],
-                     "responses": {"200": _ok("The job after the cancel.", _JOB), **errors(401, 404, 429, 500)}}
+                     "responses": {"200": _ok("The job after the cancel.", _JOB), **errors(401, 404, 429, 500, 503)}}
         },
         "/v1/images/jobs/{job_id}/events": {
             "get": {"operationId": "imageJobEvents", "tags": ["jobs"], "summary": "Follow a job",
                     "parameters": [job_id],
-                    "responses": {"200": events, **errors(401, 404, 429, 500)}}
+                    "responses": {"200": events, **errors(401, 404, 429, 500, 503)}}
         },
     }  # fmt: skip

@@ -71,9 +71,16 @@ class Idempotency:
         return hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
 
     async def run(
-        self, scope: str, key: str, request: ImageRequest, work: Callable[[], Awaitable[ImageResult]]
+        self,
+        scope: str,
+        key: str,
+        request: ImageRequest,
+        work: Callable[[], Awaitable[ImageResult]],
+        *,
+        on_wait: Callable[[], Awaitable[None]] | None = None,
     ) -> ImageResult:
-        """`work()`'s result, run at most once for (`scope`, `key`) while its record lives."""
+        """`work()`'s result, run at most once for (`scope`, `key`) while its record lives.
+        `on_wait` runs once when this request starts waiting for a running first one."""
         record_key = self.record_key(scope, check_key(key))
         wanted = await asyncio.to_thread(fingerprint, request)  # hashes every input image: off the event loop
         give_up = time.monotonic() + self.max_wait_seconds
@@ -97,6 +104,9 @@ class Idempotency:
                     param="Idempotency-Key",
                     code="idempotency_key_in_use",
                 )
+            if on_wait is not None:
+                await on_wait()
+                on_wait = None
             await asyncio.sleep(delay)  # a duplicate waits for the first, then replays its result
             delay = min(delay * 1.5, 0.25)
 

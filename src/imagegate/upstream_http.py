@@ -112,6 +112,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 auto_decompress=False,
                 skip_auto_headers=_SKIP_AUTO,
                 timeout=aiohttp.ClientTimeout(total=None),
+                max_line_size=16 * 1024,  # h11's (httpcore's) limit for a header block line
                 max_field_size=16 * 1024,
             )
             self._loop = loop
@@ -149,7 +150,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             status_code=response.status,
             headers=response.raw_headers,
             stream=_ResponseStream(response, request),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1")},
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+            },
         )
 
     async def aclose(self) -> None:

@@ -58,32 +58,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{entry.id}\t{routes}")
         return 0
 
-    import uvicorn
-
     from imagegate.multiworker import check_workers
-    from imagegate.observability.logs import configure_logging, uvicorn_log_config
+    from imagegate.observability.logs import configure_logging
     from imagegate.observability.metrics import prepare_multiprocess_dir
+    from imagegate.server import serve
 
+    workers = args.workers or settings.workers
     configure_logging(settings)  # this process's own lines (the supervisor's, with workers) in the same format
-    errors, warnings = check_workers(settings, args.workers or settings.workers)
+    errors, warnings = check_workers(settings, workers)
     for error in errors:
         logging.getLogger("imagegate").error(error)
     for warning in warnings:
         logging.getLogger("imagegate").warning(warning)
     if errors:
         return 2
-    prepare_multiprocess_dir(args.workers or settings.workers)  # before any worker imports prometheus_client
-    uvicorn.run(
-        "imagegate.app:app_from_env",
-        factory=True,
+    prepare_multiprocess_dir(workers)  # before any worker imports prometheus_client
+    return serve(
+        settings,
         host=args.host or settings.host,
         port=args.port or settings.port,
-        workers=args.workers or settings.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-        log_config=uvicorn_log_config(settings),
+        workers=workers,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ ENV_PREFIX = "IMAGEGATE_"
 # Read by the config file or the CLI, not settings themselves.
 _NOT_SETTINGS = frozenset({"IMAGEGATE_CONFIG", "IMAGEGATE_DATA_DIR"})
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
-_SECRET_NAME = re.compile(r"key|token|secret|password", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(key|token|secret|password)(_id|_sha256)?$", re.IGNORECASE)
 
 
 @dataclass
@@ -208,7 +208,11 @@ def _describe(exc: ValidationError, environ: Mapping[str, str], source: str) -> 
         env_name = ENV_PREFIX + "__".join(str(p).upper() for p in error["loc"])
         origin = f"from ${env_name}" if env_name in {k.upper() for k in environ} else source
         shown = _shown_value(error, loc)
-        lines.append(f"invalid setting '{loc}'{shown} {origin}: must be {_allowed(error)}")
+        reason = str((error.get("ctx") or {}).get("error", "")) if error["type"] == "value_error" else ""
+        if reason and not reason.startswith("must be"):  # a check across several settings says it all
+            lines.append(f"invalid setting '{loc or 'settings'}' {origin}: {reason}")
+        else:
+            lines.append(f"invalid setting '{loc}'{shown} {origin}: must be {_allowed(error)}")
     return lines
 
 
@@ -223,6 +227,8 @@ def _shown_value(error: Any, loc: str) -> str:
     if error["type"] == "missing" or _SECRET_NAME.search(loc.rsplit(".", 1)[-1]):
         return ""
     value = error.get("input")
+    if isinstance(value, dict):  # a whole section: its own keys are named elsewhere
+        return ""
     if isinstance(value, str):
         value = _mask_url(value)
     text = repr(value)
@@ -288,6 +294,10 @@ def _allowed(error: Any) -> str:
         return "a non-empty string"
     if kind == "too_short":
         return "a non-empty list"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "a mapping of settings"
+    if kind == "list_type":
+        return "a list"
     if kind in ("bool_parsing", "bool_type"):
         return "true or false"
     ranged = _constraint_text(_field_at(error["loc"]))

@@ -38,6 +38,7 @@ __all__ = [
     "RoutePrice",
     "RoutingSettings",
     "S3StorageSettings",
+    "ServerSettings",
     "Settings",
     "StorageSettings",
     "interpolate_env",
@@ -165,7 +166,7 @@ class S3StorageSettings(BaseModel):
     secret_access_key: SecretStr | None = None
     prefix: str = "outputs/"
     url_style: Literal["presigned", "gateway"] = "presigned"
-    timeout_seconds: float = 30.0  # per S3 request (retries included)
+    timeout_seconds: PositiveFloat = 30.0  # per S3 request (retries included)
 
     _empty = field_validator(
         "endpoint_url", "public_endpoint_url", "access_key_id", "secret_access_key", mode="before"
@@ -198,7 +199,7 @@ class DeliverySettings(BaseModel):
     public_base_url: HttpUrl | None = None  # e.g. https://images.example.com; default: the request's base URL
     default_response_format: Literal["url", "b64_json"] = "url"
 
-    _empty = field_validator("public_base_url", mode="before")(_secret_or_none)
+    _empty = field_validator("public_base_url", mode="before")(_secret_or_none)  # "" = not set
 
 
 class RoutingSettings(BaseModel):
@@ -218,6 +219,21 @@ class FetchSettings(BaseModel):
     allow_hosts: list[str] = []  # hosts exempt from the private-address block (operators, tests)
     max_bytes: PositiveInt = 50 * 1024 * 1024
     timeout_seconds: PositiveFloat = 20.0
+
+
+class ServerSettings(BaseModel):
+    """The HTTP server of `imagegate serve` (per worker process; see README "Server runtime")."""
+
+    header_timeout: float = Field(10.0, gt=0)  # a request's headers must arrive within this (also a new idle socket)
+    body_timeout: float = Field(30.0, gt=0)  # the body gets this long, plus 1 s per `body_min_rate` bytes received
+    body_min_rate: int = Field(10_000, ge=1)  # bytes per second
+    keepalive_timeout: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this
+    max_connections: int | None = Field(None, ge=1)  # per worker; default: 3/4 of the open-file limit
+    reserved_connections: int = Field(32, ge=1)  # beyond the cap: only /healthz and /readyz are served
+    log_interval: float = Field(10.0, gt=0)  # a resource-exhaustion condition is logged at most this often
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    http: Literal["auto", "h11", "httptools"] = "auto"
+    access_log: bool = False  # uvicorn's line per request (off: it costs ~6% of a request's CPU)
 
 
 class RoutePrice(BaseModel):
@@ -305,6 +321,7 @@ class Settings(BaseSettings):
     log_level: LogLevel = "info"
     logging: LoggingSettings = LoggingSettings()
     shutdown_grace_seconds: int = Field(30, ge=0)  # on SIGTERM: finish in-flight requests this long
+    server: ServerSettings = ServerSettings()
     limits: LimitsSettings = LimitsSettings()
     storage: StorageSettings = StorageSettings()
     delivery: DeliverySettings = DeliverySettings()

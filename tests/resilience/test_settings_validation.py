@@ -88,6 +88,15 @@ FILE_CASES: list[tuple[dict[str, Any], str]] = [
         "must be one of fal, openai, replicate, sandbox",
     ),
     ({"models": {"x": {"routes": []}}}, "invalid setting 'models.x.routes' = [] in {path}: must be a non-empty list"),
+    ({"limits": 5}, "invalid setting 'limits' = 5 in {path}: must be a mapping of settings"),
+    (
+        {"fetch": {"allow_hosts": "example.com"}},
+        "invalid setting 'fetch.allow_hosts' = 'example.com' in {path}: must be a list",
+    ),
+    (
+        {"storage": {"backend": "s3"}},
+        "invalid setting 'storage' in {path}: storage.backend is s3 but storage.s3.bucket is empty",
+    ),
     (
         {"delivery": {"public_base_url": "ftp://images.example.com"}},
         "invalid setting 'delivery.public_base_url' = 'ftp://images.example.com' in {path}: " + HTTP_URL,
@@ -196,10 +205,8 @@ def test_config_check_prints_the_effective_configuration_with_secrets_masked(tmp
     assert shown["providers"]["openai"]["base_url"] == "https://proxy-user:****@proxy.example.com/v1"
     assert shown["routing"]["deadline_seconds"] == 42
     assert shown["limits"]["max_images"] == 8  # the environment wins over the file
-    assert shown["models"]["sandbox-edit"]["routes"] == [
-        {"provider": "sandbox", "model": "sandbox-edit", "options": {}, "timeout_seconds": None, "url_mode": None,
-         "price": None}
-    ]
+    [route] = shown["models"]["sandbox-edit"]["routes"]
+    assert (route["provider"], route["model"], route["timeout_seconds"]) == ("sandbox", "sandbox-edit", None)
 
 
 def test_a_misspelt_environment_variable_is_a_warning_naming_the_closest_setting() -> None:

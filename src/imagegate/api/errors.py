@@ -32,7 +32,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -100,7 +100,7 @@ def gateway_error_response(exc: GatewayError, request_id: str | None = None) -> 
 
 
 def _log_gateway_error(exc: GatewayError, request_id: str | None) -> None:
-    if exc.status >= 500:
+    if exc.status >= 500 and exc.code != "server_busy":  # the in-flight budget logs those once per interval
         logger.warning(
             "request %s failed: %r (provider=%s, upstream_request_id=%s)",
             request_id,
@@ -222,6 +222,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client left (or was cut for reading too slowly): nobody to answer
+            logger.info("request %s: the client disconnected before its body was complete", rid)
         except Exception as exc:
             if started:
                 logger.error("request %s: error after the response started", rid, exc_info=exc)

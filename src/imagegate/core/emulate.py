@@ -94,7 +94,7 @@ def _finish(source: bytes | str, spec: OutputSpec) -> tuple[bytes, imaging.Image
         info, size=size, fmt=spec.format, compression=spec.compression, background=spec.background
     ):
         with telemetry.postprocess("transform"):
-            data = imaging.transform(
+            data, info = imaging.transform_with_info(  # no second parse of what was just encoded
                 data,
                 size=size,
                 fmt=spec.format,
@@ -102,7 +102,6 @@ def _finish(source: bytes | str, spec: OutputSpec) -> tuple[bytes, imaging.Image
                 background=spec.background,
                 max_pixels=spec.max_pixels,
             )
-        info = imaging.probe(data, max_pixels=spec.max_pixels)
     encoded = None
     if spec.response_format == "b64_json":
         with telemetry.postprocess("base64"):

@@ -55,6 +55,7 @@ __all__ = [
     "needs_transform",
     "probe",
     "transform",
+    "transform_with_info",
 ]
 
 
@@ -204,7 +205,23 @@ def transform(
     background: str | None,
     max_pixels: int,
 ) -> bytes:
-    """Decode ``data``, fit it to ``size`` and encode it as ``fmt``.
+    """:func:`transform_with_info` without the description of the result."""
+    return transform_with_info(
+        data, size=size, fmt=fmt, compression=compression, background=background, max_pixels=max_pixels
+    )[0]
+
+
+def transform_with_info(
+    data: bytes,
+    *,
+    size: tuple[int, int] | None,
+    fmt: str,
+    compression: int | None,
+    background: str | None,
+    max_pixels: int,
+) -> tuple[bytes, ImageInfo]:
+    """Decode ``data``, fit it to ``size`` and encode it as ``fmt``; return the bytes and what
+    :func:`probe` would say of them (known from the encoder's input, so nothing is parsed again).
 
     - The input is probed first (``max_pixels`` applies); EXIF orientation is applied.
     - ``size=(w, h)`` gives exactly that size with "cover" semantics: scaled to cover the box,
@@ -231,7 +248,8 @@ def transform(
         checkpoint()
         img = _cover(img, size)
     checkpoint()
-    return encode_image(img, fmt, compression)
+    encoded, has_alpha = _encode(img, fmt, compression)
+    return encoded, ImageInfo(format=fmt, width=img.size[0], height=img.size[1], has_alpha=has_alpha)
 
 
 def decode(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -252,6 +270,11 @@ def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
     profile is dropped. Raises ``ValueError`` for an unknown ``fmt`` or compression out of range,
     :class:`FormatSizeLimit` for an image wider or taller than ``fmt`` can store.
     """
+    return _encode(img, fmt, compression)[0]
+
+
+def _encode(img: Image.Image, fmt: str, compression: int | None) -> tuple[bytes, bool]:
+    """:func:`encode_image`, plus whether the encoded image has alpha (as :func:`probe` reports it)."""
     _check_options(fmt=fmt, compression=compression, background=None)
     limit = _MAX_SIDE.get(fmt)
     if limit is not None and max(img.size) > limit:
@@ -277,7 +300,7 @@ def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
             params["transparency"] = transparency
     out = io.BytesIO()
     img.save(out, format=fmt.upper(), **params)
-    return out.getvalue()
+    return out.getvalue(), img.mode in _ALPHA_MODES or "transparency" in params
 
 
 # -- private helpers ---------------------------------------------------------------------------

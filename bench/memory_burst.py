@@ -13,8 +13,8 @@ Phases (each a fresh server process, same image, same K):
   budget      the packaged defaults (limits.max_inflight_bytes etc.)
   no-trim     the defaults without malloc_trim (limits.trim_after_bytes: 0), to see what it gives back
 
-    .venv/bin/python bench/burst.py                 # K = 200 and 400, ~6 min on 2 cores
-    .venv/bin/python bench/burst.py -k 200 --image-mb 5
+    .venv/bin/python bench/memory_burst.py                 # K = 200 and 400, ~6 min on 2 cores
+    .venv/bin/python bench/memory_burst.py -k 200 --image-mb 5
 """
 
 from __future__ import annotations

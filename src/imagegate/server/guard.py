@@ -1,0 +1,286 @@
+"""Per-connection guards for uvicorn's HTTP protocols: read timeouts and a connection cap.
+
+uvicorn times out only the idle gap *after* a response (`timeout_keep_alive`). A socket that never
+sends a byte, sends its headers at 1 byte/s or dribbles its body stays open for ever, and each one
+holds a file descriptor. The protocol classes here (`GuardedH11Protocol`, `GuardedHttpToolsProtocol`:
+uvicorn's own, plus `_GuardMixin`) add, per connection, one timer for the phase it is in:
+
+    phase     starts                               closes the connection when
+    idle      connect / a response was sent         header_timeout after connect (uvicorn's keep-alive
+                                                    timer covers the gap after a response)
+    headers   the first byte of a request          the headers are not complete header_timeout later
+    body      the headers are complete             body_timeout + (bytes received / body_min_rate)
+                                                    seconds after the headers, unless it is complete
+    app       the body is complete                 never (the request's own deadline applies)
+
+A cut request whose response has not started gets `408 request_timeout` in OpenAI's envelope; the
+app, if it waits on the body, sees a disconnect.
+
+The cap (`ConnectionGuard`, one per worker process): with `max_connections` open, a new connection
+first evicts the oldest *idle* one (keep-alive or not a byte yet, for at least
+`EVICTABLE_AFTER` seconds). If none is, up to
+`reserved_connections` more are accepted but may only ask for `/healthz` or `/readyz`; anything else
+gets `503 server_busy` and the connection is closed. Beyond that, new connections are closed at once.
+Each of these conditions is logged at most once per `log_interval`, with a count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from imagegate.server.ratelog import RateLimitedLog
+from imagegate.settings import ServerSettings
+
+__all__ = ["HEALTH_PATHS", "ConnectionGuard", "GuardedH11Protocol", "_GuardMixin", "guarded_protocol_class"]
+
+logger = logging.getLogger("imagegate.server")
+
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+_IDLE, _HEADERS, _BODY, _APP = "idle", "headers", "body", "app"
+EVICTABLE_AFTER = 1.0  # seconds idle before a connection may be closed to admit a new one
+
+
+def _error(status: int, reason: str, code: str, message: str, extra: str = "") -> bytes:
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error" if status < 500 else "server_error",
+                "param": None,
+                "code": code,
+            }
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n{extra}\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+REQUEST_TIMEOUT = _error(408, "Request Timeout", "request_timeout", "The request was not received in time.")
+_BUSY_MESSAGE = "The server has too many open connections; retry shortly."
+
+
+class ConnectionGuard:
+    """The open connections of one worker process, idle ones in age order, and the cap."""
+
+    def __init__(self, settings: ServerSettings, max_connections: int) -> None:
+        self.settings = settings
+        self.max_connections = max_connections
+        self.open: set[_GuardMixin] = set()
+        self.idle: OrderedDict[_GuardMixin, float] = OrderedDict()  # connection -> idle since
+        self.evicted = RateLimitedLog(
+            logger,
+            settings.log_interval,
+            "connection limit (%d) reached: closed %d idle connection(s) to admit new ones",
+        )
+        self.overflow = RateLimitedLog(
+            logger,
+            settings.log_interval,
+            "connection limit (%d) reached with no idle connection: %d connection(s) admitted for health checks only",
+        )
+        self.refused = RateLimitedLog(
+            logger,
+            settings.log_interval,
+            "connection limit (%d) and its health reserve are full: closed %d new connection(s) at once",
+        )
+
+    def admit(self, conn: _GuardMixin) -> str:
+        """Register a new connection; returns "ok", "health-only" or "refuse"."""
+        self.open.add(conn)
+        if len(self.open) <= self.max_connections:
+            return "ok"
+        for victim, since in self.idle.items():  # oldest first
+            if time.monotonic() - since < EVICTABLE_AFTER:
+                break  # a connection this fresh has not had its chance to send a request yet
+            victim.close_idle()
+            self.evicted.hit(self.max_connections)
+            return "ok"
+        if len(self.open) <= self.max_connections + self.settings.reserved_connections:
+            self.overflow.hit(self.max_connections)
+            return "health-only"
+        self.refused.hit(self.max_connections)
+        return "refuse"
+
+    def set_idle(self, conn: _GuardMixin, idle: bool) -> None:
+        if idle:
+            self.idle.pop(conn, None)
+            self.idle[conn] = time.monotonic()
+        else:
+            self.idle.pop(conn, None)
+
+    def forget(self, conn: _GuardMixin) -> None:
+        self.open.discard(conn)
+        self.idle.pop(conn, None)
+
+
+class _HealthOnly:
+    """The ASGI app of a connection admitted beyond the cap: health checks, or 503 server_busy."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(
+            {"error": {"message": _BUSY_MESSAGE, "type": "server_error", "param": None, "code": "server_busy"}}
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _GuardMixin:
+    """Phase timers and cap admission on top of a uvicorn HTTP protocol (see the module docstring).
+
+    It relies on what uvicorn's h11 and httptools protocols share: `config`, `loop`, `transport`,
+    `app`, `cycle` (with `more_body`, `response_complete`, `disconnected`, `message_event`) and the
+    hooks `connection_made`, `data_received`, `on_response_complete`, `connection_lost`."""
+
+    config: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    app: Any
+    cycle: Any
+
+    _guard: ConnectionGuard
+    _phase: str = _IDLE
+    _timer: asyncio.TimerHandle | None = None
+    _body_started: float = 0.0
+    _body_bytes: int = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._guard = self.config.connection_guard
+        self._phase = _IDLE
+        verdict = self._guard.admit(self)
+        if verdict == "refuse":
+            self._guard.forget(self)
+            self.transport.abort()
+            return
+        if verdict == "health-only":
+            self.app = _HealthOnly(self.app)
+        self._guard.set_idle(self, True)
+        self._arm(self._guard.settings.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase == _IDLE:
+            self._phase = _HEADERS
+            self._guard.set_idle(self, False)
+            self._arm(self._guard.settings.header_timeout)
+        elif self._phase == _BODY:
+            self._body_bytes += len(data)
+        super().data_received(data)  # type: ignore[misc]
+        self._sync_phase()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():
+            self._sync_phase()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._guard.forget(self)
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def close_idle(self) -> None:
+        """Evicted to make room: close quietly (a keep-alive client simply reconnects)."""
+        self._disarm()
+        self._guard.forget(self)
+        self.transport.close()
+
+    # -- phases ----------------------------------------------------------------------------------
+
+    def _sync_phase(self) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            if self._phase in (_BODY, _APP):  # a response went out: uvicorn's keep-alive timer runs now
+                self._phase = _IDLE
+                self._disarm()
+                self._guard.set_idle(self, True)
+            return
+        if cycle.more_body:
+            if self._phase != _BODY:
+                self._phase = _BODY
+                self._body_started = self.loop.time()
+                self._body_bytes = 0
+                self._arm(self._guard.settings.body_timeout)
+        elif self._phase != _APP:
+            self._phase = _APP
+            self._disarm()
+
+    def _arm(self, delay: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        settings = self._guard.settings
+        if self._phase == _BODY:
+            deadline = self._body_started + settings.body_timeout + self._body_bytes / settings.body_min_rate
+            remaining = deadline - self.loop.time()
+            if remaining > 0:  # the body kept arriving fast enough: check again at the new deadline
+                self._timer = self.loop.call_later(remaining, self._on_timer)
+                return
+        elif self._phase == _APP:
+            return
+        self._cut()
+
+    def _cut(self) -> None:
+        cycle = self.cycle
+        started = cycle is not None and not cycle.response_complete and getattr(cycle, "response_started", False)
+        if self._phase != _IDLE and not started:
+            self.transport.write(REQUEST_TIMEOUT)
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._guard.forget(self)
+        self.transport.close()
+        _timeouts[self._phase].hit()
+
+
+_timeouts = {
+    phase: RateLimitedLog(logger, 60.0, f"closed %d connection(s) that sent no complete {what} in time")
+    for phase, what in ((_IDLE, "request"), (_HEADERS, "request headers"), (_BODY, "request body"))
+}
+
+
+class GuardedH11Protocol(_GuardMixin, H11Protocol):
+    """uvicorn's h11 protocol with read timeouts and the connection cap."""
+
+
+def guarded_protocol_class(http: str) -> str:
+    """Import path of the guarded protocol for `server.http` ("auto": httptools if installed, else h11).
+
+    A path, not a class, so that uvicorn's worker processes import it themselves."""
+    if http in ("auto", "httptools"):
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            if http == "httptools":
+                raise
+        else:
+            return "imagegate.server.guard_httptools:GuardedHttpToolsProtocol"
+    return "imagegate.server.guard:GuardedH11Protocol"

@@ -237,9 +237,11 @@ async def inflight(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         gw = stack.enter_context(services.imagegate(work, fake.url, poll=0.5, poll_max=3.0))
         litellm = stack.enter_context(services.litellm(work, fake.url))
         for k in args.k:
-            for name in ("direct (queue)", "imagegate (queue)", "litellm (sync)"):
+            for name in ("direct (queue)", "direct (sync)", "imagegate (queue)", "litellm (sync)"):
                 client = lc.Client(timeout=timeout)
-                if name.startswith("direct"):
+                if name == "direct (sync)":
+                    once = lc.direct_sync(client, fake.url)
+                elif name.startswith("direct"):
                     once = lc.direct_queue(client, fake.url, poll=0.5, poll_max=3.0)
                 elif name.startswith("imagegate"):
                     once = lc.openai_images(client, gw.url, extra={"response_format": "url"})

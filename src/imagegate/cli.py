@@ -63,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from imagegate.observability.metrics import prepare_multiprocess_dir
     from imagegate.server import serve
 
-    workers = args.workers or settings.workers
+    workers = settings.workers if args.workers is None else args.workers
+    if workers < 1:
+        print(f"imagegate: invalid setting 'workers' = '{workers}' from --workers: must be at least 1", file=sys.stderr)
+        return 2
     configure_logging(settings)  # this process's own lines (the supervisor's, with workers) in the same format
     errors, warnings = check_workers(settings, workers)
     for error in errors:
@@ -73,10 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if errors:
         return 2
     prepare_multiprocess_dir(workers)  # before any worker imports prometheus_client
-    return serve(
+    return serve(  # uvicorn with the read timeouts and connection cap of `server:` (imagegate.server)
         settings,
         host=args.host or settings.host,
-        port=args.port or settings.port,
+        port=settings.port if args.port is None else args.port,  # --port 0: a free port
         workers=workers,
     )
 

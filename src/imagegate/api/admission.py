@@ -169,7 +169,8 @@ class Budget:
             await self._acquire(ticket, total - ticket.bytes, grow=True)
 
     def grow_now(self, ticket: Ticket, size: int) -> None:
-        """Like `grow`, without waiting: raises ServerBusy at once if the bytes are not free."""
+        """Add `size` bytes to an admitted request's share now (capped at the whole budget), or
+        raise ServerBusy at once: for a body counted while it streams in, where nothing can wait."""
         size = max(0, min(size, self.max_bytes - ticket.bytes))
         if not size or ticket.released:
             return

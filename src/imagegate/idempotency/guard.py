@@ -64,6 +64,7 @@ class Idempotency:
         self.ttl_seconds = ttl_seconds
         self.lease_seconds = lease_seconds
         self.max_wait_seconds = max_wait_seconds
+        self._storing: set[asyncio.Future[None]] = set()  # completions that outlive a departed client
 
     @staticmethod
     def record_key(scope: str, key: str) -> str:
@@ -111,6 +112,14 @@ class Idempotency:
                 await asyncio.shield(self.store.release(record_key, mine.owner))
             raise
         renewer.cancel()
+        # The work is done and paid for: store it even if the client leaves meanwhile (its retry replays).
+        storing = asyncio.ensure_future(self._complete(record_key, mine, result))
+        self._storing.add(storing)
+        storing.add_done_callback(self._storing.discard)
+        await asyncio.shield(storing)
+        return result
+
+    async def _complete(self, record_key: str, mine: Record, result: ImageResult) -> None:
         try:
             response = await skeleton(result, self.storage, ttl_seconds=self.ttl_seconds + 60)
             done = Record("done", mine.fingerprint, mine.owner, response)
@@ -119,7 +128,6 @@ class Idempotency:
             log.warning("could not store the response of an Idempotency-Key; a repeat will run again", exc_info=True)
             with contextlib.suppress(Exception):
                 await self.store.release(record_key, mine.owner)
-        return result
 
     async def _keep_lease(self, record_key: str, owner: str) -> None:
         while True:

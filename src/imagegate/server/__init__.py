@@ -126,6 +126,8 @@ def build_config(settings: Settings, *, host: str, port: int, workers: int) -> G
         access_log=server.access_log,
         timeout_keep_alive=server.keepalive_timeout,  # a float works
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        # uvicorn's own dictConfig for text; None for json, so the handlers `configure_logging`
+        # installed stay (in the supervisor and in every worker).
         log_config=uvicorn_log_config(settings),
         server_settings=server,
     )

@@ -235,3 +235,28 @@ async def test_a_replay_whose_stored_images_are_gone_is_a_final_409_and_never_ru
         "idempotency_result_expired",
         "Idempotency-Key",
     )
+
+
+async def test_a_late_owner_completing_after_its_lease_ran_out_never_overwrites_a_newer_claim(
+    guard: Idempotency,
+) -> None:
+    from imagegate.idempotency import Record
+
+    key = guard.record_key("k", "key-late")
+    late = Record("pending", "f", "late-owner")
+    assert await guard.store.claim(key, late, 0.1) is None
+    await asyncio.sleep(0.2)  # its lease runs out; a retry claims the key
+    newer = Record("pending", "f", "newer-owner")
+    assert await guard.store.claim(key, newer, 5) is None
+    await guard.store.complete(key, Record("done", "f", "late-owner", {"stale": True}), 60)
+    assert await guard.store.claim(key, Record("pending", "f", "third"), 5) == newer
+    # the owner itself completes, and a record whose lease lapsed unclaimed is still completed
+    await guard.store.complete(key, Record("done", "f", "newer-owner", {"ok": True}), 60)
+    assert await guard.store.claim(key, Record("pending", "f", "third"), 5) == Record(
+        "done", "f", "newer-owner", {"ok": True}
+    )
+    other = guard.record_key("k", "key-lapsed")
+    assert await guard.store.claim(other, Record("pending", "f", "slow"), 0.1) is None
+    await asyncio.sleep(0.2)
+    await guard.store.complete(other, Record("done", "f", "slow", {"ok": True}), 60)
+    assert (await guard.store.claim(other, Record("pending", "f", "x"), 5)) == Record("done", "f", "slow", {"ok": True})

@@ -22,6 +22,7 @@ import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.supervisors import Multiprocess
 
 from imagegate.server.guard import ConnectionGuard, guarded_protocol_class
@@ -110,10 +111,9 @@ def _rate_limit_resource_errors(loop: asyncio.AbstractEventLoop, interval: float
 
 
 def build_config(
-    settings: Settings, *, host: str, port: int, workers: int, log_config: dict[str, Any] | None = None
+    settings: Settings, *, host: str, port: int, workers: int, log_config: dict[str, Any] | None = LOGGING_CONFIG
 ) -> GatewayConfig:
     server = settings.server
-    logging_options: dict[str, Any] = {} if log_config is None else {"log_config": log_config}
     return GatewayConfig(
         APP,
         factory=True,
@@ -129,15 +129,15 @@ def build_config(
         timeout_keep_alive=server.keepalive_timeout,  # a float works
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         server_settings=server,
-        **logging_options,
+        log_config=log_config,
     )
 
 
 def serve(
-    settings: Settings, *, host: str, port: int, workers: int, log_config: dict[str, Any] | None = None
+    settings: Settings, *, host: str, port: int, workers: int, log_config: dict[str, Any] | None = LOGGING_CONFIG
 ) -> int:
     """Run the gateway until interrupted; returns the process exit code. `log_config`: uvicorn's
-    logging dictConfig (default: uvicorn's own)."""
+    logging dictConfig (default: uvicorn's own; None: leave the logging configured as it is)."""
     raise_open_file_limit()  # inherited by worker processes
     config = build_config(settings, host=host, port=port, workers=workers, log_config=log_config)
     server = uvicorn.Server(config)

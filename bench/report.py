@@ -201,10 +201,23 @@ def render(r: dict[str, Any]) -> str:
             "",
             f"Command: `{CMD} --only inflight`. K requests sent at once, model "
             "time as configured; imagegate polls with its real defaults (0.5 s, backing off to 3 s), the direct "
-            "client with the same schedule, LiteLLM holds one sync call per request. For K up to 10,000 and the "
-            "gateway's internals (RSS, loop lag, polls per job) see `bench/inflight.py`.",
+            "client with the same schedule, LiteLLM holds one sync call per request. K = 3,000 and 10,000 with "
+            "the gateway's RSS, /healthz and upstream requests per job: the next section (`bench/burst.py`).",
             "",
             *load_table(r["inflight"], "K"),
+            "",
+        ]
+    burst = r.get("burst")
+    if burst:
+        out += [
+            "## 3,000 and 10,000 in flight (bench/burst.py)",
+            "",
+            f"Command: `.venv/bin/python {burst['command']}` (exit status {burst['exit']}: 0 means every target "
+            "of the script was met). Its own output:",
+            "",
+            "```",
+            burst["output"].strip(),
+            "```",
             "",
         ]
     conv = r.get("conversions")

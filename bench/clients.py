@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import FAL_KEY, machine_line
-from bench.burst import Conn, _serve_fake, child, raise_nofile
+from bench.inflight_burst import Conn, _serve_fake, child, raise_nofile
 
 LIMITS = dict(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=4)
 HEADERS = {"Authorization": f"Key {FAL_KEY}", "Accept": "application/json"}

@@ -51,6 +51,7 @@ async def run(args: argparse.Namespace) -> None:
     handler.setFormatter(JsonFormatter())
     logging.getLogger().addHandler(handler)
     logging.getLogger("imagegate.requests").setLevel(logging.WARNING if args.no_log else logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the benchmark's own client: not the gateway's cost
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(None, storage={"path": tmp})
         observed = create_app(settings)

@@ -15,3 +15,16 @@ def test_models_lists_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
 def test_serve_requires_a_known_command() -> None:
     with pytest.raises(SystemExit):
         main(["nonsense"])
+
+
+def test_serve_refuses_zero_workers_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "imagegate.cli", "serve", "--workers", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "imagegate: invalid setting 'workers' = '0' from --workers: must be at least 1"
+    )

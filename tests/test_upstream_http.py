@@ -82,6 +82,7 @@ async def test_request_goes_out_as_httpx_built_it(serve: Callable[[Handler], Awa
     assert b"user-agent: python-httpx" in b"\n".join(h.lower() for h in headers)
     assert body == b'{"k":1}'
     assert second.status_code == 200
+    assert not [h for h in seen[1] if h.lower().startswith(b"cookie")]  # the upstream's cookie was not kept
     assert len(peers) == 1  # the second request reused the connection
 
 

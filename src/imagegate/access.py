@@ -18,13 +18,15 @@ Dry runs only pass the allow-list: they call no upstream.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from starlette.requests import Request
+from starlette.types import Scope
 
+from imagegate.api.admission import charge_inputs, discharge_inputs
 from imagegate.auth.keys import ClientKey, KeyLimits, KeyRing
 from imagegate.auth.middleware import client_of
 from imagegate.core.errors import InternalError
@@ -96,13 +98,22 @@ def service_for(request: Request) -> RunService:
     access: Access | None = getattr(state, "access", None)
     if access is None:
         return service
-    return ClientService(access, service, client_of(request), request.headers.get(IDEMPOTENCY_HEADER))
+    return ClientService(
+        access, service, client_of(request), request.headers.get(IDEMPOTENCY_HEADER), scope=request.scope
+    )
 
 
 class ClientService:
     def __init__(
-        self, access: Access, service: RunService, client: ClientKey | None, idempotency_key: str | None
+        self,
+        access: Access,
+        service: RunService,
+        client: ClientKey | None,
+        idempotency_key: str | None,
+        *,
+        scope: Scope | None = None,
     ) -> None:
+        self.scope = scope  # the request's, for its share of the in-flight budget
         self.access = access
         self.service = service
         self.client = client
@@ -124,12 +135,20 @@ class ClientService:
             return await self.service.run(request, request_id=request_id, base_url=base_url, dry_run=True)
         kwargs: dict[str, Any] = {"request_id": request_id, "base_url": base_url, "on_plan": on_plan}
 
-        def work() -> Awaitable[ImageResult]:
-            return self._admitted(request, kwargs)
-
         if self.idempotency_key is None:
-            return await work()
-        result = await self.access.idempotency.run(self.name, self.idempotency_key, request, work)
+            return await self._admitted(request, kwargs)
+        scope = self.scope
+
+        async def work() -> ImageResult:
+            if scope is not None:  # a duplicate that waited gave its decoded share back: take it again
+                await charge_inputs(scope, request)
+            return await self._admitted(request, kwargs)
+
+        async def on_wait() -> None:  # nothing is decoded while waiting: hold only the body
+            if scope is not None:
+                await discharge_inputs(scope)
+
+        result = await self.access.idempotency.run(self.name, self.idempotency_key, request, work, on_wait=on_wait)
         result.headers.setdefault(COST_HEADER, format_cost(0.0))  # a replay costs nothing
         return result
 

@@ -53,7 +53,6 @@ def _http_client() -> httpx.AsyncClient:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     redact.remember_secrets(settings)  # masked in every message and log line (core/redact.py)
-    redact.install_log_filter()
     http = _http_client()
     pool = ImagePool(settings.image_workers)
     storage = build_storage(settings.storage)
@@ -114,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         ObservabilityMiddleware, metrics=telemetry, inflight=inflight, log_prompts=settings.logging.log_prompts
     )
+    redact.install_log_filter()  # last: every module (storage backends included) has made its logger
     return app
 
 

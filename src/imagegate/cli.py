@@ -59,25 +59,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from imagegate.multiworker import check_workers
-    from imagegate.observability.logs import configure_logging, uvicorn_log_config
+    from imagegate.observability.logs import configure_logging
     from imagegate.observability.metrics import prepare_multiprocess_dir
     from imagegate.server import serve
 
+    workers = settings.workers if args.workers is None else args.workers
+    if workers < 1:
+        print(f"imagegate: invalid setting 'workers' = '{workers}' from --workers: must be at least 1", file=sys.stderr)
+        return 2
     configure_logging(settings)  # this process's own lines (the supervisor's, with workers) in the same format
-    errors, warnings = check_workers(settings, args.workers or settings.workers)
+    errors, warnings = check_workers(settings, workers)
     for error in errors:
         logging.getLogger("imagegate").error(error)
     for warning in warnings:
         logging.getLogger("imagegate").warning(warning)
     if errors:
         return 2
-    prepare_multiprocess_dir(args.workers or settings.workers)  # before any worker imports prometheus_client
+    prepare_multiprocess_dir(workers)  # before any worker imports prometheus_client
     return serve(  # uvicorn with the read timeouts and connection cap of `server:` (imagegate.server)
         settings,
         host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers or settings.workers,
-        log_config=uvicorn_log_config(settings),
+        port=settings.port if args.port is None else args.port,  # --port 0: a free port
+        workers=workers,
     )
 
 

@@ -294,6 +294,10 @@ def _allowed(error: Any) -> str:
         return "a non-empty string"
     if kind == "too_short":
         return "a non-empty list"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "a mapping of settings"
+    if kind == "list_type":
+        return "a list"
     if kind in ("bool_parsing", "bool_type"):
         return "true or false"
     ranged = _constraint_text(_field_at(error["loc"]))

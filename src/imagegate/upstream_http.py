@@ -17,8 +17,9 @@ upstream request costs about half the CPU of httpx + httpcore even at concurrenc
 - httpx's per-request timeouts: `connect` (TCP + TLS), `read` (between bytes), `pool` (waiting
   for a free connection, plus the connect);
 - bodies untouched (no decompression here, httpx decodes), no redirects (httpx follows them when
-  asked), no cookies kept, no headers added beyond what httpx sends, URLs sent exactly as httpx
-  encoded them, the `sni_hostname` extension (connect to an address, verify the name).
+  asked), no cookies kept (neither here nor in the client's jar), no headers added beyond what
+  httpx sends, URLs sent exactly as httpx encoded them, the `sni_hostname` extension (connect to
+  an address, verify the name).
 
 `limits.max_connections` applies per upstream host (one slow upstream cannot starve another); more
 requests wait in aiohttp's FIFO queue. Idle connections close after `limits.keepalive_expiry`.
@@ -29,6 +30,7 @@ changed, e.g. between tests).
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -156,8 +158,21 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """A jar that keeps nothing: the shared client serves every user, so an upstream's cookie must
+    never ride along on another request (and an empty jar costs httpx nothing per request)."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return None
+
+
 def upstream_client(
     *, limits: httpx.Limits, timeout: httpx.Timeout, headers: dict[str, str] | None = None
 ) -> httpx.AsyncClient:
-    """The shared upstream client (`limits.max_connections` per upstream host)."""
-    return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=timeout, headers=headers)
+    """The shared upstream client (`limits.max_connections` per upstream host; no cookies kept)."""
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits), timeout=timeout, headers=headers, cookies=_NoCookies()
+    )

@@ -88,3 +88,16 @@ async def test_the_playground_can_be_turned_off(tmp_path: Path) -> None:
             assert (await c.get("/")).status_code == 404
             assert (await c.get("/playground/app.js")).status_code == 404
             assert (await c.get("/v1/models")).status_code == 200
+
+
+async def test_requests_for_missing_assets_do_not_grow_memory(client: httpx.AsyncClient) -> None:
+    """Every name that is not a packaged file is a 404 that leaves nothing behind: a client
+    asking for endless made-up names must not grow a cache without bound."""
+    from imagegate.api import playground
+
+    assert (await client.get("/playground/app.js")).status_code == 200
+    before = playground._static_file.cache_info().currsize
+    for i in range(300):
+        assert (await client.get(f"/playground/missing-{i}.js")).status_code == 404
+    assert playground._static_file.cache_info().currsize <= max(before, 64)
+    assert (await client.get("/playground/app.js")).status_code == 200

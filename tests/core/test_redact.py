@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from tests.conftest import gateway_settings
 
+from imagegate.app import create_app
 from imagegate.core import redact
 from imagegate.settings import Settings
 
@@ -95,3 +98,10 @@ def test_log_filter_scrubs_messages_arguments_and_tracebacks(caplog: pytest.LogC
         logger.exception("failed")
     assert SECRET not in caplog.text and "[redacted]" in caplog.text
     assert all(SECRET not in record.getMessage() for record in caplog.records)
+
+
+def test_the_app_filters_every_imagegate_logger(tmp_path: Path) -> None:
+    create_app(gateway_settings(tmp_path))
+    names = [name for name in logging.root.manager.loggerDict if name == "imagegate" or name.startswith("imagegate.")]
+    assert len(names) > 10
+    assert all(redact._FILTER in logging.getLogger(name).filters for name in names)

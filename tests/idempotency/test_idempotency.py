@@ -142,3 +142,66 @@ async def test_skeleton_keeps_image_bytes_out_of_the_record(tmp_path: Path) -> N
     assert base64.b64encode(PNG).decode()[:40] not in str(record) and len(str(record)) < 600
     assert (await restore(record, storage)).data == result().data
     await storage.close()
+
+
+async def test_the_fingerprint_is_hashed_off_the_event_loop(
+    guard: Idempotency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing a 100 MB edit takes hundreds of milliseconds: it must not stall every other request."""
+    import threading
+
+    from imagegate.idempotency import guard as guard_module
+
+    threads: list[threading.Thread] = []
+
+    def recording(value: ImageRequest) -> str:
+        threads.append(threading.current_thread())
+        return fingerprint(value)
+
+    monkeypatch.setattr(guard_module, "fingerprint", recording)
+    await guard.run("k", "key-thread", request(), Work())
+    assert threads and all(t is not threading.main_thread() for t in threads)
+
+
+async def test_a_full_memory_store_does_not_scan_every_record_on_every_claim() -> None:
+    """At `max_records`, making room evicts a tenth of the records at once (oldest first), so the
+    O(records) sweep runs once per many claims, not on each one (on the event loop)."""
+    from imagegate.idempotency.store import Record
+
+    store = MemoryStore(max_records=1000)
+    sweeps = 0
+    sweep = store._sweep
+
+    def counting() -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep()
+
+    store._sweep = counting  # type: ignore[method-assign]
+    for i in range(5000):
+        assert await store.claim(f"k{i}", Record("pending", "f", "o"), 3600) is None
+    assert len(store._records) <= 1000
+    assert sweeps <= 50
+    assert store._live("k4999") is not None and store._live("k0") is None  # the oldest went first
+
+
+async def test_a_client_leaving_while_the_paid_result_is_stored_still_stores_it(guard: Idempotency) -> None:
+    """The work succeeded (and was paid for); the client disconnects while its images are written to
+    the storage. The record must still be completed: the SDK's retry replays, it does not pay again."""
+    real_put = guard.storage.put
+    writing = asyncio.Event()
+
+    async def slow_put(data: bytes, **kwargs: object) -> str:
+        writing.set()
+        await asyncio.sleep(0.3)
+        return await real_put(data, **kwargs)  # type: ignore[arg-type]
+
+    guard.storage.put = slow_put  # type: ignore[method-assign]
+    work = Work()
+    task = asyncio.create_task(guard.run("k", "key-store", request(), work))
+    await asyncio.wait_for(writing.wait(), 3)
+    task.cancel()  # the client went away after the upstream work was done
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    again = await asyncio.wait_for(guard.run("k", "key-store", request(), work), 5)
+    assert work.calls == 1 and again.headers.get("idempotent-replayed") == "true"

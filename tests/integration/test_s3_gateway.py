@@ -125,3 +125,30 @@ async def test_readyz_fails_for_a_missing_bucket(s3: LocalS3, make_app: Any) -> 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
         response = await client.get("/readyz")
     assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
+
+
+async def test_a_stopped_s3_server_is_a_clean_503_not_a_500(make_app: Any) -> None:
+    """S3 going away: storing a new image and serving a stored one are 503 `storage_unavailable`
+    in OpenAI's envelope (never a 500 with a traceback), and the SDK sees InternalServerError."""
+    server = LocalS3().start()
+    try:
+        app = await make_app(server.storage_settings(server.create_bucket(), url_style="gateway"))
+        sdk = sdk_for(app)
+        stored = await edit(sdk, "url")
+        path = str(stored.data[0].url).removeprefix("http://gateway")
+        server.stop()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+            served = await client.get(path)
+            made = await client.post(
+                "/v1/images/generations", json={"model": "sandbox-image", "prompt": "x", "size": "64x64"}
+            )
+        with pytest.raises(openai.InternalServerError) as raised:
+            await edit(sdk, "url")
+    finally:
+        server.stop()
+    for response in (served, made):
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "storage_unavailable"
+        assert response.json()["error"]["type"] == "server_error"
+    assert served.headers["retry-after"] == "1"
+    assert raised.value.status_code == 503

@@ -105,3 +105,18 @@ async def test_image_ids_stay_out_of_the_log(tmp_path: Path, caplog: pytest.LogC
     fetch = [line for line in lines if line.get("endpoint") == "/v1/files/images/{image_id}"]
     assert len(fetch) == 1 and fetch[0]["path"] == "/v1/files/images/{image_id}" and fetch[0]["status"] == 200
     assert not any(image_id in json.dumps(line) for line in lines)
+
+
+async def test_a_path_cannot_forge_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The server decodes `%0d%0a` in a path: the text log must not start a new line from it."""
+    from imagegate.observability.middleware import access_log
+
+    app = create_app(gateway_settings(tmp_path))
+    caplog.set_level(logging.INFO, logger=access_log.name)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
+        await client.get("/nope%0d%0aINFO:%20imagegate.access:%20forged%00")
+    (record,) = [r for r in caplog.records if r.name == access_log.name]
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\x00" not in line
+    assert "forged" in line

@@ -203,6 +203,46 @@ async def test_unknown_paths_and_file_ids_do_not_create_label_values(client: htt
     assert not any(e and ("nope" in e or "aaaa" in e) for e in endpoints)
 
 
+async def test_unknown_request_fields_do_not_create_label_values(client: httpx.AsyncClient) -> None:
+    """The sandbox ignores fields it does not model and reports them in `x-imagegate-params`;
+    a client inventing field names must not mint a time series per name."""
+    for i in range(3):
+        response = await client.post(
+            "/v1/images/generations",
+            json={"model": "sandbox-image", "prompt": "x", "size": "64x64", f"made_up_{i}": 1},
+        )
+        assert response.status_code == 200
+        assert f"made_up_{i}=ignored" in response.headers["x-imagegate-params"]
+    samples = await scrape(client)
+    params = {dict(labels)["param"] for (name, labels) in samples if name == "imagegate_emulations_total"}
+    assert "size" in params
+    assert not any(p.startswith("made_up_") for p in params)
+    assert value(samples, "imagegate_emulations_total", param="other", mode="ignored") == 3
+
+
+async def test_a_request_the_app_left_unanswered_counts_as_499_not_500() -> None:
+    """A stream whose client goes away before the first byte returns without answering: that is the
+    client's doing (499), not a server error that would page someone."""
+    from imagegate.observability.metrics import Metrics
+    from imagegate.observability.middleware import InFlight, ObservabilityMiddleware
+
+    async def gone(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing is sent")
+
+    metrics = Metrics()
+    middleware = ObservabilityMiddleware(gone, metrics=metrics, inflight=InFlight())
+    await middleware({"type": "http", "method": "POST", "path": "/v1/images/edits", "headers": []}, receive, send)
+    samples = parse(metrics.render().decode())
+    statuses = {dict(labels)["status"] for (name, labels) in samples if name == "imagegate_requests_total"}
+    assert statuses == {"499"}
+
+
 async def test_real_keys_prices_and_replays(tmp_path: Path, fal: tuple[FakeFal, LocalServer]) -> None:
     """With the access layer configured: the key's name labels the requests, the route's price the
     cost, and an idempotent replay (no upstream work) adds no cost and no images."""

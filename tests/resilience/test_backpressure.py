@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import random
 import threading
 import time
@@ -17,10 +18,12 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from tests.conftest import gateway_settings
 from tests.fakes.images import png_bytes
 from tests.resilience.gateway_process import GatewayProcess, rss_bytes, write_config
 
 from imagegate.api.admission import AdmissionMiddleware, Budget, ServerBusy
+from imagegate.app import create_app
 
 MiB = 1024 * 1024
 BUSY_ENVELOPE = {
@@ -174,6 +177,31 @@ async def test_a_body_without_content_length_is_counted_as_it_streams_in() -> No
     chunks[:] = [{"type": "http.request", "body": b"x" * 60, "more_body": False}]
     await AdmissionMiddleware(app, budget=budget)(scope, receive, send)
     assert sent[-1]["body"] == b"ok" and (budget.requests, budget.bytes) == (0, 0)
+
+
+async def test_inputs_that_decode_larger_than_the_budget_allows_get_503_and_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A small body that decodes big (a flat 2000x2000 PNG: ~10 KB, 2 x 16 MB charged): the second
+    of two such requests cannot settle its share and gets 503, logged by the budget only."""
+    settings = gateway_settings(
+        tmp_path,
+        limits={"max_inflight_bytes": 40 * MiB, "max_queued": 0, "queue_timeout_seconds": 0},
+        providers={"sandbox": {"delay_seconds": 0.5}},
+    )
+    app = create_app(settings)
+    flat = png_bytes(2000, 2000)
+    assert len(flat) < 100_000
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30
+    ) as client:
+        responses = await asyncio.gather(_edit(client, flat), _edit(client, flat))
+    assert sorted(r.status_code for r in responses) == [200, 503]
+    _assert_busy(next(r for r in responses if r.status_code == 503))
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([line for line in lines if line.startswith("server busy:")]) == 1
+    assert not [line for line in lines if "ServerBusy" in line], lines
+    assert (app.state.budget.requests, app.state.budget.bytes) == (0, 0)
 
 
 # -- against the real server ---------------------------------------------------------------------

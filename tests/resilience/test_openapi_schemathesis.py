@@ -83,6 +83,34 @@ def test_the_api_matches_its_schema(api_schema: Any, mode: GenerationMode) -> No
             assert mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET", operation.label
 
 
+def _with_model(case: Any, model: str) -> Any:
+    if isinstance(case.body, dict):
+        case.body["model"] = model
+    return case
+
+
+@pytest.mark.parametrize(
+    ("path", "model"), [("/v1/images/generations", "sandbox-image"), ("/v1/images/edits", "sandbox-edit")]
+)
+def test_generated_requests_for_a_real_model_conform(api_schema: Any, path: str, model: str) -> None:
+    """Random models are 404s; with the sandbox model named, valid generated requests run for real."""
+    operation = api_schema[path]["POST"]
+
+    @given(case=operation.as_strategy(generation_mode=GenerationMode.POSITIVE).map(lambda c: _with_model(c, model)))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+    )
+    def check(case: Any) -> None:
+        case.call_and_validate(checks=CHECKS, timeout=30)
+
+    check()
+
+
 # -- the document itself -------------------------------------------------------------------------
 
 

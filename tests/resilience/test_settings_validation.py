@@ -88,6 +88,11 @@ FILE_CASES: list[tuple[dict[str, Any], str]] = [
         "must be one of fal, openai, replicate, sandbox",
     ),
     ({"models": {"x": {"routes": []}}}, "invalid setting 'models.x.routes' = [] in {path}: must be a non-empty list"),
+    ({"limits": 5}, "invalid setting 'limits' = 5 in {path}: must be a mapping of settings"),
+    (
+        {"fetch": {"allow_hosts": "example.com"}},
+        "invalid setting 'fetch.allow_hosts' = 'example.com' in {path}: must be a list",
+    ),
     (
         {"storage": {"backend": "s3"}},
         "invalid setting 'storage' in {path}: storage.backend is s3 but storage.s3.bucket is empty",

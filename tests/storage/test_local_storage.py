@@ -189,3 +189,16 @@ async def test_ready(storage: LocalStorage) -> None:
     storage.root.rmdir()
     storage.root.write_bytes(b"not a directory")
     assert await storage.ready() is False
+
+
+async def test_a_write_the_disk_refuses_is_storage_unavailable(tmp_path: Path) -> None:
+    """A full disk or a vanished directory is a clean 503 `storage_unavailable`, not a 500."""
+    from imagegate.storage.base import StorageUnavailable
+
+    root = tmp_path / "images"
+    storage = LocalStorage(root)
+    root.rmdir()
+    root.write_bytes(b"not a directory")
+    with pytest.raises(StorageUnavailable) as raised:
+        await storage.put(b"x", content_type="image/png", extension="png", ttl_seconds=60)
+    assert raised.value.status == 503 and raised.value.code == "storage_unavailable"

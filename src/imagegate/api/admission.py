@@ -54,6 +54,7 @@ __all__ = [
     "Ticket",
     "charge_inputs",
     "decoded_bytes",
+    "discharge_inputs",
     "malloc_trim",
 ]
 
@@ -169,7 +170,8 @@ class Budget:
             await self._acquire(ticket, total - ticket.bytes, grow=True)
 
     def grow_now(self, ticket: Ticket, size: int) -> None:
-        """Like `grow`, without waiting: raises ServerBusy at once if the bytes are not free."""
+        """Add `size` bytes to an admitted request's share now (capped at the whole budget), or
+        raise ServerBusy at once: for a body counted while it streams in, where nothing can wait."""
         size = max(0, min(size, self.max_bytes - ticket.bytes))
         if not size or ticket.released:
             return
@@ -330,6 +332,15 @@ async def charge_inputs(scope: Scope, request: ImageRequest) -> None:
     budget = _budget_of(scope)
     if isinstance(ticket, Ticket) and budget is not None:
         await budget.settle(ticket, ticket.body + 2 * decoded_bytes(request))
+
+
+async def discharge_inputs(scope: Scope) -> None:
+    """Give back the decoded-input part of the admitted request's share, keeping its body: for a
+    request that waits instead of working (an idempotent duplicate). `charge_inputs` takes it again."""
+    ticket = scope.get("state", {}).get(_STATE_KEY)
+    budget = _budget_of(scope)
+    if isinstance(ticket, Ticket) and budget is not None:
+        await budget.settle(ticket, ticket.body)
 
 
 def _budget_of(scope: Scope) -> Budget | None:

@@ -100,7 +100,7 @@ def gateway_error_response(exc: GatewayError, request_id: str | None = None) -> 
 
 
 def _log_gateway_error(exc: GatewayError, request_id: str | None) -> None:
-    if exc.status >= 500:
+    if exc.status >= 500 and exc.code != "server_busy":  # the in-flight budget logs those once per interval
         logger.warning(
             "request %s failed: %r (provider=%s, upstream_request_id=%s)",
             request_id,

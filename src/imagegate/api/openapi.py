@@ -13,9 +13,9 @@ module writes those operations itself, from the same field list `api.fields` val
 
 Every operation lists the statuses the gateway really answers with, each with OpenAI's error
 envelope (`ErrorResponse`): the image routes 400 401 402 403 404 409 413 429 500 502 503 504; the
-others what their handler and the request middleware can produce. FastAPI's automatic 422
-(which never happens: validation errors are 400) is replaced by 400 on any other route.
-Operations of routes this module does not describe keep FastAPI's generated description.
+others what their handler and the request middleware can produce. Routes this module does not
+describe keep FastAPI's generated description, with its automatic 422 (which never happens:
+validation errors are 400) replaced by 400, and the envelope for 500 (and 401 / 503 under /v1/).
 """
 
 from __future__ import annotations
@@ -342,11 +342,14 @@ def build_openapi(app: FastAPI) -> Schema:
     """FastAPI's document for every route, with the operations above written over it."""
     document = get_openapi(title=app.title, version=__version__, routes=app.routes, description=_DESCRIPTION)
     paths: Schema = document.setdefault("paths", {})
-    for operations in paths.values():  # routes described by FastAPI: 400, never 422
+    for path, operations in paths.items():  # routes described by FastAPI: 400 (never 422) and the envelope
         for operation in operations.values():
-            responses = operation.get("responses", {})
+            responses = operation.setdefault("responses", {})
             if responses.pop("422", None) is not None:
                 responses.setdefault("400", _error_response(400))
+            statuses = (401, 500, 503) if path.startswith("/v1/") else (500,)  # a client key, a failure
+            for status in statuses:
+                responses.setdefault(str(status), _error_response(status))
     for path, operations in _paths().items():
         paths.setdefault(path, {}).update(operations)
     components = document.setdefault("components", {})

@@ -229,6 +229,11 @@ async def _json_object(request: Request, *, pool: imaging.ImagePool | None = Non
         raise InvalidRequest(
             f"The request body must be a JSON object, not {json_type_name(value)}.", code="invalid_json"
         )
+    if len(value) > MAX_FORM_FIELDS:  # as for multipart: every field is planned, reported and logged
+        raise InvalidRequest(
+            f"Too many parameters: {len(value)}; a request may have at most {MAX_FORM_FIELDS}.",
+            code="too_many_parameters",
+        )
     return value
 
 

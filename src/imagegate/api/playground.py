@@ -40,6 +40,13 @@ SECURITY_HEADERS = {
 
 
 @functools.cache
+def _packaged() -> frozenset[str]:
+    """The names of the packaged static files, listed once: only these reach the cache below."""
+    static = resources.files("imagegate.playground").joinpath("static")
+    return frozenset(node.name for node in static.iterdir() if node.is_file())
+
+
+@functools.cache
 def _static_file(name: str) -> tuple[bytes, str] | None:
     """(bytes, etag) of a packaged file, read once."""
     node = resources.files("imagegate.playground").joinpath("static", name)
@@ -50,7 +57,7 @@ def _static_file(name: str) -> tuple[bytes, str] | None:
 
 
 def _serve(request: Request, name: str) -> Response:
-    found = _static_file(name)
+    found = _static_file(name) if name in _packaged() else None  # a made-up name caches nothing
     if found is None:
         return Response(status_code=404, content="Not Found", media_type="text/plain")
     data, etag = found

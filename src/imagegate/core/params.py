@@ -28,6 +28,7 @@ from imagegate.core.sizes import Size, SizeTarget
 __all__ = [
     "GATEWAY_PARAMS",
     "KNOWN_PARAMS",
+    "MAX_PARAMS_HEADER_CHARS",
     "SIZE_PARAMS",
     "BuildContext",
     "Mode",
@@ -82,6 +83,8 @@ GATEWAY_PARAMS: Mapping[str, str] = {
     "stream": "the gateway streams OpenAI's SSE events",
     "partial_images": "partial images are sent only where a provider gives them",
 }
+MAX_PARAMS_HEADER_CHARS = 4096  # `x-imagegate-params`; the whole report is in a dry run's `params`
+_OMITTED = "; (more omitted)"
 SEED_MODULUS = 2**63  # fan-out seeds wrap here, so they stay within every provider's int64 range
 # Parameters that resolve, together, into the one `size` target a table's `size` rules receive.
 SIZE_PARAMS: tuple[str, ...] = ("size", "aspect_ratio", "resolution")
@@ -251,8 +254,15 @@ class Plan:
         return frozenset(p for p, m in self.outcomes.items() if m is Mode.EMULATED)
 
     def header(self) -> str:
-        """`x-imagegate-params`: `size=converted; n=emulated; style=passthrough`."""
-        return "; ".join(f"{param}={mode.value}" for param, mode in self.outcomes.items())
+        """`x-imagegate-params`: `size=converted; n=emulated; style=passthrough`, at most
+        MAX_PARAMS_HEADER_CHARS long (then ending in `; (more omitted)`): hundreds of extra fields
+        must not make a response head that clients and proxies refuse to read."""
+        parts = [f"{param}={mode.value}" for param, mode in self.outcomes.items()]
+        text = "; ".join(parts)
+        if len(text) <= MAX_PARAMS_HEADER_CHARS:
+            return text
+        cut = text.rfind("; ", 0, MAX_PARAMS_HEADER_CHARS - len(_OMITTED))
+        return text[: max(cut, 0)] + _OMITTED
 
 
 def apply_table(

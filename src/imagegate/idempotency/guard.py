@@ -64,15 +64,23 @@ class Idempotency:
         self.ttl_seconds = ttl_seconds
         self.lease_seconds = lease_seconds
         self.max_wait_seconds = max_wait_seconds
+        self._storing: set[asyncio.Future[None]] = set()  # completions that outlive a departed client
 
     @staticmethod
     def record_key(scope: str, key: str) -> str:
         return hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
 
     async def run(
-        self, scope: str, key: str, request: ImageRequest, work: Callable[[], Awaitable[ImageResult]]
+        self,
+        scope: str,
+        key: str,
+        request: ImageRequest,
+        work: Callable[[], Awaitable[ImageResult]],
+        *,
+        on_wait: Callable[[], Awaitable[None]] | None = None,
     ) -> ImageResult:
-        """`work()`'s result, run at most once for (`scope`, `key`) while its record lives."""
+        """`work()`'s result, run at most once for (`scope`, `key`) while its record lives.
+        `on_wait` runs once when this request starts waiting for a running first one."""
         record_key = self.record_key(scope, check_key(key))
         wanted = await asyncio.to_thread(fingerprint, request)  # hashes every input image: off the event loop
         give_up = time.monotonic() + self.max_wait_seconds
@@ -96,6 +104,9 @@ class Idempotency:
                     param="Idempotency-Key",
                     code="idempotency_key_in_use",
                 )
+            if on_wait is not None:
+                await on_wait()
+                on_wait = None
             await asyncio.sleep(delay)  # a duplicate waits for the first, then replays its result
             delay = min(delay * 1.5, 0.25)
 
@@ -111,6 +122,14 @@ class Idempotency:
                 await asyncio.shield(self.store.release(record_key, mine.owner))
             raise
         renewer.cancel()
+        # The work is done and paid for: store it even if the client leaves meanwhile (its retry replays).
+        storing = asyncio.ensure_future(self._complete(record_key, mine, result))
+        self._storing.add(storing)
+        storing.add_done_callback(self._storing.discard)
+        await asyncio.shield(storing)
+        return result
+
+    async def _complete(self, record_key: str, mine: Record, result: ImageResult) -> None:
         try:
             response = await skeleton(result, self.storage, ttl_seconds=self.ttl_seconds + 60)
             done = Record("done", mine.fingerprint, mine.owner, response)
@@ -119,7 +138,6 @@ class Idempotency:
             log.warning("could not store the response of an Idempotency-Key; a repeat will run again", exc_info=True)
             with contextlib.suppress(Exception):
                 await self.store.release(record_key, mine.owner)
-        return result
 
     async def _keep_lease(self, record_key: str, owner: str) -> None:
         while True:

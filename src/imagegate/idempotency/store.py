@@ -76,7 +76,8 @@ class MemoryStore(IdempotencyStore):
         now = self._clock()
         for key in [k for k, (_, expires) in self._records.items() if expires <= now]:
             del self._records[key]
-        while len(self._records) >= self._max:  # oldest inserted first
+        room = self._max - max(1, self._max // 10)  # a tenth at once: the next sweep is many claims away
+        while len(self._records) > room:  # oldest inserted first
             del self._records[next(iter(self._records))]
 
     async def claim(self, key: str, record: Record, lease_seconds: float) -> Record | None:

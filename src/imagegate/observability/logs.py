@@ -4,8 +4,9 @@ A JSON line always has `time` (UTC, ISO 8601, milliseconds), `level`, `logger`, 
 `request_id` while a request is being served. The request log line (logger `imagegate.requests`,
 one per request) adds the fields of `RequestLog` (see `observability.middleware`). Exceptions go
 in `exception` as text. Every line, whatever logged it (uvicorn and httpx included), goes through
-`core.redact.scrub`: each configured secret (every `SecretStr` of the settings: provider keys and
-tokens, client keys, the S3 secret) and anything shaped like a credential becomes `[redacted]`.
+`core.redact.scrub` (each string value of a JSON line; the whole of a text line): each configured
+secret (every `SecretStr` of the settings: provider keys and tokens, client keys, the S3 secret)
+and anything shaped like a credential becomes `[redacted]`.
 
 `configure_logging(settings)` installs one handler on the root logger; in json mode it also routes
 uvicorn's loggers through it and silences `uvicorn.access` (the request log replaces it). The CLI
@@ -57,7 +58,21 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return redact.scrub(json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":")))
+        # Every string value is scrubbed (not the serialized line: its punctuation and field names
+        # would wake every credential pattern on every line, at several times the cost).
+        return json.dumps(_scrubbed(line), ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact.scrub(value)
+    if isinstance(value, dict):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(item) for item in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact.scrub(str(value))
 
 
 def configure_logging(settings: Settings) -> None:

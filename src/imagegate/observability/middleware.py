@@ -33,6 +33,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagegate.core import telemetry
+from imagegate.core.params import GATEWAY_PARAMS, KNOWN_PARAMS, SIZE_PARAMS
 from imagegate.core.telemetry import RequestTelemetry
 from imagegate.observability.logs import FIELDS_ATTR
 from imagegate.observability.metrics import Metrics
@@ -48,6 +49,9 @@ _QUIET = frozenset({"/metrics", "/healthz", "/readyz"})  # probes and scrapes lo
 _MODES = frozenset({"passthrough", "renamed", "converted", "emulated", "rejected", "ignored"})
 _PARAM = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
 _KEY_NAME = re.compile(r"\A[\x21-\x7e]{1,64}\Z")
+# The `param` label: a parameter the tables know; fields a client made up count as `other`.
+_PARAM_LABELS = frozenset({*KNOWN_PARAMS, *GATEWAY_PARAMS, *SIZE_PARAMS})
+OTHER_PARAM = "other"
 _WATCHED = (
     "x-imagegate-provider",
     "x-imagegate-upstream-model",
@@ -58,6 +62,7 @@ _WATCHED = (
 )
 _MAX_PROMPT_CHARS = 2000
 _CAPABILITY_PATHS = ("/v1/files/",)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_params(header: str) -> dict[str, str]:
@@ -160,7 +165,9 @@ class ObservabilityMiddleware:
             self.metrics.in_flight.dec()
             if task is not None:
                 self.inflight.tasks.discard(task)
-            status = response["status"] or (499 if isinstance(error, asyncio.CancelledError) else 500)
+            # No response: cancelled, or the app returned without answering (its client went away) -> 499.
+            unanswered = error is None or isinstance(error, asyncio.CancelledError)
+            status = response["status"] or (499 if unanswered else 500)
             try:
                 self._finish(scope, record, status, response["headers"])
             except Exception:  # observability must never break a response
@@ -192,7 +199,7 @@ class ObservabilityMiddleware:
             m.images.labels(model, record.provider).inc(record.images)
             for param, mode in params.items():
                 if mode != "passthrough":
-                    m.emulations.labels(param, mode).inc()
+                    m.emulations.labels(param if param in _PARAM_LABELS else OTHER_PARAM, mode).inc()
         if cost is not None and 200 <= status < 300:
             m.cost.labels(key, model).inc(cost)
         self._log(scope, record, status, headers, params, cost, endpoint, key, total)
@@ -212,6 +219,8 @@ class ObservabilityMiddleware:
         path = str(scope.get("path", ""))[:200]
         if path.startswith(_CAPABILITY_PATHS):
             path = endpoint  # an image id is what grants access to the image: it stays out of the log
+        # The server decodes `%0a` and friends: written raw, they would start a forged log line.
+        path = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
         level = logging.DEBUG if path in _QUIET and status < 400 else logging.INFO
         if not access_log.isEnabledFor(level):
             return

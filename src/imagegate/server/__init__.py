@@ -22,9 +22,9 @@ import socket
 from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
 from uvicorn.supervisors import Multiprocess
 
+from imagegate.observability.logs import uvicorn_log_config
 from imagegate.server.guard import ConnectionGuard, guarded_protocol_class
 from imagegate.server.ratelog import RateLimitedLog
 from imagegate.settings import ServerSettings, Settings
@@ -110,9 +110,7 @@ def _rate_limit_resource_errors(loop: asyncio.AbstractEventLoop, interval: float
     loop.set_exception_handler(handler)
 
 
-def build_config(
-    settings: Settings, *, host: str, port: int, workers: int, log_config: dict[str, Any] | None = LOGGING_CONFIG
-) -> GatewayConfig:
+def build_config(settings: Settings, *, host: str, port: int, workers: int) -> GatewayConfig:
     server = settings.server
     return GatewayConfig(
         APP,
@@ -128,18 +126,17 @@ def build_config(
         access_log=server.access_log,
         timeout_keep_alive=server.keepalive_timeout,  # a float works
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        # uvicorn's own dictConfig for text; None for json, so the handlers `configure_logging`
+        # installed stay (in the supervisor and in every worker).
+        log_config=uvicorn_log_config(settings),
         server_settings=server,
-        log_config=log_config,
     )
 
 
-def serve(
-    settings: Settings, *, host: str, port: int, workers: int, log_config: dict[str, Any] | None = LOGGING_CONFIG
-) -> int:
-    """Run the gateway until interrupted; returns the process exit code. `log_config`: uvicorn's
-    logging dictConfig (default: uvicorn's own; None: leave the logging configured as it is)."""
+def serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
+    """Run the gateway until interrupted; returns the process exit code."""
     raise_open_file_limit()  # inherited by worker processes
-    config = build_config(settings, host=host, port=port, workers=workers, log_config=log_config)
+    config = build_config(settings, host=host, port=port, workers=workers)
     server = uvicorn.Server(config)
     if workers > 1:
         sockets = [config.bind_socket()]

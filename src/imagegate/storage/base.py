@@ -7,7 +7,9 @@ import re
 import secrets
 from dataclasses import dataclass
 
-__all__ = ["IMAGE_ID", "Storage", "StoredImage", "new_image_id"]
+from imagegate.core.errors import GatewayError
+
+__all__ = ["IMAGE_ID", "Storage", "StorageUnavailable", "StoredImage", "new_image_id"]
 
 IMAGE_ID = re.compile(r"\A[A-Za-z0-9_-]{32}\.[a-z0-9]{1,8}\Z")  # what every backend accepts as an id
 _EXTENSION = re.compile(r"\A[a-z0-9]{1,8}\Z")
@@ -22,6 +24,18 @@ def new_image_id(extension: str, ttl_seconds: int) -> str:
     if ttl_seconds <= 0:
         raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
     return f"{secrets.token_urlsafe(24)}.{ext}"
+
+
+class StorageUnavailable(GatewayError):
+    """503: the image storage (e.g. the S3 server) did not answer. Raised by backends in place of
+    their client's own errors, so an outage is a clean envelope, never a 500 with a traceback."""
+
+    status = 503
+    type = "server_error"
+    code = "storage_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The gateway's image storage is unavailable; please retry shortly.", retry_after=1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imagegate.settings import StorageSettings
-from imagegate.storage.base import IMAGE_ID, Storage, StoredImage, new_image_id
+from imagegate.storage.base import IMAGE_ID, Storage, StorageUnavailable, StoredImage, new_image_id
 
 __all__ = ["LocalStorage"]
 
@@ -51,7 +51,11 @@ class LocalStorage(Storage):
     async def put(self, data: bytes, *, content_type: str, extension: str, ttl_seconds: int) -> str:
         image_id = new_image_id(extension, ttl_seconds)
         meta = {"content_type": content_type, "expires_at": self._clock() + ttl_seconds}
-        await asyncio.to_thread(self._write, image_id, data, json.dumps(meta).encode())
+        try:
+            await asyncio.to_thread(self._write, image_id, data, json.dumps(meta).encode())
+        except OSError as exc:  # a full disk, a vanished directory: a 503, not a 500
+            logger.warning("could not store an image in %s: %s", self.root, exc)
+            raise StorageUnavailable() from None
         self._maybe_sweep()
         return image_id
 

@@ -35,9 +35,8 @@ from typing import TYPE_CHECKING, Any
 import obstore
 from obstore.store import S3Store
 
-from imagegate.core.errors import InternalError
 from imagegate.settings import S3StorageSettings, StorageSettings
-from imagegate.storage.base import IMAGE_ID, Storage, StoredImage, new_image_id
+from imagegate.storage.base import IMAGE_ID, Storage, StorageUnavailable, StoredImage, new_image_id
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
@@ -132,9 +131,7 @@ async def _unavailable_as_503(operation: str) -> AsyncIterator[None]:
         yield
     except Exception as exc:  # TimeoutError included
         logger.warning("S3 %s failed: %s", operation, type(exc).__name__)
-        raise InternalError(
-            "The image storage is unavailable; try again later.", code="storage_unavailable", status=503
-        ) from exc
+        raise StorageUnavailable() from exc
 
 
 def _store(s3: S3StorageSettings, endpoint: str | None) -> S3Store:

@@ -19,8 +19,8 @@ Reported per K: ok, wall (first send to last answer), p50/max latency, wall gate
 upstream requests per job (what the fake counted) gateway vs direct, the gateway's peak RSS and
 CPU, the fake's and this process's CPU (so a saturated fake or client shows), /healthz p50/p99/max.
 
-    .venv/bin/python bench/burst.py                       # K = 3000 then 10000, ~2 min
-    .venv/bin/python bench/burst.py --ladder 1000 --model-seconds 2
+    .venv/bin/python bench/inflight_burst.py                       # K = 3000 then 10000, ~2 min
+    .venv/bin/python bench/inflight_burst.py --ladder 1000 --model-seconds 2
 
 Exit status 1 if any request failed or a target was missed (--max-wall-ratio, --max-rss-mib,
 --max-healthz-p99-ms). Bounded: every request has --request-timeout, every run --run-seconds.

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from imagegate import __version__, usage
 from imagegate.access import Access
-from imagegate.api import errors, files, health, images, metrics, models, openapi, playground
+from imagegate.api import errors, files, health, images, jobs, metrics, models, openapi, playground
 from imagegate.api.admission import AdmissionMiddleware, Budget
 from imagegate.auth import AuthMiddleware
 from imagegate.core import redact
@@ -20,6 +20,7 @@ from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
 from imagegate.core.imaging import ImagePool
 from imagegate.core.service import ImageService
+from imagegate.jobs import build_jobs
 from imagegate.observability.logs import configure_logging
 from imagegate.observability.metrics import Metrics
 from imagegate.observability.middleware import InFlight, ObservabilityMiddleware
@@ -71,13 +72,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     telemetry = Metrics()
     inflight = InFlight()
+    job_service = build_jobs(
+        settings, http=http, service=service, catalog=catalog, access=access, guard=fetcher, metrics=telemetry
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        job_service.runner.start()  # in-process job workers (jobs.workers; 0: none)
         tune_gc()
         try:
             yield
         finally:
+            await job_service.runner.stop()  # running jobs stay leased; their upstream jobs are resumed later
             # The server has stopped accepting and waited `shutdown_grace_seconds`; requests it then
             # cancelled are cancelling their upstream jobs: let them finish before the client closes.
             await inflight.drain(_CANCEL_WAIT_SECONDS)
@@ -86,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await storage.close()
             if redis is not None:
                 await redis.aclose()
+            await job_service.store.close()
             pool.close()
 
     app = FastAPI(title="imagegate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -100,12 +107,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.access = access
     app.state.metrics = telemetry
     app.state.inflight = inflight
+    app.state.jobs = job_service
     app.state.budget = Budget.from_limits(settings.limits)
     app.add_middleware(AdmissionMiddleware, budget=app.state.budget)  # inside auth: a refused key costs no budget
     app.add_middleware(AuthMiddleware, keyring=access.keyring)  # inside the request-id middleware
     errors.install(app)
     for router in (images.router, models.router, files.router, health.router, usage.router, metrics.router):
         app.include_router(router)
+    app.include_router(jobs.router)
     if settings.playground:
         app.include_router(playground.router)
     openapi.install(app)  # the document at /openapi.json describes the wire, not FastAPI's guess

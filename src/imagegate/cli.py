@@ -1,4 +1,4 @@
-"""`imagegate serve`, `imagegate models` and `imagegate config check`.
+"""`imagegate serve`, `imagegate worker`, `imagegate models` and `imagegate config check`.
 
 Every command checks the settings first (`imagegate.config_check`): a setting that cannot work
 stops it with one line per bad setting on stderr and exit status 2, never a traceback;
@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default from config: 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default from config: 1)")
+    worker = sub.add_parser("worker", help="run async job workers without the HTTP server")
+    worker.add_argument("--config", help="YAML config file")
+    worker.add_argument("--concurrency", type=int, help="job workers in this process (default: jobs.workers)")
     models = sub.add_parser("models", help="list the catalog")
     models.add_argument("--config", help="YAML config file")
     config = sub.add_parser("config", help="inspect the configuration")
@@ -57,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             routes = ", ".join(f"{r.provider}:{r.model}" for r in entry.routes)
             print(f"{entry.id}\t{routes}")
         return 0
+
+    if args.command == "worker":
+        from imagegate.jobs.worker import run_worker
+
+        return run_worker(settings, concurrency=args.concurrency)
 
     from imagegate.multiworker import check_workers
     from imagegate.observability.logs import configure_logging

@@ -27,6 +27,7 @@ __all__ = [
     "FalSettings",
     "FetchSettings",
     "IdempotencySettings",
+    "JobsSettings",
     "LimitsSettings",
     "LoggingSettings",
     "ModelConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "StorageSettings",
+    "WebhookSettings",
     "interpolate_env",
     "load_settings",
     "merged_config",
@@ -105,6 +107,7 @@ class FalSettings(BaseModel):
     poll_max_interval: PositiveFloat = 3.0
     status_stream: bool = False  # follow the SSE status stream instead of polling
     sync_mode_b64: bool = False  # for b64_json, ask fal for data URIs instead of downloading
+    max_concurrent_jobs: int | None = Field(None, ge=1)  # async jobs running on fal at once (per process)
 
     _empty = field_validator("key", "key_id", "key_secret", mode="before")(_secret_or_none)
 
@@ -116,6 +119,7 @@ class ReplicateSettings(BaseModel):
     inline_max_bytes: NonNegativeInt = 256_000  # larger inputs go through the Files API
     poll_interval: PositiveFloat = 0.5
     poll_max_interval: PositiveFloat = 3.0
+    max_concurrent_jobs: int | None = Field(None, ge=1)  # async jobs running on Replicate at once (per process)
 
     _empty = field_validator("api_token", mode="before")(_secret_or_none)
 
@@ -123,6 +127,7 @@ class ReplicateSettings(BaseModel):
 class OpenAISettings(BaseModel):
     api_key: SecretStr | None = None  # OPENAI_API_KEY
     base_url: HttpUrl = "https://api.openai.com/v1"
+    max_concurrent_jobs: int | None = Field(None, ge=1)  # async jobs running on OpenAI at once (per process)
 
     _empty = field_validator("api_key", mode="before")(_secret_or_none)
 
@@ -130,6 +135,7 @@ class OpenAISettings(BaseModel):
 class SandboxSettings(BaseModel):
     delay_seconds: NonNegativeFloat = 0.0  # simulated model latency
     max_operations: int = Field(16, ge=1)  # prompt operations one edit may run (400 naming `prompt` above)
+    max_concurrent_jobs: int | None = Field(None, ge=1)  # async jobs running on the sandbox at once
 
 
 class ProvidersSettings(BaseModel):
@@ -304,6 +310,31 @@ class IdempotencySettings(BaseModel):
     ttl_seconds: int = Field(86400, ge=1)
 
 
+class JobsSettings(BaseModel):
+    """Async image jobs (`Prefer: respond-async`; README "Async image jobs")."""
+
+    path: Path | None = None  # the embedded SQLite job database (default: jobs.db beside storage.path)
+    workers: int = Field(4, ge=0)  # in-process job workers; 0: this process only accepts jobs
+    retention_seconds: int = Field(86400, ge=1)  # finished jobs (and their results) are kept this long
+    max_wait_seconds: float = Field(3600.0, gt=0)  # retryable failures requeue the job until this age
+    lease_seconds: float = Field(30.0, gt=0)  # a running job whose worker stops renewing it is reclaimed
+    poll_seconds: float = Field(0.5, gt=0)  # idle workers look for due jobs this often
+    backoff_base: float = Field(2.0, gt=0)  # requeue delay after a retryable failure: base * 2^k ...
+    backoff_max: float = Field(60.0, gt=0)  # ... capped here
+
+
+class WebhookSettings(BaseModel):
+    """Job webhooks, signed per Standard Webhooks (README "Webhooks")."""
+
+    secret: SecretStr | None = None  # whsec_<base64>; required for webhooks to be sent
+    max_attempts: int = Field(8, ge=1)
+    backoff_base: float = Field(1.0, gt=0)
+    backoff_max: float = Field(300.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0)
+
+    _empty = field_validator("secret", mode="before")(_secret_or_none)
+
+
 class ModelConfig(BaseModel):
     routes: list[RouteConfig] = Field(min_length=1)
     owned_by: str = "imagegate"
@@ -333,6 +364,8 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
     playground: bool = True  # serve the browser playground at / and /playground
+    jobs: JobsSettings = JobsSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     @model_validator(mode="after")
     def _allow_lists_name_known_models(self) -> Settings:

@@ -86,7 +86,7 @@ def test_compose_config_is_valid_and_wired(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     services: dict[str, Any] = config["services"]
-    assert set(services) == {"imagegate", "redis", "minio", "minio-init"}
+    assert set(services) == {"imagegate", "worker", "redis", "minio", "minio-init"}
     for name in ("imagegate", "redis", "minio"):
         assert services[name]["healthcheck"]["test"], name
     gateway = services["imagegate"]
@@ -103,6 +103,10 @@ def test_compose_config_is_valid_and_wired(tmp_path: Path) -> None:
     assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
     assert services["minio-init"]["restart"] == "no"
     assert "mb --ignore-existing" in " ".join(services["minio-init"]["command"])
+    worker = services["worker"]  # async jobs: the same image, config and job database, no HTTP server
+    assert worker["command"] == ["imagegate", "worker"] and worker["environment"] == environment
+    data = [v["source"] for s in (gateway, worker) for v in s["volumes"] if v["target"] == "/data"]
+    assert len(data) == 2 and data[0] == data[1]
 
 
 @pytest.mark.parametrize("missing", ["IMAGEGATE_CLIENT_KEY", "MINIO_ROOT_PASSWORD", "S3_SECRET_ACCESS_KEY"])

@@ -319,6 +319,23 @@ class FakeFal:
             self.uploads: list[FalUpload] = []
             self.files: dict[str, tuple[bytes, str]] = {}  # CDN name -> (bytes, content type)
 
+    def peak_in_flight(self) -> int:
+        """The most queue jobs in flight at once, in arrival order: from a submit to the first
+        fetch of its result (what a client's concurrency limit should bound)."""
+        running = peak = 0
+        done: set[str] = set()
+        with self._lock:
+            requests = list(self.requests)
+        for rec in requests:
+            parts = rec.path.strip("/").split("/")
+            if rec.method == "POST" and "requests" not in parts and parts[0] not in ("sync", "storage"):
+                running += 1
+                peak = max(peak, running)
+            elif rec.method == "GET" and len(parts) >= 2 and parts[-2] == "requests" and parts[-1] not in done:
+                done.add(parts[-1])
+                running -= 1
+        return peak
+
     @property
     def last_submit(self) -> FalJob:
         return (self.submits or self.runs)[-1]

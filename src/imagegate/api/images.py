@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from imagegate.access import service_for
+from imagegate.api import jobs as jobs_api
 from imagegate.api.admission import charge_inputs
 from imagegate.api.errors import GENERIC_SERVER_ERROR, error_response, request_id_of
 from imagegate.api.parsing import parse_edit_request, parse_generation_request
@@ -96,6 +97,8 @@ async def _respond(request: Request, image_request: ImageRequest, *, event_prefi
     base_url = str(request.base_url).rstrip("/")
     dry_run = is_dry_run(request)
     image_request.route = request.headers.get(ROUTE_HEADER) or request.query_params.get("route") or None
+    if not dry_run and jobs_api.wants_async(request):  # `Prefer: respond-async`: a job (api/jobs.py)
+        return await jobs_api.submit_job(request, image_request)
     if image_request.stream and not dry_run:
         streamed = dataclasses.replace(image_request, response_format="b64_json")
 

@@ -10,6 +10,7 @@ module writes those operations itself, from the same field list `api.fields` val
              text/event-stream carrying `ImageEditCompletedEvent` / `ImageGenerationCompletedEvent`
              / `ErrorEvent` frames when `stream` is true
     GET  /v1/models, /v1/models/{model_id}, /v1/files/images/{image_id}, /healthz, /readyz
+    the async job operations (`api.openapi_jobs`): 202 on the image routes, /v1/images/jobs...
 
 Every operation lists the statuses the gateway really answers with, each with OpenAI's error
 envelope (`ErrorResponse`): the image routes 400 401 402 403 404 409 413 429 500 502 503 504; the
@@ -27,6 +28,7 @@ from fastapi.openapi.utils import get_openapi
 
 from imagegate import __version__
 from imagegate.api.fields import MAX_N
+from imagegate.api.openapi_jobs import PREFER_PARAMETER, accepted_response, job_components, job_paths
 from imagegate.api.parsing import MAX_IMAGE_URL_CHARS
 
 __all__ = ["IMAGE_FIELDS", "build_openapi", "install"]
@@ -138,9 +140,10 @@ def _image_operation(operation_id: str, summary: str, body: Schema, event: str) 
                 "schema": _STR,
                 "description": "The same as the `x-imagegate-dry-run` header.",
             },
+            PREFER_PARAMETER,
         ],
         "requestBody": {"required": True, "content": body},
-        "responses": {"200": ok, **_errors(*_IMAGE_ERRORS)},
+        "responses": {"200": ok, "202": accepted_response(), **_errors(*_IMAGE_ERRORS)},
     }
 
 
@@ -350,7 +353,7 @@ def build_openapi(app: FastAPI) -> Schema:
             statuses = (401, 500, 503) if path.startswith("/v1/") else (500,)  # a client key, a failure
             for status in statuses:
                 responses.setdefault(str(status), _error_response(status))
-    for path, operations in _paths().items():
+    for path, operations in {**_paths(), **job_paths(_errors)}.items():
         paths.setdefault(path, {}).update(operations)
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
@@ -358,6 +361,7 @@ def build_openapi(app: FastAPI) -> Schema:
         schemas.pop(unused, None)
     mine = _components()
     schemas.update(mine["schemas"])
+    schemas.update(job_components())
     components.setdefault("headers", {}).update(mine["headers"])
     components.setdefault("securitySchemes", {}).update(mine["securitySchemes"])
     document["security"] = [{}, {"bearer": []}, {"api-key": []}]

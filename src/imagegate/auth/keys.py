@@ -70,6 +70,10 @@ class KeyRing:
     def open(self) -> bool:
         return not self._entries
 
+    def by_name(self, name: str) -> ClientKey | None:
+        """The configured key called `name` (async jobs run under the key that submitted them)."""
+        return next((client for _, client in self._entries if client.name == name), None)
+
     def authenticate(self, presented: Iterable[str]) -> ClientKey | None:
         """The key whose secret is one of `presented`, or None. Constant time in the secrets."""
         found: ClientKey | None = None

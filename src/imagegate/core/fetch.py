@@ -238,8 +238,13 @@ class GuardedFetcher:
             raise refused
         return str(vetted[0])
 
-    async def _get(self, url: httpx.URL, param: str) -> bytes | str:
-        """One hop: the body, or the Location of a redirect."""
+    async def vetted(self, url: str, *, param: str) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+        """Where to send a request for `url` (also for other requests than image GETs, e.g. webhooks):
+        the target URL on a vetted public address, the Host header and the TLS extensions.
+        InvalidRequest naming `param` for a refused URL."""
+        return await self._target(self._parse(url, param), param)
+
+    async def _target(self, url: httpx.URL, param: str) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
         address = await self._vetted_address(url, param)
         target = url
         headers: dict[str, str] = {}
@@ -249,6 +254,11 @@ class GuardedFetcher:
             headers["Host"] = url.netloc.decode("ascii")
             if url.scheme == "https":
                 extensions["sni_hostname"] = url.host
+        return target, headers, extensions
+
+    async def _get(self, url: httpx.URL, param: str) -> bytes | str:
+        """One hop: the body, or the Location of a redirect."""
+        target, headers, extensions = await self._target(url, param)
         request = self._http.build_request(
             "GET",
             target,

@@ -111,6 +111,22 @@ class Metrics:
             registry=registry,
         )
 
+        self.jobs = Gauge(
+            "imagegate_jobs", "Async image jobs in the job store, by status.", ["status"],
+            registry=registry, multiprocess_mode="mostrecent",
+        )
+        self.job_queue = Histogram(
+            "imagegate_job_queue_seconds", "Time an async job waited before a worker first took it.",
+            buckets=_REQUEST_BUCKETS, registry=registry,
+        )
+        self.job_duration = Histogram(
+            "imagegate_job_duration_seconds", "Time from a job's first start to its end.",
+            buckets=_REQUEST_BUCKETS, registry=registry,
+        )
+        self.webhook_deliveries = Counter(
+            "imagegate_webhook_deliveries", "Webhook delivery attempts, by outcome.", ["outcome"], registry=registry
+        )
+
     def render(self) -> bytes:
         """The text exposition: this app's registry, or every worker's files in multiprocess mode."""
         if not self.multiprocess:

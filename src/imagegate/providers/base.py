@@ -23,6 +23,7 @@ from imagegate.core.params import ParamTable
 from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
 from imagegate.providers.common import decode_data_uri, download
+from imagegate.providers.resume import UpstreamHooks, current_hooks
 
 __all__ = [
     "CallContext",
@@ -50,6 +51,8 @@ class CallContext:
     request_id: str  # the gateway's x-request-id, for upstream logs
     deadline: float  # absolute `time.monotonic()` by which the call must finish
     operation: Operation
+    # An async job's hooks (providers/resume.py): record the accepted upstream job, resume it after a restart.
+    hooks: UpstreamHooks | None = field(default_factory=current_hooks)
 
 
 @dataclass(frozen=True, slots=True)

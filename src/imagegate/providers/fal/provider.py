@@ -10,6 +10,7 @@ Route options (all optional):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
 from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
 from imagegate.providers.fal.tables import TABLES, parse_output, size_presets
-from imagegate.providers.fal.transport import NOT_CONFIGURED, FalOutput, FalTransport, auth_header
+from imagegate.providers.fal.transport import NOT_CONFIGURED, FalOutput, FalTransport, QueueHandle, auth_header
 
 __all__ = ["MAX_DATA_URI_CHARS", "FalProvider"]
 
@@ -113,7 +114,7 @@ class FalProvider(Provider):
         mode = route.options.get("mode", self.config.mode)
         output: FalOutput
         if mode == "queue":
-            output = await self.transport.run_queued(route.model, payload, deadline=ctx.deadline)
+            output = await self._queued(payload, route, ctx)
         elif mode == "sync":
             output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)
         else:
@@ -125,6 +126,28 @@ class FalProvider(Provider):
             exc.accepted = True  # the job ran: its output is what failed
             raise
         return ProviderResult(images=images, request_id=output.request_id, seed=seed)
+
+    async def _queued(self, payload: dict[str, Any], route: Route, ctx: CallContext) -> FalOutput:
+        """A queue call; for an async job (`ctx.hooks`) the handle is persisted on acceptance, and a
+        job already accepted in an earlier run is followed again instead of being submitted."""
+        hooks = ctx.hooks
+        if hooks is None:
+            return await self.transport.run_queued(route.model, payload, deadline=ctx.deadline)
+        async with hooks.call(self.name, route.model, payload) as call:
+
+            async def accepted(handle: QueueHandle) -> None:
+                await call.accepted(dataclasses.asdict(handle))
+
+            def detached() -> bool:
+                return call.detached
+
+            if call.handle is not None:
+                handle = QueueHandle(**{f.name: str(call.handle[f.name]) for f in dataclasses.fields(QueueHandle)})
+                log.info("fal resuming %s request_id=%s", route.model, handle.request_id)
+                return await self.transport.follow(handle, deadline=ctx.deadline, detached=detached)
+            return await self.transport.run_queued(
+                route.model, payload, deadline=ctx.deadline, on_accepted=accepted, detached=detached
+            )
 
 
 def _data_uri_chars(image: InputImage) -> int:

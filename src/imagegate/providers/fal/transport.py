@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -67,6 +67,9 @@ def request_timeout_header(remaining: float) -> str | None:
     return f"{value:.1f}" if value > MIN_REQUEST_TIMEOUT else None
 
 
+OnAccepted = Callable[["QueueHandle"], Awaitable[None]]
+
+
 # ---- transport ------------------------------------------------------------------------------------
 
 
@@ -102,7 +105,15 @@ class FalTransport:
 
     # ---- queue ----
 
-    async def run_queued(self, model: str, payload: Mapping[str, Any], *, deadline: float) -> FalOutput:
+    async def run_queued(
+        self,
+        model: str,
+        payload: Mapping[str, Any],
+        *,
+        deadline: float,
+        on_accepted: OnAccepted | None = None,
+        detached: Callable[[], bool] | None = None,
+    ) -> FalOutput:
         """Submit, follow the status until COMPLETED, fetch the result. If this is abandoned before
         the job finished (cancellation, deadline, lost status), the job is cancelled best-effort,
         even one whose submit was still on the wire: fal may accept it after we stopped waiting."""
@@ -112,8 +123,24 @@ class FalTransport:
         except asyncio.CancelledError:
             await best_effort(self._cancel_once_submitted(submitting), timeout=CANCEL_TIMEOUT)
             raise
+        return await self.follow(handle, deadline=deadline, on_accepted=on_accepted, detached=detached)
+
+    async def follow(
+        self,
+        handle: QueueHandle,
+        *,
+        deadline: float,
+        on_accepted: OnAccepted | None = None,
+        detached: Callable[[], bool] | None = None,
+    ) -> FalOutput:
+        """Follow an accepted job to its output (also a job submitted before a restart: an async
+        job resumes here). `on_accepted(handle)` runs first (an async job persists the handle).
+        Abandoned before the job finished, the job is cancelled, unless `detached()` says the
+        caller is only stopping and another worker will resume it."""
         completed = False
         try:
+            if on_accepted is not None:
+                await on_accepted(handle)
             try:
                 async with asyncio.timeout(_remaining(deadline)):
                     status = await self.wait(handle)
@@ -127,7 +154,7 @@ class FalTransport:
                 await best_effort(self.cancel(handle), timeout=CANCEL_TIMEOUT)
             raise
         except BaseException:
-            if not completed:
+            if not completed and not (detached is not None and detached()):
                 await best_effort(self.cancel(handle), timeout=CANCEL_TIMEOUT)
             raise
 

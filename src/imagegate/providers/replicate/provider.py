@@ -9,6 +9,7 @@ cancelled. Outputs are URLs (downloaded with the token only on Replicate hosts) 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,12 @@ from imagegate.providers.common import best_effort
 from imagegate.providers.replicate.prediction import Prediction
 from imagegate.providers.replicate.tables import MODELS
 from imagegate.providers.replicate.transport import ReplicateTransport, output_images
+from imagegate.providers.resume import UpstreamCall, UpstreamHooks
 
 __all__ = ["ReplicateProvider"]
 
+
+log = logging.getLogger("imagegate.providers.replicate")
 
 class ReplicateProvider(Provider):
     name = "replicate"
@@ -86,18 +90,50 @@ class ReplicateProvider(Provider):
 
     async def run(self, payload: dict[str, Any], route: Route, ctx: CallContext) -> ProviderResult:
         transport = self.transport()
+        if ctx.hooks is not None:
+            return await self._run_job(transport, payload, route, ctx, ctx.hooks)
+        prediction = await self._create(transport, payload, route, ctx)
+        return await self._follow(transport, prediction, payload, ctx)
+
+    async def _create(
+        self, transport: ReplicateTransport, payload: dict[str, Any], route: Route, ctx: CallContext
+    ) -> Prediction:
         create = asyncio.ensure_future(transport.create(route.model, payload, deadline=ctx.deadline))
         try:
-            prediction = await asyncio.shield(create)
+            return await asyncio.shield(create)
         except asyncio.CancelledError:
             self._cancel_once_created(transport, create)
             raise
+
+    async def _run_job(
+        self, transport: ReplicateTransport, payload: dict[str, Any], route: Route, ctx: CallContext,
+        hooks: UpstreamHooks,
+    ) -> ProviderResult:
+        """An async job's call: the create answers at once (`Prefer: wait=1`), so the prediction's id
+        is persisted before the work; a prediction created in an earlier run is followed again."""
+        transport.wait_seconds = 1
+        async with hooks.call(self.name, route.model, payload) as call:
+            if call.handle is not None:
+                prediction = Prediction({"id": call.handle["request_id"], "urls": call.handle.get("urls") or {}})
+                log.info("replicate resuming prediction %s", prediction.id)
+            else:
+                prediction = await self._create(transport, payload, route, ctx)
+            return await self._follow(transport, prediction, payload, ctx, call)
+
+    async def _follow(
+        self, transport: ReplicateTransport, prediction: Prediction, payload: dict[str, Any], ctx: CallContext,
+        call: UpstreamCall | None = None,
+    ) -> ProviderResult:
         try:
+            if call is not None and call.handle is None:
+                await call.accepted({"request_id": prediction.id, "urls": prediction.data.get("urls") or {}})
             await transport.wait(prediction, deadline=ctx.deadline)
             images = output_images(prediction)
         except BaseException as exc:
             if isinstance(exc, GatewayError):
                 exc.accepted = True  # the prediction exists: it is never created again
+            elif call is not None and call.detached:
+                raise  # the worker is stopping: the next one resumes this prediction
             if not prediction.terminal:
                 await best_effort(transport.cancel(prediction))
             raise

@@ -1,0 +1,277 @@
+"""In-process job workers: claim a due job, run it through the ordinary service, record the outcome.
+
+Each worker loops: claim (a lease in the store), run with `UpstreamHooks` in the context so the
+adapter persists the upstream job's handle the moment the upstream accepts it (and resumes it
+instead of submitting when the job was claimed again after a crash), renew the lease while it
+runs (which is also how a cancel requested through another process arrives), then finish:
+
+- success -> `succeeded` with the exact ImagesResponse and headers of the synchronous call;
+- a retryable failure the upstream never accepted (5xx, timeouts, connection errors, 429) ->
+  back to `queued` after an exponential backoff, until the job is `jobs.max_wait_seconds` old;
+- anything else -> `failed` with OpenAI's error object;
+- a cancel -> `canceled` (the adapter cancelled the upstream job on the way out).
+
+`providers.<name>.max_concurrent_jobs` caps how many jobs of one provider (the model's first, or
+pinned, route) this process runs at once: a worker does not claim jobs of a full lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from imagegate.core.errors import GatewayError, InternalError, ProviderNotConfigured
+from imagegate.jobs.model import STATUSES, Job
+from imagegate.jobs.store import JobStore
+from imagegate.jobs.webhooks import WebhookSender
+from imagegate.observability.metrics import Metrics
+from imagegate.providers.common import backoff_delay
+from imagegate.providers.resume import UpstreamHooks
+from imagegate.settings import JobsSettings
+
+__all__ = ["Executor", "JobRunner", "Outcome", "is_requeueable"]
+
+log = logging.getLogger("imagegate.jobs")
+
+#: What running a job yields: the ImagesResponse body and the response headers.
+Outcome = tuple[dict[str, Any], dict[str, str]]
+Executor = Callable[[Job, UpstreamHooks], Awaitable[Outcome]]
+_SWEEP_SECONDS = 30.0
+
+
+def is_requeueable(exc: GatewayError) -> bool:
+    """May an async job wait and try again? Only when the upstream never took the job and the
+    failure is of the passing kind (overload, outage, timeout, rate limit); never a client error
+    or a missing provider key."""
+    if exc.accepted or isinstance(exc, ProviderNotConfigured):
+        return False
+    return exc.retryable or exc.status in (429, 502, 503, 504)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        execute: Executor,
+        settings: JobsSettings,
+        *,
+        lane_limits: Mapping[str, int | None],
+        webhooks: WebhookSender | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.store = store
+        self.execute = execute
+        self.settings = settings
+        self.lane_limits = dict(lane_limits)
+        self.webhooks = webhooks
+        self.metrics = metrics
+        self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._wake = asyncio.Event()
+        self._claiming = asyncio.Lock()
+        self._lanes: Counter[str] = Counter()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._canceling: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        for number in range(self.settings.workers):
+            self._tasks.append(asyncio.create_task(self._worker(), name=f"imagegate-job-worker-{number}"))
+        if self.settings.workers:
+            self._tasks.append(asyncio.create_task(self._housekeeping(), name="imagegate-job-housekeeping"))
+
+    async def stop(self) -> None:
+        """Stop claiming; running jobs are left to be resumed (their upstream jobs keep running)."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.store.release(self.owner)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel_local(self, job_id: str) -> bool:
+        """Cancel the job if a worker of this process runs it (the adapter cancels upstream)."""
+        task = self._running.get(job_id)
+        if task is None:
+            return False
+        self._canceling.add(job_id)
+        task.cancel()
+        return True
+
+    async def wait_local(self, job_id: str, timeout: float) -> None:
+        task = self._running.get(job_id)
+        if task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+
+    # ---- workers ----
+
+    async def _claim(self) -> Job | None:
+        async with self._claiming:
+            limits = self.lane_limits.items()
+            full = [lane for lane, limit in limits if limit is not None and self._lanes[lane] >= limit]
+            job = await self.store.claim(self.owner, lease=self.settings.lease_seconds, exclude_lanes=full)
+            if job is not None:
+                self._lanes[job.lane] += 1
+            return job
+
+    async def _worker(self) -> None:
+        while not self._stopping:
+            try:
+                job = await self._claim()
+            except Exception:
+                log.exception("job store: claim failed")
+                job = None
+            if job is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                continue
+            task = asyncio.create_task(self._work(job))
+            self._running[job.id] = task
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if self._stopping:  # shutting down: leave the upstream job running, for the next worker
+                    await self._detach(task)
+                    raise
+            except Exception:  # the store failed while finishing: the lease runs out, the job is retried
+                log.exception("job %s: the worker failed", job.id)
+            finally:
+                self._running.pop(job.id, None)
+                self._canceling.discard(job.id)
+                self._lanes[job.lane] -= 1
+                self._wake.set()  # a lane has room again
+
+    async def _detach(self, task: asyncio.Task[None]) -> None:
+        hooks = getattr(task, "imagegate_hooks", None)
+        if isinstance(hooks, UpstreamHooks):
+            hooks.detached = True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def _work(self, job: Job) -> None:
+        if job.cancel_requested and not job.handles:  # canceled while its dead worker held it: nothing upstream
+            job.status = "canceled"
+            await self.complete(job, self.owner)
+            return
+        log.info("job %s: in_progress (attempt %d, key %s, model %s)", job.id, job.attempts, job.key, job.model)
+        if self.metrics is not None and job.attempts == 1:
+            self.metrics.job_queue.observe(max(0.0, time.time() - job.created_at))
+
+        async def persist(key: str, handle: dict[str, Any]) -> None:
+            await self.store.save_handle(job.id, key, handle, handle.get("request_id"))
+            log.info("job %s: upstream accepted (%s %s)", job.id, handle.get("provider"), handle.get("request_id"))
+
+        hooks = UpstreamHooks(handles=dict(job.handles), persist=persist)
+        task = asyncio.current_task()
+        if task is not None:
+            task.imagegate_hooks = hooks  # type: ignore[attr-defined]
+        heartbeat = asyncio.create_task(self._heartbeat(job, task, hooks))
+        try:
+            body, headers = await self.execute(job, hooks)
+        except asyncio.CancelledError:
+            if job.id not in self._canceling:
+                raise  # shutdown: the lease runs out and another worker resumes the job
+            if task is not None:
+                task.uncancel()
+            job.status, job.error = "canceled", None
+        except GatewayError as exc:
+            if is_requeueable(exc) and time.time() < job.created_at + self.settings.max_wait_seconds:
+                delay = backoff_delay(
+                    max(0, job.attempts - 1), base=self.settings.backoff_base, cap=self.settings.backoff_max,
+                    retry_after=exc.retry_after,
+                )
+                requeued = await self.store.requeue(
+                    job.id, self.owner, not_before=time.time() + delay, error=exc.envelope()["error"]
+                )
+                if requeued:
+                    log.warning("job %s: %s (%s); queued again in %.1f s", job.id, exc.status, exc.code, delay)
+                    return
+            job.status, job.error = "failed", dict(exc.envelope()["error"])
+            job.provider = exc.provider or job.provider
+        except Exception:
+            log.exception("job %s failed unexpectedly", job.id)
+            job.status = "failed"
+            job.error = dict(InternalError("The gateway failed while running this job.").envelope()["error"])
+        else:
+            job.status, job.result, job.headers, job.error = "succeeded", body, headers, None
+            job.provider = headers.get("x-imagegate-provider", job.provider)
+            job.upstream_request_id = headers.get("x-imagegate-upstream-request-id", job.upstream_request_id)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        fresh = await self.store.get(job.id)
+        if fresh is not None:  # keep what the hooks recorded meanwhile
+            job.upstream_request_id = job.upstream_request_id or fresh.upstream_request_id
+            job.provider = job.provider or fresh.provider
+        await self.complete(job, self.owner)
+
+    async def complete(self, job: Job, owner: str | None) -> bool:
+        """Write a terminal job, schedule its webhook, count it."""
+        if self.webhooks is not None and job.webhook_url:
+            job.webhook = self.webhooks.initial(job)
+        finished = await self.store.finish(job, owner)
+        if not finished:
+            return False
+        log.info("job %s: %s", job.id, job.status)
+        if self.metrics is not None and job.started_at is not None and job.finished_at is not None:
+            self.metrics.job_duration.observe(max(0.0, job.finished_at - job.started_at))
+        if job.webhook is not None:
+            self._wake.set()
+        return True
+
+    async def _heartbeat(self, job: Job, task: asyncio.Task[Any] | None, hooks: UpstreamHooks) -> None:
+        interval = min(1.0, self.settings.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                cancel = await self.store.renew(job.id, self.owner, lease=self.settings.lease_seconds)
+            except Exception:
+                log.warning("job %s: could not renew the lease", job.id, exc_info=True)
+                continue
+            if cancel is None and task is not None:  # the lease ran out and another worker took the job
+                log.warning("job %s: lost its lease; leaving it to the worker that took it", job.id)
+                hooks.detached = True  # that worker follows the same upstream job
+                task.cancel()
+                return
+            if cancel and task is not None and job.id not in self._canceling:
+                self._canceling.add(job.id)
+                task.cancel()
+
+    # ---- housekeeping: retention, webhooks, gauges ----
+
+    async def _housekeeping(self) -> None:
+        last_sweep = 0.0
+        while not self._stopping:
+            try:
+                if self.webhooks is not None:
+                    await self.webhooks.deliver_due(self.store)
+                now = time.time()
+                if now - last_sweep >= _SWEEP_SECONDS:
+                    last_sweep = now
+                    purged = await self.store.purge(now - self.settings.retention_seconds)
+                    if purged:
+                        log.info("jobs: %d finished job(s) past retention removed", purged)
+                if self.metrics is not None:
+                    counts = await self.store.counts()
+                    for status in STATUSES:
+                        self.metrics.jobs.labels(status=status).set(counts.get(status, 0))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("jobs: housekeeping failed")
+            await asyncio.sleep(min(self.settings.poll_seconds, 0.5))

@@ -1,0 +1,99 @@
+"""Resumable upstream calls: how an adapter reports an accepted upstream job, and picks it up again.
+
+An async job (`imagegate.jobs`) runs the ordinary service with `UpstreamHooks` set in the context
+(`active_hooks`); `CallContext.hooks` reads it when the service builds the context of each call.
+An adapter that can resume (fal's queue, Replicate's predictions) wraps each upstream call in
+`hooks.call(provider, model, payload)`:
+
+- `call.handle` is the small JSON handle of an upstream job this job already submitted for the
+  same call (after a restart): the adapter polls that job instead of submitting again;
+- otherwise it submits and, as soon as the upstream answers with an id, awaits
+  `call.accepted(handle)`, which persists the handle before anything else happens.
+
+A call is known by its provider, upstream model and payload (input image references, which
+change between runs for uploaded files, are left out) plus its occurrence among identical calls
+(an emulated `n` fans out identical payloads). `detached` is set when the worker stops without
+the job being cancelled (shutdown): adapters then leave the upstream job running, for the next
+worker to resume.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["UpstreamCall", "UpstreamHooks", "active_hooks", "current_hooks"]
+
+Handle = dict[str, Any]
+Persist = Callable[[str, Handle], Awaitable[None]]
+
+active_hooks: contextvars.ContextVar[UpstreamHooks | None] = contextvars.ContextVar(
+    "imagegate_upstream_hooks", default=None
+)
+
+
+def current_hooks() -> UpstreamHooks | None:
+    """The hooks of the async job running in this context (None for a synchronous request)."""
+    return active_hooks.get()
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    key: str
+    provider: str
+    model: str
+    handle: Handle | None
+    _hooks: UpstreamHooks
+
+    async def accepted(self, handle: Mapping[str, Any]) -> None:
+        """The upstream took the job: persist `handle` (JSON-serialisable; its `request_id` is shown
+        on the job) before going on. The route (`provider:model`) is recorded with it."""
+        stored = {**handle, "provider": self.provider, "route": f"{self.provider}:{self.model}"}
+        self._hooks.handles[self.key] = stored
+        await self._hooks.persist(self.key, stored)
+
+    @property
+    def detached(self) -> bool:
+        return self._hooks.detached
+
+
+@dataclass(slots=True)
+class UpstreamHooks:
+    handles: dict[str, Handle]  # call key -> handle of the upstream job
+    persist: Persist
+    detached: bool = False
+    _running: set[str] = field(default_factory=set)
+
+    @asynccontextmanager
+    async def call(self, provider: str, model: str, payload: Mapping[str, Any]) -> AsyncIterator[UpstreamCall]:
+        base = f"{provider}:{model}:{_fingerprint(payload)}"
+        index = 0
+        while f"{base}#{index}" in self._running:  # an identical call of the same fan-out is running
+            index += 1
+        key = f"{base}#{index}"
+        self._running.add(key)
+        try:
+            yield UpstreamCall(key, provider, model, self.handles.get(key), self)
+        finally:
+            if key not in self.handles:  # a call the upstream took keeps its key for good
+                self._running.discard(key)
+
+
+def _fingerprint(payload: Mapping[str, Any]) -> str:
+    text = json.dumps(_without_refs(payload), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _without_refs(value: Any) -> Any:
+    if isinstance(value, str) and value[:5].lower() in ("data:", "http:", "https"):
+        return "<ref>"
+    if isinstance(value, Mapping):
+        return {str(k): _without_refs(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_refs(v) for v in value]
+    return value

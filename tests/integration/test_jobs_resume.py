@@ -1,0 +1,165 @@
+"""Crash and resume: a real `imagegate serve` is killed with SIGKILL while the fake fal holds the
+job; a restarted process on the same data directory resumes polling the same upstream job (the
+fake sees exactly one submit, no cancel) and the job succeeds. Also: a graceful stop (SIGTERM)
+leaves the upstream job running for the next process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+from tests.fakes.fal import FakeFal, FalScenario
+from tests.fakes.server import LocalServer
+from tests.integration.gateway_process import GatewayProcess, write_config
+
+ASYNC = {"prefer": "respond-async"}
+
+
+@pytest.fixture
+def fal() -> Iterator[tuple[FakeFal, LocalServer]]:
+    fake = FakeFal()
+    with LocalServer(fake.app) as srv:
+        yield fake, srv
+
+
+def config(tmp_path: Path, srv: LocalServer) -> Path:
+    return write_config(
+        tmp_path / "gateway.yaml",
+        providers={
+            "fal": {
+                "key": "test-fal-key", "queue_url": srv.url, "run_url": srv.url + "/sync", "rest_url": srv.url,
+                "poll_interval": 0.05, "poll_max_interval": 0.1,
+            }
+        },
+        jobs={"lease_seconds": 1.5, "poll_seconds": 0.1},
+    )
+
+
+def get_job(url: str, job_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/v1/images/jobs/{job_id}", timeout=5)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def wait_job(url: str, job_id: str, check: Any, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = get_job(url, job_id)
+        if check(job):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def submit(url: str) -> str:
+    response = httpx.post(
+        f"{url}/v1/images/generations",
+        json={"model": "qwen-image", "prompt": "a lighthouse", "size": "512x512", "response_format": "b64_json"},
+        headers=ASYNC,
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+@pytest.mark.parametrize("stop", ["kill", "term"])
+def test_restart_resumes_the_same_upstream_job(tmp_path: Path, fal: tuple[FakeFal, LocalServer], stop: str) -> None:
+    fake, srv = fal
+    fake.scenario = FalScenario(queue_polls=0, progress_polls=40)  # about 4 s of polling at 0.1 s
+    path = config(tmp_path, srv)
+    first = GatewayProcess(tmp_path, path)
+    try:
+        first.wait_ready()
+        job_id = submit(first.url)
+        accepted = wait_job(first.url, job_id, lambda job: job["upstream_request_id"] is not None)
+        assert accepted["status"] == "in_progress" and accepted["provider"] == "fal"
+        assert len(fake.submits) == 1 and fake.submits[0].request_id == accepted["upstream_request_id"]
+        if stop == "kill":
+            first.proc.kill()
+        else:
+            first.terminate()
+        first.wait(30)
+    finally:
+        first.stop()
+    polls_before = len(fake.status_polls)
+    assert fake.cancels == []  # neither a crash nor a graceful stop cancels the upstream job
+
+    second = GatewayProcess(tmp_path, path)
+    try:
+        second.wait_ready()
+        job = wait_job(second.url, job_id, lambda job: job["status"] in ("succeeded", "failed"))
+        assert job["status"] == "succeeded", (job, second.output())
+        assert len(fake.submits) == 1 and fake.cancels == [] and not fake.rejected_submits
+        assert len(fake.status_polls) > polls_before  # the second process followed the same job
+        assert job["upstream_request_id"] == fake.submits[0].request_id and job["attempts"] == 2
+        image = Image.open(io.BytesIO(base64.b64decode(job["result"]["data"][0]["b64_json"])))
+        assert image.size == (512, 512)
+    finally:
+        second.stop()
+
+
+class WorkerProcess:
+    """`python -m imagegate.cli worker` on the gateway's data directory, output in a file."""
+
+    def __init__(self, tmp_path: Path, config: Path, name: str) -> None:
+        self.log_path = tmp_path / f"worker-{name}.log"
+        environ = {k: v for k, v in os.environ.items() if k not in ("FAL_KEY", "REPLICATE_API_TOKEN")}
+        environ.update({"IMAGEGATE_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"})
+        argv = [sys.executable, "-m", "imagegate.cli", "worker", "--config", str(config), "--concurrency", "1"]
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=environ)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text("utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def test_worker_processes_resume_a_killed_workers_job(tmp_path: Path, fal: tuple[FakeFal, LocalServer]) -> None:
+    """API with `jobs.workers: 0` plus two `imagegate worker` processes: the worker holding the job
+    is SIGKILLed mid-job; the other one resumes the same upstream job."""
+    fake, srv = fal
+    fake.scenario = FalScenario(queue_polls=0, progress_polls=40)
+    path = config(tmp_path, srv)
+    api_path = write_config(tmp_path / "api.yaml", **yaml.safe_load(path.read_text("utf-8")) | {"jobs": {"workers": 0}})
+    api = GatewayProcess(tmp_path, api_path)
+    workers = [WorkerProcess(tmp_path, path, name) for name in ("a", "b")]
+    try:
+        api.wait_ready()
+        job_id = submit(api.url)
+        wait_job(api.url, job_id, lambda job: job["upstream_request_id"] is not None)
+        holder = next(w for w in workers if f"job {job_id}: in_progress" in w.output())
+        other = next(w for w in workers if w is not holder)
+        holder.proc.kill()
+        holder.proc.wait(10)
+        job = wait_job(api.url, job_id, lambda job: job["status"] in ("succeeded", "failed"))
+        assert job["status"] == "succeeded", (job, other.output())
+        assert len(fake.submits) == 1 and fake.cancels == []
+        assert f"job {job_id}: in_progress (attempt 2" in other.output()
+        assert "fal resuming" in other.output()
+    finally:
+        for worker in workers:
+            worker.stop()
+        api.stop()

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from tests.conftest import gateway_settings
 from tests.fakes.images import png_bytes
-from tests.resilience.gateway_process import GatewayProcess, rss_bytes, write_config
+from tests.integration.gateway_process import GatewayProcess, rss_bytes, write_config
 
 from imagegate.api.admission import AdmissionMiddleware, Budget, ServerBusy
 from imagegate.app import create_app
@@ -250,7 +250,7 @@ def small_budget(tmp_path: Path) -> Iterator[GatewayProcess]:
         providers={"sandbox": {"delay_seconds": 1.0}},
         routing={"keepalive_seconds": 0.2},  # streams start (headers, keepalives) before their result
     )
-    with GatewayProcess(config) as gateway:
+    with GatewayProcess(tmp_path, config) as gateway:
         yield gateway
 
 
@@ -295,7 +295,7 @@ async def test_the_queue_lets_a_short_wait_succeed(tmp_path: Path) -> None:
         limits={"max_inflight_requests": 2, "max_queued": 2, "queue_timeout_seconds": 5},
         providers={"sandbox": {"delay_seconds": 0.5}},
     )
-    with GatewayProcess(config) as gateway:
+    with GatewayProcess(tmp_path, config) as gateway:
         results = await _burst(gateway.url, png_bytes(32, 32), 6)
     codes = sorted(r.status_code for r, _ in results)
     assert codes == [200, 200, 200, 200, 503, 503]
@@ -320,7 +320,7 @@ def test_a_burst_of_large_edits_keeps_rss_within_the_byte_budget(tmp_path: Path)
         providers={"sandbox": {"delay_seconds": 0.5}},
     )
     image = _noise_png(1290)  # ~5 MB, incompressible
-    with GatewayProcess(config) as gateway:
+    with GatewayProcess(tmp_path, config) as gateway:
         with httpx.Client(base_url=gateway.url, timeout=30) as client:  # warm up the image pool
             _assert_edited(_edit(client, png_bytes(64, 64)), (64, 64))
         before = rss_bytes(gateway.pid)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.resilience.gateway_process import clean_env, write_config
+from tests.integration.gateway_process import clean_env, write_config
 
 from imagegate.config_check import check_config, env_setting_names, unknown_env_warnings
 

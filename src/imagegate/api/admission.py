@@ -35,7 +35,6 @@ import collections
 import ctypes
 import ctypes.util
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imagegate.api.errors import gateway_error_response
 from imagegate.core.errors import GatewayError
 from imagegate.core.request import ImageRequest
+from imagegate.observability.ratelog import RateLimitedLog
 from imagegate.settings import LimitsSettings
 
 __all__ = [
@@ -121,8 +121,12 @@ class Budget:
         self._trim_delay = trim_delay
         self._trim_timer: asyncio.TimerHandle | None = None
         self.trims = 0
-        self._rejected_logged = 0
-        self._last_log = 0.0
+        self._busy_log = RateLimitedLog(
+            logger,
+            _LOG_INTERVAL,
+            "server busy: image request(s) refused with 503 (in flight: %d requests, %d bytes; "
+            "limits.max_inflight_requests=%d, max_inflight_bytes=%d); %d since the last report",
+        )
 
     @classmethod
     def from_limits(cls, limits: LimitsSettings) -> Budget:
@@ -234,19 +238,7 @@ class Budget:
 
     def _busy(self) -> ServerBusy:
         self.rejected += 1
-        now = time.monotonic()
-        if now - self._last_log >= _LOG_INTERVAL:
-            logger.warning(
-                "server busy: %d image request(s) refused with 503 since the last report "
-                "(in flight: %d requests, %d bytes; limits.max_inflight_requests=%d, max_inflight_bytes=%d)",
-                self.rejected - self._rejected_logged,
-                self.requests,
-                self.bytes,
-                self.max_requests,
-                self.max_bytes,
-            )
-            self._last_log = now
-            self._rejected_logged = self.rejected
+        self._busy_log.hit(self.requests, self.bytes, self.max_requests, self.max_bytes)
         return ServerBusy(
             "The server is busy with other image requests. Please retry after a short delay.",
             retry_after=self.retry_after,

@@ -37,32 +37,34 @@ whether the model exists is the catalog's business (404 there), not this module'
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import re
-from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import unquote_to_bytes
 
-import httpx
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from imagegate.api.fields import build_request, duplicate_parameter, invalid_type, json_type_name, missing_parameter
+from imagegate.api.image_inputs import MAX_IMAGE_URL_CHARS
+from imagegate.api.image_inputs import file_too_large as _file_too_large
+from imagegate.api.image_inputs import image_ref as _image_ref
+from imagegate.api.image_inputs import probe_many as _probe_many
+from imagegate.api.image_inputs import too_many_images as _too_many_images
 from imagegate.api.text import check_unicode, read_form
 from imagegate.core import imaging
-from imagegate.core.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedParameter
-from imagegate.core.fetch import probe_image
+from imagegate.core.errors import InvalidRequest, UnsupportedParameter
 from imagegate.core.request import ImageRequest, InputImage
 from imagegate.settings import LimitsSettings
 
 __all__ = [
     "DEFAULT_EDIT_MODEL",
     "DEFAULT_GENERATION_MODEL",
+    "MAX_IMAGE_URL_CHARS",
     "build_request",
     "parse_edit_request",
     "parse_generation_request",
@@ -74,7 +76,6 @@ DEFAULT_EDIT_MODEL = "sandbox-edit"
 DEFAULT_GENERATION_MODEL = "sandbox-image"
 
 MAX_FORM_FIELDS = 256
-MAX_IMAGE_URL_CHARS = 20_971_520  # OpenAI's ImageRefParam.image_url maxLength
 INLINE_JSON_BYTES = 256 * 1024  # larger JSON bodies are parsed in the image pool
 _B64_CHUNK = 1 << 20  # characters per step when decoding a data URI (a multiple of 4)
 _INDEXED_IMAGE = re.compile(r"\Aimage\[(\d{1,4})\]\Z", re.ASCII)
@@ -297,40 +298,6 @@ async def _resolve_ref(pool: imaging.ImagePool, ref: Any, *, param: str, label: 
     return checked
 
 
-def _image_ref(ref: Any, *, param: str, label: str, cap: int) -> InputImage | str:
-    """One `{"image_url": ...}` reference, checked: a data: URI (still to decode, in the pool) or an
-    unfetched URL image."""
-    if not isinstance(ref, dict):
-        raise invalid_type(param, 'an object like {"image_url": "..."}', ref)
-    unknown = sorted(set(ref) - {"image_url", "file_id"})
-    if unknown:
-        raise InvalidRequest(f"Unknown parameter in {label}: '{unknown[0]}'.", param=param, code="unknown_parameter")
-    url, file_id = ref.get("image_url"), ref.get("file_id")
-    if (url is None) == (file_id is None):
-        raise InvalidRequest(f"{label} must have exactly one of 'image_url' or 'file_id'.", param=param)
-    if file_id is not None:
-        raise UnsupportedParameter(
-            f"{label}: 'file_id' references are not supported by this gateway; "
-            "send 'image_url' with an http(s) URL or a data: URI.",
-            param=param,
-        )
-    if not isinstance(url, str):
-        raise invalid_type(param, "a string 'image_url'", url)
-    if len(url) > MAX_IMAGE_URL_CHARS:
-        raise InvalidRequest(f"{label}: 'image_url' is longer than {MAX_IMAGE_URL_CHARS} characters.", param=param)
-    if url[:5].lower() == "data:":
-        return url
-    try:  # every parser that reads this URL later, so that none of them can fail after this point
-        parts = urlsplit(url)
-        _ = parts.port
-        httpx.URL(url)
-    except (ValueError, httpx.InvalidURL):
-        raise InvalidRequest(f"{label}: 'image_url' is not a valid URL.", param=param, code="invalid_url") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest(f"{label}: 'image_url' must be an http(s) URL or a data: URI.", param=param)
-    return InputImage(url=url)
-
-
 def _decode_data_uri(uri: str, *, param: str, label: str, cap: int) -> bytes:
     """In the image pool: a `data:` URI -> its bytes. Base64 may be url-safe, unpadded, or broken
     by whitespace."""
@@ -382,40 +349,3 @@ def _b64decode_strict(text: str) -> bytes:
     except ValueError:
         return base64.b64decode(text, validate=True)
     return b"".join(parts)
-
-
-# -- probing ---------------------------------------------------------------------------------------
-
-
-async def _probe_many(
-    pool: imaging.ImagePool, items: Sequence[tuple[str, str, bytes, str | None]], *, max_pixels: int
-) -> list[InputImage]:
-    """Probe all images concurrently; the first failure in input order is raised."""
-    results = await asyncio.gather(
-        *(
-            probe_image(pool, data, label=label, param=param, filename=name, max_pixels=max_pixels)
-            for label, param, data, name in items
-        ),
-        return_exceptions=True,
-    )
-    images: list[InputImage] = []
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-        images.append(result)
-    return images
-
-
-# -- errors ----------------------------------------------------------------------------------------
-
-
-def _too_many_images(limit: int, given: int | None = None, *, param: str = "image") -> InvalidRequest:
-    count = f"{given} images were given" if given is not None else "too many files were given"
-    return InvalidRequest(
-        f"Too many images: {count}; at most {limit} are allowed.", param=param, code="too_many_images"
-    )
-
-
-def _file_too_large(param: str, filename: str | None, cap: int) -> GatewayError:
-    name = f" ({filename})" if filename and filename != "upload" else ""
-    return PayloadTooLarge(f"The file for '{param}'{name} is larger than the limit of {cap} bytes.", param=param)

@@ -3,7 +3,9 @@
 Everything here is a plain synchronous function over ``bytes`` or :class:`PIL.Image.Image`; the
 async side of the gateway calls them through ``ImagePool.run`` (:mod:`imagegate.core.pool`,
 re-exported here with :class:`Cancelled` and :func:`checkpoint`) so that decoding and encoding
-never block the event loop (Pillow releases the GIL inside its codecs).
+never block the event loop (Pillow releases the GIL inside its codecs). Encoding lives in
+:mod:`imagegate.core.encoding` and the error tree in :mod:`imagegate.core.image_errors`; both are
+re-exported here.
 
 Untrusted bytes are identified from their content only, never from a declared content type, and
 their declared pixel count is checked against ``max_pixels`` before anything is decoded.
@@ -33,10 +35,20 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imagegate.core.encoding import (
+    _ALPHA_MODES,
+    _LOSSY_FORMATS,
+    OUTPUT_FORMATS,
+    _check_options,
+    _encode,
+    _flatten,
+    _normalize_mode,
+    encode_image,
+)
+from imagegate.core.image_errors import FormatSizeLimit, ImageError, TooManyPixels, check_pixels
 from imagegate.core.pool import Cancelled, ImagePool, checkpoint
 
 __all__ = [
@@ -61,10 +73,6 @@ __all__ = [
 
 #: Formats accepted as input, as reported in :attr:`ImageInfo.format` (multi-frame: first frame).
 INPUT_FORMATS = frozenset({"png", "jpeg", "webp", "gif", "avif", "bmp"})  # no TIFF: a large decoder surface
-#: Formats :func:`transform` and :func:`encode_image` can write.
-OUTPUT_FORMATS = frozenset({"png", "jpeg", "webp", "gif", "avif"})
-_LOSSY_FORMATS = frozenset({"jpeg", "webp", "avif"})
-_BACKGROUNDS = frozenset({"opaque", "transparent", "auto"})
 
 # Pillow's format names, and how they are reported. MPO (multi-picture JPEG from phone cameras) is
 # opened by the JPEG plugin; its first picture is an ordinary JPEG.
@@ -90,59 +98,11 @@ _DECODE_ERRORS: tuple[type[Exception], ...] = (
     struct.error,
     zlib.error,
 )
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # rotated by 90 or 270 degrees
-_WHITE = (255, 255, 255)
 
-# Encoder settings, chosen for latency. Measured on a 1024x1024 RGB image (2 cores, Pillow 13):
-#   PNG   compress_level default(6) 319-446 ms   level 1: 70-88 ms (files ~15% larger)
-#   AVIF  speed default(6) 140-598 ms            speed 8: 43-60 ms (similar size at quality 80)
-#   WebP  method 0..6 at quality 90, smooth image: 17, 25, 32, 66, 65, 69, 77 ms
-#         (35.7, 34.7, 35.0, 32.9, 33.0, 29.4, 28.2 kB); on a noisy image 59..535 ms, sizes
-#         within 4% of each other. method=2 is the knee: 2-2.5x faster than 4, files ~6% larger.
-#   JPEG  quality 90, optimize=False: 2-5 ms.
-#   GIF   Pillow's default RGB->P (median cut) 255 ms; FASTOCTREE quantize: 9 ms + 9 ms save.
-_PNG_COMPRESS_LEVEL = 1
-_AVIF_SPEED = 8
-_WEBP_METHOD = 2
-_DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 80}
-# The largest side each encoder can write (measured with Pillow 13: beyond it the encoders raise
-# ValueError, OSError, OverflowError or RuntimeError); png's limit is far beyond max_pixels.
-_MAX_SIDE = {"webp": 16383, "jpeg": 65500, "gif": 65535, "avif": 65536}
 # Resize in two steps (integer reduce, then LANCZOS) once the source is this many times larger.
 _REDUCING_GAP = 3.0
-
-
-class ImageError(ValueError):
-    """The bytes are not a readable image of a supported format; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class TooManyPixels(ImageError):
-    """An image has, or would have, more pixels than allowed; raised before its pixels are allocated."""
-
-
-def check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
-    """The pixel budget, checked before ``size`` is allocated (and an operation boundary).
-
-    Raises :class:`TooManyPixels` naming ``what`` (e.g. "the output", "step 3 (rotate 45)") when
-    ``width * height > max_pixels``, and ``ValueError`` for an empty size."""
-    checkpoint()
-    width, height = size
-    if width < 1 or height < 1:
-        raise ValueError(f"{what} would be {width}x{height}: sizes must be positive")
-    if width * height > max_pixels:
-        raise TooManyPixels(
-            f"{what} would be {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
-
-
-class FormatSizeLimit(ImageError):
-    """The image is wider or taller than its output format can store; raised before encoding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,61 +220,7 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     return ImageOps.exif_transpose(im) or im
 
 
-def encode_image(img: Image.Image, fmt: str, compression: int | None) -> bytes:
-    """Encode ``img`` as ``fmt`` with the gateway's speed-oriented settings (see module comments).
-
-    The image is converted as the format needs: jpeg has no alpha (flattened onto white), gif is
-    quantized to 255 colours plus one transparent index for pixels with alpha < 128, png, webp and
-    avif keep alpha. ``compression`` (0..100) is the quality for jpeg (default 90), webp (90) and
-    avif (80); it does not apply to png and gif, which are lossless. Metadata other than the ICC
-    profile is dropped. Raises ``ValueError`` for an unknown ``fmt`` or compression out of range,
-    :class:`FormatSizeLimit` for an image wider or taller than ``fmt`` can store.
-    """
-    return _encode(img, fmt, compression)[0]
-
-
-def _encode(img: Image.Image, fmt: str, compression: int | None) -> tuple[bytes, bool]:
-    """:func:`encode_image`, plus whether the encoded image has alpha (as :func:`probe` reports it)."""
-    _check_options(fmt=fmt, compression=compression, background=None)
-    limit = _MAX_SIDE.get(fmt)
-    if limit is not None and max(img.size) > limit:
-        raise FormatSizeLimit(f"{fmt} images are at most {limit} pixels per side; this one is {img.width}x{img.height}")
-    img = _normalize_mode(img)
-    params: dict[str, Any] = {}
-    icc = img.info.get("icc_profile")
-    if icc and fmt != "gif":
-        params["icc_profile"] = icc
-    quality = _DEFAULT_QUALITY.get(fmt, 0) if compression is None else compression
-    if fmt == "png":
-        params["compress_level"] = _PNG_COMPRESS_LEVEL
-    elif fmt == "jpeg":
-        img = _flatten(img)
-        params.update(quality=quality, optimize=False)
-    elif fmt == "webp":
-        params.update(quality=quality, method=_WEBP_METHOD)
-    elif fmt == "avif":
-        params.update(quality=quality, speed=_AVIF_SPEED)
-    else:  # gif
-        img, transparency = _to_palette(img)
-        if transparency is not None:
-            params["transparency"] = transparency
-    out = io.BytesIO()
-    img.save(out, format=fmt.upper(), **params)
-    return out.getvalue(), img.mode in _ALPHA_MODES or "transparency" in params
-
-
 # -- private helpers ---------------------------------------------------------------------------
-
-
-def _check_options(*, fmt: str, compression: int | None, background: str | None) -> None:
-    if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"unsupported output format {fmt!r}; expected one of {sorted(OUTPUT_FORMATS)}")
-    if compression is not None and not 0 <= compression <= 100:
-        raise ValueError(f"compression must be within 0..100, got {compression}")
-    if background is not None and background not in _BACKGROUNDS:
-        raise ValueError(f"background must be one of {sorted(_BACKGROUNDS)}, got {background!r}")
-    if background == "transparent" and fmt == "jpeg":
-        raise ImageError("jpeg cannot have a transparent background")
 
 
 def _open(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -379,27 +285,6 @@ def _draft_for_cover(im: Image.Image, size: tuple[int, int]) -> None:
     im.draft(None, needed)
 
 
-def _normalize_mode(img: Image.Image) -> Image.Image:
-    """Convert to RGB, or RGBA when the image carries any transparency (L and LA are kept)."""
-    if img.mode in ("RGB", "RGBA", "L", "LA"):
-        return img
-    if img.mode.startswith("I;16") or img.mode == "I":
-        # 16-bit grayscale: scale to 8 bits instead of letting convert() clip to white.
-        return img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
-    return img.convert("RGBA" if img.has_transparency_data else "RGB")
-
-
-def _flatten(img: Image.Image) -> Image.Image:
-    """Composite any alpha onto white; images without alpha are returned unchanged."""
-    if img.mode not in ("RGBA", "LA"):
-        return img
-    rgba = img.convert("RGBA")
-    canvas = Image.new("RGB", img.size, _WHITE)
-    canvas.paste(rgba, mask=rgba.getchannel("A"))
-    canvas.info = dict(img.info)
-    return canvas
-
-
 def _cover(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Scale to cover ``size`` and center-crop, in a single resampling pass."""
     width, height = img.size
@@ -408,16 +293,3 @@ def _cover(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     left, top = (width - crop_w) / 2, (height - crop_h) / 2
     box = (left, top, left + crop_w, top + crop_h)
     return img.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=_REDUCING_GAP)
-
-
-def _to_palette(img: Image.Image) -> tuple[Image.Image, int | None]:
-    """Quantize for GIF: 255 colours, index 255 for pixels with alpha < 128 if there are any."""
-    rgb = img.convert("RGB")
-    pal = rgb.quantize(255, method=Image.Quantize.FASTOCTREE)
-    if img.mode not in ("RGBA", "LA"):
-        return pal, None
-    hidden = img.getchannel("A").point(lambda a: 255 if a < 128 else 0)
-    if hidden.getbbox() is None:
-        return pal, None
-    pal.paste(255, mask=hidden)
-    return pal, 255

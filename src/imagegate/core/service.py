@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,11 +37,11 @@ from imagegate.core.errors import (
     UpstreamTimeout,
 )
 from imagegate.core.fetch import ImageFetcher, fetch_image
-from imagegate.core.params import BuildContext, Mode, Plan, apply_table
+from imagegate.core.outcome import image_result, route_headers
+from imagegate.core.params import BuildContext, Plan, apply_table
 from imagegate.core.presets import QWEN_PRESETS
-from imagegate.core.redact import scrub
 from imagegate.core.request import ImageRequest, InputImage, check_mask_size
-from imagegate.core.results import DryRunResult, ImageResult, resolved_quality
+from imagegate.core.results import DryRunResult, ImageResult
 from imagegate.core.sizes import Size, resolve_target
 from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
 from imagegate.providers.common import backoff_delay
@@ -52,7 +51,6 @@ from imagegate.storage.base import Storage
 __all__ = ["ImageFetcher", "ImageService"]
 
 log = logging.getLogger("imagegate.service")
-_HEADER_SAFE = re.compile(r"\A[\x21-\x7e]{1,200}\Z")  # an upstream id goes into a response header verbatim
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +233,7 @@ class ImageService:
             params={param: mode.value for param, mode in plan.outcomes.items()},
             notes=plan.notes,
             target_size=str(plan.target.size) if plan.target else None,
-            headers=_headers(plan, provider, route, []),
+            headers=route_headers(plan, provider, route, []),
             routes=[{"provider": r.provider, "upstream_model": r.model} for r in entry.routes],
         )
 
@@ -254,7 +252,7 @@ class ImageService:
     ) -> ImageResult:
         plan = await self._plan(route, provider, request, dry_run=False)
         if on_plan is not None:
-            on_plan(_headers(plan, provider, route, []))
+            on_plan(route_headers(plan, provider, route, []))
         ctx = CallContext(request_id=request_id, deadline=deadline, operation=request.operation)
         results = await self._execute(plan, route, provider, ctx)
         try:
@@ -264,7 +262,7 @@ class ImageService:
             exc.fallback = False  # the upstream work is done and paid for: do not redo it elsewhere
             raise
         telemetry.note_images(provider.name, len(delivered))
-        return _result(request, plan, provider, route, results, delivered)
+        return image_result(request, plan, provider, route, results, delivered)
 
     async def _execute(
         self, plan: Plan, route: Route, provider: Provider, ctx: CallContext
@@ -376,47 +374,3 @@ def _final_error(failures: Sequence[_Attempted]) -> GatewayError:
         message = "; ".join(f.error.message for f in failures)
         return ProviderNotConfigured(f"No provider for this model is configured: {message}.")
     return real[-1]
-
-
-def _headers(plan: Plan, provider: Provider, route: Route, results: Sequence[ProviderResult]) -> dict[str, str]:
-    headers = {
-        "x-imagegate-params": plan.header(),
-        "x-imagegate-provider": provider.name,
-        "x-imagegate-upstream-model": route.model,
-    }
-    ids = [r.request_id for r in results if r.request_id and _HEADER_SAFE.match(r.request_id)
-           and scrub(r.request_id) == r.request_id]  # an upstream that echoes a key into its ids
-    if ids:
-        headers["x-imagegate-upstream-request-id"] = ",".join(ids)
-    return headers
-
-
-def _result(
-    request: ImageRequest,
-    plan: Plan,
-    provider: Provider,
-    route: Route,
-    results: Sequence[ProviderResult],
-    delivered: Sequence[Delivered],
-) -> ImageResult:
-    sizes = {(d.width, d.height) for d in delivered}
-    size = None
-    if len(sizes) == 1:
-        width, height = next(iter(sizes))
-        if width and height:
-            size = f"{width}x{height}"
-    honoured = plan.outcomes.get("quality") in (Mode.PASSTHROUGH, Mode.RENAMED, Mode.CONVERTED)
-    quality = resolved_quality(request.quality, honoured=honoured)
-    result = ImageResult(
-        created=int(time.time()),
-        data=[d.image for d in delivered],
-        size=size,
-        output_format=delivered[0].format if delivered else (request.output_format or "png"),
-        quality=quality,
-        background="transparent" if any(d.has_alpha for d in delivered) else "opaque",
-        headers=_headers(plan, provider, route, results),
-    )
-    # What was produced (the cost estimate and the per-key usage counters read it).
-    result.usage["images"] = len(delivered)
-    result.usage["megapixels"] = round(sum((d.width or 0) * (d.height or 0) for d in delivered) / 1e6, 6)
-    return result

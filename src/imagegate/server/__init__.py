@@ -25,8 +25,8 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from imagegate.observability.logs import uvicorn_log_config
+from imagegate.observability.ratelog import RateLimitedLog
 from imagegate.server.guard import ConnectionGuard, guarded_protocol_class
-from imagegate.server.ratelog import RateLimitedLog
 from imagegate.settings import ServerSettings, Settings
 
 __all__ = ["GatewayConfig", "default_max_connections", "raise_open_file_limit", "serve", "tcp_listener"]

@@ -35,7 +35,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from imagegate.server.ratelog import RateLimitedLog
+from imagegate.observability.ratelog import RateLimitedLog
 from imagegate.settings import ServerSettings
 
 __all__ = ["HEALTH_PATHS", "ConnectionGuard", "GuardedH11Protocol", "_GuardMixin", "guarded_protocol_class"]

@@ -15,6 +15,8 @@ What runs (every server a process of its own on 127.0.0.1, every loop bounded by
   workers      `imagegate serve --workers 1` vs `--workers 2` (c=1, c=32), CPU per request.
   inflight     K requests at once, 5 s model time: success and wall for direct (polling with the
                gateway's schedule), imagegate (real polling defaults) and LiteLLM (sync run).
+  burst        bench/burst.py: 3,000 and 10,000 jobs at once through one gateway process vs a
+               raw-socket direct client (RSS, /healthz, upstream requests per job).
   conversions  bench/conversions.py: the gateway's conversion vs a bare Pillow decode + encode.
 
 Then `bench/plots.py` (run in the benchmark's own virtualenv, bench/.venv, with LiteLLM and
@@ -265,7 +267,9 @@ SECTIONS = {"latency": latency, "fakes": fakes, "server": server_options, "worke
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts and ladders (about 4 min)")
-    parser.add_argument("--only", nargs="+", choices=[*SECTIONS, "conversions"], help="run only these sections")
+    parser.add_argument(
+        "--only", nargs="+", choices=[*SECTIONS, "burst", "conversions"], help="run only these sections"
+    )
     parser.add_argument("--no-report", action="store_true", help="keep BENCHMARKS.md as it is")
     args = parser.parse_args(argv)
     args.concurrency = [1, 8] if args.quick else [1, 8, 32]
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args.point_seconds = 8.0 if args.quick else 20.0
     args.model_time = 2.0 if args.quick else 5.0
     args.k = [100, 500] if args.quick else [100, 1000, 3000]
-    chosen = args.only or [*SECTIONS, "conversions"]
+    chosen = args.only or [*SECTIONS, "burst", "conversions"]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     latest = RESULTS / "latest.json"
@@ -298,7 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="imagegate-bench-") as tmp:
         for name in chosen:
             print(f"[{time.time() - started:5.0f} s] {name}", flush=True)
-            if name == "conversions":
+            if name == "burst":  # bench/burst.py: K=3000 and 10,000 through one process, vs a raw-socket client
+                ladder = ["1000"] if args.quick else ["3000", "10000"]
+                cmd = [sys.executable, str(ROOT / "bench" / "burst.py"), "--ladder", *ladder]
+                if args.quick:
+                    cmd += ["--model-seconds", "2"]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                results[name] = {
+                    "command": " ".join(["bench/burst.py", *cmd[2:]]),
+                    "exit": done.returncode,
+                    "output": done.stdout[-6000:],
+                }
+            elif name == "conversions":
                 cmd = [sys.executable, str(ROOT / "bench" / "conversions.py"), "--json"]
                 if args.quick:
                     cmd.append("--quick")

@@ -168,3 +168,15 @@ def test_one_client_serves_successive_event_loops() -> None:
 
     assert asyncio.run(once()) == "ok"
     assert asyncio.run(once()) == "ok"
+
+
+async def test_long_header_lines_pass_as_with_httpcore(serve: Callable[[Handler], Awaitable[str]]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(_answer(200, b"ok", b"x-long: " + b"a" * 12_000))
+        await writer.drain()
+
+    url = await serve(handler)
+    async with _client() as client:
+        response = await client.get(f"{url}/")
+    assert len(response.headers["x-long"]) == 12_000

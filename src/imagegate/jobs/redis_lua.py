@@ -36,6 +36,11 @@ local function unready(id, lane, key)
   end
   return false
 end
+local function clock(plus)  -- the server's time: leases do not depend on the workers' clocks
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  return string.format('%.6f', now), string.format('%.6f', now + plus)
+end
 local function count(status, n) redis.call('HINCRBY', P .. 'counts', status, n) end
 local function running(key, n) redis.call('HINCRBY', P .. 'running', key, n) end
 """
@@ -63,9 +68,10 @@ if idem ~= '' then redis.call('HSET', P .. 'idem', key .. '\\n' .. idem, id) end
 return {seq, id}
 """
 
-# ARGV: P, owner, now, lease_until, excluded lane, ...
+# ARGV: P, owner, lease seconds, excluded lane, ...
 CLAIM = _COMMON + """
-local owner, now, lease_until = ARGV[2], ARGV[3], ARGV[4]
+local owner = ARGV[2]
+local now, lease_until = clock(tonumber(ARGV[3]))
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now, 'LIMIT', 0, 500)) do
   redis.call('ZREM', P .. 'delayed', id)
   local f = redis.call('HMGET', jk(id), 'lane', 'key', 'seq', 'status')
@@ -80,7 +86,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. no
   end
 end
 local excluded = {}
-for i = 5, #ARGV do excluded[ARGV[i]] = true end
+for i = 4, #ARGV do excluded[ARGV[i]] = true end
 local best, bestn, bests, blane, bkey = nil, 0, 0, nil, nil
 for _, lane in ipairs(redis.call('SMEMBERS', P .. 'lanes')) do
   if not excluded[lane] then
@@ -112,13 +118,14 @@ redis.call('ZADD', P .. 'leases', lease_until, best)
 return {redis.call('HGETALL', k), redis.call('HGETALL', P .. 'handles:' .. best)}
 """
 
-# ARGV: P, id, owner, lease_until  -> -1 not ours, else cancel_requested (0/1)
+# ARGV: P, id, owner, lease seconds  -> -1 not ours, else cancel_requested (0/1)
 RENEW = _COMMON + """
 local id = ARGV[2]
 local f = redis.call('HMGET', jk(id), 'status', 'lease_owner', 'cancel_requested', 'lane', 'key')
 if f[1] ~= 'in_progress' or f[2] ~= ARGV[3] then return -1 end
-redis.call('HSET', jk(id), 'lease_until', ARGV[4])
-redis.call('ZADD', P .. 'leases', ARGV[4], id)
+local _, lease_until = clock(tonumber(ARGV[4]))
+redis.call('HSET', jk(id), 'lease_until', lease_until)
+redis.call('ZADD', P .. 'leases', lease_until, id)
 if unready(id, f[4], f[5]) then running(f[5], 1) end
 if f[3] == '1' then return 1 end
 return 0

@@ -5,7 +5,7 @@ processes and `imagegate worker` processes share the queue without read-modify-w
 claim semantics are the embedded engine's, on sorted sets: due jobs wait per lane and client key
 (`ready:<lane>:<key>`, ordered by insertion), a claim skips the lanes the worker's process has
 full and takes the oldest due job of the key with the fewest running jobs, writing a lease
-(`leases`, by expiry) that the worker renews; a backed-off job waits in `delayed` (by
+(`leases`, by expiry, timed by the Redis server's clock) that the worker renews; a backed-off job waits in `delayed` (by
 `not_before`) and a job whose lease ran out (its worker died) is due again, with the upstream
 handles it saved, so the next worker resumes the same upstream job. Redis failures surface as
 `StateUnavailable` (a 503 for API calls; the workers log and retry).
@@ -127,15 +127,14 @@ class RedisJobStore:
     async def claim(self, owner: str, *, lease: float, exclude_lanes: Sequence[str]) -> Job | None:
         """The next due job: queued (and past its `not_before`) or in progress with an expired
         lease. Fair per key: the key with the fewest running jobs first, then the oldest job."""
-        now = time.time()
-        found = await self._call("CLAIM", owner, repr(now), repr(now + lease), *exclude_lanes)
+        found = await self._call("CLAIM", owner, repr(float(lease)), *exclude_lanes)
         if not found:
             return None
         return _job(_pairs(found[0]), _pairs(found[1]))
 
     async def renew(self, job_id: str, owner: str, *, lease: float) -> bool | None:
         """Extend the lease. Returns whether a cancel was requested; None if the job is no longer ours."""
-        out = int(await self._call("RENEW", job_id, owner, repr(time.time() + lease)))
+        out = int(await self._call("RENEW", job_id, owner, repr(float(lease))))
         return None if out < 0 else bool(out)
 
     async def save_handle(self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None) -> None:

@@ -1,5 +1,5 @@
 """The Redis job engine when Redis does not answer: job routes are a clean 503 `state_unavailable`
-(never a 500 or a hang), and the workers keep running and pick the queue up again."""
+(never a 500 or a hang), and the job workers keep running through it."""
 
 from __future__ import annotations
 

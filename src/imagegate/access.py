@@ -29,6 +29,7 @@ from starlette.types import Scope
 from imagegate.api.admission import charge_inputs, discharge_inputs
 from imagegate.auth.keys import ClientKey, KeyLimits, KeyRing
 from imagegate.auth.middleware import client_of
+from imagegate.core.catalog import Catalog
 from imagegate.core.errors import InternalError
 from imagegate.core.request import ImageRequest
 from imagegate.core.results import DryRunResult, ImageResult
@@ -99,7 +100,12 @@ def service_for(request: Request) -> RunService:
     if access is None:
         return service
     return ClientService(
-        access, service, client_of(request), request.headers.get(IDEMPOTENCY_HEADER), scope=request.scope
+        access,
+        service,
+        client_of(request),
+        request.headers.get(IDEMPOTENCY_HEADER),
+        scope=request.scope,
+        catalog=getattr(state, "catalog", None),
     )
 
 
@@ -112,8 +118,10 @@ class ClientService:
         idempotency_key: str | None,
         *,
         scope: Scope | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self.scope = scope  # the request's, for its share of the in-flight budget
+        self.catalog = catalog  # to refuse a bad route pin before the limits count the request
         self.access = access
         self.service = service
         self.client = client
@@ -131,6 +139,8 @@ class ClientService:
     ) -> RunResult:
         if self.client is not None:
             self.client.check_model(request.model)
+        if request.route is not None and self.catalog is not None:  # a bad pin uses up no rpm
+            self.catalog.get(request.model).pinned(request.route)
         if dry_run:
             return await self.service.run(request, request_id=request_id, base_url=base_url, dry_run=True)
         kwargs: dict[str, Any] = {"request_id": request_id, "base_url": base_url, "on_plan": on_plan}

@@ -205,3 +205,58 @@ async def test_a_client_leaving_while_the_paid_result_is_stored_still_stores_it(
         await task
     again = await asyncio.wait_for(guard.run("k", "key-store", request(), work), 5)
     assert work.calls == 1 and again.headers.get("idempotent-replayed") == "true"
+
+
+async def test_a_replay_whose_stored_images_are_gone_is_a_final_409_and_never_runs_again(
+    guard: Idempotency, tmp_path: Path
+) -> None:
+    """A storage lifecycle rule shorter than the idempotency TTL removes the images under a live
+    record: the replay is a clean 409 `idempotency_result_expired` the SDKs do not retry (not a 500
+    they would retry), and the upstream work is not run again under the same key."""
+    import json
+
+    from imagegate.api.errors import gateway_error_response
+    from imagegate.idempotency.codec import IdempotencyResultExpired
+
+    work = Work()
+    await guard.run("k", "key-gone", request(), work)
+    for stored in (tmp_path / "images").rglob("*"):
+        if stored.is_file():
+            stored.unlink()
+    with pytest.raises(IdempotencyResultExpired) as info:
+        await guard.run("k", "key-gone", request(), work)
+    assert work.calls == 1
+    response = gateway_error_response(info.value, "req_1")
+    assert response.status_code == 409
+    assert response.headers["x-should-retry"] == "false"
+    error = json.loads(bytes(response.body))["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "idempotency_result_expired",
+        "Idempotency-Key",
+    )
+
+
+async def test_a_late_owner_completing_after_its_lease_ran_out_never_overwrites_a_newer_claim(
+    guard: Idempotency,
+) -> None:
+    from imagegate.idempotency import Record
+
+    key = guard.record_key("k", "key-late")
+    late = Record("pending", "f", "late-owner")
+    assert await guard.store.claim(key, late, 0.1) is None
+    await asyncio.sleep(0.2)  # its lease runs out; a retry claims the key
+    newer = Record("pending", "f", "newer-owner")
+    assert await guard.store.claim(key, newer, 5) is None
+    await guard.store.complete(key, Record("done", "f", "late-owner", {"stale": True}), 60)
+    assert await guard.store.claim(key, Record("pending", "f", "third"), 5) == newer
+    # the owner itself completes, and a record whose lease lapsed unclaimed is still completed
+    await guard.store.complete(key, Record("done", "f", "newer-owner", {"ok": True}), 60)
+    assert await guard.store.claim(key, Record("pending", "f", "third"), 5) == Record(
+        "done", "f", "newer-owner", {"ok": True}
+    )
+    other = guard.record_key("k", "key-lapsed")
+    assert await guard.store.claim(other, Record("pending", "f", "slow"), 0.1) is None
+    await asyncio.sleep(0.2)
+    await guard.store.complete(other, Record("done", "f", "slow", {"ok": True}), 60)
+    assert (await guard.store.claim(other, Record("pending", "f", "x"), 5)) == Record("done", "f", "slow", {"ok": True})

@@ -138,3 +138,35 @@ def test_redis_record_stays_small_for_a_big_b64_response(
     size = redis.Redis.from_url(redis_url).strlen(record)
     print(f"response {len(body.content)} bytes, Redis record {size} bytes")
     assert len(body.content) > 100_000 and size < 2_000
+
+
+async def test_a_replay_whose_images_expired_is_a_conflict_the_sdk_does_not_retry(
+    url: str, fake: FakeFal, tmp_path: Path
+) -> None:
+    """The image storage dropped the images of a live record (a lifecycle rule shorter than the
+    idempotency TTL): the official SDK, with its default retries, gets one ConflictError naming
+    `idempotency_result_expired`, and no second upstream job runs."""
+    import httpx
+
+    sent: list[httpx.Request] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request)
+
+    await generate(sdk(url, TEAM_A), "order-expired")
+    for stored in (tmp_path / "images").rglob("*"):
+        if stored.is_file():
+            stored.unlink()
+    http = httpx.AsyncClient(event_hooks={"request": [count]}, timeout=30)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=TEAM_A, max_retries=2, http_client=http)
+    with pytest.raises(openai.ConflictError) as info:
+        await client.images.generate(
+            model="fal-image",
+            prompt="a red fox",
+            response_format="b64_json",
+            extra_headers={"Idempotency-Key": "order-expired"},
+        )
+    await http.aclose()
+    assert info.value.code == "idempotency_result_expired" and info.value.param == "Idempotency-Key"
+    assert len(sent) == 1  # x-should-retry: false: the SDK does not retry a 409 it would otherwise retry
+    assert len(fake.submits) == 1

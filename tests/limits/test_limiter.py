@@ -9,7 +9,7 @@ import pytest
 from tests.redis_support import redis_prefix, redis_url
 
 from imagegate.auth.keys import KeyLimits
-from imagegate.limits import Limiter, MemoryLimiter, RateLimitExceeded, RedisLimiter, format_reset
+from imagegate.limits import Decision, Limiter, MemoryLimiter, RateLimitExceeded, RedisLimiter, format_reset
 from imagegate.settings import RedisSettings
 from imagegate.state.redis import connect
 
@@ -112,6 +112,43 @@ async def test_concurrency_slot_released_on_success_error_and_cancellation(limit
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await in_flight(limiter, "k") == 0  # cancellation (a client disconnect cancels the same way)
+
+
+async def test_a_caller_cancelled_while_its_acquire_is_in_flight_leaks_no_slot(
+    limiter: Limiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acquire script has taken the slot but its reply has not arrived when the client goes
+    away: the slot must be given back at once, not held until its lease (30 s) runs out."""
+    limits = KeyLimits(max_concurrent=1)
+    real_acquire = limiter._acquire
+    taken = asyncio.Event()
+
+    async def slow_reply(name: str, limits: KeyLimits, images: int, token: str) -> Decision:
+        decision = await real_acquire(name, limits, images, token)
+        taken.set()
+        await asyncio.sleep(0.2)  # the reply is still on its way
+        return decision
+
+    monkeypatch.setattr(limiter, "_acquire", slow_reply)
+
+    async def admitted() -> None:
+        async with limiter.admit("k", limits, 1):
+            raise AssertionError("the cancelled caller must not be admitted")
+
+    task = asyncio.create_task(admitted())
+    await taken.wait()
+    assert await in_flight(limiter, "k") == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    monkeypatch.setattr(limiter, "_acquire", real_acquire)
+    for _ in range(100):  # released as soon as the in-flight acquire returns
+        if await in_flight(limiter, "k") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await in_flight(limiter, "k") == 0
+    async with limiter.admit("k", limits, 1):
+        pass
 
 
 async def test_concurrent_admissions_never_exceed_the_limit(limiter: Limiter) -> None:

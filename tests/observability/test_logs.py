@@ -120,3 +120,63 @@ async def test_a_path_cannot_forge_a_log_line(tmp_path: Path, caplog: pytest.Log
     line = TextFormatter().format(record)
     assert "\n" not in line and "\r" not in line and "\x00" not in line
     assert "forged" in line
+
+
+SECRET_PROMPT = "a lighthouse at dusk,\nits keeper's name is \"Quokka Zebrafish\" and nobody may know it"
+
+
+def _gateway_error_lines(formatter: logging.Formatter, upstream_body: str) -> list[str]:
+    """The WARNING an upstream 5xx leaves, formatted while its request (with SECRET_PROMPT) runs."""
+    from imagegate.api.errors import error_response
+    from imagegate.core import telemetry
+    from imagegate.core.errors import UpstreamError
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("imagegate.api.errors")
+    logger.addHandler(handler)
+    _, token = telemetry.begin({"request_id": "req-mask"})
+    try:
+        telemetry.note_request(model="m", operation="generate", prompt=SECRET_PROMPT)
+        error_response(UpstreamError(f"The upstream failed: {redact.upstream_text(upstream_body)}"), "req-mask")
+        return [formatter.format(record) for record in records]
+    finally:
+        telemetry.end(token)
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("formatter_class", [JsonFormatter, TextFormatter])
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"detail": f"model crashed on prompt: {SECRET_PROMPT}"}),  # echoed whole
+        f"<html><title>500 for prompt {SECRET_PROMPT}</title></html>",
+        "error: " + " ".join([SECRET_PROMPT] * 20),  # echoed and truncated by the redaction cap
+    ],
+)
+def test_an_upstream_error_echoing_the_prompt_keeps_it_out_of_the_log(
+    formatter_class: type[JsonFormatter] | type[TextFormatter], body: str
+) -> None:
+    (line,) = _gateway_error_lines(formatter_class(mask_prompts=True), body)
+    assert "req-mask" in line and "The upstream failed" in line
+    for words in ("lighthouse", "Quokka", "Zebrafish", "nobody may know"):
+        assert words not in line, line
+    assert "[prompt]" in line
+
+
+def test_log_prompts_true_leaves_an_echoed_prompt_in_the_log(tmp_path: Path) -> None:
+    from imagegate.observability.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        for log_prompts, masked in ((False, True), (True, False)):
+            configure_logging(gateway_settings(tmp_path, logging={"log_prompts": log_prompts}))
+            formatter = root.handlers[0].formatter
+            assert isinstance(formatter, TextFormatter)
+            (line,) = _gateway_error_lines(formatter, f"failed on {SECRET_PROMPT}")
+            assert ("Zebrafish" not in line) is masked
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

@@ -1,7 +1,8 @@
 """`AuthMiddleware`: pure ASGI, in front of every route.
 
 Every `/v1/...` route needs a configured key, sent as `Authorization: Bearer <key>` or
-`api-key: <key>` (Azure-style clients), except `GET /v1/files/images/{id}` (its ids are
+`api-key: <key>` (Azure-style clients; another `Authorization` scheme, such as `Basic`, is a 401
+that says to use Bearer), except `GET /v1/files/images/{id}` (its ids are
 unguessable). `/healthz`, `/readyz`, `/metrics` and the docs stay open. A missing or unknown key is
 401 `invalid_api_key` in OpenAI's envelope, answered before the body is read. Every HTTP request
 gets `request.state.key_name` (the key's name, or None: open gateway or open route) and
@@ -9,6 +10,8 @@ gets `request.state.key_name` (the key's name, or None: open gateway or open rou
 """
 
 from __future__ import annotations
+
+import re
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -22,6 +25,7 @@ __all__ = ["AuthMiddleware", "client_of", "presented_keys"]
 _PROTECTED = "/v1/"
 _OPEN = ("/v1/files/images/",)
 _MAX_PRESENTED = 4  # repeated headers cannot multiply the work
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,19}")  # a scheme name safe to quote back
 
 
 def client_of(request: Request) -> ClientKey | None:
@@ -43,6 +47,27 @@ def presented_keys(scope: Scope) -> list[str]:
         elif name == b"api-key" and value:
             keys.append(value)
     return keys[:_MAX_PRESENTED]
+
+
+def _other_scheme(scope: Scope) -> str | None:
+    """The scheme of an `Authorization` header that is not Bearer ("" if it is not a sane name)."""
+    for name, raw in scope.get("headers", ()):
+        if bytes(name).lower() == b"authorization":
+            scheme = bytes(raw).decode("latin-1").strip().partition(" ")[0]
+            if scheme and scheme.lower() != "bearer":
+                return scheme if _SCHEME.fullmatch(scheme) else ""
+    return None
+
+
+def _missing_key_message(scope: Scope) -> str:
+    scheme = _other_scheme(scope)
+    if scheme is None:
+        return "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or as `api-key: <key>`."
+    named = f"the `{scheme}` scheme" if scheme else "an unsupported scheme"
+    return (
+        f"The Authorization header uses {named}: send the API key as `Authorization: Bearer <key>` "
+        "(or as `api-key: <key>`)."
+    )
 
 
 def _is_open(path: str) -> bool:
@@ -71,11 +96,7 @@ class AuthMiddleware:
         presented = presented_keys(scope)
         client = self.keyring.authenticate(presented)
         if client is None:
-            failure = AuthenticationFailed(
-                "Incorrect API key provided."
-                if presented
-                else "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or as `api-key: <key>`."
-            )
+            failure = AuthenticationFailed("Incorrect API key provided." if presented else _missing_key_message(scope))
             response = gateway_error_response(failure, state.get("request_id"))
             response.headers["www-authenticate"] = "Bearer"
             await response(scope, receive, send)

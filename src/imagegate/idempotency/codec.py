@@ -15,15 +15,30 @@ import hashlib
 import json
 from typing import Any
 
-from imagegate.core.errors import InternalError
+from imagegate.core.errors import GatewayError
 from imagegate.core.request import FORMAT_MIME, ImageRequest, InputImage
 from imagegate.core.results import ImageResult, OutputImage
 from imagegate.storage.base import Storage
 
-__all__ = ["fingerprint", "restore", "skeleton"]
+__all__ = ["IdempotencyResultExpired", "fingerprint", "restore", "skeleton"]
 
 _STORED = "stored_b64_json"
 _VOLATILE_HEADERS = ("x-ratelimit-", "x-imagegate-cost-usd", "idempotent-replayed")
+
+
+class IdempotencyResultExpired(GatewayError):
+    """409: the record lives but its stored images are gone (e.g. a storage lifecycle rule shorter
+    than `idempotency.ttl_seconds`). Final (`x-should-retry: false`): running the request again
+    under the same key could pay twice; the client decides, with a new key."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_result_expired"
+    client_retry = False
+
+    @property
+    def extra_headers(self) -> dict[str, str]:
+        return {"x-should-retry": "false"}
 
 
 def _canonical(value: Any) -> Any:
@@ -78,7 +93,11 @@ async def restore(record: dict[str, Any], storage: Storage) -> ImageResult:
         if item.get(_STORED):
             stored = await storage.get(item[_STORED])
             if stored is None:
-                raise InternalError("The stored response of this Idempotency-Key is no longer available.")
+                raise IdempotencyResultExpired(
+                    "The stored response of this Idempotency-Key is no longer available; "
+                    "send the request again with a new Idempotency-Key to run it again.",
+                    param="Idempotency-Key",
+                )
             b64 = await asyncio.to_thread(lambda: base64.b64encode(stored.data).decode("ascii"))
         return OutputImage(url=item.get("url"), b64_json=b64, revised_prompt=item.get("revised_prompt"))
 

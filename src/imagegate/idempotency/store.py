@@ -49,7 +49,8 @@ class IdempotencyStore(abc.ABC):
 
     @abc.abstractmethod
     async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
-        """Replace the owner's pending record with the `done` one."""
+        """Replace the owner's pending record with the `done` one (or store it where the key lapsed
+        unclaimed); never a record another owner claimed after this one's lease ran out."""
 
     @abc.abstractmethod
     async def release(self, key: str, owner: str) -> None:
@@ -96,7 +97,9 @@ class MemoryStore(IdempotencyStore):
             self._records[key] = (current, self._clock() + lease_seconds)
 
     async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
-        self._records[key] = (record, self._clock() + ttl_seconds)
+        current = self._live(key)
+        if current is None or (current.state == "pending" and current.owner == record.owner):
+            self._records[key] = (record, self._clock() + ttl_seconds)
 
     async def release(self, key: str, owner: str) -> None:
         current = self._live(key)
@@ -115,6 +118,15 @@ if v and cjson.decode(v).owner == ARGV[1] and cjson.decode(v).state == 'pending'
 end
 return 0
 """
+_COMPLETE = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  local r = cjson.decode(v)
+  if r.owner ~= ARGV[1] or r.state ~= 'pending' then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 _RELEASE = """
 local v = redis.call('GET', KEYS[1])
 if v and cjson.decode(v).owner == ARGV[1] and cjson.decode(v).state == 'pending' then
@@ -130,6 +142,7 @@ class RedisStore(IdempotencyStore):
         self._prefix = f"{prefix}idempotency:"
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._complete = redis.register_script(_COMPLETE)
 
     def key(self, key: str) -> str:
         return self._prefix + key
@@ -150,7 +163,9 @@ class RedisStore(IdempotencyStore):
 
     async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
         with unavailable_as_503("storing an idempotent response"):
-            await self._redis.set(self.key(key), record.dumps(), px=round(ttl_seconds * 1000))
+            await self._complete(
+                keys=[self.key(key)], args=[record.owner, record.dumps(), round(ttl_seconds * 1000)]
+            )
 
     async def release(self, key: str, owner: str) -> None:
         with unavailable_as_503("releasing an Idempotency-Key"):

@@ -25,6 +25,7 @@ __all__ = ["WINDOW_SECONDS", "Admission", "Decision", "Limiter", "RateLimitExcee
 
 log = logging.getLogger("imagegate.limits")
 WINDOW_SECONDS = 60.0
+_cleanups: set[asyncio.Future[None]] = set()  # releases that outlive a cancelled caller
 Refusal = Literal["requests", "images", "concurrency", "too_many_images"]
 
 
@@ -117,7 +118,16 @@ class Limiter(abc.ABC):
             yield Admission()
             return
         token = uuid.uuid4().hex
-        decision = await self._acquire(name, limits, images, token)
+        # Shielded: a caller cancelled while the acquire is in flight must not leak the slot the
+        # acquire may already have taken; it is given back as soon as the acquire returns.
+        acquiring = asyncio.ensure_future(self._acquire(name, limits, images, token))
+        try:
+            decision = await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            cleanup = asyncio.ensure_future(self._release_when_acquired(name, token, acquiring))
+            _cleanups.add(cleanup)
+            cleanup.add_done_callback(_cleanups.discard)
+            raise
         if decision.refused is not None:
             raise _refusal(name, limits, images, decision)
         if limits.max_concurrent is None:
@@ -132,6 +142,14 @@ class Limiter(abc.ABC):
                 await asyncio.shield(self._release(name, token))
             except Exception:  # the lease expires on its own
                 log.warning("could not release a concurrency slot of key %s; its lease will expire", name)
+
+    async def _release_when_acquired(self, name: str, token: str, acquiring: asyncio.Future[Decision]) -> None:
+        try:
+            decision = await acquiring
+            if decision.refused is None:
+                await self._release(name, token)
+        except Exception:  # the lease expires on its own
+            log.warning("could not release a concurrency slot of key %s; its lease will expire", name)
 
     async def _keep_lease(self, name: str, token: str) -> None:
         while True:

@@ -7,6 +7,8 @@ fake saw in flight at once (from a submit to its result fetch), and the process'
 
     .venv/bin/python bench/jobs_drain.py            # N = 1000
     .venv/bin/python bench/jobs_drain.py -n 200
+    .venv/bin/python bench/jobs_drain.py -n 200 --redis redis://127.0.0.1:6379/0   # the Redis engine
+      (keys under a fresh `imagegate-bench:<uuid>:` prefix, deleted afterwards)
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import asyncio
 import resource
 import tempfile
 import time
+import uuid
 
 import httpx
+import redis
 from _common import FAL_KEY, machine_line, percentile
 from tests.fakes.fal import FakeFal, FalScenario
 from tests.fakes.server import LocalServer
@@ -29,7 +33,9 @@ BODY = {"model": "qwen-image", "prompt": "a lighthouse", "size": "256x256", "res
 
 
 
-async def drain(count: int, limit: int, workers: int, url: str, data_dir: str) -> dict[str, float]:
+async def drain(
+    count: int, limit: int, workers: int, url: str, data_dir: str, redis_settings: dict[str, str]
+) -> dict[str, float]:
     settings = load_settings(
         None,
         storage={"path": data_dir + "/images"},
@@ -39,6 +45,7 @@ async def drain(count: int, limit: int, workers: int, url: str, data_dir: str) -
             "replicate": {"api_token": None}, "openai": {"api_key": None},
         },
         jobs={"workers": workers, "poll_seconds": 0.1},
+        redis=redis_settings,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -68,14 +75,26 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000)
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--redis", default="", help="a Redis URL: the jobs on the Redis engine")
     args = parser.parse_args()
+    prefix = f"imagegate-bench:{uuid.uuid4().hex}:"
+    redis_settings = {"url": args.redis, "key_prefix": prefix} if args.redis else {}
     fake = FakeFal()
     fake.scenario = FalScenario(queue_polls=1, progress_polls=3)
     print(machine_line())
-    with LocalServer(fake.app) as srv, tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(drain(args.n, args.limit, args.workers, srv.url, tmp))
+    try:
+        with LocalServer(fake.app) as srv, tempfile.TemporaryDirectory() as tmp:
+            result = asyncio.run(drain(args.n, args.limit, args.workers, srv.url, tmp, redis_settings))
+    finally:
+        if args.redis:
+            client = redis.Redis.from_url(args.redis)
+            keys = list(client.scan_iter(match=prefix + "*", count=500))
+            if keys:
+                client.delete(*keys)
+            client.close()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
+        f"engine={'redis' if args.redis else 'sqlite'} "
         f"jobs={args.n} max_concurrent_jobs={args.limit} workers={args.workers}: "
         f"submit p50 {result['p50'] * 1000:.1f} ms p99 {result['p99'] * 1000:.1f} ms, "
         f"all submitted in {result['submit']:.1f} s, drained in {result['drain']:.1f} s "

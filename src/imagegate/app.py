@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     telemetry = Metrics()
     inflight = InFlight()
     job_service = build_jobs(
-        settings, http=http, service=service, catalog=catalog, access=access, guard=fetcher, metrics=telemetry
+        settings, http=http, service=service, catalog=catalog, access=access, guard=fetcher, metrics=telemetry,
+        redis=redis,
     )
 
     @asynccontextmanager

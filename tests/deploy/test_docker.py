@@ -103,10 +103,10 @@ def test_compose_config_is_valid_and_wired(tmp_path: Path) -> None:
     assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
     assert services["minio-init"]["restart"] == "no"
     assert "mb --ignore-existing" in " ".join(services["minio-init"]["command"])
-    worker = services["worker"]  # async jobs: the same image, config and job database, no HTTP server
+    worker = services["worker"]  # async jobs: the same image and config, no HTTP server, the queue in Redis
     assert worker["command"] == ["imagegate", "worker"] and worker["environment"] == environment
-    data = [v["source"] for s in (gateway, worker) for v in s["volumes"] if v["target"] == "/data"]
-    assert len(data) == 2 and data[0] == data[1]
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert not [v for v in worker.get("volumes", []) if v["target"] == "/data"]  # nothing shared but Redis
 
 
 @pytest.mark.parametrize("missing", ["IMAGEGATE_CLIENT_KEY", "MINIO_ROOT_PASSWORD", "S3_SECRET_ACCESS_KEY"])

@@ -18,11 +18,15 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import yaml
 from PIL import Image
 from tests.fakes.fal import FakeFal, FalScenario
 from tests.fakes.server import LocalServer
 from tests.integration.gateway_process import GatewayProcess, write_config
+from tests.redis_support import redis_prefix, redis_url
+
+__all__ = ["redis_prefix", "redis_url"]
 
 ASYNC = {"prefer": "respond-async"}
 
@@ -114,10 +118,10 @@ def test_restart_resumes_the_same_upstream_job(tmp_path: Path, fal: tuple[FakeFa
 class WorkerProcess:
     """`python -m imagegate.cli worker` on the gateway's data directory, output in a file."""
 
-    def __init__(self, tmp_path: Path, config: Path, name: str) -> None:
+    def __init__(self, tmp_path: Path, config: Path, name: str, data: str = "data") -> None:
         self.log_path = tmp_path / f"worker-{name}.log"
         environ = {k: v for k, v in os.environ.items() if k not in ("FAL_KEY", "REPLICATE_API_TOKEN")}
-        environ.update({"IMAGEGATE_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"})
+        environ.update({"IMAGEGATE_DATA_DIR": str(tmp_path / data), "PYTHONUNBUFFERED": "1"})
         argv = [sys.executable, "-m", "imagegate.cli", "worker", "--config", str(config), "--concurrency", "1"]
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=environ)
@@ -137,15 +141,26 @@ class WorkerProcess:
         self._log.close()
 
 
-def test_worker_processes_resume_a_killed_workers_job(tmp_path: Path, fal: tuple[FakeFal, LocalServer]) -> None:
+@pytest.mark.parametrize("engine", ["sqlite", "redis"])
+def test_worker_processes_resume_a_killed_workers_job(
+    request: pytest.FixtureRequest, tmp_path: Path, fal: tuple[FakeFal, LocalServer], engine: str
+) -> None:
     """API with `jobs.workers: 0` plus two `imagegate worker` processes: the worker holding the job
-    is SIGKILLed mid-job; the other one resumes the same upstream job."""
+    is SIGKILLed mid-job; the other one resumes the same upstream job. With Redis as the engine,
+    each process has a data directory of its own: the job can only travel through Redis."""
     fake, srv = fal
     fake.scenario = FalScenario(queue_polls=0, progress_polls=40)
     path = config(tmp_path, srv)
-    api_path = write_config(tmp_path / "api.yaml", **yaml.safe_load(path.read_text("utf-8")) | {"jobs": {"workers": 0}})
+    overrides = yaml.safe_load(path.read_text("utf-8"))
+    datas = {"a": "data", "b": "data"}
+    if engine == "redis":
+        prefix = request.getfixturevalue("redis_prefix")
+        overrides["redis"] = {"url": request.getfixturevalue("redis_url"), "key_prefix": prefix}
+        path = write_config(tmp_path / "gateway-redis.yaml", **overrides)
+        datas = {"a": "data-a", "b": "data-b"}
+    api_path = write_config(tmp_path / "api.yaml", **overrides | {"jobs": {"workers": 0}})
     api = GatewayProcess(tmp_path, api_path)
-    workers = [WorkerProcess(tmp_path, path, name) for name in ("a", "b")]
+    workers = [WorkerProcess(tmp_path, path, name, datas[name]) for name in ("a", "b")]
     try:
         api.wait_ready()
         job_id = submit(api.url)
@@ -159,6 +174,9 @@ def test_worker_processes_resume_a_killed_workers_job(tmp_path: Path, fal: tuple
         assert len(fake.submits) == 1 and fake.cancels == []
         assert f"job {job_id}: in_progress (attempt 2" in other.output()
         assert "fal resuming" in other.output()
+        if engine == "redis":
+            assert not list(tmp_path.glob("data*/**/jobs.db")) and not list(tmp_path.glob("*.db"))
+            assert job_id.encode() in redis.Redis.from_url(overrides["redis"]["url"]).keys(f"{prefix}jobs:job:*")[0]
     finally:
         for worker in workers:
             worker.stop()

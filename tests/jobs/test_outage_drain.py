@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from tests.conftest import gateway_settings
 from tests.fakes.fal import FakeFal, FalScenario, content_policy_violation, runner_scheduling_failure
 from tests.fakes.server import LocalServer
+from tests.redis_support import redis_prefix, redis_url
 
 from imagegate.app import create_app
 
@@ -43,7 +44,10 @@ def fake(fal_server: tuple[FakeFal, LocalServer]) -> FakeFal:
     return fal
 
 
-def make_app(tmp_path: Path, srv: LocalServer, **fal: Any) -> FastAPI:
+__all__ = ["redis_prefix", "redis_url"]
+
+
+def make_app(tmp_path: Path, srv: LocalServer, redis: dict[str, Any] | None = None, **fal: Any) -> FastAPI:
     settings = gateway_settings(
         tmp_path,
         providers={
@@ -54,13 +58,20 @@ def make_app(tmp_path: Path, srv: LocalServer, **fal: Any) -> FastAPI:
         },
         routing={"max_attempts": 1, "backoff_base": 0.01},
         jobs={"workers": 16, "poll_seconds": 0.05, "backoff_base": 0.1, "backoff_max": 0.3},
+        **({"redis": redis} if redis else {}),
     )
     return create_app(settings)
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path, fal_server: tuple[FakeFal, LocalServer]) -> AsyncIterator[httpx.AsyncClient]:
-    app = make_app(tmp_path, fal_server[1], max_concurrent_jobs=8)
+@pytest.fixture(params=["sqlite", "redis"])
+async def gateway(
+    request: pytest.FixtureRequest, tmp_path: Path, fal_server: tuple[FakeFal, LocalServer]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway on each job engine: embedded SQLite, and Redis (`redis.url` set)."""
+    redis = None
+    if request.param == "redis":
+        redis = {"url": request.getfixturevalue("redis_url"), "key_prefix": request.getfixturevalue("redis_prefix")}
+    app = make_app(tmp_path, fal_server[1], redis, max_concurrent_jobs=8)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:

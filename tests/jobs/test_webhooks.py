@@ -23,8 +23,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 from tests.conftest import gateway_settings
 from tests.fakes.server import LocalServer
+from tests.redis_support import redis_prefix, redis_url
 
 from imagegate.app import create_app
+
+__all__ = ["redis_prefix", "redis_url"]
 
 SECRET = "whsec_" + base64.b64encode(b"imagegate-test-webhook-secret-32b").decode()
 ASYNC = {"Prefer": "respond-async"}
@@ -53,14 +56,20 @@ def receiver() -> Iterator[tuple[Receiver, LocalServer]]:
         yield hook, srv
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[FastAPI]:
+@pytest.fixture(params=["sqlite", "redis"])
+async def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FastAPI]:
+    """The gateway on each job engine: embedded SQLite, and Redis (`redis.url` set)."""
+    redis = {}
+    if request.param == "redis":
+        redis = {"redis": {"url": request.getfixturevalue("redis_url"),
+                           "key_prefix": request.getfixturevalue("redis_prefix")}}
     settings = gateway_settings(
         tmp_path,
         webhooks={"secret": SECRET, "backoff_base": 0.05, "backoff_max": 0.1, "max_attempts": 5},
         fetch={"allow_hosts": ["127.0.0.1"]},
         providers={"sandbox": {"delay_seconds": 0.2}},
         jobs={"poll_seconds": 0.05},
+        **redis,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):

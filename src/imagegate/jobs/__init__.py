@@ -2,6 +2,7 @@
 
     model.py     the Job record, its public JSON, the request codec
     store.py     JobStore and the embedded engine (SQLite, WAL, leases)
+    redis_store.py  the distributed engine (Redis, Lua scripts in redis_lua.py), with `redis.url`
     runner.py    in-process workers: claim, run, requeue with backoff, finish
     webhooks.py  signed webhook delivery (Standard Webhooks), at least once
     service.py   JobService: submit / get / list / cancel / events, and the workers' executor
@@ -10,13 +11,15 @@
 from __future__ import annotations
 
 import httpx
+from redis.asyncio import Redis
 
 from imagegate.access import Access, RunService
 from imagegate.core.catalog import Catalog
 from imagegate.core.fetch import GuardedFetcher
+from imagegate.jobs.redis_store import RedisJobStore
 from imagegate.jobs.runner import Executor, JobRunner
 from imagegate.jobs.service import JobService
-from imagegate.jobs.store import SqliteJobStore
+from imagegate.jobs.store import JobStore, SqliteJobStore
 from imagegate.jobs.webhooks import WebhookSender
 from imagegate.observability.metrics import Metrics
 from imagegate.settings import Settings
@@ -33,15 +36,20 @@ def build_jobs(
     access: Access | None,
     guard: GuardedFetcher,
     metrics: Metrics | None,
+    redis: Redis | None = None,
 ) -> JobService:
-    """The job service on the embedded store. A key with a default `webhook_url` and no
+    """The job service: on Redis when the app has a Redis client (`redis.url`), else on the
+    embedded SQLite store. A key with a default `webhook_url` and no
     `webhooks.secret` fails here, at start."""
     if settings.webhooks.secret is None:
         for key in settings.auth.keys:
             if key.webhook_url:
                 raise ValueError(f"auth key {key.name!r} has a webhook_url but webhooks.secret is not set")
-    path = settings.jobs.path or settings.storage.path.parent / "jobs.db"
-    store = SqliteJobStore(path)
+    store: JobStore
+    if redis is not None:
+        store = RedisJobStore(redis, settings.redis.key_prefix)
+    else:
+        store = SqliteJobStore(settings.jobs.path or settings.storage.path.parent / "jobs.db")
     webhooks = WebhookSender(http, settings.webhooks, guard, metrics)
     lanes = {
         name: getattr(getattr(settings.providers, name), "max_concurrent_jobs", None)

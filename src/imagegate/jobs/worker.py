@@ -3,8 +3,9 @@
 The process builds the same app as `imagegate serve` (so the service, keys, limits, storage and
 job store are wired identically) and runs its lifespan, which starts the job workers, until
 SIGTERM or SIGINT; then the workers stop as in a graceful shutdown (running jobs are left to be
-resumed, their upstream jobs untouched). Run it next to API processes with `jobs.workers: 0`, on
-the same data directory (the SQLite engine is local to one host).
+resumed, their upstream jobs untouched). Run it next to API processes with `jobs.workers: 0`: with
+`redis.url` set they share the queue through Redis, from any host; without it, through the SQLite
+database on the same data directory (one host).
 """
 
 from __future__ import annotations

@@ -1,0 +1,245 @@
+"""The distributed job engine: the queue and the job records in Redis (`redis.url` set).
+
+Every state change is one Lua script (`redis_lua.py`), atomic on the server, so any number of API
+processes and `imagegate worker` processes share the queue without read-modify-write races. The
+claim semantics are the embedded engine's, on sorted sets: due jobs wait per lane and client key
+(`ready:<lane>:<key>`, ordered by insertion), a claim skips the lanes the worker's process has
+full and takes the oldest due job of the key with the fewest running jobs, writing a lease
+(`leases`, by expiry, timed by the Redis server's clock) that the worker renews; a backed-off job waits in `delayed` (by
+`not_before`) and a job whose lease ran out (its worker died) is due again, with the upstream
+handles it saved, so the next worker resumes the same upstream job. Redis failures surface as
+`StateUnavailable` (a 503 for API calls; the workers log and retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+
+from imagegate.jobs import redis_lua as lua
+from imagegate.jobs.model import Job, JobStatus
+from imagegate.state.redis import unavailable_as_503
+
+__all__ = ["RedisJobStore"]
+
+_INTS = ("seq", "attempts")
+_FLOATS = ("created_at", "started_at", "finished_at", "not_before", "lease_until")
+_JSONS = ("result", "headers", "error", "webhook")
+_STRINGS = (
+    "id", "key", "model", "operation", "lane", "base_url", "provider", "upstream_request_id", "lease_owner",
+    "webhook_url", "idempotency_key", "fingerprint",
+)
+_FINISH_FIELDS = ("status", "finished_at", "provider", "upstream_request_id", "result", "headers", "error", "webhook")
+_BIG_REQUEST = 64 * 1024
+
+
+class RedisJobStore:
+    def __init__(self, client: Redis, prefix: str) -> None:
+        self._redis = client
+        self._p = prefix + "jobs:"
+        self._scripts = {
+            name: client.register_script(getattr(lua, name))
+            for name in ("ADD", "CLAIM", "RENEW", "SAVE_HANDLE", "REQUEUE", "FINISH", "RELEASE", "REQUEST_CANCEL",
+                         "PURGE", "DUE_WEBHOOKS", "SAVE_WEBHOOK")
+        }
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        with unavailable_as_503(f"running the job store's {name.lower()}"):
+            return await self._scripts[name](keys=[], args=[self._p, *args])
+
+    async def add(self, job: Job, request: dict[str, Any]) -> Job:
+        """Store a new job; with an idempotency key already used by the same client key, store
+        nothing and return the job that has it."""
+        if len(request.get("images") or ()) or request.get("mask"):
+            body = await asyncio.to_thread(json.dumps, request, separators=(",", ":"))
+        else:
+            body = json.dumps(request, separators=(",", ":"))
+        fields = _fields(job)
+        fields.pop("seq", None)
+        fields.pop("status", None)
+        flat = [item for pair in fields.items() for item in pair]
+        seq, found = await self._call(
+            "ADD", job.id, job.key, job.idempotency_key or "", job.lane, body, repr(time.time()),
+            repr(job.not_before), *flat,
+        )
+        if int(seq) == 0:
+            existing = await self.get(_text(found))
+            if existing is not None:
+                return existing
+        job.seq = int(seq)
+        return job
+
+    async def _load(self, ids: Sequence[str]) -> list[Job]:
+        if not ids:
+            return []
+        with unavailable_as_503("reading jobs"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self._p + "job:" + job_id)
+                    pipe.hgetall(self._p + "handles:" + job_id)
+                raw = await pipe.execute()
+            jobs = [_job(raw[i], raw[i + 1]) for i in range(0, len(raw), 2) if raw[i]]
+            queued = [job for job in jobs if job.status == "queued"]
+            if queued:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for job in queued:
+                        pipe.zcount(self._p + "queued", "-inf", f"({job.seq}")
+                    for job, position in zip(queued, await pipe.execute(), strict=True):
+                        job.queue_position = int(position)
+        return jobs
+
+    async def get(self, job_id: str) -> Job | None:
+        jobs = await self._load([job_id])
+        return jobs[0] if jobs else None
+
+    async def page(self, key: str, *, limit: int, after: str | None, status: str | None) -> list[Job]:
+        index = self._p + "bykey:" + key
+        with unavailable_as_503("listing jobs"):
+            top = "+inf"
+            if after is not None:
+                score = await self._redis.zscore(index, after)
+                if score is None:
+                    return []
+                top = f"({int(score)}"
+            out: list[Job] = []
+            offset, batch = 0, max(limit, 100) if status is not None else limit
+            while len(out) < limit:
+                ids = await self._redis.zrevrangebyscore(index, top, "-inf", start=offset, num=batch)
+                if not ids:
+                    break
+                offset += len(ids)
+                jobs = await self._load([_text(i) for i in ids])
+                out += [job for job in jobs if status is None or job.status == status]
+        return out[:limit]
+
+    async def request_of(self, job_id: str) -> dict[str, Any] | None:
+        with unavailable_as_503("reading a job's request"):
+            raw = await self._redis.get(self._p + "req:" + job_id)
+        if raw is None:
+            return None
+        return dict(await asyncio.to_thread(json.loads, raw) if len(raw) > _BIG_REQUEST else json.loads(raw))
+
+    async def claim(self, owner: str, *, lease: float, exclude_lanes: Sequence[str]) -> Job | None:
+        """The next due job: queued (and past its `not_before`) or in progress with an expired
+        lease. Fair per key: the key with the fewest running jobs first, then the oldest job."""
+        found = await self._call("CLAIM", owner, repr(float(lease)), *exclude_lanes)
+        if not found:
+            return None
+        return _job(_pairs(found[0]), _pairs(found[1]))
+
+    async def renew(self, job_id: str, owner: str, *, lease: float) -> bool | None:
+        """Extend the lease. Returns whether a cancel was requested; None if the job is no longer ours."""
+        out = int(await self._call("RENEW", job_id, owner, repr(float(lease))))
+        return None if out < 0 else bool(out)
+
+    async def save_handle(self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None) -> None:
+        provider = handle.get("provider")
+        await self._call(
+            "SAVE_HANDLE", job_id, key, json.dumps(handle), upstream_id or "", provider if isinstance(provider, str)
+            else "",
+        )
+
+    async def requeue(self, job_id: str, owner: str, *, not_before: float, error: dict[str, Any]) -> bool:
+        return bool(await self._call("REQUEUE", job_id, owner, repr(not_before), json.dumps(error), repr(time.time())))
+
+    async def finish(self, job: Job, owner: str | None) -> bool:
+        """Write a terminal job (status, result, error, webhook); False if another worker owns it."""
+        job.finished_at = job.finished_at or time.time()
+        fields = _fields(job)
+        drop = [name for name in _FINISH_FIELDS if name not in fields]
+        keep = [item for name in _FINISH_FIELDS if name in fields for item in (name, fields[name])]
+        due = job.webhook.get("next_at") if job.webhook else None
+        out = await self._call(
+            "FINISH", job.id, owner or "", "" if due is None else repr(float(due)), len(drop), *drop, *keep
+        )
+        return bool(out)
+
+    async def release(self, owner: str) -> int:
+        """Expire the leases of `owner` (a stopping process): the next worker resumes its jobs at once."""
+        return int(await self._call("RELEASE", owner))
+
+    async def cancel_queued(self, job_id: str) -> bool:
+        job = await self.get(job_id)
+        if job is None or job.status != "queued":
+            return False
+        job.status = "canceled"
+        return await self.finish(job, None)
+
+    async def request_cancel(self, job_id: str) -> None:
+        await self._call("REQUEST_CANCEL", job_id)
+
+    async def counts(self) -> dict[str, int]:
+        with unavailable_as_503("counting jobs"):
+            raw = await self._redis.hgetall(self._p + "counts")
+        return {_text(k): int(v) for k, v in raw.items() if int(v) > 0}
+
+    async def purge(self, before: float) -> int:
+        total = 0
+        while True:
+            n = int(await self._call("PURGE", repr(before), 500))
+            total += n
+            if n < 500:
+                return total
+
+    async def due_webhooks(self, now: float, limit: int, *, hold: float) -> list[Job]:
+        """Jobs whose webhook is due, taken for `hold` seconds (their due time moves on, so another
+        process does not send the same attempt; an attempt that never reports back is retried)."""
+        ids = await self._call("DUE_WEBHOOKS", repr(now), limit, repr(now + hold))
+        return await self._load([_text(i) for i in ids])
+
+    async def save_webhook(self, job_id: str, webhook: dict[str, Any], due: float | None) -> None:
+        await self._call("SAVE_WEBHOOK", job_id, json.dumps(webhook), "" if due is None else repr(float(due)))
+
+    async def close(self) -> None:
+        """Nothing to do: the Redis client is the app's, closed with it."""
+
+
+def _fields(job: Job) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in (*_INTS, *_FLOATS, *_JSONS, *_STRINGS, "status", "cancel_requested"):
+        value = getattr(job, name)
+        if value is None:
+            continue
+        if name in _JSONS:
+            out[name] = json.dumps(value, separators=(",", ":"))
+        elif name == "cancel_requested":
+            out[name] = "1" if value else "0"
+        elif name in _FLOATS:
+            out[name] = repr(float(value))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _job(raw: dict[bytes, bytes], handles: dict[bytes, bytes]) -> Job:
+    values = {k.decode(): v.decode() for k, v in raw.items()}
+    kwargs: dict[str, Any] = {}
+    for name in _INTS:
+        kwargs[name] = int(values.get(name, 0))
+    for name in _FLOATS:
+        if name in values:
+            kwargs[name] = float(values[name])
+    for name in _JSONS:
+        if name in values:
+            kwargs[name] = json.loads(values[name])
+    for name in _STRINGS:
+        if name in values:
+            kwargs[name] = values[name]
+    kwargs["headers"] = kwargs.get("headers") or {}
+    kwargs["cancel_requested"] = values.get("cancel_requested") == "1"
+    kwargs["handles"] = {k.decode(): json.loads(v) for k, v in handles.items()}
+    status: JobStatus = values["status"]  # type: ignore[assignment]
+    return Job(status=status, **kwargs)

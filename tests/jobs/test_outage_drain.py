@@ -1,7 +1,8 @@
-"""Async jobs against the fake fal on 127.0.0.1, through an in-process gateway:
+"""Async jobs against the fake fal and the fake Replicate on 127.0.0.1, through an in-process gateway:
 
-- outage: fal answers 503 to every submit for a while; an async job waits (requeued with backoff)
-  and succeeds once fal recovers, while a synchronous request in the same window fails fast;
+- outage: fal (or Replicate) answers 503 to every submit (create) for a while; an async job waits
+  (requeued with backoff) and succeeds once the provider recovers, while a synchronous request in the
+  same window fails fast;
 - client errors fail the job at once (no requeue);
 - drain: many jobs with `max_concurrent_jobs: 8` -> exactly one submit per job, never more than
   8 jobs in flight upstream (counted on the fake: from submit to result fetch).
@@ -21,6 +22,7 @@ import pytest
 from fastapi import FastAPI
 from tests.conftest import gateway_settings
 from tests.fakes.fal import FakeFal, FalScenario, content_policy_violation, runner_scheduling_failure
+from tests.fakes.replicate import FakeReplicate, ReplicateScenario, service_unavailable
 from tests.fakes.server import LocalServer
 from tests.redis_support import redis_prefix, redis_url
 
@@ -44,34 +46,66 @@ def fake(fal_server: tuple[FakeFal, LocalServer]) -> FakeFal:
     return fal
 
 
+@pytest.fixture(scope="module")
+def replicate_server() -> Iterator[tuple[FakeReplicate, LocalServer]]:
+    fake = FakeReplicate()
+    with LocalServer(fake.app) as srv:
+        yield fake, srv
+
+
+@pytest.fixture
+def replicate(replicate_server: tuple[FakeReplicate, LocalServer]) -> FakeReplicate:
+    fake, _ = replicate_server
+    fake.reset()
+    fake.script.clear()
+    fake.scenario = ReplicateScenario.instant()
+    return fake
+
+
 __all__ = ["redis_prefix", "redis_url"]
 
 
-def make_app(tmp_path: Path, srv: LocalServer, redis: dict[str, Any] | None = None, **fal: Any) -> FastAPI:
+def make_app(
+    tmp_path: Path, srv: LocalServer, redis: dict[str, Any] | None = None,
+    replicate: LocalServer | None = None, **fal: Any,
+) -> FastAPI:
+    providers: dict[str, Any] = {
+        "fal": {
+            "key": "test-fal-key", "queue_url": srv.url, "run_url": srv.url + "/sync", "rest_url": srv.url,
+            "poll_interval": 0.02, "poll_max_interval": 0.05, **fal,
+        }
+    }
+    extra: dict[str, Any] = {}
+    if replicate is not None:
+        providers["replicate"] = {
+            "api_token": "r8_test-token", "base_url": replicate.url + "/v1", "wait_seconds": 1,
+            "poll_interval": 0.02, "poll_max_interval": 0.05,
+        }
+        extra["models"] = {  # one route each: a fal outage must not fall back to Replicate, nor the reverse
+            "qwen-image": {"routes": [{"provider": "fal", "model": "fal-ai/qwen-image"}]},
+            "rep": {"routes": [{"provider": "replicate", "model": "qwen/qwen-image"}]},
+        }
     settings = gateway_settings(
         tmp_path,
-        providers={
-            "fal": {
-                "key": "test-fal-key", "queue_url": srv.url, "run_url": srv.url + "/sync", "rest_url": srv.url,
-                "poll_interval": 0.02, "poll_max_interval": 0.05, **fal,
-            }
-        },
+        providers=providers,
         routing={"max_attempts": 1, "backoff_base": 0.01},
         jobs={"workers": 16, "poll_seconds": 0.05, "backoff_base": 0.1, "backoff_max": 0.3},
         **({"redis": redis} if redis else {}),
+        **extra,
     )
     return create_app(settings)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def gateway(
-    request: pytest.FixtureRequest, tmp_path: Path, fal_server: tuple[FakeFal, LocalServer]
+    request: pytest.FixtureRequest, tmp_path: Path, fal_server: tuple[FakeFal, LocalServer],
+    replicate_server: tuple[FakeReplicate, LocalServer],
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway on each job engine: embedded SQLite, and Redis (`redis.url` set)."""
     redis = None
     if request.param == "redis":
         redis = {"url": request.getfixturevalue("redis_url"), "key_prefix": request.getfixturevalue("redis_prefix")}
-    app = make_app(tmp_path, fal_server[1], redis, max_concurrent_jobs=8)
+    app = make_app(tmp_path, fal_server[1], redis, replicate_server[1], max_concurrent_jobs=8)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
@@ -81,8 +115,8 @@ async def gateway(
 BODY = {"model": "qwen-image", "prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json"}
 
 
-async def submit(client: httpx.AsyncClient) -> str:
-    response = await client.post("/v1/images/generations", json=BODY, headers=ASYNC)
+async def submit(client: httpx.AsyncClient, model: str = "qwen-image") -> str:
+    response = await client.post("/v1/images/generations", json={**BODY, "model": model}, headers=ASYNC)
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 
@@ -112,6 +146,27 @@ async def test_outage_requeues_then_succeeds_while_sync_fails_fast(gateway: http
     job = await wait_done(gateway, job_id)
     assert job["status"] == "succeeded" and job["error"] is None, job
     assert len(fake.submits) == 1
+
+
+async def test_replicate_outage_requeues_then_succeeds_while_sync_fails_fast(
+    gateway: httpx.AsyncClient, replicate: FakeReplicate
+) -> None:
+    replicate.scenario = ReplicateScenario.instant(always_fail_create=service_unavailable())
+    job_id = await submit(gateway, "rep")
+    started = time.monotonic()
+    sync = await gateway.post("/v1/images/generations", json={**BODY, "model": "rep"})
+    assert sync.status_code == 503 and time.monotonic() - started < 5, sync.text
+    assert sync.json()["error"]["code"] == "provider_unavailable"
+    await asyncio.sleep(0.8)  # a few requeues
+    job: dict[str, Any] = (await gateway.get(f"/v1/images/jobs/{job_id}")).json()
+    assert job["status"] in ("queued", "in_progress") and job["attempts"] >= 2, job
+    assert len(replicate.rejected_creates) >= 3 and replicate.creates == []
+    replicate.scenario = ReplicateScenario.instant()  # Replicate recovers
+    job = await wait_done(gateway, job_id)
+    assert job["status"] == "succeeded" and job["error"] is None, job
+    assert job["provider"] == "replicate" and job["upstream_request_id"] == replicate.last_create.id
+    assert len(replicate.creates) == 1
+    assert len(job["result"]["data"]) == 1 and job["result"]["data"][0]["b64_json"]
 
 
 async def test_client_error_fails_at_once(gateway: httpx.AsyncClient, fake: FakeFal) -> None:

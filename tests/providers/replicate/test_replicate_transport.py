@@ -424,15 +424,27 @@ async def test_429_falls_back_to_body_retry_after(provider: ReplicateProvider, m
     assert type(error) is RateLimited and error.retry_after == 5.0
 
 
-@pytest.mark.parametrize(("status", "kind"), [(500, UpstreamError), (502, UpstreamError), (503, ProviderUnavailable)])
+@pytest.mark.parametrize(("status", "kind"), [(500, UpstreamError), (502, UpstreamError), (504, UpstreamError)])
 async def test_create_5xx_is_not_retryable_but_may_fall_back(
     provider: ReplicateProvider, mock: respx.MockRouter, status: int, kind: type[GatewayError]
 ) -> None:
     route = mock.post(CREATE).mock(return_value=problem(status, {"detail": "Internal server error"}))
     error = await run_error(provider)
     assert type(error) is kind
-    assert (error.retryable, error.fallback) == (False, True)
+    assert (error.retryable, error.fallback, error.accepted) == (False, True, True)
     assert route.call_count == 1
+
+
+async def test_create_503_is_a_refusal_safe_to_retry(provider: ReplicateProvider, mock: respx.MockRouter) -> None:
+    route = mock.post(CREATE).mock(return_value=problem(503, {"detail": "Service Unavailable", "status": 503}))
+    error = await run_error(provider)
+    assert type(error) is ProviderUnavailable and error.status == 503
+    assert (error.retryable, error.fallback, error.accepted) == (True, True, False)
+    assert route.call_count == 1
+    # a 503 that carries a prediction: it exists, never created again
+    mock.post(CREATE).mock(return_value=problem(503, {"id": "p1", "status": "starting", "detail": "busy"}))
+    error = await run_error(provider)
+    assert (error.retryable, error.accepted) == (False, True)
 
 
 async def test_create_400_and_404(provider: ReplicateProvider, mock: respx.MockRouter) -> None:

@@ -69,12 +69,16 @@ def map_error(source: httpx.Response | Prediction, *, stage: Stage = "create") -
       422 with `invalid_fields` on `input.*` -> InvalidRequest 400 naming the OpenAI parameter
       429     -> RateLimited (Retry-After header, else body `retry_after`); retryable on create
       413     -> PayloadTooLarge naming `image`
-      5xx     -> create: not retryable (the prediction may exist: a resubmit could bill twice),
+      503 on create without a prediction in the body -> ProviderUnavailable, retryable, NOT accepted:
+                 Replicate refused the request (unavailable), no prediction was made, so a retry (and an
+                 async job's requeue) cannot bill twice
+      other 5xx -> create: not retryable (the prediction may exist: a resubmit could bill twice),
                  fallback allowed; upload: ProviderUnavailable, retryable; poll/download: UpstreamError
       400 on create -> InvalidRequest; 404 on create -> UpstreamError (unknown model: a route problem)
       other   -> UpstreamError 502 with Replicate's detail
     Accepted (the prediction exists, or may): every prediction error, poll/download errors, and a
-    5xx answer to the create (a create held open by `Prefer: wait` may have made the prediction).
+    5xx other than a bare 503 answer to the create (a create held open by `Prefer: wait` may have
+    made the prediction before a 500/502/504).
     Predictions:
       failed with E005 / "flagged as sensitive" / NSFW / content policy -> ContentPolicyViolation 400
       failed with E1000 / E6716 -> ProviderUnavailable (fallback; never a new prediction on this route)
@@ -88,7 +92,9 @@ def map_error(source: httpx.Response | Prediction, *, stage: Stage = "create") -
         accepted = True
     else:
         error = _http_error(source, stage)
-        accepted = stage in ("poll", "download") or (stage == "create" and source.status_code >= 500)
+        accepted = stage in ("poll", "download") or (
+            stage == "create" and source.status_code >= 500 and not _refused_create(source)
+        )
     error.accepted = accepted  # then never retryable
     return error
 
@@ -123,13 +129,18 @@ def _http_error(response: httpx.Response, stage: Stage) -> GatewayError:
         if stage == "upload":
             return ProviderUnavailable(message, retryable=True)
         if stage == "create" and status == 503:
-            return ProviderUnavailable(message, retryable=False)
+            return ProviderUnavailable(message, retryable=_refused_create(response))
         return UpstreamError(message, retryable=False)
     if status == 400 and stage == "create":
         return InvalidRequest(f"Replicate rejected the request: {detail}")
     if status == 404 and stage == "create":
         return UpstreamError(f"Replicate does not know this model (HTTP 404): {detail}")
     return UpstreamError(f"Replicate answered HTTP {status}: {detail}")
+
+
+def _refused_create(response: httpx.Response) -> bool:
+    """A 503 to a create that carries no prediction: Replicate turned the request away, nothing ran."""
+    return response.status_code == 503 and "id" not in json_object(response)
 
 
 def _input_error(body: Mapping[str, Any]) -> InvalidRequest | None:

@@ -121,6 +121,20 @@ async def submit(client: httpx.AsyncClient, model: str = "qwen-image") -> str:
     return str(response.json()["id"])
 
 
+async def read_events(client: httpx.AsyncClient, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The job's SSE stream to its end, as (event, data) pairs."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with client.stream("GET", f"/v1/images/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        name = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
+
+
 async def wait_done(client: httpx.AsyncClient, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -190,18 +204,29 @@ async def test_drain_one_submit_per_job_and_at_most_8_in_flight(gateway: httpx.A
 
 async def test_events_show_the_upstream_acceptance(gateway: httpx.AsyncClient, fake: FakeFal) -> None:
     fake.scenario = FalScenario(queue_polls=2, progress_polls=6)
-    job_id = await submit(gateway)
-    events: list[tuple[str, dict[str, Any]]] = []
-    async with gateway.stream("GET", f"/v1/images/jobs/{job_id}/events") as response:
-        assert response.status_code == 200
-        name = ""
-        async for line in response.aiter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
+    events = await read_events(gateway, await submit(gateway))
     names = [name for name, _ in events]
     assert names[-1] == "succeeded" and names.count("succeeded") == 1
     accepted = [data for name, data in events if name == "in_progress" and data["upstream_request_id"]]
     assert accepted and accepted[0]["provider"] == "fal"
     assert accepted[0]["upstream_request_id"] == fake.submits[0].request_id
+
+
+async def test_events_show_fal_queue_position_and_logs(gateway: httpx.AsyncClient, fake: FakeFal) -> None:
+    secret = "sk-" + "a" * 40
+    logs = [{"message": f"step {i}", "level": "INFO", "source": "USER", "timestamp": "t"} for i in range(8)]
+    logs.append({"message": f"loaded weights with key {secret}", "level": "INFO", "source": "USER", "timestamp": "t"})
+    fake.scenario = FalScenario(queue_polls=30, progress_polls=15, logs=logs)  # ~1 s queued, ~0.5 s running
+    events = await read_events(gateway, await submit(gateway))
+    assert events[-1][0] == "succeeded" and "progress" not in events[-1][1]
+    reports = [data["progress"] for name, data in events if name == "in_progress" and "progress" in data]
+    queued = [r for r in reports if r["status"] == "IN_QUEUE"]
+    assert queued and all(isinstance(r["queue_position"], int) for r in queued), reports
+    positions = [r["queue_position"] for r in queued]
+    assert len(set(positions)) >= 2 and positions == sorted(positions, reverse=True), positions
+    running = [r for r in reports if r["status"] == "IN_PROGRESS"]
+    assert running and running[-1]["queue_position"] is None
+    last_logs = running[-1]["logs"]
+    assert len(last_logs) == 5
+    assert last_logs[:4] == ["step 4", "step 5", "step 6", "step 7"] and "loaded weights" in last_logs[4]
+    assert secret not in json.dumps(events)

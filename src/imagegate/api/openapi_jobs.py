@@ -67,6 +67,17 @@ def job_components() -> Schema:
             "upstream_request_id": _NULL_STR,
             "attempts": {"type": "integer", "minimum": 0},
             "queue_position": _NULL_INT,
+            "progress": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "While in progress, the provider's report where it gives one (fal): its status, "
+                "the position in its queue and the last log lines (redacted).",
+                "properties": {
+                    "status": _NULL_STR,
+                    "queue_position": _NULL_INT,
+                    "logs": {"type": "array", "items": _STR, "maxItems": 5},
+                },
+            },
             "result": nullable_result,
             "error": nullable_error,
             "headers": {"type": "object", "additionalProperties": _STR},

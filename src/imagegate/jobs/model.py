@@ -65,6 +65,7 @@ class Job:
     webhook_url: str | None = None
     webhook: dict[str, Any] | None = None  # {id, status, attempts: [...], next_at}
     queue_position: int | None = None  # filled in when read
+    progress: dict[str, Any] | None = None  # the upstream's report while in_progress, filled in when read
     idempotency_key: str | None = None  # the submit's Idempotency-Key: the same key and request -> this job
     fingerprint: str | None = None  # of the submitted request (idempotency.codec.fingerprint)
 
@@ -91,6 +92,8 @@ class Job:
         }
         if self.status == "queued":
             out["queue_position"] = self.queue_position
+        if self.status == "in_progress" and self.progress:
+            out["progress"] = dict(self.progress)
         if self.headers:
             out["headers"] = dict(self.headers)
         if self.webhook is not None:

@@ -36,6 +36,7 @@ _STRINGS = (
 )
 _FINISH_FIELDS = ("status", "finished_at", "provider", "upstream_request_id", "result", "headers", "error", "webhook")
 _BIG_REQUEST = 64 * 1024
+_PROGRESS_TTL = 24 * 3600  # a progress report outlives no job by long (cleared when the job finishes)
 
 
 class RedisJobStore:
@@ -143,6 +144,19 @@ class RedisJobStore:
             "SAVE_HANDLE", job_id, key, json.dumps(handle), upstream_id or "", provider if isinstance(provider, str)
             else "",
         )
+
+    async def save_progress(self, job_id: str, progress: dict[str, Any] | None) -> None:
+        """The upstream's report on the running job (None: clear it); expires with the lease's life."""
+        with unavailable_as_503("saving a job's progress"):
+            if progress is None:
+                await self._redis.delete(self._p + "progress:" + job_id)
+            else:
+                await self._redis.set(self._p + "progress:" + job_id, json.dumps(progress), ex=_PROGRESS_TTL)
+
+    async def progress_of(self, job_id: str) -> dict[str, Any] | None:
+        with unavailable_as_503("reading a job's progress"):
+            raw = await self._redis.get(self._p + "progress:" + job_id)
+        return None if raw is None else dict(json.loads(raw))
 
     async def requeue(self, job_id: str, owner: str, *, not_before: float, error: dict[str, Any]) -> bool:
         return bool(await self._call("REQUEUE", job_id, owner, repr(not_before), json.dumps(error), repr(time.time())))

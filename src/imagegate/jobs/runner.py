@@ -176,7 +176,13 @@ class JobRunner:
             await self.store.save_handle(job.id, key, handle, handle.get("request_id"))
             log.info("job %s: upstream accepted (%s %s)", job.id, handle.get("provider"), handle.get("request_id"))
 
-        hooks = UpstreamHooks(handles=dict(job.handles), persist=persist)
+        async def progress(info: dict[str, Any]) -> None:
+            try:
+                await self.store.save_progress(job.id, info)
+            except Exception:  # a report lost is no reason to fail the job
+                log.warning("job %s: could not save the upstream's progress", job.id, exc_info=True)
+
+        hooks = UpstreamHooks(handles=dict(job.handles), persist=persist, progress=progress)
         task = asyncio.current_task()
         if task is not None:
             task.imagegate_hooks = hooks  # type: ignore[attr-defined]
@@ -214,6 +220,8 @@ class JobRunner:
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.store.save_progress(job.id, None)  # the report was about this attempt
         fresh = await self.store.get(job.id)
         if fresh is not None:  # keep what the hooks recorded meanwhile
             job.upstream_request_id = job.upstream_request_id or fresh.upstream_request_id

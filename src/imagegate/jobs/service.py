@@ -106,6 +106,8 @@ class JobService:
         job = await self.store.get(job_id) if len(job_id) <= 64 else None
         if job is None or job.key != key:
             raise NotFound(f"No job found with id '{job_id[:64]}'.", param="job_id")
+        if job.status == "in_progress":
+            job.progress = await self.store.progress_of(job.id)
         return job
 
     async def page(self, key: str, *, limit: int, after: str | None, status: str | None) -> tuple[list[Job], bool]:
@@ -132,8 +134,8 @@ class JobService:
     # ---- events ----
 
     async def events(self, job_id: str, key: str, *, keepalive_seconds: float) -> AsyncIterator[Job | None]:
-        """The job now, then at every change of status, queue position or upstream request id (the
-        upstream accepted the job) to its terminal state;
+        """The job now, then at every change of status, queue position, upstream request id (the
+        upstream accepted the job) or upstream progress to its terminal state;
         None when `keepalive_seconds` passed without a change."""
         last: tuple[Any, ...] | None = None
         quiet_since = time.monotonic()
@@ -142,7 +144,8 @@ class JobService:
                 job = await self.get(job_id, key)
             except NotFound:  # removed meanwhile (retention): the stream ends
                 return
-            state = (job.status, job.queue_position, job.upstream_request_id)  # also: the upstream took it
+            # also: the upstream took it, and what it reports on the running job
+            state = (job.status, job.queue_position, job.upstream_request_id, job.progress)
             if state != last:
                 last, quiet_since = state, time.monotonic()
                 yield job

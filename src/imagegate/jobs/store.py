@@ -62,6 +62,7 @@ CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key, seq);
 CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_due);
 CREATE TABLE IF NOT EXISTS job_requests (id TEXT PRIMARY KEY, request TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_progress (id TEXT PRIMARY KEY, progress TEXT NOT NULL);
 """
 _JSON_COLUMNS = ("handles", "result", "headers", "error", "webhook")
 _COLUMNS = (
@@ -84,6 +85,8 @@ class JobStore(Protocol):
     async def renew(self, job_id: str, owner: str, *, lease: float) -> bool | None: ...
     async def save_handle(self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None) -> None: ...
     async def requeue(self, job_id: str, owner: str, *, not_before: float, error: dict[str, Any]) -> bool: ...
+    async def save_progress(self, job_id: str, progress: dict[str, Any] | None) -> None: ...
+    async def progress_of(self, job_id: str) -> dict[str, Any] | None: ...
     async def finish(self, job: Job, owner: str | None) -> bool: ...
     async def release(self, owner: str) -> int: ...
     async def cancel_queued(self, job_id: str) -> bool: ...
@@ -252,6 +255,25 @@ class SqliteJobStore:
             )
 
         await self._write(save)
+
+    async def save_progress(self, job_id: str, progress: dict[str, Any] | None) -> None:
+        """The upstream's report on the running job (None: clear it)."""
+
+        def save(db: sqlite3.Connection) -> None:
+            if progress is None:
+                db.execute("DELETE FROM job_progress WHERE id = ?", (job_id,))
+            else:
+                db.execute("INSERT OR REPLACE INTO job_progress (id, progress) VALUES (?, ?)",
+                           (job_id, json.dumps(progress)))
+
+        await self._write(save)
+
+    async def progress_of(self, job_id: str) -> dict[str, Any] | None:
+        def read(db: sqlite3.Connection) -> dict[str, Any] | None:
+            found = db.execute("SELECT progress FROM job_progress WHERE id = ?", (job_id,)).fetchone()
+            return None if found is None else dict(json.loads(found[0]))
+
+        return await self._run(read)
 
     async def requeue(self, job_id: str, owner: str, *, not_before: float, error: dict[str, Any]) -> bool:
         def back(db: sqlite3.Connection) -> bool:

@@ -14,7 +14,8 @@ A call is known by its provider, upstream model and payload (input image referen
 change between runs for uploaded files, are left out) plus its occurrence among identical calls
 (an emulated `n` fans out identical payloads). `detached` is set when the worker stops without
 the job being cancelled (shutdown): adapters then leave the upstream job running, for the next
-worker to resume.
+worker to resume. `call.progress(info)` reports what the upstream says of a running job (fal: its
+status, queue position and last log lines); the job shows it and emits an `in_progress` event.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = ["UpstreamCall", "UpstreamHooks", "active_hooks", "current_hooks"]
 
 Handle = dict[str, Any]
 Persist = Callable[[str, Handle], Awaitable[None]]
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
 
 active_hooks: contextvars.ContextVar[UpstreamHooks | None] = contextvars.ContextVar(
     "imagegate_upstream_hooks", default=None
@@ -57,6 +59,11 @@ class UpstreamCall:
         self._hooks.handles[self.key] = stored
         await self._hooks.persist(self.key, stored)
 
+    async def progress(self, info: dict[str, Any]) -> None:
+        """The upstream's report on the running job (`{status, queue_position, logs}`), already redacted."""
+        if self._hooks.progress is not None:
+            await self._hooks.progress(info)
+
     @property
     def detached(self) -> bool:
         return self._hooks.detached
@@ -66,6 +73,7 @@ class UpstreamCall:
 class UpstreamHooks:
     handles: dict[str, Handle]  # call key -> handle of the upstream job
     persist: Persist
+    progress: Progress | None = None
     detached: bool = False
     _running: set[str] = field(default_factory=set)
 

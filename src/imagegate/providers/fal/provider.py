@@ -144,9 +144,12 @@ class FalProvider(Provider):
             if call.handle is not None:
                 handle = QueueHandle(**{f.name: str(call.handle[f.name]) for f in dataclasses.fields(QueueHandle)})
                 log.info("fal resuming %s request_id=%s", route.model, handle.request_id)
-                return await self.transport.follow(handle, deadline=ctx.deadline, detached=detached)
+                return await self.transport.follow(
+                    handle, deadline=ctx.deadline, detached=detached, on_progress=call.progress
+                )
             return await self.transport.run_queued(
-                route.model, payload, deadline=ctx.deadline, on_accepted=accepted, detached=detached
+                route.model, payload, deadline=ctx.deadline, on_accepted=accepted, detached=detached,
+                on_progress=call.progress,
             )
 
 

@@ -37,6 +37,7 @@ from imagegate.providers.common import (
     transport_error,
 )
 from imagegate.providers.fal.errors import TRANSIENT_STATUSES, FalFailure, Stage, map_failure
+from imagegate.providers.fal.progress import OnProgress, ProgressReporter
 from imagegate.settings import FalSettings
 
 __all__ = ["NOT_CONFIGURED", "FalOutput", "FalTransport", "QueueHandle", "auth_header", "request_timeout_header"]
@@ -113,6 +114,7 @@ class FalTransport:
         deadline: float,
         on_accepted: OnAccepted | None = None,
         detached: Callable[[], bool] | None = None,
+        on_progress: OnProgress | None = None,
     ) -> FalOutput:
         """Submit, follow the status until COMPLETED, fetch the result. If this is abandoned before
         the job finished (cancellation, deadline, lost status), the job is cancelled best-effort,
@@ -123,7 +125,9 @@ class FalTransport:
         except asyncio.CancelledError:
             await best_effort(self._cancel_once_submitted(submitting), timeout=CANCEL_TIMEOUT)
             raise
-        return await self.follow(handle, deadline=deadline, on_accepted=on_accepted, detached=detached)
+        return await self.follow(
+            handle, deadline=deadline, on_accepted=on_accepted, detached=detached, on_progress=on_progress
+        )
 
     async def follow(
         self,
@@ -132,9 +136,11 @@ class FalTransport:
         deadline: float,
         on_accepted: OnAccepted | None = None,
         detached: Callable[[], bool] | None = None,
+        on_progress: OnProgress | None = None,
     ) -> FalOutput:
         """Follow an accepted job to its output (also a job submitted before a restart: an async
-        job resumes here). `on_accepted(handle)` runs first (an async job persists the handle).
+        job resumes here). `on_accepted(handle)` runs first (an async job persists the handle);
+        `on_progress` gets each changed status report (the status is then asked with `?logs=1`).
         Abandoned before the job finished, the job is cancelled, unless `detached()` says the
         caller is only stopping and another worker will resume it."""
         completed = False
@@ -143,7 +149,7 @@ class FalTransport:
                 await on_accepted(handle)
             try:
                 async with asyncio.timeout(_remaining(deadline)):
-                    status = await self.wait(handle)
+                    status = await self.wait(handle, ProgressReporter(on_progress) if on_progress else None)
                     completed = True
                     return await self.result(handle, status)
             except TimeoutError:
@@ -196,30 +202,35 @@ class FalTransport:
         app = "/".join(parts[:3] if parts and parts[0] in ("workflows", "comfy") else parts[:2])
         return f"{self.config.queue_url.rstrip('/')}/{app}/requests/{quote(request_id, safe='')}/cancel"
 
-    async def wait(self, handle: QueueHandle) -> dict[str, Any]:
+    async def wait(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any]:
         """The COMPLETED status payload: from the SSE stream when enabled (polling if it breaks)."""
         if self.config.status_stream:
-            status = await self.stream_status(handle)
+            status = await self.stream_status(handle, report)
             if status is not None:
                 return status
             log.warning("fal status stream broke for %s; polling instead", handle.request_id)
-        return await self.poll_status(handle)
+        return await self.poll_status(handle, report)
 
-    async def poll_status(self, handle: QueueHandle) -> dict[str, Any]:
+    async def poll_status(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any]:
+        url = _with_logs(handle.status_url) if report is not None else handle.status_url
         async for _ in poll_delays(start=self.config.poll_interval, cap=self.config.poll_max_interval):
-            response = await get_with_retry(self.http, handle.status_url, provider=PROVIDER, headers=self.headers())
+            response = await get_with_retry(self.http, url, provider=PROVIDER, headers=self.headers())
             body = _json_or_none(response)
             if response.status_code not in (200, 202) or not isinstance(body, dict):
                 raise map_failure(FalFailure.from_response(response), stage="status", model=handle.model)
+            if report is not None:
+                await report(body)
             if body.get("status") == "COMPLETED":
                 return body
         raise AssertionError("unreachable")  # poll_delays never ends
 
-    async def stream_status(self, handle: QueueHandle) -> dict[str, Any] | None:
+    async def stream_status(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any] | None:
         """Follow `{status_url}/stream` (SSE, `data:` lines of status JSON) to the COMPLETED event;
         None if the stream fails or ends first (the caller falls back to polling)."""
         url = httpx.URL(handle.status_url)
         url = url.copy_with(path=url.path.rstrip("/") + "/stream")
+        if report is not None:
+            url = httpx.URL(_with_logs(str(url)))
         headers = {**self.headers(), "Accept": "text/event-stream"}
         timeout = httpx.Timeout(SSE_READ_TIMEOUT, connect=10.0)
         try:
@@ -234,6 +245,8 @@ class FalTransport:
                             data.append(value.removeprefix(" "))
                         continue
                     event, data = _sse_event(data), []
+                    if event is not None and report is not None:
+                        await report(event)
                     if event is not None and event.get("status") == "COMPLETED":
                         return event
                 event = _sse_event(data)
@@ -345,6 +358,11 @@ class FalTransport:
         if not put.is_success:
             raise map_failure(FalFailure.from_response(put), stage="upload_put", model="storage")
         return file_url
+
+
+def _with_logs(url: str) -> str:
+    """The status URL asking for the job's logs (`?logs=1`), its own query kept."""
+    return str(httpx.URL(url).copy_merge_params({"logs": "1"}))
 
 
 def _remaining(deadline: float) -> float:

@@ -9,15 +9,14 @@ no module-level instance: the app factory and the CLI call `load_settings`.
 from __future__ import annotations
 
 import os
-import re
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from imagegate.config_file import DEFAULT_CONFIG, deep_merge, interpolate_env, read_yaml
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -47,23 +46,6 @@ __all__ = [
     "load_settings",
     "merged_config",
 ]
-
-DEFAULT_CONFIG = "imagegate.yaml"  # packaged under imagegate/defaults/ (configs/imagegate.yaml links to it)
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def interpolate_env(value: Any, environ: dict[str, str] | None = None) -> Any:
-    """Replace `${NAME}` / `${NAME:-default}` in every string of a YAML document."""
-    env = os.environ if environ is None else environ
-    if isinstance(value, str):
-        return _ENV_REF.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
-    if isinstance(value, list):
-        return [interpolate_env(v, environ) for v in value]
-    if isinstance(value, dict):
-        return {k: interpolate_env(v, environ) for k, v in value.items()}
-    return value
-
 
 def _secret_or_none(value: Any) -> Any:
     return None if value in ("", None) else value
@@ -389,17 +371,6 @@ class Settings(BaseSettings):
         return init_settings, env_settings
 
 
-def _read_yaml(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        text = resources.files("imagegate").joinpath("defaults", DEFAULT_CONFIG).read_text("utf-8")
-    else:
-        text = Path(path).read_text("utf-8")
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping")
-    return interpolate_env(data)  # type: ignore[no-any-return]
-
-
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Settings from `path` (or `$IMAGEGATE_CONFIG`, or the packaged default) plus the environment.
 
@@ -410,16 +381,6 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 def merged_config(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """The raw settings data `load_settings` validates: the file, the environment, `overrides`."""
     chosen = path or os.environ.get("IMAGEGATE_CONFIG") or None
-    file_data = _read_yaml(Path(chosen) if chosen else None)
+    file_data = read_yaml(Path(chosen) if chosen else None)
     env_data = Settings().model_dump(exclude_unset=True)  # the environment alone
-    return _deep_merge(_deep_merge(file_data, env_data), overrides)
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+    return deep_merge(deep_merge(file_data, env_data), overrides)

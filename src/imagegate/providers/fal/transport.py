@@ -16,7 +16,6 @@ with a handle is marked `accepted`: the job is never submitted again.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -38,6 +37,9 @@ from imagegate.providers.common import (
 )
 from imagegate.providers.fal.errors import TRANSIENT_STATUSES, FalFailure, Stage, map_failure
 from imagegate.providers.fal.progress import OnProgress, ProgressReporter
+from imagegate.providers.fal.wire import json_object as _json
+from imagegate.providers.fal.wire import json_or_none as _json_or_none
+from imagegate.providers.fal.wire import sse_event as _sse_event
 from imagegate.settings import FalSettings
 
 __all__ = ["NOT_CONFIGURED", "FalOutput", "FalTransport", "QueueHandle", "auth_header", "request_timeout_header"]
@@ -374,28 +376,3 @@ def _remaining(deadline: float) -> float:
 
 def _timeout(seconds: float) -> httpx.Timeout:
     return httpx.Timeout(seconds, connect=min(seconds, 10.0))
-
-
-def _json(response: httpx.Response, *, accepted: bool = False) -> dict[str, Any]:
-    body = _json_or_none(response)
-    if not isinstance(body, dict):
-        raise UpstreamError(f"fal answered HTTP {response.status_code} with a body that is not a JSON object.",
-                            accepted=accepted)
-    return body
-
-
-def _json_or_none(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
-def _sse_event(data: list[str]) -> dict[str, Any] | None:
-    if not data:
-        return None
-    try:
-        event = json.loads("\n".join(data))
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None

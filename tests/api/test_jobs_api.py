@@ -58,11 +58,13 @@ async def test_unknown_job_is_404_everywhere(client: httpx.AsyncClient, job_id: 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=abc", "limit=-1", "limit=1e3"])
 async def test_bad_limit(client: httpx.AsyncClient, query: str) -> None:
-    error_of(await client.get(f"/v1/images/jobs?{query}"), 400, "limit")
+    error = error_of(await client.get(f"/v1/images/jobs?{query}"), 400, "limit")
+    assert error["type"] == "invalid_request_error"
 
 
 async def test_bad_status_filter(client: httpx.AsyncClient) -> None:
-    error_of(await client.get("/v1/images/jobs?status=running"), 400, "status")
+    error = error_of(await client.get("/v1/images/jobs?status=running"), 400, "status")
+    assert error["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("prefer", ["respond-async", "RESPOND-ASYNC", "wait=10, respond-async", "respond-async; x=1"])
@@ -85,8 +87,9 @@ async def test_dry_run_is_never_a_job(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize("value", [42, ["http://example.com"], {"url": "x"}, True])
 async def test_webhook_url_must_be_a_string(client: httpx.AsyncClient, value: Any) -> None:
-    error_of(await client.post("/v1/images/generations", json={**BODY, "webhook_url": value}, headers=ASYNC),
-             400, "webhook_url")
+    response = await client.post("/v1/images/generations", json={**BODY, "webhook_url": value}, headers=ASYNC)
+    assert error_of(response, 400, "webhook_url")["type"] == "invalid_request_error"
+    assert (await client.get("/v1/images/jobs")).json()["data"] == []  # no job was made
 
 
 async def test_cancel_a_finished_job_changes_nothing(client: httpx.AsyncClient) -> None:

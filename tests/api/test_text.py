@@ -25,8 +25,9 @@ def test_check_unicode_names_the_top_level_field(body: dict[str, Any], param: st
 
 
 def test_check_unicode_accepts_any_valid_text() -> None:
-    check_unicode({"prompt": "café \U0001f600 \u2603", "images": [{"image_url": "data:image/png;base64," + "A" * 10}]})
-    check_unicode({"n": 1, "flag": True, "nothing": None, "deep": [[[[{"k": "\u00e9"}]]]]})
+    text = {"prompt": "café \U0001f600 \u2603", "images": [{"image_url": "data:image/png;base64," + "A" * 10}]}
+    assert check_unicode(text) is None
+    assert check_unicode({"n": 1, "flag": True, "nothing": None, "deep": [[[[{"k": "\u00e9"}]]]]}) is None
 
 
 def test_invalid_text_shows_printable_ascii_names_as_they_are() -> None:

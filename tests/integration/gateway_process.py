@@ -61,9 +61,11 @@ class CliProcess:
     """`python -m imagegate.cli <args>` with stdout and stderr in one file (a file, not a pipe: a full
     pipe would block the process), `IMAGEGATE_DATA_DIR` under `tmp_path` and a clean environment."""
 
-    def __init__(self, tmp_path: Path, args: list[str], log_name: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, args: list[str], log_name: str, *, env: dict[str, str] | None = None, data: str = "data"
+    ) -> None:
         self.log_path = tmp_path / f"{log_name}.log"
-        environ = clean_env(IMAGEGATE_DATA_DIR=str(tmp_path / "data"), PYTHONUNBUFFERED="1", **(env or {}))
+        environ = clean_env(IMAGEGATE_DATA_DIR=str(tmp_path / data), PYTHONUNBUFFERED="1", **(env or {}))
         self._log = self.log_path.open("wb")
         argv = [sys.executable, "-m", "imagegate.cli", *args]
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=environ)

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +19,7 @@ import yaml
 from PIL import Image
 from tests.fakes.fal import FakeFal, FalScenario
 from tests.fakes.server import LocalServer
-from tests.integration.gateway_process import GatewayProcess, write_config
+from tests.integration.gateway_process import CliProcess, GatewayProcess, write_config
 from tests.redis_support import redis_prefix, redis_url
 
 __all__ = ["redis_prefix", "redis_url"]
@@ -115,30 +111,12 @@ def test_restart_resumes_the_same_upstream_job(tmp_path: Path, fal: tuple[FakeFa
         second.stop()
 
 
-class WorkerProcess:
-    """`python -m imagegate.cli worker` on the gateway's data directory, output in a file."""
+class WorkerProcess(CliProcess):
+    """`imagegate worker` (one job at a time) on its own data directory under `tmp_path`."""
 
     def __init__(self, tmp_path: Path, config: Path, name: str, data: str = "data") -> None:
-        self.log_path = tmp_path / f"worker-{name}.log"
-        environ = {k: v for k, v in os.environ.items() if k not in ("FAL_KEY", "REPLICATE_API_TOKEN")}
-        environ.update({"IMAGEGATE_DATA_DIR": str(tmp_path / data), "PYTHONUNBUFFERED": "1"})
-        argv = [sys.executable, "-m", "imagegate.cli", "worker", "--config", str(config), "--concurrency", "1"]
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=environ)
-
-    def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text("utf-8", errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        args = ["worker", "--config", str(config), "--concurrency", "1"]
+        super().__init__(tmp_path, args, f"worker-{name}", data=data)
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "redis"])

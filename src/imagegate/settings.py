@@ -88,6 +88,8 @@ class FalSettings(BaseModel):
     poll_interval: PositiveFloat = 0.5
     poll_max_interval: PositiveFloat = 3.0
     status_stream: bool = False  # follow the SSE status stream instead of polling
+    job_poll_interval: PositiveFloat = 0.1  # async jobs: the first poll interval, at most (then as poll_interval)
+    job_status_stream: bool = False  # async jobs follow the SSE status stream (connections bounded by the workers)
     sync_mode_b64: bool = False  # for b64_json, ask fal for data URIs instead of downloading
     max_concurrent_jobs: int | None = Field(None, ge=1)  # async jobs running on fal at once (per process)
 

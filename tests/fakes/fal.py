@@ -9,7 +9,8 @@ One Starlette app plays every fal host. Tests configure the adapter with::
 
 Time is measured in *status polls*: every ``GET .../status`` (and every tick of the SSE stream) moves
 a request one step through ``queue_polls`` x IN_QUEUE, then ``progress_polls`` x IN_PROGRESS, then
-COMPLETED. The result endpoint does not advance a request. Everything a test can vary lives in
+COMPLETED (or, with ``model_seconds``, IN_PROGRESS until that much wall time after the submit: a
+model's real run time, for load). The result endpoint does not advance a request. Everything a test can vary lives in
 ``FalScenario``; pick one per request with ``fake.scenario`` (default), ``fake.model_scenarios[endpoint_id]``
 or ``fake.script`` (a queue consumed one per accepted submit/run).
 
@@ -181,6 +182,7 @@ class FalScenario:
 
     queue_polls: int = 1  # status polls answered 202 IN_QUEUE (queue_position counts down to 0)
     progress_polls: int | None = 1  # then 202 IN_PROGRESS; None = in progress until cancelled
+    model_seconds: float | None = None  # instead of progress_polls: IN_PROGRESS until this much wall time after submit
     submit_errors: list[FalError] = field(default_factory=list)  # answers to the first K submit attempts
     status_errors: list[FalError] = field(default_factory=list)  # answers to the first K status polls (per job)
     always_fail_status: FalError | None = None  # every status poll gets this
@@ -244,6 +246,7 @@ class FalJob:
     finished: bool = False  # forced COMPLETED (sync runs)
     disconnected: bool = False  # sync run client went away before the answer
     output: dict[str, Any] | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
 
     def state(self) -> tuple[Status, int | None]:
         sc = self.scenario
@@ -251,6 +254,8 @@ class FalJob:
             return "COMPLETED", None
         if self.polls < sc.queue_polls:
             return "IN_QUEUE", sc.queue_polls - 1 - self.polls
+        if sc.model_seconds is not None:
+            return ("COMPLETED" if time.monotonic() >= self.submitted_at + sc.model_seconds else "IN_PROGRESS"), None
         if sc.progress_polls is None or self.polls < sc.queue_polls + sc.progress_polls:
             return "IN_PROGRESS", None
         return "COMPLETED", None

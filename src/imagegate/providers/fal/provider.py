@@ -23,7 +23,14 @@ from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
 from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
 from imagegate.providers.fal.tables import TABLES, parse_output, size_presets
-from imagegate.providers.fal.transport import NOT_CONFIGURED, FalOutput, FalTransport, QueueHandle, auth_header
+from imagegate.providers.fal.transport import (
+    NOT_CONFIGURED,
+    FalOutput,
+    FalTransport,
+    QueueHandle,
+    StatusCadence,
+    auth_header,
+)
 
 __all__ = ["MAX_DATA_URI_CHARS", "FalProvider"]
 
@@ -141,15 +148,23 @@ class FalProvider(Provider):
             def detached() -> bool:
                 return call.detached
 
+            # A job holds its worker's (and provider's) slot until fal's answer is seen: a short
+            # first poll interval (or the SSE stream, whose connections the workers bound) keeps
+            # the slot from idling past a quick job.
+            cadence = StatusCadence(
+                stream=self.config.status_stream or self.config.job_status_stream,
+                poll_interval=min(self.config.poll_interval, self.config.job_poll_interval),
+            )
+
             if call.handle is not None:
                 handle = QueueHandle(**{f.name: str(call.handle[f.name]) for f in dataclasses.fields(QueueHandle)})
                 log.info("fal resuming %s request_id=%s", route.model, handle.request_id)
                 return await self.transport.follow(
-                    handle, deadline=ctx.deadline, detached=detached, on_progress=call.progress
+                    handle, deadline=ctx.deadline, detached=detached, on_progress=call.progress, cadence=cadence
                 )
             return await self.transport.run_queued(
                 route.model, payload, deadline=ctx.deadline, on_accepted=accepted, detached=detached,
-                on_progress=call.progress,
+                on_progress=call.progress, cadence=cadence,
             )
 
 

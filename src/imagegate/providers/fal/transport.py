@@ -42,7 +42,10 @@ from imagegate.providers.fal.wire import json_or_none as _json_or_none
 from imagegate.providers.fal.wire import sse_event as _sse_event
 from imagegate.settings import FalSettings
 
-__all__ = ["NOT_CONFIGURED", "FalOutput", "FalTransport", "QueueHandle", "auth_header", "request_timeout_header"]
+__all__ = [
+    "NOT_CONFIGURED", "FalOutput", "FalTransport", "QueueHandle", "StatusCadence", "auth_header",
+    "request_timeout_header",
+]
 
 log = logging.getLogger("imagegate.providers.fal")
 
@@ -88,6 +91,15 @@ class QueueHandle:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusCadence:
+    """How a queue job's status is followed: the SSE stream (polling if it breaks), or polls that
+    start `poll_interval` apart and grow to `poll_max_interval`."""
+
+    stream: bool
+    poll_interval: float
+
+
+@dataclass(frozen=True, slots=True)
 class FalOutput:
     body: Any  # the model output JSON
     request_id: str | None
@@ -117,6 +129,7 @@ class FalTransport:
         on_accepted: OnAccepted | None = None,
         detached: Callable[[], bool] | None = None,
         on_progress: OnProgress | None = None,
+        cadence: StatusCadence | None = None,
     ) -> FalOutput:
         """Submit, follow the status until COMPLETED, fetch the result. If this is abandoned before
         the job finished (cancellation, deadline, lost status), the job is cancelled best-effort,
@@ -128,7 +141,8 @@ class FalTransport:
             await best_effort(self._cancel_once_submitted(submitting), timeout=CANCEL_TIMEOUT)
             raise
         return await self.follow(
-            handle, deadline=deadline, on_accepted=on_accepted, detached=detached, on_progress=on_progress
+            handle, deadline=deadline, on_accepted=on_accepted, detached=detached, on_progress=on_progress,
+            cadence=cadence,
         )
 
     async def follow(
@@ -139,10 +153,12 @@ class FalTransport:
         on_accepted: OnAccepted | None = None,
         detached: Callable[[], bool] | None = None,
         on_progress: OnProgress | None = None,
+        cadence: StatusCadence | None = None,
     ) -> FalOutput:
         """Follow an accepted job to its output (also a job submitted before a restart: an async
         job resumes here). `on_accepted(handle)` runs first (an async job persists the handle);
-        `on_progress` gets each changed status report (the status is then asked with `?logs=1`).
+        `on_progress` gets each changed status report (the status is then asked with `?logs=1`);
+        `cadence` says how the status is followed (default: the configured stream or polling).
         Abandoned before the job finished, the job is cancelled, unless `detached()` says the
         caller is only stopping and another worker will resume it."""
         completed = False
@@ -151,7 +167,7 @@ class FalTransport:
                 await on_accepted(handle)
             try:
                 async with asyncio.timeout(_remaining(deadline)):
-                    status = await self.wait(handle, ProgressReporter(on_progress) if on_progress else None)
+                    status = await self.wait(handle, ProgressReporter(on_progress) if on_progress else None, cadence)
                     completed = True
                     return await self.result(handle, status)
             except TimeoutError:
@@ -204,18 +220,23 @@ class FalTransport:
         app = "/".join(parts[:3] if parts and parts[0] in ("workflows", "comfy") else parts[:2])
         return f"{self.config.queue_url.rstrip('/')}/{app}/requests/{quote(request_id, safe='')}/cancel"
 
-    async def wait(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any]:
+    async def wait(
+        self, handle: QueueHandle, report: ProgressReporter | None = None, cadence: StatusCadence | None = None
+    ) -> dict[str, Any]:
         """The COMPLETED status payload: from the SSE stream when enabled (polling if it breaks)."""
-        if self.config.status_stream:
+        cadence = cadence or StatusCadence(self.config.status_stream, self.config.poll_interval)
+        if cadence.stream:
             status = await self.stream_status(handle, report)
             if status is not None:
                 return status
             log.warning("fal status stream broke for %s; polling instead", handle.request_id)
-        return await self.poll_status(handle, report)
+        return await self.poll_status(handle, report, start=cadence.poll_interval)
 
-    async def poll_status(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any]:
+    async def poll_status(
+        self, handle: QueueHandle, report: ProgressReporter | None = None, *, start: float | None = None
+    ) -> dict[str, Any]:
         url = _with_logs(handle.status_url) if report is not None else handle.status_url
-        async for _ in poll_delays(start=self.config.poll_interval, cap=self.config.poll_max_interval):
+        async for _ in poll_delays(start=start or self.config.poll_interval, cap=self.config.poll_max_interval):
             response = await get_with_retry(self.http, url, provider=PROVIDER, headers=self.headers())
             body = _json_or_none(response)
             if response.status_code not in (200, 202) or not isinstance(body, dict):

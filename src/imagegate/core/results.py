@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from imagegate.core.errors import GatewayError
+
 __all__ = ["DryRunResult", "ImageResult", "OutputImage", "resolved_quality"]
 
 #: The `quality` values an ImagesResponse reports (OpenAI's, newest SDKs included).
@@ -92,6 +94,8 @@ class DryRunResult:
     target_size: str | None
     headers: dict[str, str] = field(default_factory=dict)
     routes: list[dict[str, str]] = field(default_factory=list)  # every route of the model, in order
+    # No route's provider is configured: what the real request would answer (not in the body).
+    unavailable: GatewayError | None = None
 
     def body(self) -> dict[str, Any]:
         return {

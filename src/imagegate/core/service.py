@@ -119,8 +119,10 @@ class ImageService:
         started = time.monotonic()
         deadline = started + self.settings.routing.deadline_seconds
         if dry_run:
-            route = routes[0]
-            return await self._dry_run(entry, route, self.providers[route.provider], request)
+            route, unavailable = self._serving_route(routes)
+            dry = await self._dry_run(entry, route, self.providers[route.provider], request)
+            dry.unavailable = unavailable
+            return dry
 
         failures: list[_Attempted] = []
         for route in routes:
@@ -168,6 +170,19 @@ class ImageService:
         raise final
 
     # -- planning ---------------------------------------------------------------------------
+
+    def _serving_route(self, routes: Sequence[Route]) -> tuple[Route, GatewayError | None]:
+        """The route a real request would be planned on: the first whose provider is configured.
+        None is: the first route, and the error the real request would answer."""
+        skipped: list[_Attempted] = []
+        for route in routes:
+            try:
+                self.providers[route.provider].check_configured()
+            except ProviderNotConfigured as exc:
+                skipped.append(_Attempted(route, exc))
+                continue
+            return route, None
+        return routes[0], _final_error(skipped)
 
     async def _plan(
         self, route: Route, provider: Provider, request: ImageRequest, *, dry_run: bool

@@ -1,9 +1,11 @@
 """`JobService`: what the job endpoints call (`app.state.jobs`), and the executor the workers run.
 
-Submitting validates the request as the synchronous call would (the key's allow-list and the
-route's parameter table, through a dry run: nothing is uploaded or called), stores the job and its
-request before the 202 is sent, and wakes a worker. Running a job calls the same client service as
-a synchronous request (limits, usage and cost count for the key), with the upstream hooks set.
+Submitting validates the request as the synchronous call would (the key's allow-list, the route
+pin, and the parameter table of the route the call would be served on, the first whose provider is
+configured, through a dry run: nothing is uploaded or called; with no provider configured, the
+call's 503), stores the job and its request before the 202 is sent, and wakes a worker. Running a
+job calls the same client service as a synchronous request (limits, usage and cost count for the
+key), with the upstream hooks set.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from imagegate.auth.keys import ClientKey
 from imagegate.core.catalog import Catalog
 from imagegate.core.errors import InternalError, InvalidRequest, NotFound
 from imagegate.core.request import ImageRequest
+from imagegate.core.results import DryRunResult
 from imagegate.idempotency import IdempotencyKeyReused, fingerprint
 from imagegate.idempotency.guard import check_key
 from imagegate.jobs.model import STATUSES, Job, decode_request, encode_request, new_job_id
@@ -73,15 +76,17 @@ class JobService:
         if webhook_url:
             await self.webhooks.check_url(webhook_url)
         request.stream = False
-        await validator.run(request, request_id="validate", base_url=base_url, dry_run=True)
-        entry = self.catalog.get(request.model)
-        routes = entry.pinned(request.route) if request.route else entry.routes
+        checked = await validator.run(request, request_id="validate", base_url=base_url, dry_run=True)
+        if not isinstance(checked, DryRunResult):  # pragma: no cover - a dry run returns nothing else
+            raise InternalError("The request could not be validated.")
+        if checked.unavailable is not None:  # no provider of the model is configured: the sync call's answer
+            raise checked.unavailable
         job = Job(
             id=new_job_id(),
             key=key,
-            model=entry.id,
+            model=checked.model,
             operation=request.operation,
-            lane=routes[0].provider,
+            lane=checked.provider,  # the route the request is validated on: the first configured one
             base_url=base_url,
             created_at=time.time(),
             webhook_url=webhook_url or None,

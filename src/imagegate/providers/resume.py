@@ -15,7 +15,8 @@ change between runs for uploaded files, are left out) plus its occurrence among 
 (an emulated `n` fans out identical payloads). `detached` is set when the worker stops without
 the job being cancelled (shutdown): adapters then leave the upstream job running, for the next
 worker to resume. `call.progress(info)` reports what the upstream says of a running job (fal: its
-status, queue position and last log lines); the job shows it and emits an `in_progress` event.
+status, queue position and last log lines; Replicate: the prediction's status and last log lines;
+see `providers.progress`); the job shows it and emits an `in_progress` event.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ class ReplicateProvider(Provider):
         try:
             if call is not None and call.handle is None:
                 await call.accepted({"request_id": prediction.id, "urls": prediction.data.get("urls") or {}})
-            await transport.wait(prediction, deadline=ctx.deadline)
+            await transport.wait(prediction, deadline=ctx.deadline, on_progress=call.progress if call else None)
             images = output_images(prediction)
         except BaseException as exc:
             if isinstance(exc, GatewayError):

@@ -3,7 +3,8 @@
     create    POST {base}/models/{owner}/{name}/predictions   {"input": {...}}
               (or POST {base}/predictions {"version", "input"} for a pinned `owner/name:version`)
               headers: Authorization: Bearer <token>, Prefer: wait=N, Cancel-After: <deadline>s
-    poll      GET  urls.get until the prediction is done (backoff, idempotent retries)
+    poll      GET  urls.get until the prediction is done (backoff, idempotent retries); an async job
+              sees its `status` and the tail of its `logs` as progress
     cancel    POST urls.cancel (best effort)
     upload    POST {base}/files (multipart `content` + `metadata`) -> urls.get, for large inputs
     download  GET  output URLs; the Bearer token goes only to Replicate hosts
@@ -36,6 +37,7 @@ from imagegate.providers.common import (
     poll_delays,
     transport_error,
 )
+from imagegate.providers.progress import ChangedReports, OnProgress, log_tail, progress_report
 from imagegate.providers.replicate.errors import json_object, map_error
 from imagegate.providers.replicate.prediction import Prediction
 
@@ -45,6 +47,7 @@ __all__ = [
     "is_replicate_url",
     "output_images",
     "prefer_wait_seconds",
+    "status_progress",
 ]
 
 PROVIDER = "replicate"
@@ -83,6 +86,12 @@ def is_replicate_url(url: str, base_url: str) -> bool:
         return True
     host = target.host.lower()
     return target.scheme == "https" and (host in REPLICATE_HOSTS or host.endswith(REPLICATE_HOST_SUFFIXES))
+
+
+def status_progress(prediction: Prediction) -> dict[str, Any]:
+    """A running prediction, for an async job's progress: its `status` (starting, processing) and
+    the last lines of its `logs` text, redacted and capped (`providers.progress`)."""
+    return progress_report(prediction.data.get("status"), log_tail(prediction.data.get("logs")))
 
 
 def output_images(prediction: Prediction) -> list[ProviderImage]:
@@ -158,9 +167,13 @@ class ReplicateTransport:
             exc.accepted = True  # a 2xx create: the prediction may exist
             raise
 
-    async def wait(self, prediction: Prediction, *, deadline: float) -> Prediction:
+    async def wait(
+        self, prediction: Prediction, *, deadline: float, on_progress: OnProgress | None = None
+    ) -> Prediction:
         """Poll `urls.get` with a growing interval until done; updates `prediction` in place.
-        Raises map_error's error for failed/canceled/aborted, UpstreamTimeout past the deadline."""
+        Raises map_error's error for failed/canceled/aborted, UpstreamTimeout past the deadline.
+        `on_progress` gets each changed report of a prediction still running (`status_progress`)."""
+        reports = ChangedReports(on_progress) if on_progress is not None else None
         async for number in poll_delays(start=self.poll_interval, cap=self.poll_max_interval):
             if number:
                 response = await get_with_retry(
@@ -174,6 +187,8 @@ class ReplicateTransport:
                 if not response.is_success:
                     raise map_error(response, stage="poll")
                 prediction.data = _prediction_body(response)
+            if reports is not None and prediction.status and not prediction.done:  # (a resumed one: not yet polled)
+                await reports.send(status_progress(prediction))
             if prediction.done:
                 if prediction.status in ("failed", "canceled", "aborted"):
                     raise map_error(prediction)

@@ -12,7 +12,8 @@ returns the service the image endpoints call for this request: a `ClientService`
 4. runs the service, then adds `x-ratelimit-*` and `x-imagegate-cost-usd` to the response and
    counts requests, images, megapixels and cost for the key.
 
-Dry runs only pass the allow-list: they call no upstream.
+Dry runs (an async job's validation among them) pass the allow-list and a check that the key's
+limits could ever admit the request (`n` within `images_per_minute`); they call no upstream.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from imagegate.core.errors import InternalError
 from imagegate.core.request import ImageRequest
 from imagegate.core.results import DryRunResult, ImageResult
 from imagegate.idempotency import IDEMPOTENCY_HEADER, Idempotency, IdempotencyStore, MemoryStore, RedisStore
-from imagegate.limits import Limiter, MemoryLimiter, RedisLimiter
+from imagegate.limits import Limiter, MemoryLimiter, RedisLimiter, refuse_unadmittable
 from imagegate.settings import Settings
 from imagegate.storage.base import Storage
 from imagegate.usage import COST_HEADER, MemoryLedger, PriceTable, RedisLedger, UsageLedger
@@ -141,7 +142,8 @@ class ClientService:
             self.client.check_model(request.model)
         if request.route is not None and self.catalog is not None:  # a bad pin uses up no rpm
             self.catalog.get(request.model).pinned(request.route)
-        if dry_run:
+        if dry_run:  # also refused: a request the key's limits can never admit (an async job would wait forever)
+            refuse_unadmittable(self.name, self.client.limits if self.client is not None else KeyLimits(), request.n)
             return await self.service.run(request, request_id=request_id, base_url=base_url, dry_run=True)
         kwargs: dict[str, Any] = {"request_id": request_id, "base_url": base_url, "on_plan": on_plan}
 

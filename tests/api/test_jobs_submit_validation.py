@@ -22,6 +22,7 @@ from imagegate.app import create_app
 ASYNC = {"prefer": "respond-async"}
 KEY = "sk-validation-key-1234"
 NARROW = "sk-validation-narrow-1234"
+SMALL = "sk-validation-small-1234"
 GEN = {"model": "sandbox-image", "prompt": "a square", "size": "64x64"}
 MODELS = {
     # fal has no key in tests: a request is served on the sandbox route, as if fal were not there
@@ -39,7 +40,11 @@ def png(width: int = 64, height: int = 64) -> bytes:
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    keys = [{"name": "main", "key": KEY}, {"name": "narrow", "key": NARROW, "models": ["sandbox-edit"]}]
+    keys = [
+        {"name": "main", "key": KEY},
+        {"name": "narrow", "key": NARROW, "models": ["sandbox-edit"]},
+        {"name": "small", "key": SMALL, "images_per_minute": 2},
+    ]
     settings = gateway_settings(
         tmp_path, auth={"keys": keys}, jobs={"poll_seconds": 0.05}, limits={"max_pixels": 1024 * 1024},
         models=MODELS,
@@ -68,9 +73,10 @@ async def assert_same_refusal(
     assert sync.status_code == status, sync.text
     assert queued.status_code == status, queued.text
     assert queued.json() == sync.json()  # the whole envelope: type, code, param, message
+    assert queued.headers.get("x-should-retry") == sync.headers.get("x-should-retry")
     assert sync.json()["error"]["param"] == param
     assert "location" not in queued.headers
-    for token in (KEY, NARROW):  # nothing was stored, for either key
+    for token in (KEY, NARROW, SMALL):  # nothing was stored, for any key
         listed = await client.get("/v1/images/jobs", headers={"authorization": f"Bearer {token}"})
         assert listed.json()["data"] == [], listed.text
 
@@ -106,6 +112,18 @@ async def test_a_route_pin_on_a_model_the_key_may_not_use(client: httpx.AsyncCli
 )
 async def test_a_bad_parameter(client: httpx.AsyncClient, body: dict[str, Any], param: str, status: int) -> None:
     await assert_same_refusal(client, "/v1/images/generations", status, param, json=body)
+
+
+async def test_more_images_than_the_key_may_ever_have(client: httpx.AsyncClient) -> None:
+    """n above the key's images_per_minute: no minute admits it (429, `x-should-retry: false`); a
+    job would wait for an hour and fail."""
+    headers = {"authorization": f"Bearer {SMALL}"}
+    await assert_same_refusal(client, "/v1/images/generations", 429, None, json={**GEN, "n": 3}, headers=headers)
+    dry_headers = {**headers, "x-imagegate-dry-run": "1"}
+    dry = await client.post("/v1/images/generations", json={**GEN, "n": 3}, headers=dry_headers)
+    assert dry.status_code == 429 and dry.headers["x-should-retry"] == "false"
+    ok = await client.post("/v1/images/generations", json={**GEN, "n": 2}, headers={**headers, **ASYNC})
+    assert ok.status_code == 202, ok.text  # within the limit: queued (the minute's budget is the run's)
 
 
 async def test_a_mask_that_does_not_match_the_image(client: httpx.AsyncClient) -> None:

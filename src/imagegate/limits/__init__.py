@@ -6,7 +6,14 @@ headers), and holds a concurrency slot until the block exits, however it exits. 
 serves one process; `RedisLimiter` shares one budget between every instance on the same Redis.
 """
 
-from imagegate.limits.base import Admission, Decision, Limiter, RateLimitExceeded, format_reset
+from imagegate.limits.base import (
+    Admission,
+    Decision,
+    Limiter,
+    RateLimitExceeded,
+    format_reset,
+    refuse_unadmittable,
+)
 from imagegate.limits.memory import MemoryLimiter
 from imagegate.limits.redis_limiter import RedisLimiter
 
@@ -18,4 +25,5 @@ __all__ = [
     "RateLimitExceeded",
     "RedisLimiter",
     "format_reset",
+    "refuse_unadmittable",
 ]

@@ -96,6 +96,13 @@ def _refusal(name: str, limits: KeyLimits, images: int, decision: Decision) -> R
     return RateLimitExceeded(message, retry_after=retry_after, headers=headers)
 
 
+def refuse_unadmittable(name: str, limits: KeyLimits, images: int) -> None:
+    """Raise the refusal `admit` gives a request no window can ever admit (more images than the
+    key's `images_per_minute`), without taking anything: an async job is refused so at submit."""
+    if limits.images_per_minute is not None and images > limits.images_per_minute:
+        raise _refusal(name, limits, images, Decision("too_many_images"))
+
+
 class Limiter(abc.ABC):
     """Admits requests per key name. Subclasses implement the atomic check-and-take."""
 

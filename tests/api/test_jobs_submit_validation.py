@@ -126,6 +126,12 @@ async def test_more_images_than_the_key_may_ever_have(client: httpx.AsyncClient)
     assert ok.status_code == 202, ok.text  # within the limit: queued (the minute's budget is the run's)
 
 
+@pytest.mark.parametrize("key", ["x" * 300, "bad\u00e9key", ""])
+async def test_a_bad_idempotency_key(client: httpx.AsyncClient, key: str) -> None:
+    headers = {"idempotency-key": key.encode("utf-8")}
+    await assert_same_refusal(client, "/v1/images/generations", 400, "Idempotency-Key", json=GEN, headers=headers)
+
+
 async def test_a_mask_that_does_not_match_the_image(client: httpx.AsyncClient) -> None:
     files = [("image", ("a.png", png(64, 64), "image/png")), ("mask", ("m.png", png(32, 32), "image/png"))]
     data = {"model": "sandbox-edit", "prompt": "x"}

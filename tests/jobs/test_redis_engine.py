@@ -36,7 +36,7 @@ async def test_job_routes_answer_503_while_redis_is_down(tmp_path: Path) -> None
                 error = response.json()["error"]
                 assert error["code"] == "state_unavailable" and error["type"] == "server_error"
                 assert response.headers["retry-after"] == "1"
-            body = {"model": "qwen-image", "prompt": "p"}
+            body = {"model": "sandbox-image", "prompt": "p"}  # a model this gateway could serve
             submit = await client.post("/v1/images/generations", json=body, headers={"prefer": "respond-async"})
             assert submit.status_code == 503 and submit.json()["error"]["code"] == "state_unavailable"
             assert time.monotonic() - started < 8

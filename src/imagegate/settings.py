@@ -103,6 +103,7 @@ class ReplicateSettings(BaseModel):
     inline_max_bytes: NonNegativeInt = 256_000  # larger inputs go through the Files API
     poll_interval: PositiveFloat = 0.5
     poll_max_interval: PositiveFloat = 3.0
+    job_poll_interval: PositiveFloat = 0.1  # async jobs: the first poll interval, at most (then as poll_interval)
     max_concurrent_jobs: int | None = Field(None, ge=1)  # async jobs running on Replicate at once (per process)
 
     _empty = field_validator("api_token", mode="before")(_secret_or_none)

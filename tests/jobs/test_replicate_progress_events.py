@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tests.conftest import gateway_settings
 from tests.fakes.fal import FakeFal
 from tests.fakes.replicate import FakeReplicate, ReplicateScenario
 from tests.fakes.server import LocalServer
@@ -19,8 +20,10 @@ from tests.jobs.test_outage_drain import (
     replicate,
     replicate_server,
     submit,
+    wait_done,
 )
 
+from imagegate.app import create_app
 from imagegate.providers.progress import MAX_LOG_CHARS, MAX_LOG_LINES
 
 __all__ = ["fal_server", "replicate", "replicate_server"]
@@ -59,3 +62,27 @@ async def test_events_show_replicate_status_and_logs(
     text = json.dumps(events)
     assert planted not in text and "r8_test-token" not in text
     assert len(replicate.creates) == 1
+
+
+async def test_a_job_polls_a_quick_prediction_soon(
+    tmp_path: Path, replicate_server: tuple[FakeReplicate, LocalServer], replicate: FakeReplicate
+) -> None:
+    """With the default cadence (`poll_interval` 0.5 s) a job still polls from
+    `job_poll_interval` (0.1 s): the job holds its provider slot until it sees the outcome."""
+    replicate.scenario = ReplicateScenario(starting_ticks=1, processing_ticks=2, wait_ticks=0)  # done on poll 3
+    srv = replicate_server[1]
+    settings = gateway_settings(
+        tmp_path,
+        providers={"replicate": {"api_token": "r8_test-token", "base_url": srv.url + "/v1"}},
+        models={"rep": {"routes": [{"provider": "replicate", "model": "qwen/qwen-image"}]}},
+        jobs={"poll_seconds": 0.05},
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
+            job = await wait_done(client, await submit(client, "rep"))
+    assert job["status"] == "succeeded", job
+    created = next(rec.at for rec in replicate.requests if rec.method == "POST")
+    polls = [rec.at for rec in replicate.requests if rec.method == "GET" and "/predictions/" in rec.path]
+    assert len(polls) == 3 and polls[-1] - created < 1.2, [round(at - created, 3) for at in polls]

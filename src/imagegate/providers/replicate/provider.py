@@ -112,6 +112,8 @@ class ReplicateProvider(Provider):
         """An async job's call: the create answers at once (`Prefer: wait=1`), so the prediction's id
         is persisted before the work; a prediction created in an earlier run is followed again."""
         transport.wait_seconds = 1
+        # the job holds its provider slot until the outcome is seen: poll a quick prediction soon
+        transport.poll_interval = min(transport.poll_interval, self._config.job_poll_interval)
         async with hooks.call(self.name, route.model, payload) as call:
             if call.handle is not None:
                 prediction = Prediction({"id": call.handle["request_id"], "urls": call.handle.get("urls") or {}})

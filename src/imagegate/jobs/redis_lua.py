@@ -192,8 +192,9 @@ for _, o in ipairs(order) do
   if r then return take(o[4], o[1], o[5], r[1][2][1][1], owner, lease) end
 end
 if limit <= 0 then return {false} end
--- 3. nothing to take: a reader blocks until the next backoff ends or another worker's lease runs out
-local wait = limit
+-- 3. nothing to take: a reader blocks until the next backoff ends or another worker's lease runs out,
+-- and no longer than a lease (an entry delivered meanwhile cannot pass the lease any sooner)
+local wait = math.min(limit, lease)
 local head = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')
 if head[1] then wait = math.min(wait, tonumber(head[2]) - t) end
 for _, lane in ipairs(lanes) do

@@ -10,11 +10,12 @@ a due job (or the end of a backoff) adds the job to its key's ready set and XADD
 process blocks in one XREADGROUP over the streams of the lanes it has room for (a full lane is
 simply not read) plus its own wake stream (`wake:<owner>`, written when a lane of the process gets
 room again, so the read is redone with that lane); the block ends when a ticket arrives, at the next
-backoff's end, or when another worker's entry will pass the visibility timeout; it never polls at a
-fixed interval. The ticket read, one script takes the lane's next job fairly (the oldest due job of
-the key with the fewest running jobs, so one key with 10,000 queued jobs cannot starve another) and
-binds it to the entry (`bound`, the job's `entry`). Tickets are interchangeable, so a ticket left
-over by a job canceled while queued is simply dropped by whoever reads it.
+backoff's end, or when another worker's entry will pass the visibility timeout (and after one
+visibility timeout at most, since an entry delivered during the block cannot pass it sooner); new
+work never waits for a polling interval. The ticket read, one script takes the lane's next job
+fairly (the oldest due job of the key with the fewest running jobs, so one key with 10,000 queued
+jobs cannot starve another) and binds it to the entry (`bound`, the job's `entry`). Tickets are
+interchangeable, so a ticket left over by a job canceled while queued is dropped by its reader.
 
 Running and reclaiming. A running job is its entry, un-ACKed in the group's pending list and owned
 by the worker's consumer. The pending list's idle time is the lease: the heartbeat renews it with

@@ -240,3 +240,32 @@ async def test_redis_lost_during_a_blocked_read(redis_url: str, redis_prefix: st
         finally:
             proxy.mode = "up"
             await client.aclose()
+
+
+async def test_jobs_from_before_the_streams_are_delivered(stores: tuple[RedisJobStore, RedisJobStore]) -> None:
+    """Upgrading: a queued job waiting in its ready set and a running one under the old `leases`
+    sorted set, with no streams yet, are both delivered (the running one with its handles)."""
+    workers, api = stores
+    redis, p = api._redis, api._p
+    for seq, (job_id, status) in enumerate((("imgjob_old_q", "queued"), ("imgjob_old_r", "in_progress")), 1):
+        await redis.hset(p + "job:" + job_id, mapping={
+            "id": job_id, "key": "a", "model": "m", "operation": "generate", "lane": "fal", "base_url": "http://gw",
+            "created_at": repr(time.time()), "status": status, "seq": seq, "attempts": seq - 1,
+        })
+    await redis.zadd(p + "ready:fal:a", {"imgjob_old_q": 1})
+    await redis.zadd(p + "queued", {"imgjob_old_q": 1})
+    await redis.sadd(p + "readykeys:fal", "a")
+    await redis.sadd(p + "lanes", "fal")
+    await redis.hset(p + "job:imgjob_old_r", mapping={"lease_owner": "gone", "lease_until": "1.0"})
+    await redis.zadd(p + "leases", {"imgjob_old_r": 1.0})
+    await redis.hset(p + "handles:imgjob_old_r", "fal:m:x#0", '{"request_id": "up-1", "provider": "fal"}')
+    await redis.hset(p + "running", "a", 1)
+    await redis.hset(p + "counts", mapping={"queued": 1, "in_progress": 1})
+    taken = [await workers.claim("w1", lease=30, exclude_lanes=[], block=1.0) for _ in range(2)]
+    assert sorted(j.id for j in taken if j) == ["imgjob_old_q", "imgjob_old_r"]
+    resumed = next(j for j in taken if j and j.id == "imgjob_old_r")
+    assert resumed.handles == {"fal:m:x#0": {"request_id": "up-1", "provider": "fal"}} and resumed.attempts == 2
+    assert await workers.claim("w1", lease=30, exclude_lanes=[], block=0.2) is None  # no ticket twice
+    state = await streams_state(workers)
+    assert state["pending"]["fal"] == 2 and state["bound"] == 2 and state["running"] == {"a": 2}
+    assert await api.counts() == {"in_progress": 2} and not await redis.exists(p + "leases")

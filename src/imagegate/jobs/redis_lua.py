@@ -34,7 +34,12 @@ local function now() local t = redis.call('TIME'); return tonumber(t[1]) + tonum
 local function f6(x) return string.format('%.6f', x) end
 local function stream(lane)  -- the lane's stream, made with its consumer group on first use
   local s = sk(lane)
-  if redis.call('EXISTS', s) == 0 then redis.call('XGROUP', 'CREATE', s, G, '0', 'MKSTREAM') end
+  if redis.call('EXISTS', s) == 0 then
+    redis.call('XGROUP', 'CREATE', s, G, '0', 'MKSTREAM')
+    for _, key in ipairs(redis.call('SMEMBERS', P .. 'readykeys:' .. lane)) do  -- due before streams: a ticket each
+      for _ = 1, redis.call('ZCARD', P .. 'ready:' .. lane .. ':' .. key) do redis.call('XADD', s, '*', 'lane', lane) end
+    end
+  end
   return s
 end
 local function streams()  -- the lanes that have a stream
@@ -46,10 +51,11 @@ local function streams()  -- the lanes that have a stream
 end
 local function ticket(lane) redis.call('XADD', stream(lane), '*', 'lane', lane) end
 local function ready(id, lane, key, seq)  -- due: waits in its key's set, and a ticket wakes a reader
+  local s = stream(lane)
   redis.call('ZADD', P .. 'ready:' .. lane .. ':' .. key, seq, id)
   redis.call('SADD', P .. 'readykeys:' .. lane, key)
   redis.call('SADD', P .. 'lanes', lane)
-  ticket(lane)
+  redis.call('XADD', s, '*', 'lane', lane)
 end
 local function unready(id, lane, key)
   local r = P .. 'ready:' .. lane .. ':' .. key
@@ -147,6 +153,16 @@ local owner, lease, limit, nex = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), 
 local excluded = {}
 for i = 6, 5 + nex do excluded[ARGV[i]] = true end
 for i = 6 + nex, #ARGV do redis.call('SADD', P .. 'lanes', ARGV[i]) end
+if redis.call('EXISTS', P .. 'leases') == 1 then  -- jobs running under leases (before streams): due again
+  for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
+    local f = redis.call('HMGET', jk(id), 'lane', 'key', 'seq', 'status', 'entry')
+    if f[4] == 'in_progress' and not f[5] then
+      running(f[2], -1)
+      ready(id, f[1], f[2], f[3])
+    end
+  end
+  redis.call('DEL', P .. 'leases')
+end
 local t = now()
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', f6(t), 'LIMIT', 0, 500)) do
   redis.call('ZREM', P .. 'delayed', id)  -- its backoff is over: due, with a ticket

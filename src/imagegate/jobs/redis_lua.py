@@ -37,7 +37,9 @@ local function stream(lane)  -- the lane's stream, made with its consumer group 
   if redis.call('EXISTS', s) == 0 then
     redis.call('XGROUP', 'CREATE', s, G, '0', 'MKSTREAM')
     for _, key in ipairs(redis.call('SMEMBERS', P .. 'readykeys:' .. lane)) do  -- due before streams: a ticket each
-      for _ = 1, redis.call('ZCARD', P .. 'ready:' .. lane .. ':' .. key) do redis.call('XADD', s, '*', 'lane', lane) end
+      for _ = 1, redis.call('ZCARD', P .. 'ready:' .. lane .. ':' .. key) do
+        redis.call('XADD', s, '*', 'lane', lane)
+      end
     end
   end
   return s

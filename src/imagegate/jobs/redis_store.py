@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -187,7 +188,10 @@ class RedisJobStore:
             try:
                 await connection.send_command(*command)
                 timeout = getattr(connection, "socket_timeout", None) or _READ_TIMEOUT
-                reply = await connection.read_response(timeout=wait + timeout)
+                # Our own deadline: read_response(timeout=x) would answer None when x passes, the
+                # same as an empty read, and leave the late reply on a connection back in the pool.
+                async with asyncio.timeout(wait + timeout):
+                    reply = await connection.read_response(timeout=math.inf)
             except BaseException:
                 await connection.disconnect(nowait=True)
                 raise

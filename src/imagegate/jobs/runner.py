@@ -226,7 +226,8 @@ class JobRunner:
         task = asyncio.current_task()
         if task is not None:
             task.imagegate_hooks = hooks  # type: ignore[attr-defined]
-        heartbeat = asyncio.create_task(self._heartbeat(job, task, hooks))
+        ended = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(job, task, hooks, ended))
         try:
             body, headers = await self.execute(job, hooks)
         except asyncio.CancelledError:
@@ -259,6 +260,7 @@ class JobRunner:
             job.provider = headers.get("x-imagegate-provider", job.provider)
             job.upstream_request_id = headers.get("x-imagegate-upstream-request-id", job.upstream_request_id)
         finally:
+            ended.set()  # stops the heartbeat even if a cancel were lost inside a store call
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(Exception):
@@ -283,10 +285,14 @@ class JobRunner:
             self._wake.set()
         return True
 
-    async def _heartbeat(self, job: Job, task: asyncio.Task[Any] | None, hooks: UpstreamHooks) -> None:
+    async def _heartbeat(
+        self, job: Job, task: asyncio.Task[Any] | None, hooks: UpstreamHooks, ended: asyncio.Event
+    ) -> None:
         interval = min(1.0, self.settings.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
+            if ended.is_set():
+                return
             try:
                 cancel = await self.store.renew(job.id, self.owner, lease=self.settings.lease_seconds)
             except Exception:

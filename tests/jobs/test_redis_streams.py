@@ -270,3 +270,39 @@ async def test_jobs_from_before_the_streams_are_delivered(stores: tuple[RedisJob
     state = await streams_state(workers)
     assert state["pending"]["fal"] == 2 and state["bound"] == 2 and state["running"] == {"a": 2}
     assert await api.counts() == {"in_progress": 2} and not await redis.exists(p + "leases")
+
+
+class SwallowingStore(RedisJobStore):
+    """A slow lease renewal that loses a cancel (seen inside the Redis client under load)."""
+
+    async def renew(self, job_id: str, owner: str, *, lease: float) -> bool | None:
+        try:
+            await asyncio.sleep(0.3)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        return await super().renew(job_id, owner, lease=lease)
+
+
+async def test_a_lost_heartbeat_cancel_does_not_keep_a_job_running(redis_url: str, redis_prefix: str) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=2)
+    store = SwallowingStore(client, redis_prefix, lanes=["fal"])
+
+    async def execute(job: Job, _: UpstreamHooks) -> Outcome:
+        await asyncio.sleep(0.6)  # ends while the heartbeat (every 0.1 s) is inside its slow renewal
+        return DONE
+
+    jobs = JobRunner(store, execute, JobsSettings(workers=1, lease_seconds=0.3, poll_seconds=30), lane_limits={})
+    jobs.start()
+    try:
+        await store.add(job("imgjob_h", "a"), {})
+        for _ in range(150):
+            done = await store.get("imgjob_h")
+            if done is not None and done.terminal:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await jobs.stop()
+        await client.aclose()
+    assert done is not None and done.status == "succeeded", done

@@ -303,7 +303,7 @@ class JobsSettings(BaseModel):
     retention_seconds: int = Field(86400, ge=1)  # finished jobs (and their results) are kept this long
     max_wait_seconds: float = Field(3600.0, gt=0)  # retryable failures requeue the job until this age
     lease_seconds: float = Field(30.0, gt=0)  # a running job whose worker stops renewing it is reclaimed
-    poll_seconds: float = Field(0.5, gt=0)  # idle workers look for due jobs this often
+    poll_seconds: float = Field(0.5, gt=0)  # SQLite: idle workers look for due jobs this often (Redis: they block)
     backoff_base: float = Field(2.0, gt=0)  # requeue delay after a retryable failure: base * 2^k ...
     backoff_max: float = Field(60.0, gt=0)  # ... capped here
 

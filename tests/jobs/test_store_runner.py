@@ -46,8 +46,9 @@ async def steal(store: JobStore, job_id: str, owner: str, until: float) -> None:
         await store._run(write)
         return
     assert isinstance(store, RedisJobStore)
+    lane, entry = await store._redis.hmget(store._p + "job:" + job_id, ["lane", "entry"])
+    await store._redis.xclaim(store._p + "stream:" + lane.decode(), "workers", owner, 0, [entry], justid=True)
     await store._redis.hset(store._p + "job:" + job_id, mapping={"lease_owner": owner, "lease_until": until})
-    await store._redis.zadd(store._p + "leases", {job_id: until})
 
 
 def job(job_id: str, key: str, lane: str = "fal") -> Job:
@@ -75,9 +76,10 @@ async def test_expired_lease_is_reclaimed_with_its_handles(store: JobStore) -> N
     taken = await store.claim("dead", lease=0.2, exclude_lanes=[])
     assert taken is not None and taken.attempts == 1
     await store.save_handle("imgjob_x", "fal:m:abc#0", {"request_id": "up-1", "provider": "fal"}, "up-1")
-    assert await store.claim("alive", lease=30, exclude_lanes=[]) is None  # still leased
+    # every worker uses one visibility timeout (jobs.lease_seconds): "alive" reclaims after 0.2 s too
+    assert await store.claim("alive", lease=0.2, exclude_lanes=[]) is None  # still leased
     await asyncio.sleep(0.3)
-    again = await store.claim("alive", lease=30, exclude_lanes=[])
+    again = await store.claim("alive", lease=0.2, exclude_lanes=[])
     assert again is not None and again.attempts == 2 and again.upstream_request_id == "up-1"
     assert again.handles == {"fal:m:abc#0": {"request_id": "up-1", "provider": "fal"}}
     assert await store.renew("imgjob_x", "dead", lease=30) is None  # the dead worker's lease is gone

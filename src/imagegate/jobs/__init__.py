@@ -2,7 +2,7 @@
 
     model.py     the Job record, its public JSON, the request codec
     store.py     JobStore and the embedded engine (SQLite, WAL, leases)
-    redis_store.py  the distributed engine (Redis, Lua scripts in redis_lua.py), with `redis.url`
+    redis_store.py  the distributed engine (Redis Streams consumer groups + Lua scripts in redis_lua.py)
     runner.py    in-process workers: claim, run, requeue with backoff, finish
     webhooks.py  signed webhook delivery (Standard Webhooks), at least once
     service.py   JobService: submit / get / list / cancel / events, and the workers' executor
@@ -45,16 +45,16 @@ def build_jobs(
         for key in settings.auth.keys:
             if key.webhook_url:
                 raise ValueError(f"auth key {key.name!r} has a webhook_url but webhooks.secret is not set")
-    store: JobStore
-    if redis is not None:
-        store = RedisJobStore(redis, settings.redis.key_prefix)
-    else:
-        store = SqliteJobStore(settings.jobs.path or settings.storage.path.parent / "jobs.db")
-    webhooks = WebhookSender(http, settings.webhooks, guard, metrics)
     lanes = {
         name: getattr(getattr(settings.providers, name), "max_concurrent_jobs", None)
         for name in type(settings.providers).model_fields
     }
+    store: JobStore
+    if redis is not None:
+        store = RedisJobStore(redis, settings.redis.key_prefix, lanes=list(lanes))
+    else:
+        store = SqliteJobStore(settings.jobs.path or settings.storage.path.parent / "jobs.db")
+    webhooks = WebhookSender(http, settings.webhooks, guard, metrics)
 
     def runner(execute: Executor) -> JobRunner:
         return JobRunner(store, execute, settings.jobs, lane_limits=lanes, webhooks=webhooks, metrics=metrics)

@@ -2,16 +2,19 @@
 script, so it is atomic on the server and no two processes can interleave a read-modify-write.
 
 Keys, all under `P` = `redis.key_prefix` + `jobs:` (passed as ARGV[1]):
-    job:<id>             hash: the job's fields (JSON columns as JSON text)
+    job:<id>             hash: the job's fields (JSON columns as JSON text; `entry`: its stream entry)
     handles:<id>         hash: upstream handle key -> JSON handle (what a resumed job follows)
     req:<id>             the request (JSON, images in base64), dropped when the job finishes
     seq                  the insertion counter (a job's `seq`)
     bykey:<key>          zset seq -> id: one client key's jobs (listing)
     queued               zset seq -> id: every queued job (queue positions)
-    delayed              zset not_before -> id: queued jobs waiting out a backoff
+    delayed              zset not_before -> id: queued jobs waiting out a backoff (no ticket yet)
     ready:<lane>:<key>   zset seq -> id: due jobs of one lane and client key
     readykeys:<lane>     set of client keys with due jobs in a lane; `lanes` the set of lanes
-    leases               zset lease_until -> id: running jobs
+    stream:<lane>        stream with consumer group `workers`: one ticket per due job of the lane;
+                         a running job is its ticket's entry, pending for the worker (consumer)
+    bound                hash "<lane> <entry id>" -> the job id that entry holds
+    wake:<owner>         stream (group `workers`): ends one process's blocked XREADGROUP
     running              hash key -> running jobs (fairness)
     counts               hash status -> jobs
     finished             zset finished_at -> id (retention); webhooks: zset due -> id
@@ -20,29 +23,105 @@ Keys, all under `P` = `redis.key_prefix` + `jobs:` (passed as ARGV[1]):
 
 from __future__ import annotations
 
+GROUP = "workers"
+
 _COMMON = """
 local P = ARGV[1]
+local G = 'workers'
 local function jk(id) return P .. 'job:' .. id end
-local function ready(id, lane, key, seq)
+local function sk(lane) return P .. 'stream:' .. lane end
+local function now() local t = redis.call('TIME'); return tonumber(t[1]) + tonumber(t[2]) / 1000000 end
+local function f6(x) return string.format('%.6f', x) end
+local function stream(lane)  -- the lane's stream, made with its consumer group on first use
+  local s = sk(lane)
+  if redis.call('EXISTS', s) == 0 then
+    redis.call('XGROUP', 'CREATE', s, G, '0', 'MKSTREAM')
+    for _, key in ipairs(redis.call('SMEMBERS', P .. 'readykeys:' .. lane)) do  -- due before streams: a ticket each
+      for _ = 1, redis.call('ZCARD', P .. 'ready:' .. lane .. ':' .. key) do
+        redis.call('XADD', s, '*', 'lane', lane)
+      end
+    end
+  end
+  return s
+end
+local function streams()  -- the lanes that have a stream
+  local out = {}
+  for _, lane in ipairs(redis.call('SMEMBERS', P .. 'lanes')) do
+    if redis.call('EXISTS', sk(lane)) == 1 then out[#out + 1] = lane end
+  end
+  return out
+end
+local function ticket(lane) redis.call('XADD', stream(lane), '*', 'lane', lane) end
+local function ready(id, lane, key, seq)  -- due: waits in its key's set, and a ticket wakes a reader
+  local s = stream(lane)
   redis.call('ZADD', P .. 'ready:' .. lane .. ':' .. key, seq, id)
   redis.call('SADD', P .. 'readykeys:' .. lane, key)
   redis.call('SADD', P .. 'lanes', lane)
+  redis.call('XADD', s, '*', 'lane', lane)
 end
 local function unready(id, lane, key)
   local r = P .. 'ready:' .. lane .. ':' .. key
   if redis.call('ZREM', r, id) == 1 then
     if redis.call('ZCARD', r) == 0 then redis.call('SREM', P .. 'readykeys:' .. lane, key) end
-    return true
   end
-  return false
 end
-local function clock(plus)  -- the server's time: leases do not depend on the workers' clocks
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  return string.format('%.6f', now), string.format('%.6f', now + plus)
+local function drop(lane, entry)  -- done with an entry: out of the pending list, out of the stream
+  redis.call('XACK', sk(lane), G, entry)
+  redis.call('XDEL', sk(lane), entry)
+  redis.call('HDEL', P .. 'bound', lane .. ' ' .. entry)
 end
 local function count(status, n) redis.call('HINCRBY', P .. 'counts', status, n) end
 local function running(key, n) redis.call('HINCRBY', P .. 'running', key, n) end
+"""
+
+# Taking work: fairness inside a lane, binding a job to the entry that now sits in `owner`'s pending list.
+_TAKE = """
+local function best_in(lane)  -- the oldest due job of the lane's key with the fewest running jobs
+  local best, bestn, bests, bkey = nil, 0, 0, nil
+  for _, key in ipairs(redis.call('SMEMBERS', P .. 'readykeys:' .. lane)) do
+    local head = redis.call('ZRANGE', P .. 'ready:' .. lane .. ':' .. key, 0, 0, 'WITHSCORES')
+    if head[1] then
+      local n = tonumber(redis.call('HGET', P .. 'running', key) or '0')
+      local s = tonumber(head[2])
+      if best == nil or n < bestn or (n == bestn and s < bests) then best, bestn, bests, bkey = head[1], n, s, key end
+    end
+  end
+  return best, bestn, bests, bkey
+end
+local function loaded(id) return {redis.call('HGETALL', jk(id)), redis.call('HGETALL', P .. 'handles:' .. id)} end
+local function take(id, lane, key, entry, owner, lease)
+  unready(id, lane, key)
+  local k = jk(id)
+  if redis.call('HGET', k, 'status') == 'queued' then
+    count('queued', -1)
+    count('in_progress', 1)
+    redis.call('ZREM', P .. 'queued', id)
+  end
+  running(key, 1)
+  local t = now()
+  redis.call('HSET', k, 'status', 'in_progress', 'lease_owner', owner, 'lease_until', f6(t + lease), 'entry', entry)
+  redis.call('HSETNX', k, 'started_at', f6(t))
+  redis.call('HINCRBY', k, 'attempts', 1)
+  redis.call('HSET', P .. 'bound', lane .. ' ' .. entry, id)
+  return loaded(id)
+end
+local function adopt(lane, entry, owner, lease)  -- an entry reclaimed for owner: its job, resumed; or a ticket
+  local id = redis.call('HGET', P .. 'bound', lane .. ' ' .. entry)
+  if id then
+    local f = redis.call('HMGET', jk(id), 'status', 'entry')
+    if f[1] == 'in_progress' and f[2] == entry then
+      redis.call('HSET', jk(id), 'lease_owner', owner, 'lease_until', f6(now() + lease))
+      redis.call('HINCRBY', jk(id), 'attempts', 1)
+      return loaded(id)
+    end
+    drop(lane, entry)
+    return nil
+  end
+  local best, _, _, key = best_in(lane)  -- a ticket its reader never used (it died first)
+  if best then return take(best, lane, key, entry, owner, lease) end
+  drop(lane, entry)
+  return nil
+end
 """
 
 # ARGV: P, id, key, idempotency key ('' none), lane, request JSON, now, not_before, field, value, ...
@@ -68,65 +147,119 @@ if idem ~= '' then redis.call('HSET', P .. 'idem', key .. '\\n' .. idem, id) end
 return {seq, id}
 """
 
-# ARGV: P, owner, lease seconds, excluded lane, ...
-CLAIM = _COMMON + """
-local owner = ARGV[2]
-local now, lease_until = clock(tonumber(ARGV[3]))
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now, 'LIMIT', 0, 500)) do
-  redis.call('ZREM', P .. 'delayed', id)
+# ARGV: P, owner, lease seconds, longest wait (0: do not prepare to block), n excluded lanes,
+# excluded lane..., known lane...
+# -> {job fields, handles} | {false, seconds a reader may block, lanes to read}
+CLAIM = _COMMON + _TAKE + """
+local owner, lease, limit, nex = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local excluded = {}
+for i = 6, 5 + nex do excluded[ARGV[i]] = true end
+for i = 6 + nex, #ARGV do redis.call('SADD', P .. 'lanes', ARGV[i]) end
+if redis.call('EXISTS', P .. 'leases') == 1 then  -- jobs running under leases (before streams): due again
+  for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
+    local f = redis.call('HMGET', jk(id), 'lane', 'key', 'seq', 'status', 'entry')
+    if f[4] == 'in_progress' and not f[5] then
+      running(f[2], -1)
+      ready(id, f[1], f[2], f[3])
+    end
+  end
+  redis.call('DEL', P .. 'leases')
+end
+local t = now()
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', f6(t), 'LIMIT', 0, 500)) do
+  redis.call('ZREM', P .. 'delayed', id)  -- its backoff is over: due, with a ticket
   local f = redis.call('HMGET', jk(id), 'lane', 'key', 'seq', 'status')
   if f[4] == 'queued' then ready(id, f[1], f[2], f[3]) end
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, 500)) do
-  redis.call('ZREM', P .. 'leases', id)  -- its worker stopped renewing: due again, with its handles
-  local f = redis.call('HMGET', jk(id), 'lane', 'key', 'seq', 'status')
-  if f[4] == 'in_progress' then
-    ready(id, f[1], f[2], f[3])
-    running(f[2], -1)
-  end
-end
-local excluded = {}
-for i = 4, #ARGV do excluded[ARGV[i]] = true end
-local best, bestn, bests, blane, bkey = nil, 0, 0, nil, nil
+local lanes = {}
 for _, lane in ipairs(redis.call('SMEMBERS', P .. 'lanes')) do
   if not excluded[lane] then
-    for _, key in ipairs(redis.call('SMEMBERS', P .. 'readykeys:' .. lane)) do
-      local head = redis.call('ZRANGE', P .. 'ready:' .. lane .. ':' .. key, 0, 0, 'WITHSCORES')
-      if head[1] then
-        local n = tonumber(redis.call('HGET', P .. 'running', key) or '0')
-        local s = tonumber(head[2])
-        if best == nil or n < bestn or (n == bestn and s < bests) then
-          best, bestn, bests, blane, bkey = head[1], n, s, lane, key
-        end
-      end
-    end
+    stream(lane)
+    lanes[#lanes + 1] = lane
   end
 end
-if not best then return false end
-unready(best, blane, bkey)
-local k = jk(best)
-if redis.call('HGET', k, 'status') == 'queued' then
-  count('queued', -1)
-  count('in_progress', 1)
-  redis.call('ZREM', P .. 'queued', best)
+table.sort(lanes)
+local idle = math.max(1, math.floor(lease * 1000))
+-- 1. entries idle past the lease (their worker stopped renewing them): resumed here
+for _, lane in ipairs(lanes) do
+  local cursor = '0-0'
+  for _ = 1, 100 do
+    local r = redis.call('XAUTOCLAIM', sk(lane), G, owner, idle, cursor, 'COUNT', 1, 'JUSTID')
+    cursor = r[1]
+    for _, entry in ipairs(r[2]) do
+      local job = adopt(lane, entry, owner, lease)
+      if job then return job end
+    end
+    if cursor == '0-0' then break end
+  end
 end
-running(bkey, 1)
-redis.call('HSET', k, 'status', 'in_progress', 'lease_owner', owner, 'lease_until', lease_until)
-redis.call('HSETNX', k, 'started_at', now)
-redis.call('HINCRBY', k, 'attempts', 1)
-redis.call('ZADD', P .. 'leases', lease_until, best)
-return {redis.call('HGETALL', k), redis.call('HGETALL', P .. 'handles:' .. best)}
+-- 2. new work: the lane whose next job comes first (its key runs the fewest, then the oldest)
+local order = {}
+for _, lane in ipairs(lanes) do
+  local best, n, s, key = best_in(lane)
+  if best then
+    order[#order + 1] = {lane, n, s, best, key}
+  else  -- nothing due: the lane's unread tickets are stale (their jobs were canceled while queued)
+    local r = redis.call('XREADGROUP', 'GROUP', G, owner, 'COUNT', 100, 'STREAMS', sk(lane), '>')
+    if r then for _, e in ipairs(r[1][2]) do drop(lane, e[1]) end end
+  end
+end
+table.sort(order, function(a, b) return a[2] < b[2] or (a[2] == b[2] and a[3] < b[3]) end)
+for _, o in ipairs(order) do
+  local r = redis.call('XREADGROUP', 'GROUP', G, owner, 'COUNT', 1, 'STREAMS', sk(o[1]), '>')
+  if r then return take(o[4], o[1], o[5], r[1][2][1][1], owner, lease) end
+end
+if limit <= 0 then return {false} end
+-- 3. nothing to take: a reader blocks until the next backoff ends or another worker's lease runs out,
+-- and no longer than a lease (an entry delivered meanwhile cannot pass the lease any sooner)
+local wait = math.min(limit, lease)
+local head = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')
+if head[1] then wait = math.min(wait, tonumber(head[2]) - t) end
+for _, lane in ipairs(lanes) do
+  for _, p in ipairs(redis.call('XPENDING', sk(lane), G, '-', '+', 1000)) do
+    if p[2] ~= owner then wait = math.min(wait, (idle - tonumber(p[3])) / 1000) end
+  end
+end
+local w = P .. 'wake:' .. owner
+if redis.call('EXISTS', w) == 0 then redis.call('XGROUP', 'CREATE', w, G, '0', 'MKSTREAM') end
+redis.call('EXPIRE', w, 3600)
+return {false, string.format('%.3f', math.max(wait, 0.001)), lanes}
+"""
+
+# What a blocked XREADGROUP delivered. ARGV: P, owner, lease seconds, n wake entries, wake entry...,
+# lane, entry, lane, entry... -> {job fields, handles} | false
+BIND = _COMMON + _TAKE + """
+local owner, lease, nw = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local w = P .. 'wake:' .. owner
+for i = 5, 4 + nw do
+  redis.call('XACK', w, G, ARGV[i])
+  redis.call('XDEL', w, ARGV[i])
+end
+local pick, pn, ps, pkey, plane, pentry = nil, 0, 0, nil, nil, nil
+for i = 5 + nw, #ARGV, 2 do
+  local best, n, s, key = best_in(ARGV[i])
+  if best and (pick == nil or n < pn or (n == pn and s < ps)) then
+    pick, pn, ps, pkey, plane, pentry = best, n, s, key, ARGV[i], ARGV[i + 1]
+  end
+end
+for i = 5 + nw, #ARGV, 2 do
+  if ARGV[i] ~= plane or ARGV[i + 1] ~= pentry then  -- one job per read: the other tickets go back
+    drop(ARGV[i], ARGV[i + 1])
+    if redis.call('SCARD', P .. 'readykeys:' .. ARGV[i]) > 0 then ticket(ARGV[i]) end
+  end
+end
+if pick then return take(pick, plane, pkey, pentry, owner, lease) end
+return false
 """
 
 # ARGV: P, id, owner, lease seconds  -> -1 not ours, else cancel_requested (0/1)
 RENEW = _COMMON + """
 local id = ARGV[2]
-local f = redis.call('HMGET', jk(id), 'status', 'lease_owner', 'cancel_requested', 'lane', 'key')
-if f[1] ~= 'in_progress' or f[2] ~= ARGV[3] then return -1 end
-local _, lease_until = clock(tonumber(ARGV[4]))
-redis.call('HSET', jk(id), 'lease_until', lease_until)
-redis.call('ZADD', P .. 'leases', lease_until, id)
-if unready(id, f[4], f[5]) then running(f[5], 1) end
+local f = redis.call('HMGET', jk(id), 'status', 'lease_owner', 'cancel_requested', 'lane', 'entry')
+if f[1] ~= 'in_progress' or f[2] ~= ARGV[3] or not f[5] then return -1 end
+-- the owner claims its own entry again: its idle time (the visibility timeout) starts over
+if #redis.call('XCLAIM', sk(f[4]), G, ARGV[3], 0, f[5], 'JUSTID') == 0 then return -1 end
+redis.call('HSET', jk(id), 'lease_until', f6(now() + tonumber(ARGV[4])))
 if f[3] == '1' then return 1 end
 return 0
 """
@@ -145,12 +278,12 @@ return 1
 REQUEUE = _COMMON + """
 local id = ARGV[2]
 local k = jk(id)
-local f = redis.call('HMGET', k, 'status', 'lease_owner', 'cancel_requested', 'lane', 'key', 'seq')
+local f = redis.call('HMGET', k, 'status', 'lease_owner', 'cancel_requested', 'lane', 'key', 'seq', 'entry')
 if f[1] ~= 'in_progress' or f[2] ~= ARGV[3] or f[3] == '1' then return 0 end
-if not unready(id, f[4], f[5]) then running(f[5], -1) end
-redis.call('ZREM', P .. 'leases', id)
+running(f[5], -1)
+if f[7] then drop(f[4], f[7]) end
 redis.call('HSET', k, 'status', 'queued', 'lease_until', 0, 'not_before', ARGV[4], 'error', ARGV[5])
-redis.call('HDEL', k, 'lease_owner')
+redis.call('HDEL', k, 'lease_owner', 'entry')
 count('in_progress', -1)
 count('queued', 1)
 redis.call('ZADD', P .. 'queued', f[6], id)
@@ -166,21 +299,24 @@ return 1
 FINISH = _COMMON + """
 local id = ARGV[2]
 local k = jk(id)
-local f = redis.call('HMGET', k, 'status', 'lease_owner', 'lane', 'key')
+local f = redis.call('HMGET', k, 'status', 'lease_owner', 'lane', 'key', 'entry')
 if f[1] ~= 'queued' and f[1] ~= 'in_progress' then return 0 end
 if ARGV[3] ~= '' then
   if f[2] ~= ARGV[3] then return 0 end
 elseif f[1] ~= 'queued' then return 0 end
-local was_ready = unready(id, f[3], f[4])
-if f[1] == 'in_progress' and not was_ready then running(f[4], -1) end
+if f[1] == 'in_progress' then
+  running(f[4], -1)
+  if f[5] then drop(f[3], f[5]) end
+else
+  unready(id, f[3], f[4])  -- its ticket stays behind, stale: whoever reads it drops it
+end
 redis.call('ZREM', P .. 'queued', id)
 redis.call('ZREM', P .. 'delayed', id)
-redis.call('ZREM', P .. 'leases', id)
 count(f[1], -1)
-local drop = tonumber(ARGV[5])
-for i = 6, 5 + drop do redis.call('HDEL', k, ARGV[i]) end
-for i = 6 + drop, #ARGV, 2 do redis.call('HSET', k, ARGV[i], ARGV[i + 1]) end
-redis.call('HDEL', k, 'lease_owner')
+local drop_n = tonumber(ARGV[5])
+for i = 6, 5 + drop_n do redis.call('HDEL', k, ARGV[i]) end
+for i = 6 + drop_n, #ARGV, 2 do redis.call('HSET', k, ARGV[i], ARGV[i + 1]) end
+redis.call('HDEL', k, 'lease_owner', 'entry')
 redis.call('HSET', k, 'lease_until', 0)
 count(redis.call('HGET', k, 'status'), 1)
 if ARGV[4] ~= '' then redis.call('ZADD', P .. 'webhooks', ARGV[4], id) else redis.call('ZREM', P .. 'webhooks', id) end
@@ -189,14 +325,41 @@ redis.call('DEL', P .. 'req:' .. id)
 return 1
 """
 
-# ARGV: P, owner
+# A stopping process: its pending entries become idle past any lease (the next claim anywhere
+# resumes them) and a ticket per entry wakes a blocked reader. ARGV: P, owner
 RELEASE = _COMMON + """
 local n = 0
-for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
-  if redis.call('HGET', jk(id), 'lease_owner') == ARGV[2] then
-    redis.call('HSET', jk(id), 'lease_until', 0)
-    redis.call('ZADD', P .. 'leases', 0, id)
+for _, lane in ipairs(streams()) do
+  for _, p in ipairs(redis.call('XPENDING', sk(lane), G, '-', '+', 10000, ARGV[2])) do
+    redis.call('XCLAIM', sk(lane), G, ARGV[2], 0, p[1], 'IDLE', '1000000000000', 'JUSTID')
+    ticket(lane)
     n = n + 1
+  end
+end
+redis.call('DEL', P .. 'wake:' .. ARGV[2])
+return n
+"""
+
+# ARGV: P, owner: end the owner's blocked XREADGROUP (or the next one: the entry waits unread)
+UNBLOCK = _COMMON + """
+local w = P .. 'wake:' .. ARGV[2]
+if redis.call('EXISTS', w) == 0 then redis.call('XGROUP', 'CREATE', w, G, '0', 'MKSTREAM') end
+redis.call('XADD', w, 'MAXLEN', 1, '*', 'wake', 1)
+redis.call('EXPIRE', w, 3600)
+return 1
+"""
+
+# ARGV: P, idle ms: forget consumers (processes) with nothing pending that were not seen for that long
+FORGET = _COMMON + """
+local n = 0
+for _, lane in ipairs(streams()) do
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', sk(lane), G)) do
+    local info = {}
+    for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+    if tonumber(info['pending']) == 0 and tonumber(info['idle']) > tonumber(ARGV[2]) then
+      redis.call('XGROUP', 'DELCONSUMER', sk(lane), G, info['name'])
+      n = n + 1
+    end
   end
 end
 return n

@@ -1,20 +1,39 @@
-"""The distributed job engine: the queue and the job records in Redis (`redis.url` set).
+"""The distributed job engine: the queue and the job records in Redis (`redis.url` set), delivered
+to workers through Redis Streams consumer groups.
 
 Every state change is one Lua script (`redis_lua.py`), atomic on the server, so any number of API
-processes and `imagegate worker` processes share the queue without read-modify-write races. The
-claim semantics are the embedded engine's, on sorted sets: due jobs wait per lane and client key
-(`ready:<lane>:<key>`, ordered by insertion), a claim skips the lanes the worker's process has
-full and takes the oldest due job of the key with the fewest running jobs, writing a lease
-(`leases`, by expiry, timed by the Redis server's clock) that the worker renews; a backed-off job waits in `delayed` (by
-`not_before`) and a job whose lease ran out (its worker died) is due again, with the upstream
-handles it saved, so the next worker resumes the same upstream job. Redis failures surface as
-`StateUnavailable` (a 503 for API calls; the workers log and retry).
+processes and `imagegate worker` processes share the queue without read-modify-write races.
+
+Delivery. Each provider lane has a stream (`stream:<lane>`, consumer group `workers`; a process's
+runner is one consumer). A stream entry is a *ticket*: "the lane has one more due job". Submitting
+a due job (or the end of a backoff) adds the job to its key's ready set and XADDs a ticket. An idle
+process blocks in one XREADGROUP over the streams of the lanes it has room for (a full lane is
+simply not read) plus its own wake stream (`wake:<owner>`, written when a lane of the process gets
+room again, so the read is redone with that lane); the block ends when a ticket arrives, at the next
+backoff's end, or when another worker's entry will pass the visibility timeout (and after one
+visibility timeout at most, since an entry delivered during the block cannot pass it sooner); new
+work never waits for a polling interval. The ticket read, one script takes the lane's next job
+fairly (the oldest due job of the key with the fewest running jobs, so one key with 10,000 queued
+jobs cannot starve another) and binds it to the entry (`bound`, the job's `entry`). Tickets are
+interchangeable, so a ticket left over by a job canceled while queued is dropped by its reader.
+
+Running and reclaiming. A running job is its entry, un-ACKed in the group's pending list and owned
+by the worker's consumer. The pending list's idle time is the lease: the heartbeat renews it with
+`XCLAIM <own entry> JUSTID` by the owner (idle back to zero), and any claim first runs XAUTOCLAIM
+with `min-idle-time` = `jobs.lease_seconds` (the visibility timeout all workers share), so a dead
+worker's entry moves to a live worker, which resumes the same upstream job from the handles saved
+on the job (never submitting again). Finishing or requeueing a job ACKs and deletes its entry, so
+nothing stays pending; a stopping process marks its entries idle past any lease and adds a ticket
+per entry, and the next reader resumes them at once. Backed-off jobs wait in `delayed` (by
+`not_before`, compared with the Redis server's clock) without a ticket until a claim promotes them.
+Redis failures surface as `StateUnavailable` (a 503 for API calls; the workers log and retry).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,16 +56,22 @@ _STRINGS = (
 _FINISH_FIELDS = ("status", "finished_at", "provider", "upstream_request_id", "result", "headers", "error", "webhook")
 _BIG_REQUEST = 64 * 1024
 _PROGRESS_TTL = 24 * 3600  # a progress report outlives no job by long (cleared when the job finishes)
+_READ_TIMEOUT = 5.0  # added to a blocking read's wait when the client has no socket timeout
+_CONSUMER_IDLE = 3600.0  # a consumer unseen this long with nothing pending is a stopped process
 
 
 class RedisJobStore:
-    def __init__(self, client: Redis, prefix: str) -> None:
+    #: `claim(block=...)` waits for work itself (in XREADGROUP); `unblock` ends the wait early.
+    claim_blocks = True
+
+    def __init__(self, client: Redis, prefix: str, *, lanes: Sequence[str] = ()) -> None:
         self._redis = client
         self._p = prefix + "jobs:"
+        self._lanes = tuple(lanes)  # the lanes this process knows (their streams exist before any job)
         self._scripts = {
             name: client.register_script(getattr(lua, name))
-            for name in ("ADD", "CLAIM", "RENEW", "SAVE_HANDLE", "REQUEUE", "FINISH", "RELEASE", "REQUEST_CANCEL",
-                         "PURGE", "DUE_WEBHOOKS", "SAVE_WEBHOOK")
+            for name in ("ADD", "CLAIM", "BIND", "RENEW", "SAVE_HANDLE", "REQUEUE", "FINISH", "RELEASE", "UNBLOCK",
+                         "FORGET", "REQUEST_CANCEL", "PURGE", "DUE_WEBHOOKS", "SAVE_WEBHOOK")
         }
 
     async def _call(self, name: str, *args: Any) -> Any:
@@ -125,13 +150,68 @@ class RedisJobStore:
             return None
         return dict(await asyncio.to_thread(json.loads, raw) if len(raw) > _BIG_REQUEST else json.loads(raw))
 
-    async def claim(self, owner: str, *, lease: float, exclude_lanes: Sequence[str]) -> Job | None:
-        """The next due job: queued (and past its `not_before`) or in progress with an expired
-        lease. Fair per key: the key with the fewest running jobs first, then the oldest job."""
-        found = await self._call("CLAIM", owner, repr(float(lease)), *exclude_lanes)
-        if not found:
+    async def claim(
+        self, owner: str, *, lease: float, exclude_lanes: Sequence[str], block: float = 0.0
+    ) -> Job | None:
+        """The next job for `owner`: first an entry idle past `lease` (its worker died: resumed
+        here), else a ticket of a lane not excluded, bound to the lane's next job (fair per key).
+        With `block`, wait up to that long in XREADGROUP for a ticket when there is none."""
+        found = await self._call(
+            "CLAIM", owner, repr(float(lease)), repr(float(block)), len(exclude_lanes), *exclude_lanes, *self._lanes
+        )
+        if found[0]:
+            return _job(_pairs(found[0]), _pairs(found[1]))
+        if block <= 0:
             return None
-        return _job(_pairs(found[0]), _pairs(found[1]))
+        wake, tickets = await self._read(owner, [_text(lane) for lane in found[2]], float(found[1]))
+        if not wake and not tickets:
+            return None
+        bound = await self._call(
+            "BIND", owner, repr(float(lease)), len(wake), *wake, *(item for pair in tickets for item in pair)
+        )
+        return _job(_pairs(bound[0]), _pairs(bound[1])) if bound else None
+
+    async def _read(self, owner: str, lanes: list[str], wait: float) -> tuple[list[str], list[tuple[str, str]]]:
+        """Block in XREADGROUP (COUNT 1 per stream) on the lanes' streams and the owner's wake
+        stream, on a connection of its own with a read timeout of `wait` plus the usual command
+        timeout: (wake entries, [(lane, ticket entry)])."""
+        streams = [self._p + "stream:" + lane for lane in lanes]
+        wake_key = self._p + "wake:" + owner
+        streams.append(wake_key)
+        command = (
+            "XREADGROUP", "GROUP", lua.GROUP, owner, "COUNT", 1, "BLOCK", max(1, round(wait * 1000)),
+            "STREAMS", *streams, *[">"] * len(streams),
+        )
+        pool = self._redis.connection_pool
+        with unavailable_as_503("waiting for jobs"):
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await connection.send_command(*command)
+                timeout = getattr(connection, "socket_timeout", None) or _READ_TIMEOUT
+                # Our own deadline: read_response(timeout=x) would answer None when x passes, the
+                # same as an empty read, and leave the late reply on a connection back in the pool.
+                async with asyncio.timeout(wait + timeout):
+                    reply = await connection.read_response(timeout=math.inf)
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(connection)
+        wake: list[str] = []
+        tickets: list[tuple[str, str]] = []
+        streams_read = reply.items() if isinstance(reply, dict) else (reply or ())  # RESP3: a map; RESP2: pairs
+        for name, entries in streams_read:
+            key = _text(name)
+            for entry in entries:
+                if key == wake_key:
+                    wake.append(_text(entry[0]))
+                else:
+                    tickets.append((key.removeprefix(self._p + "stream:"), _text(entry[0])))
+        return wake, tickets
+
+    async def unblock(self, owner: str) -> None:
+        """End `owner`'s blocked claim now (or its next one, if none is blocked yet)."""
+        await self._call("UNBLOCK", owner)
 
     async def renew(self, job_id: str, owner: str, *, lease: float) -> bool | None:
         """Extend the lease. Returns whether a cancel was requested; None if the job is no longer ours."""
@@ -177,6 +257,10 @@ class RedisJobStore:
         """Expire the leases of `owner` (a stopping process): the next worker resumes its jobs at once."""
         return int(await self._call("RELEASE", owner))
 
+    async def forget_consumers(self, idle: float) -> int:
+        """Drop the consumers (processes) with nothing pending not seen for `idle` seconds."""
+        return int(await self._call("FORGET", int(idle * 1000)))
+
     async def cancel_queued(self, job_id: str) -> bool:
         job = await self.get(job_id)
         if job is None or job.status != "queued":
@@ -193,6 +277,7 @@ class RedisJobStore:
         return {_text(k): int(v) for k, v in raw.items() if int(v) > 0}
 
     async def purge(self, before: float) -> int:
+        await self.forget_consumers(_CONSUMER_IDLE)
         total = 0
         while True:
             n = int(await self._call("PURGE", repr(before), 500))

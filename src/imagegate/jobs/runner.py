@@ -13,6 +13,12 @@ runs (which is also how a cancel requested through another process arrives), the
 
 `providers.<name>.max_concurrent_jobs` caps how many jobs of one provider (the model's first, or
 pinned, route) this process runs at once: a worker does not claim jobs of a full lane.
+
+Waiting for work: one worker of the process claims at a time. On a store whose claim blocks
+(Redis: XREADGROUP on the lanes with room) that worker waits inside the store, and when a lane it
+left out gets room again the runner ends the wait (`store.unblock`) so the claim is redone with
+it; on the embedded store, idle workers wait for an in-process wake-up (a submit, a lane with
+room) or `jobs.poll_seconds`.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ log = logging.getLogger("imagegate.jobs")
 Outcome = tuple[dict[str, Any], dict[str, str]]
 Executor = Callable[[Job, UpstreamHooks], Awaitable[Outcome]]
 _SWEEP_SECONDS = 30.0
+_BLOCK_SECONDS = 5.0  # the longest one blocking claim waits (a new job or an unblock ends it sooner)
 
 
 def is_requeueable(exc: GatewayError) -> bool:
@@ -76,6 +83,7 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._claiming = asyncio.Lock()
         self._lanes: Counter[str] = Counter()
+        self._excluded: frozenset[str] = frozenset()  # the full lanes of the claim in flight
         self._running: dict[str, asyncio.Task[None]] = {}
         self._canceling: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -100,7 +108,9 @@ class JobRunner:
             await self.store.release(self.owner)
 
     def wake(self) -> None:
-        self._wake.set()
+        """A job was submitted here (a blocking store's claim sees its ticket without help)."""
+        if not self.store.claim_blocks:
+            self._wake.set()
 
     def cancel_local(self, job_id: str) -> bool:
         """Cancel the job if a worker of this process runs it (the adapter cancels upstream)."""
@@ -121,21 +131,50 @@ class JobRunner:
 
     async def _claim(self) -> Job | None:
         async with self._claiming:
+            self._wake.clear()
             limits = self.lane_limits.items()
             full = [lane for lane, limit in limits if limit is not None and self._lanes[lane] >= limit]
-            job = await self.store.claim(self.owner, lease=self.settings.lease_seconds, exclude_lanes=full)
+            self._excluded = frozenset(full)
+            try:
+                if self.store.claim_blocks:
+                    job = await self._blocking_claim(full)
+                else:
+                    job = await self.store.claim(self.owner, lease=self.settings.lease_seconds, exclude_lanes=full)
+            finally:
+                self._excluded = frozenset()
+            if job is not None and job.id in self._running:
+                return None  # reclaimed from this very process (a stalled heartbeat): it still runs here
             if job is not None:
                 self._lanes[job.lane] += 1
             return job
 
+    async def _blocking_claim(self, full: list[str]) -> Job | None:
+        claim = asyncio.ensure_future(
+            self.store.claim(self.owner, lease=self.settings.lease_seconds, exclude_lanes=full, block=_BLOCK_SECONDS)
+        )
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((claim, woken), return_when=asyncio.FIRST_COMPLETED)
+            if not claim.done():  # a full lane has room: redo the claim with it
+                await self.store.unblock(self.owner)
+            return await claim
+        finally:
+            woken.cancel()
+            if not claim.done():
+                claim.cancel()
+                await asyncio.gather(claim, return_exceptions=True)
+
     async def _worker(self) -> None:
         while not self._stopping:
+            failed = False
             try:
                 job = await self._claim()
             except Exception:
                 log.exception("job store: claim failed")
-                job = None
+                job, failed = None, True
             if job is None:
+                if self.store.claim_blocks and not failed:
+                    continue  # the store waited for work itself
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
@@ -154,7 +193,8 @@ class JobRunner:
                 self._running.pop(job.id, None)
                 self._canceling.discard(job.id)
                 self._lanes[job.lane] -= 1
-                self._wake.set()  # a lane has room again
+                if not self.store.claim_blocks or job.lane in self._excluded:
+                    self._wake.set()  # a lane has room again
 
     async def _detach(self, task: asyncio.Task[None]) -> None:
         hooks = getattr(task, "imagegate_hooks", None)
@@ -186,7 +226,8 @@ class JobRunner:
         task = asyncio.current_task()
         if task is not None:
             task.imagegate_hooks = hooks  # type: ignore[attr-defined]
-        heartbeat = asyncio.create_task(self._heartbeat(job, task, hooks))
+        ended = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(job, task, hooks, ended))
         try:
             body, headers = await self.execute(job, hooks)
         except asyncio.CancelledError:
@@ -206,6 +247,7 @@ class JobRunner:
                 )
                 if requeued:
                     log.warning("job %s: %s (%s); queued again in %.1f s", job.id, exc.status, exc.code, delay)
+                    self._wake.set()  # a blocked claim waits until the next backoff ends: this one may be sooner
                     return
             job.status, job.error = "failed", dict(exc.envelope()["error"])
             job.provider = exc.provider or job.provider
@@ -218,6 +260,7 @@ class JobRunner:
             job.provider = headers.get("x-imagegate-provider", job.provider)
             job.upstream_request_id = headers.get("x-imagegate-upstream-request-id", job.upstream_request_id)
         finally:
+            ended.set()  # stops the heartbeat even if a cancel were lost inside a store call
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(Exception):
@@ -238,14 +281,18 @@ class JobRunner:
         log.info("job %s: %s", job.id, job.status)
         if self.metrics is not None and job.started_at is not None and job.finished_at is not None:
             self.metrics.job_duration.observe(max(0.0, job.finished_at - job.started_at))
-        if job.webhook is not None:
+        if job.webhook is not None and not self.store.claim_blocks:
             self._wake.set()
         return True
 
-    async def _heartbeat(self, job: Job, task: asyncio.Task[Any] | None, hooks: UpstreamHooks) -> None:
+    async def _heartbeat(
+        self, job: Job, task: asyncio.Task[Any] | None, hooks: UpstreamHooks, ended: asyncio.Event
+    ) -> None:
         interval = min(1.0, self.settings.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
+            if ended.is_set():
+                return
             try:
                 cancel = await self.store.renew(job.id, self.owner, lease=self.settings.lease_seconds)
             except Exception:

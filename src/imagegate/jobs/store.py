@@ -77,6 +77,8 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
 class SqliteJobStore:
+    claim_blocks = False  # claims return at once; the runner's in-process wake-ups end its waits
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -169,9 +171,12 @@ class SqliteJobStore:
 
         return await self._run(read)
 
-    async def claim(self, owner: str, *, lease: float, exclude_lanes: Sequence[str]) -> Job | None:
+    async def claim(
+        self, owner: str, *, lease: float, exclude_lanes: Sequence[str], block: float = 0.0
+    ) -> Job | None:
         """The next due job: queued (and past its `not_before`) or in progress with an expired
-        lease. Fair per key: the key with the fewest running jobs first, then the oldest job."""
+        lease. Fair per key: the key with the fewest running jobs first, then the oldest job.
+        Never waits (`block` is ignored: `claim_blocks` is False)."""
 
         def take(db: sqlite3.Connection) -> Job | None:
             now = time.time()
@@ -285,6 +290,9 @@ class SqliteJobStore:
             return cursor.rowcount > 0
 
         return await self._write(done)
+
+    async def unblock(self, owner: str) -> None:
+        """Nothing to do: a claim never blocks."""
 
     async def release(self, owner: str) -> int:
         """Expire the leases of `owner` (a stopping process): the next worker resumes its jobs at once."""

@@ -204,7 +204,8 @@ class JobRunner:
         await asyncio.gather(task, return_exceptions=True)
 
     async def _work(self, job: Job) -> None:
-        if job.cancel_requested and not job.handles:  # canceled while its dead worker held it: nothing upstream
+        followable = [handle for handle in job.handles.values() if not handle.get("unresumable")]
+        if job.cancel_requested and not followable:  # canceled while its dead worker held it: nothing upstream
             job.status = "canceled"
             await self.complete(job, self.owner)
             return

@@ -29,7 +29,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["UpstreamCall", "UpstreamHooks", "active_hooks", "current_hooks"]
+from imagegate.core.errors import UpstreamError
+
+__all__ = ["UpstreamCall", "UpstreamHooks", "active_hooks", "current_hooks", "unresumable_call"]
 
 Handle = dict[str, Any]
 Persist = Callable[[str, Handle], Awaitable[None]]
@@ -106,3 +108,28 @@ def _without_refs(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_without_refs(v) for v in value]
     return value
+
+
+@asynccontextmanager
+async def unresumable_call(
+    hooks: UpstreamHooks | None, provider: str, model: str, payload: Mapping[str, Any]
+) -> AsyncIterator[None]:
+    """Guard an upstream call that gives no handle to resume (one synchronous request: the
+    OpenAI-compatible upstream, fal's sync run). For an async job, the call is recorded on the job
+    *before* it is sent; a worker that finds that record (its predecessor stopped during the call)
+    fails the job instead of sending the call again, since the upstream may have run and billed it.
+    Outside an async job this does nothing."""
+    if hooks is None:
+        yield
+        return
+    async with hooks.call(provider, model, payload) as call:
+        if call.handle is not None:
+            raise UpstreamError(
+                f"The worker running this job stopped during its call to {provider}, which cannot be resumed; "
+                "the call is not sent again because the upstream may already have run (and billed) it.",
+                code="upstream_state_unknown",
+                accepted=True,
+                fallback=False,
+            )
+        await call.accepted({"request_id": None, "unresumable": True})
+        yield

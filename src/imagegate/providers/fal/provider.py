@@ -31,6 +31,7 @@ from imagegate.providers.fal.transport import (
     StatusCadence,
     auth_header,
 )
+from imagegate.providers.resume import unresumable_call
 
 __all__ = ["MAX_DATA_URI_CHARS", "FalProvider"]
 
@@ -123,7 +124,8 @@ class FalProvider(Provider):
         if mode == "queue":
             output = await self._queued(payload, route, ctx)
         elif mode == "sync":
-            output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)
+            async with unresumable_call(ctx.hooks, self.name, route.model, payload):
+                output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)
         else:
             raise InternalError(f"fal route option `mode` must be 'queue' or 'sync', not {mode!r}.")
         log.debug("fal %s finished: request_id=%s gateway_request=%s", route.model, output.request_id, ctx.request_id)

@@ -21,6 +21,7 @@ from imagegate.core.sizes import SizePresets
 from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
 from imagegate.providers.openai.tables import DALLE_MODELS, EDIT, GENERATE, OPENAI_PRESETS
 from imagegate.providers.openai.transport import OpenAITransport, build_call, download_output
+from imagegate.providers.resume import unresumable_call
 
 __all__ = ["OpenAIProvider"]
 
@@ -88,7 +89,8 @@ class OpenAIProvider(Provider):
             response_format=self.sends_response_format(route),
             single_image=route.model in DALLE_MODELS,
         )
-        return await transport.call(call, deadline=ctx.deadline, output_format=payload.get("output_format"))
+        async with unresumable_call(ctx.hooks, self.name, route.model, payload):
+            return await transport.call(call, deadline=ctx.deadline, output_format=payload.get("output_format"))
 
     async def download(self, url: str) -> bytes:
         return await download_output(self.http, url, max_bytes=self.max_output_bytes)

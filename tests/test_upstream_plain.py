@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from imagegate.providers.common import on_origins
 from imagegate.upstream_http import upstream_client
-from imagegate.upstream_plain import plain_netloc
+from imagegate.upstream_plain import plain_netloc, plain_origin
 
 Capture = tuple[str, list[bytes]]
 
@@ -83,6 +84,8 @@ async def test_plain_calls_send_what_httpx_sends(capture: Capture, monkeypatch: 
                 httpx_own.headers.raw,
             )
             assert plain.reason_phrase == httpx_own.reason_phrase == "Accepted"
+            for attr in ("content", "num_bytes_downloaded", "is_closed", "is_stream_consumed", "http_version"):
+                assert getattr(plain, attr) == getattr(httpx_own, attr), attr
             assert plain.request.url == httpx_own.request.url
             assert plain.elapsed.total_seconds() >= 0
     assert len(slow_sends) == len(CALLS)  # only the httpx_own half went through httpx's send
@@ -179,6 +182,27 @@ def test_accepted_urls_are_the_ones_httpx_sends_unchanged(url: str) -> None:
     assert str(parsed) == url
     assert netloc == parsed.netloc.decode("ascii")
     assert httpx.Request("GET", url).headers["host"] == netloc
+    assert plain_origin(url) == (parsed.scheme, parsed.host, parsed.port)  # the credential-host check's parse
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://queue.fal.run/fal-ai/x/requests/1/status", True),
+        ("https://queue.fal.run:8443/fal-ai/x", False),  # another port
+        ("http://queue.fal.run/fal-ai/x", False),  # another scheme
+        ("https://queue.fal.run.evil.example/x", False),
+        ("https://QUEUE.fal.run/x", True),  # httpx's parse: the host compared in lower case
+        ("https://queue.fal.run:443/x", True),  # the default port is no port
+        ("https://evil.example/x?u=https://queue.fal.run/", False),
+        ("https://user@evil.example/x", False),
+        ("https://queue.fal.run@evil.example/x", False),
+        ("https://[::1]/x", False),
+        ("not a url", False),
+    ],
+)
+def test_the_credential_host_check_agrees_with_httpx_s_parse(url: str, expected: bool) -> None:
+    assert on_origins(url, ("https://queue.fal.run", "https://fal.run/sync")) is expected
 
 
 @pytest.mark.parametrize("url", REFUSED)

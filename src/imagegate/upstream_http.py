@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -49,16 +49,16 @@ _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type
 
 
 @contextmanager
-def _mapped(request: httpx.Request | Callable[[], httpx.Request]) -> Iterator[None]:
-    """aiohttp / socket failures -> the httpx exception httpcore would have raised. `request` may be
-    a function that builds it (the plain path of `UpstreamClient` builds one only for an error)."""
+def _mapped(request: httpx.Request) -> Iterator[None]:
+    """aiohttp / socket failures -> the httpx exception httpcore would have raised."""
     try:
         yield
     except (aiohttp.ClientError, OSError) as exc:  # OSError: TimeoutError and socket errors too
-        raise _httpx_error(exc, request if isinstance(request, httpx.Request) else request()) from exc
+        raise httpx_error(exc, request) from exc
 
 
-def _httpx_error(exc: aiohttp.ClientError | OSError, request: httpx.Request) -> httpx.TransportError:
+def httpx_error(exc: aiohttp.ClientError | OSError, request: httpx.Request) -> httpx.TransportError:
+    """The httpx exception for an aiohttp or socket failure (what httpcore raises in that case)."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(str(exc) or "Timed out connecting", request=request)
     if isinstance(exc, aiohttp.ClientConnectorError):  # DNS, refused, TLS handshake: nothing was sent
@@ -145,14 +145,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             status_code=response.status,
             headers=response.raw_headers,
             stream=_ResponseStream(response, request),
-            extensions=_extensions(response),
+            extensions=response_extensions(response),
         )
 
     async def send(
         self,
         method: str,
         url: str,
-        headers: CIMultiDict[str],
+        headers: CIMultiDict[str] | list[tuple[str, str]],
         data: Any,
         timeouts: Mapping[str, float | None],
         *,
@@ -181,7 +181,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
-def _extensions(response: aiohttp.ClientResponse) -> dict[str, Any]:
+def response_extensions(response: aiohttp.ClientResponse) -> dict[str, Any]:
     return {"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1", "replace")}
 
 

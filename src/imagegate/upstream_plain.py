@@ -22,19 +22,19 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx._client import ClientState, UseClientDefault
-from multidict import CIMultiDict
 
-from imagegate.upstream_http import AiohttpTransport, _extensions, _mapped
+from imagegate.upstream_http import AiohttpTransport, httpx_error, response_extensions
 
-__all__ = ["UpstreamClient", "plain_netloc"]
+__all__ = ["UpstreamClient", "plain_netloc", "plain_origin"]
 
 
 # URLs httpx sends exactly as written (its parser neither quotes nor normalizes anything in them):
 # http(s), a lower-case host name or IPv4 address, an optional non-default port, a path, a query.
 _PLAIN_URL = re.compile(
-    r"(?P<scheme>https?)://(?P<netloc>[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::(?P<port>[1-9][0-9]{0,4}))?)"
+    r"(?P<scheme>https?)://(?P<netloc>(?P<host>[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)(?::(?P<port>[1-9][0-9]{0,4}))?)"
     r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?"
 )
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -44,14 +44,28 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _httpx_log = logging.getLogger("httpx")
 
 
-def plain_netloc(url: str) -> str | None:
-    """The `Host` of a URL httpx would send unchanged; None for any other URL."""
+def _plain(url: str) -> re.Match[str] | None:
     match = _PLAIN_URL.fullmatch(url)
     if match is None or _BAD_ESCAPE.search(url) or _DOT_SEGMENT.search(url, match.end("netloc")):
         return None
     if match["port"] is not None and (match["port"] == _DEFAULT_PORTS[match["scheme"]] or int(match["port"]) > 65535):
         return None
-    return match["netloc"]
+    return match
+
+
+def plain_netloc(url: str) -> str | None:
+    """The `Host` of a URL httpx would send unchanged; None for any other URL."""
+    match = _plain(url)
+    return None if match is None else match["netloc"]
+
+
+def plain_origin(url: str) -> tuple[str, str, int | None] | None:
+    """`(scheme, host, port)` as `httpx.URL(url)` has them, for a URL httpx would send unchanged
+    (a cheap parse for the hot path); None for any other URL."""
+    match = _plain(url)
+    if match is None:
+        return None
+    return match["scheme"], match["host"], None if match["port"] is None else int(match["port"])
 
 
 class _PlainResponse(httpx.Response):
@@ -150,33 +164,39 @@ class UpstreamClient(httpx.AsyncClient):
         elif json is not None:  # as httpx encodes it
             body = jsonlib.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
             body_headers = {"Content-Length": str(len(body)), "Content-Type": "application/json"}
-        wire = _wire_headers(self._headers.raw, headers, body_headers, method, netloc)
+        wire = _wire_headers(self._client_headers(), headers, body_headers, method, netloc)
 
         def build_request() -> httpx.Request:  # for an exception or a caller that asks for it
             return httpx.Request(
-                method, url, headers=list(wire.items()), stream=httpx.ByteStream(body or b""),
-                extensions={"timeout": timeouts},
+                method, url, headers=wire, stream=httpx.ByteStream(body or b""), extensions={"timeout": timeouts}
             )
 
         started = time.perf_counter()
-        with _mapped(build_request):
+        try:
             answer = await transport.send(method, url, wire, body or None, timeouts)
             try:
                 raw = await answer.read()
             except BaseException:
                 answer.close()
                 raise
+        except (aiohttp.ClientError, OSError) as exc:
+            raise httpx_error(exc, build_request()) from exc
         response = _PlainResponse(
             answer.status,
             headers=answer.raw_headers,
             stream=httpx.ByteStream(raw),
-            extensions=_extensions(answer),
+            extensions=response_extensions(answer),
             default_encoding=self._default_encoding,
         )
         response._build_request = build_request
         if "content-encoding" in response.headers:
             response._request = build_request()  # a decoding error names its request, as httpx's does
-        response.read()  # httpx decodes the body (content-encoding) as on its own path
+            response.read()  # httpx decodes the body, as on its own path
+        else:  # the state `read()` leaves, without running the identity decoder over the bytes
+            response._content = raw
+            response._num_bytes_downloaded = len(raw)
+            response.is_stream_consumed = True
+            response.is_closed = True
         response.elapsed = datetime.timedelta(seconds=time.perf_counter() - started)
         if _httpx_log.isEnabledFor(logging.INFO):
             _httpx_log.info(
@@ -184,6 +204,15 @@ class UpstreamClient(httpx.AsyncClient):
                 response.status_code, response.reason_phrase,
             )
         return response
+
+    def _client_headers(self) -> list[tuple[str, str]]:
+        """The client's own headers as str pairs (decoded again only when they changed)."""
+        raw = tuple(self._headers.raw)
+        cached = self.__dict__.get("_plain_cache")
+        if cached is None or cached[0] != raw:
+            cached = (raw, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw])
+            self.__dict__["_plain_cache"] = cached
+        return cached[1]
 
 
 def _plain_headers(headers: Any) -> bool:
@@ -196,19 +225,21 @@ def _plain_headers(headers: Any) -> bool:
 
 
 def _wire_headers(
-    client: list[tuple[bytes, bytes]],
+    client: list[tuple[str, str]],
     extra: Mapping[str, str] | None,
     body: Mapping[str, str],
     method: str,
     netloc: str,
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """The header list httpx builds: the client's headers with the call's replacing same-named ones
     (appended in the call's order), the body's defaults where not set, then `Host` and, for a
     bodiless POST/PUT/PATCH, `Content-Length: 0` in front."""
-    names = {name.lower() for name in extra} if extra else set()
-    merged = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in client if k.decode("latin-1").lower() not in names]
     if extra:
+        names = {name.lower() for name in extra}
+        merged = [pair for pair in client if pair[0].lower() not in names]
         merged.extend(extra.items())
+    else:
+        merged = list(client)
     present = {name.lower() for name, _ in merged}
     for name, value in body.items():
         if name.lower() not in present:
@@ -217,4 +248,4 @@ def _wire_headers(
     front = [] if "host" in present else [("Host", netloc)]
     if method in _BODY_METHODS and "content-length" not in present and "transfer-encoding" not in present:
         front.append(("Content-Length", "0"))
-    return CIMultiDict(front + merged)
+    return front + merged

@@ -7,17 +7,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from tests.fakes.fal import FakeFal, FalScenario
+from tests.fakes.server import LocalServer
 
+from imagegate.providers.base import CallContext, Route
 from imagegate.providers.common import on_origins
+from imagegate.providers.fal import FalProvider
+from imagegate.settings import FalSettings, ProvidersSettings, Settings
 from imagegate.upstream_http import upstream_client
 from imagegate.upstream_plain import plain_netloc, plain_origin
 
 Capture = tuple[str, list[bytes]]
+MODEL = "fal-ai/qwen-image"
 
 
 async def _capture_server(seen: list[bytes]) -> asyncio.Server:
@@ -209,3 +216,31 @@ def test_the_credential_host_check_agrees_with_httpx_s_parse(url: str, expected:
 def test_other_urls_are_left_to_httpx(url: str) -> None:
     assert plain_netloc(url) is None
 
+
+
+async def test_a_fal_queue_job_is_three_plain_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The calls of a passthrough job (submit, one status poll, result) all take the plain path,
+    and a job that is done at the first poll costs exactly those three upstream requests."""
+    slow_sends: list[str] = []
+    original_send = httpx.AsyncClient.send
+
+    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        slow_sends.append(str(request.url))
+        return await original_send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
+    fake = FakeFal()
+    fake.scenario = FalScenario.instant()
+    with LocalServer(fake.app) as srv:
+        fal = FalSettings(key="test-fal-key", queue_url=srv.url, run_url=srv.url + "/sync", rest_url=srv.url)
+        async with _client() as http:
+            provider = FalProvider(http, Settings(providers=ProvidersSettings(fal=fal)))
+            context = CallContext(request_id="gw-1", deadline=time.monotonic() + 10, operation="generate")
+            result = await provider.run({"prompt": "a lighthouse", "num_images": 1}, Route("fal", MODEL), context)
+    assert len(result.images) == 1
+    assert [(r.method, r.path.rsplit("/", 1)[-1]) for r in fake.requests] == [
+        ("POST", "qwen-image"),
+        ("GET", "status"),
+        ("GET", fake.last_submit.request_id),
+    ]
+    assert slow_sends == []

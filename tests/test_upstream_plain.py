@@ -51,7 +51,7 @@ async def _capture_server(seen: list[bytes]) -> asyncio.Server:
 async def capture() -> AsyncIterator[Capture]:
     seen: list[bytes] = []
     server = await _capture_server(seen)
-    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen  # type: ignore[misc]
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
     server.close()
 
 

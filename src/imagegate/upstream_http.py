@@ -25,6 +25,10 @@ upstream request costs about half the CPU of httpx + httpcore even at concurrenc
 requests wait in aiohttp's FIFO queue. Idle connections close after `limits.keepalive_expiry`.
 The aiohttp session is created on first use in the running event loop (a new one if the loop
 changed, e.g. between tests).
+
+`upstream_client()` returns an `upstream_plain.UpstreamClient`: the adapters' plain calls (GET,
+POST, PUT with headers, a JSON or bytes body, a timeout) skip httpx's request machinery and go to
+`AiohttpTransport.send` directly, with the same request on the wire and the same errors.
 """
 
 from __future__ import annotations

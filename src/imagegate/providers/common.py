@@ -68,15 +68,31 @@ def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float |
     return min(cap, base * 2.0**attempt) * random.uniform(0.75, 1.0)
 
 
-async def poll_delays(*, start: float, cap: float, factor: float = 1.5) -> AsyncIterator[int]:
-    """Sleep between polls with a growing, capped interval; yields the poll number."""
-    delay = start
-    number = 0
-    while True:
-        yield number
-        number += 1
-        await asyncio.sleep(delay * random.uniform(0.75, 1.25))  # wide jitter: jobs that start together spread out
-        delay = min(cap, delay * factor)
+def poll_delays(*, start: float, cap: float, factor: float = 1.5) -> AsyncIterator[int]:
+    """Sleep between polls with a growing, capped interval; yields the poll number (0 at once).
+    An iterator object, not an async generator: a loop that returns mid-way leaves no generator for
+    the event loop to close in a task of its own (two extra tasks per fal job otherwise)."""
+    return _PollDelays(start, cap, factor)
+
+
+class _PollDelays:
+    def __init__(self, start: float, cap: float, factor: float) -> None:
+        self._delay = start
+        self._cap = cap
+        self._factor = factor
+        self._number = 0
+
+    def __aiter__(self) -> _PollDelays:
+        return self
+
+    async def __anext__(self) -> int:
+        if self._number:
+            # wide jitter: jobs that start together spread out
+            await asyncio.sleep(self._delay * random.uniform(0.75, 1.25))
+            self._delay = min(self._cap, self._delay * self._factor)
+        number = self._number
+        self._number += 1
+        return number
 
 
 def decode_data_uri(uri: str) -> tuple[bytes, str]:

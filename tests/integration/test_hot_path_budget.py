@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.conftest import gateway_settings
-from tests.fakes.fal import FakeFal, FalScenario
+from tests.fakes.fal import FakeFal, FalScenario, fal_provider_settings
 from tests.fakes.server import LocalServer
 
 from imagegate.app import create_app
@@ -35,17 +35,7 @@ def _app(tmp_path: Path, fal_url: str, mode: str) -> Any:
         tmp_path,
         delivery={"url_mode": "passthrough"},
         models={"qwen-image": {"routes": [{"provider": "fal", "model": "fal-ai/qwen-image"}]}},
-        providers={
-            "fal": {
-                "key": "test-fal-key",
-                "queue_url": fal_url,
-                "run_url": fal_url + "/sync",
-                "rest_url": fal_url,
-                "mode": mode,
-                "poll_interval": 0.01,
-                "poll_max_interval": 0.05,
-            }
-        },
+        providers={"fal": fal_provider_settings(fal_url, mode=mode)},
     )
     return create_app(settings)
 

@@ -25,6 +25,10 @@ upstream request costs about half the CPU of httpx + httpcore even at concurrenc
 requests wait in aiohttp's FIFO queue. Idle connections close after `limits.keepalive_expiry`.
 The aiohttp session is created on first use in the running event loop (a new one if the loop
 changed, e.g. between tests).
+
+`upstream_client()` returns an `upstream_plain.UpstreamClient`: the adapters' plain calls (GET,
+POST, PUT with headers, a JSON or bytes body, a timeout) skip httpx's request machinery and go to
+`AiohttpTransport.send` directly, with the same request on the wire and the same errors.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,23 +57,27 @@ def _mapped(request: httpx.Request) -> Iterator[None]:
     """aiohttp / socket failures -> the httpx exception httpcore would have raised."""
     try:
         yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx.ConnectTimeout(str(exc) or "Timed out connecting", request=request) from exc
-    except aiohttp.ClientConnectorError as exc:  # DNS, refused, TLS handshake: nothing was sent
-        raise httpx.ConnectError(str(exc), request=request) from exc
-    except (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, TimeoutError) as exc:
-        raise httpx.ReadTimeout(str(exc) or "Timed out reading the response", request=request) from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise httpx.RemoteProtocolError("Server disconnected without sending a complete response.",
-                                        request=request) from exc
-    except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
-        raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-    except aiohttp.InvalidURL as exc:
-        raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
-    except (aiohttp.ClientOSError, OSError) as exc:
-        raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
-    except aiohttp.ClientError as exc:
-        raise httpx.TransportError(str(exc) or type(exc).__name__, request=request) from exc
+    except (aiohttp.ClientError, OSError) as exc:  # OSError: TimeoutError and socket errors too
+        raise httpx_error(exc, request) from exc
+
+
+def httpx_error(exc: aiohttp.ClientError | OSError, request: httpx.Request) -> httpx.TransportError:
+    """The httpx exception for an aiohttp or socket failure (what httpcore raises in that case)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc) or "Timed out connecting", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # DNS, refused, TLS handshake: nothing was sent
+        return httpx.ConnectError(str(exc), request=request)
+    if isinstance(exc, aiohttp.SocketTimeoutError | aiohttp.ServerTimeoutError | TimeoutError):
+        return httpx.ReadTimeout(str(exc) or "Timed out reading the response", request=request)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError("Server disconnected without sending a complete response.", request=request)
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(str(exc), request=request)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return httpx.UnsupportedProtocol(str(exc), request=request)
+    if isinstance(exc, aiohttp.ClientOSError | OSError):
+        return httpx.ReadError(str(exc) or type(exc).__name__, request=request)
+    return httpx.TransportError(str(exc) or type(exc).__name__, request=request)
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -119,14 +127,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session_here()
-        timeouts = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
         headers: CIMultiDict[str] = CIMultiDict()
         for key, value in request.headers.raw:
             headers.add(key.decode("latin-1"), value.decode("latin-1"))
@@ -137,29 +137,56 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             data = request.stream  # a streamed body: aiohttp sends it chunked
             headers.popall("transfer-encoding", None)
         with _mapped(request):
-            response = await session.request(
+            response = await self.send(
                 request.method,
-                URL(str(request.url), encoded=True),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=timeout,
+                str(request.url),
+                headers,
+                data,
+                request.extensions.get("timeout", {}),
                 server_hostname=request.extensions.get("sni_hostname"),
             )
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
             stream=_ResponseStream(response, request),
-            extensions={
-                "http_version": b"HTTP/1.1",
-                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
-            },
+            extensions=response_extensions(response),
+        )
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str] | list[tuple[str, str]],
+        data: Any,
+        timeouts: Mapping[str, float | None],
+        *,
+        server_hostname: str | None = None,
+    ) -> aiohttp.ClientResponse:
+        """One request on the session, its head read; `url` is sent exactly as given (already encoded)."""
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.get("pool"),
+            sock_connect=timeouts.get("connect"),
+            sock_read=timeouts.get("read"),
+        )
+        return await self._session_here().request(
+            method,
+            URL(url, encoded=True),
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            timeout=timeout,
+            server_hostname=server_hostname,
         )
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
         if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
             await session.close()
+
+
+def response_extensions(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    return {"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1", "replace")}
 
 
 class _NoCookieJar(http.cookiejar.CookieJar):
@@ -188,6 +215,9 @@ def upstream_client(
     *, limits: httpx.Limits, timeout: httpx.Timeout, headers: dict[str, str] | None = None
 ) -> httpx.AsyncClient:
     """The shared upstream client (`limits.max_connections` per upstream host; no cookies kept)."""
-    client = httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=timeout, headers=headers)
+    from imagegate.upstream_plain import UpstreamClient  # it builds on this module's transport
+
+    client = UpstreamClient(transport=AiohttpTransport(limits=limits), timeout=timeout, headers=headers)
     client._cookies = _NoCookies(_NoCookieJar())  # httpx wraps any store passed in into a plain one
     return client
+

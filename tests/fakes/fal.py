@@ -673,3 +673,16 @@ def _at(payload: Any, path: list[Any]) -> Any:
             return None
         payload = payload[key]
     return payload
+
+
+def fal_provider_settings(url: str, **overrides: Any) -> dict[str, Any]:
+    """`providers.fal` of a gateway pointed at a FakeFal served at `url` (fast polling)."""
+    return {
+        "key": "test-fal-key",
+        "queue_url": url,
+        "run_url": url + "/sync",
+        "rest_url": url,
+        "poll_interval": 0.01,
+        "poll_max_interval": 0.02,
+        **overrides,
+    }

@@ -13,7 +13,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tests.conftest import gateway_settings
-from tests.fakes.fal import FakeFal, FalScenario, rate_limited
+from tests.fakes.fal import FakeFal, FalScenario, fal_provider_settings, rate_limited
 from tests.fakes.images import png_bytes
 from tests.fakes.server import LocalServer
 from tests.observability.promtext import Samples, delta, parse, value
@@ -44,16 +44,7 @@ def settings_for(tmp_path: Path, fal_url: str) -> Any:
                 ]
             },
         },
-        providers={
-            "fal": {
-                "key": "test-fal-key",
-                "queue_url": fal_url,
-                "run_url": fal_url + "/sync",
-                "rest_url": fal_url,
-                "poll_interval": 0.01,
-                "poll_max_interval": 0.02,
-            }
-        },
+        providers={"fal": fal_provider_settings(fal_url)},
     )
 
 

@@ -358,16 +358,13 @@ class ImageService:
             ttl_seconds=self.settings.storage.ttl_seconds,
             public_base_url=(delivery.public_base_url or base_url).rstrip("/"),
         )
-        return list(
-            await asyncio.gather(
-                *(
-                    deliver_image(
-                        image, spec, provider=provider, storage=self.storage, pool=self.pool, revised_prompt=revised
-                    )
-                    for image, revised in images[: request.n]
-                )
-            )
-        )
+        deliveries = [
+            deliver_image(image, spec, provider=provider, storage=self.storage, pool=self.pool, revised_prompt=revised)
+            for image, revised in images[: request.n]
+        ]
+        if len(deliveries) == 1:  # the common case: no task for one image (hot path)
+            return [await deliveries[0]]
+        return list(await asyncio.gather(*deliveries))
 
 
 def _first_gateway_error(group: BaseExceptionGroup[BaseException]) -> GatewayError | None:

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -58,6 +59,7 @@ def prepare_multiprocess_dir(workers: int) -> Path | None:
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess = multiprocess_dir() is not None
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         registry = self.registry = CollectorRegistry(auto_describe=True)
 
         self.requests = Counter(
@@ -126,6 +128,15 @@ class Metrics:
         self.webhook_deliveries = Counter(
             "imagegate_webhook_deliveries", "Webhook delivery attempts, by outcome.", ["outcome"], registry=registry
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set (per request this is hot: several
+        metrics; the label sets are bounded, see the module docstring)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         """The text exposition: this app's registry, or every worker's files in multiprocess mode."""

@@ -52,14 +52,17 @@ _KEY_NAME = re.compile(r"\A[\x21-\x7e]{1,64}\Z")
 # The `param` label: a parameter the tables know; fields a client made up count as `other`.
 _PARAM_LABELS = frozenset({*KNOWN_PARAMS, *GATEWAY_PARAMS, *SIZE_PARAMS})
 OTHER_PARAM = "other"
-_WATCHED = (
-    "x-imagegate-provider",
-    "x-imagegate-upstream-model",
-    "x-imagegate-upstream-request-id",
-    "x-imagegate-params",
-    "x-imagegate-cost-usd",
-    "content-type",
-)
+_WATCHED = {  # the response headers read, by their lower-cased raw name
+    name.encode("latin-1"): name
+    for name in (
+        "x-imagegate-provider",
+        "x-imagegate-upstream-model",
+        "x-imagegate-upstream-request-id",
+        "x-imagegate-params",
+        "x-imagegate-cost-usd",
+        "content-type",
+    )
+}
 _MAX_PROMPT_CHARS = 2000
 _CAPABILITY_PATHS = ("/v1/files/",)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -134,8 +137,8 @@ class ObservabilityMiddleware:
                 response["status"] = message["status"]
                 headers = response["headers"]
                 for raw_name, raw_value in message.get("headers", ()):
-                    name = bytes(raw_name).decode("latin-1").lower()
-                    if name in _WATCHED:
+                    name = _WATCHED.get(bytes(raw_name).lower())
+                    if name is not None:
                         headers[name] = bytes(raw_value).decode("latin-1")
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 response["finished"] = True
@@ -182,26 +185,27 @@ class ObservabilityMiddleware:
         key_name = record.state.get("key_name")
         key = key_name if isinstance(key_name, str) and _KEY_NAME.match(key_name) else ANONYMOUS
         m = self.metrics
-        m.requests.labels(endpoint, model, str(status), key).inc()
-        m.request_duration.labels(endpoint, model).observe(total)
+        child = m.child
+        child(m.requests, endpoint, model, str(status), key).inc()
+        child(m.request_duration, endpoint, model).observe(total)
         for call in record.upstream:
-            m.upstream_requests.labels(call.provider, call.outcome).inc()
-            m.upstream_duration.labels(call.provider).observe(call.seconds)
+            child(m.upstream_requests, call.provider, call.outcome).inc()
+            child(m.upstream_duration, call.provider).observe(call.seconds)
         for provider in record.retries:
-            m.retries.labels(provider).inc()
+            child(m.retries, provider).inc()
         for fallback_model in record.fallbacks:
-            m.fallbacks.labels(fallback_model).inc()
+            child(m.fallbacks, fallback_model).inc()
         for step in record.steps:
-            m.postprocess.labels(step.op).observe(step.seconds)
+            child(m.postprocess, step.op).observe(step.seconds)
         params = parse_params(headers.get("x-imagegate-params", ""))
         cost = _cost(headers.get("x-imagegate-cost-usd"))
         if record.images and record.provider:
-            m.images.labels(model, record.provider).inc(record.images)
+            child(m.images, model, record.provider).inc(record.images)
             for param, mode in params.items():
                 if mode != "passthrough":
-                    m.emulations.labels(param if param in _PARAM_LABELS else OTHER_PARAM, mode).inc()
+                    child(m.emulations, param if param in _PARAM_LABELS else OTHER_PARAM, mode).inc()
         if cost is not None and 200 <= status < 300:
-            m.cost.labels(key, model).inc(cost)
+            child(m.cost, key, model).inc(cost)
         self._log(scope, record, status, headers, params, cost, endpoint, key, total)
 
     def _log(

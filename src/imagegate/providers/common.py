@@ -19,6 +19,7 @@ import httpx
 
 from imagegate.core.errors import GatewayError, ProviderUnavailable, UpstreamError, UpstreamTimeout
 from imagegate.core.fetch import read_capped
+from imagegate.upstream_plain import plain_origin
 
 __all__ = [
     "backoff_delay",
@@ -67,15 +68,31 @@ def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float |
     return min(cap, base * 2.0**attempt) * random.uniform(0.75, 1.0)
 
 
-async def poll_delays(*, start: float, cap: float, factor: float = 1.5) -> AsyncIterator[int]:
-    """Sleep between polls with a growing, capped interval; yields the poll number."""
-    delay = start
-    number = 0
-    while True:
-        yield number
-        number += 1
-        await asyncio.sleep(delay * random.uniform(0.75, 1.25))  # wide jitter: jobs that start together spread out
-        delay = min(cap, delay * factor)
+def poll_delays(*, start: float, cap: float, factor: float = 1.5) -> AsyncIterator[int]:
+    """Sleep between polls with a growing, capped interval; yields the poll number (0 at once).
+    An iterator object, not an async generator: a loop that returns mid-way leaves no generator for
+    the event loop to close in a task of its own (two extra tasks per fal job otherwise)."""
+    return _PollDelays(start, cap, factor)
+
+
+class _PollDelays:
+    def __init__(self, start: float, cap: float, factor: float) -> None:
+        self._delay = start
+        self._cap = cap
+        self._factor = factor
+        self._number = 0
+
+    def __aiter__(self) -> _PollDelays:
+        return self
+
+    async def __anext__(self) -> int:
+        if self._number:
+            # wide jitter: jobs that start together spread out
+            await asyncio.sleep(self._delay * random.uniform(0.75, 1.25))
+            self._delay = min(self._cap, self._delay * self._factor)
+        number = self._number
+        self._number += 1
+        return number
 
 
 def decode_data_uri(uri: str) -> tuple[bytes, str]:
@@ -129,8 +146,10 @@ def on_origins(url: str, origins: Iterable[str]) -> bool:
     """Is `url` on one of `origins` (scheme, host and port compared; each origin given as a URL)?
     Credentials go only to the hosts the operator configured."""
     try:
-        target = httpx.URL(url)
         allowed = _origin_set(tuple(origins))
+        if (origin := plain_origin(url)) is not None:  # most URLs: what httpx.URL would say, cheaply
+            return origin in allowed
+        target = httpx.URL(url)
     except httpx.InvalidURL:
         return False
     return bool(target.host) and (target.scheme, target.host.lower(), target.port) in allowed

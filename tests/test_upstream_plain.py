@@ -1,0 +1,246 @@
+"""The plain path of the upstream client (`upstream_plain.UpstreamClient`) is httpx's path minus its
+cost: byte for byte the same request on the wire, the same response and log line, exceptions that
+name their request; and the calls the adapters make on every job do take it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from tests.fakes.fal import FakeFal, FalScenario
+from tests.fakes.server import LocalServer
+
+from imagegate.providers.base import CallContext, Route
+from imagegate.providers.common import on_origins
+from imagegate.providers.fal import FalProvider
+from imagegate.settings import FalSettings, ProvidersSettings, Settings
+from imagegate.upstream_http import upstream_client
+from imagegate.upstream_plain import plain_netloc, plain_origin
+
+Capture = tuple[str, list[bytes]]
+MODEL = "fal-ai/qwen-image"
+
+
+async def _capture_server(seen: list[bytes]) -> asyncio.Server:
+    """Records every request (head and body) as raw bytes; answers 200 with a small JSON body."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            lines = head.split(b"\r\n")
+            length = next((int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length")), 0)
+            seen.append(head + await reader.readexactly(length))
+            body = b'{"status":"COMPLETED"}'
+            head_out = b"HTTP/1.1 202 Accepted\r\ncontent-length: %d\r\nx-fal-request-id: r1\r\n\r\n" % len(body)
+            writer.write(head_out + body)
+            await writer.drain()
+
+    return await asyncio.start_server(handler, "127.0.0.1", 0)
+
+
+@pytest.fixture
+async def capture() -> AsyncIterator[Capture]:
+    seen: list[bytes] = []
+    server = await _capture_server(seen)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+    server.close()
+
+
+def _client() -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=4)
+    return upstream_client(limits=limits, timeout=httpx.Timeout(5.0), headers={"user-agent": "imagegate/test"})
+
+
+CALLS: list[tuple[str, str, dict[str, Any]]] = [
+    ("GET", "/fal-ai/app/requests/r1/status", {"headers": {"Authorization": "Key k", "Accept": "application/json"}}),
+    ("GET", "/q?sig=a%2Fb&x=1", {}),
+    ("POST", "/fal-ai/qwen-image", {"json": {"prompt": "é ☃", "n": 1}, "headers": {"X-Fal-Request-Timeout": "119.9"}}),
+    ("POST", "/empty", {"headers": {"USER-AGENT": "other", "content-type": "text/plain"}}),
+    ("PUT", "/upload", {"content": b"\x89PNG bytes", "headers": {"Content-Type": "image/png"}, "timeout": 3.0}),
+    ("PUT", "/cancel", {"content": b"", "timeout": httpx.Timeout(2.0, connect=1.0)}),
+    ("POST", "/own-length", {"content": b"abc", "headers": {"Content-Length": "3", "Host": "fal.example"}}),
+]
+
+
+async def test_plain_calls_send_what_httpx_sends(capture: Capture, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, seen = capture
+    slow_sends: list[httpx.Request] = []
+    original_send = httpx.AsyncClient.send
+
+    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        slow_sends.append(request)
+        return await original_send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
+    async with _client() as client:
+        for method, path, kwargs in CALLS:
+            plain = await client.request(method, base + path, **kwargs)
+            httpx_own = await httpx.AsyncClient.request(client, method, base + path, **kwargs)
+            assert (plain.status_code, plain.json(), plain.headers.raw) == (
+                httpx_own.status_code,
+                httpx_own.json(),
+                httpx_own.headers.raw,
+            )
+            assert plain.reason_phrase == httpx_own.reason_phrase == "Accepted"
+            for attr in ("content", "num_bytes_downloaded", "is_closed", "is_stream_consumed", "http_version"):
+                assert getattr(plain, attr) == getattr(httpx_own, attr), attr
+            assert plain.request.url == httpx_own.request.url
+            assert plain.elapsed.total_seconds() >= 0
+    assert len(slow_sends) == len(CALLS)  # only the httpx_own half went through httpx's send
+    pairs = list(zip(seen[0::2], seen[1::2], strict=True))
+    assert len(pairs) == len(CALLS)
+    for plain_bytes, httpx_bytes in pairs:
+        assert plain_bytes == httpx_bytes
+
+
+async def test_the_httpx_log_line_is_the_same(capture: Capture, caplog: pytest.LogCaptureFixture) -> None:
+    base, _ = capture
+    caplog.set_level(logging.INFO, logger="httpx")
+    async with _client() as client:
+        await client.get(f"{base}/status")
+        await httpx.AsyncClient.request(client, "GET", f"{base}/status")
+    lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    assert lines[0] == f'HTTP Request: GET {base}/status "HTTP/1.1 202 Accepted"'
+
+
+async def test_other_calls_take_httpx_s_path(capture: Capture, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, _ = capture
+    sent: list[str] = []
+    original_send = httpx.AsyncClient.send
+
+    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        sent.append(str(request.url))
+        return await original_send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
+    async with _client() as client:
+        await client.get(f"{base}/p", params={"a": "b c"})
+        await client.get(f"{base}/a b")  # httpx quotes it
+        await client.get(httpx.URL(f"{base}/u"))
+        await client.get(f"{base}/h", headers=[("x-a", "1")])
+        with pytest.raises(UnicodeEncodeError):  # httpx's own error for a header it cannot encode
+            await client.get(f"{base}/h", headers={"x-name": "caf\u00e9"})
+    assert sent == [f"{base}/p?a=b+c", f"{base}/a%20b", f"{base}/u", f"{base}/h"]
+
+
+async def test_a_failed_plain_call_raises_httpx_s_error_naming_its_request() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    async with _client() as client:
+        with pytest.raises(httpx.ConnectError) as caught:
+            await client.post(f"http://127.0.0.1:{port}/submit", json={"a": 1})
+    assert caught.value.request.method == "POST"
+    assert str(caught.value.request.url) == f"http://127.0.0.1:{port}/submit"
+
+
+async def test_a_closed_client_refuses_plain_calls(capture: Capture) -> None:
+    base, _ = capture
+    client = _client()
+    await client.aclose()
+    with pytest.raises(RuntimeError):
+        await client.get(f"{base}/x")
+
+
+ACCEPTED = [
+    "http://127.0.0.1:8080/a/b",
+    "https://queue.fal.run/fal-ai/qwen-image/requests/0b1c-9f/status?logs=1",
+    "https://v3.fal.media/files/a%2Fb.png?sig=x%2By%3D&e=1&k=~!$'()*,;:@",
+    "http://fal.example:65535/",
+    "https://h/x/.hidden/..dots/end.",
+]
+REFUSED = [
+    "https://Queue.fal.run/a",  # httpx lower-cases the host
+    "https://fal.run:443/a",  # and drops a default port
+    "http://fal.run:80/a",
+    "http://fal.run:99999/a",
+    "http://fal.run:080/a",
+    "https://fal.run",  # no path
+    "https://fal.run/a/../b",  # dot segments are removed
+    "https://fal.run/a/./b",
+    "https://fal.run/a/..",
+    "https://fal.run/a%zz",  # a bad escape is quoted
+    "https://fal.run/a b",
+    "https://fal.run/caf\u00e9",
+    "https://fal.run/a#frag",
+    "https://user:pw@fal.run/a",
+    "https://[::1]/a",
+    "ftp://fal.run/a",
+    "https://fal.run/a\"b",
+    "https://fal.run/a{b}",
+]
+
+
+@pytest.mark.parametrize("url", ACCEPTED)
+def test_accepted_urls_are_the_ones_httpx_sends_unchanged(url: str) -> None:
+    netloc = plain_netloc(url)
+    parsed = httpx.URL(url)
+    assert str(parsed) == url
+    assert netloc == parsed.netloc.decode("ascii")
+    assert httpx.Request("GET", url).headers["host"] == netloc
+    assert plain_origin(url) == (parsed.scheme, parsed.host, parsed.port)  # the credential-host check's parse
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://queue.fal.run/fal-ai/x/requests/1/status", True),
+        ("https://queue.fal.run:8443/fal-ai/x", False),  # another port
+        ("http://queue.fal.run/fal-ai/x", False),  # another scheme
+        ("https://queue.fal.run.evil.example/x", False),
+        ("https://QUEUE.fal.run/x", True),  # httpx's parse: the host compared in lower case
+        ("https://queue.fal.run:443/x", True),  # the default port is no port
+        ("https://evil.example/x?u=https://queue.fal.run/", False),
+        ("https://user@evil.example/x", False),
+        ("https://queue.fal.run@evil.example/x", False),
+        ("https://[::1]/x", False),
+        ("not a url", False),
+    ],
+)
+def test_the_credential_host_check_agrees_with_httpx_s_parse(url: str, expected: bool) -> None:
+    assert on_origins(url, ("https://queue.fal.run", "https://fal.run/sync")) is expected
+
+
+@pytest.mark.parametrize("url", REFUSED)
+def test_other_urls_are_left_to_httpx(url: str) -> None:
+    assert plain_netloc(url) is None
+
+
+
+async def test_a_fal_queue_job_is_three_plain_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The calls of a passthrough job (submit, one status poll, result) all take the plain path,
+    and a job that is done at the first poll costs exactly those three upstream requests."""
+    slow_sends: list[str] = []
+    original_send = httpx.AsyncClient.send
+
+    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        slow_sends.append(str(request.url))
+        return await original_send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
+    fake = FakeFal()
+    fake.scenario = FalScenario.instant()
+    with LocalServer(fake.app) as srv:
+        fal = FalSettings(key="test-fal-key", queue_url=srv.url, run_url=srv.url + "/sync", rest_url=srv.url)
+        async with _client() as http:
+            provider = FalProvider(http, Settings(providers=ProvidersSettings(fal=fal)))
+            context = CallContext(request_id="gw-1", deadline=time.monotonic() + 10, operation="generate")
+            result = await provider.run({"prompt": "a lighthouse", "num_images": 1}, Route("fal", MODEL), context)
+    assert len(result.images) == 1
+    assert [(r.method, r.path.rsplit("/", 1)[-1]) for r in fake.requests] == [
+        ("POST", "qwen-image"),
+        ("GET", "status"),
+        ("GET", fake.last_submit.request_id),
+    ]
+    assert slow_sends == []

@@ -180,3 +180,23 @@ def test_log_prompts_true_leaves_an_echoed_prompt_in_the_log(tmp_path: Path) -> 
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize(("level", "client_lines"), [("info", False), ("debug", True)])
+def test_upstream_calls_log_a_line_each_only_at_debug(tmp_path: Path, level: str, client_lines: bool) -> None:
+    """The access log is the request's line; the HTTP client's line per upstream call (three for a
+    fal queue job) stays out of the hot path unless `log_level: debug`."""
+    from imagegate.observability.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging(gateway_settings(tmp_path, log_level=level))
+        assert logging.getLogger("httpx").isEnabledFor(logging.INFO) is client_lines
+        assert logging.getLogger("httpcore").isEnabledFor(logging.INFO) is client_lines
+        assert logging.getLogger("imagegate.requests").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -158,6 +158,11 @@ def configure_logging(settings: Settings) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    # A request's line is the access log (`imagegate.requests`); the HTTP client's line per upstream
+    # call (three for a fal queue job) is detail for `log_level: debug` only.
+    client_level = logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(client_level)
     if json_lines:
         for name in ("uvicorn", "uvicorn.error"):
             uvicorn_logger = logging.getLogger(name)

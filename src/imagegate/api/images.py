@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from imagegate.access import service_for
@@ -38,6 +38,7 @@ from imagegate.api import jobs as jobs_api
 from imagegate.api.admission import charge_inputs
 from imagegate.api.errors import GENERIC_SERVER_ERROR, error_response, request_id_of
 from imagegate.api.parsing import parse_edit_request, parse_generation_request
+from imagegate.api.render import json_response
 from imagegate.core.errors import GatewayError, InternalError
 from imagegate.core.request import ImageRequest
 from imagegate.core.results import DryRunResult, ImageResult
@@ -122,7 +123,7 @@ async def _respond(request: Request, image_request: ImageRequest, *, event_prefi
     except ClientDisconnected:
         logger.info("request %s: client disconnected; the work was cancelled", request_id)
         return Response(status_code=499)
-    return JSONResponse(result.body(), headers=result.headers)
+    return await json_response(result.body(), headers=result.headers)
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

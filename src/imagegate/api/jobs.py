@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from imagegate.access import service_for
+from imagegate.api.render import json_response
 from imagegate.auth.middleware import client_of
 from imagegate.core.errors import InvalidRequest
 from imagegate.core.request import ImageRequest
@@ -93,7 +94,7 @@ async def list_jobs(request: Request) -> Response:
 @router.get("/v1/images/jobs/{job_id}")
 async def get_job(request: Request, job_id: str) -> Response:
     job = await _jobs(request).get(job_id, _key(request))
-    return JSONResponse(job.public(), headers=public_headers(job.headers))
+    return await json_response(job.public(), headers=public_headers(job.headers))
 
 
 @router.post("/v1/images/jobs/{job_id}/cancel")

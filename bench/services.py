@@ -128,6 +128,8 @@ def imagegate_config(
     url_mode: str = "passthrough",
     loop: str = "auto",
     http: str = "auto",
+    status_stream: bool = False,
+    status_stream_max: int | None = None,
 ) -> str:
     return f"""
 host: 127.0.0.1
@@ -145,6 +147,8 @@ providers:
     mode: {mode}
     poll_interval: {poll}
     poll_max_interval: {poll_max}
+    status_stream: {str(status_stream).lower()}
+    status_stream_max: {"null" if status_stream_max is None else status_stream_max}
 models:
   qwen-image:
     routes:

@@ -253,6 +253,66 @@ async def test_broken_stream_falls_back_to_polling(
     assert result.images and mock.routes[1].call_count == 2
 
 
+@pytest.mark.parametrize(
+    "unsupported",
+    [
+        httpx.Response(404, json={"detail": "Not Found"}),
+        httpx.Response(405, json={"detail": "Method Not Allowed"}),
+        httpx.Response(501, text="not implemented"),
+        httpx.Response(200, json={**HANDLE, "status": "IN_PROGRESS"}),  # a status answer, not a stream
+    ],
+    ids=["404", "405", "501", "not-sse"],
+)
+async def test_stream_not_served_polls_and_is_not_asked_again(
+    mock: respx.MockRouter, http: httpx.AsyncClient, unsupported: httpx.Response
+) -> None:
+    """A fal that does not serve the stream: the job polls (submitted once), and so does every later
+    job of the process without asking for the stream first."""
+    queue(mock, status("IN_PROGRESS"), status("COMPLETED"), status("COMPLETED"))
+    stream = mock.get(STREAM).mock(return_value=unsupported)
+    provider = FalProvider(http, settings(status_stream=True))
+    first = await provider.run(dict(PAYLOAD), route(), ctx())
+    second = await provider.run(dict(PAYLOAD), route(), ctx())
+    assert first.images and second.images
+    assert stream.call_count == 1  # learnt once per process
+    assert mock.routes[0].call_count == 2  # one submit per job: never paid twice
+    assert mock.routes[1].call_count == 3  # job 1 polled twice, job 2 once
+    assert not mock.routes[3].called  # nothing cancelled
+
+
+async def test_broken_stream_is_tried_again_by_the_next_job(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock, status("COMPLETED"))
+    stream = mock.get(STREAM).mock(
+        side_effect=[httpx.ReadError("reset"), sse({**HANDLE, "status": "COMPLETED"})]
+    )
+    provider = FalProvider(http, settings(status_stream=True))
+    await provider.run(dict(PAYLOAD), route(), ctx())
+    await provider.run(dict(PAYLOAD), route(), ctx())
+    assert stream.call_count == 2 and mock.routes[1].call_count == 1 and mock.routes[0].call_count == 2
+
+
+async def test_streams_beyond_the_cap_poll(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    """`status_stream_max` streams at once; a job beyond that polls (the pool stays free for others)."""
+    opened = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_stream(request: httpx.Request) -> httpx.Response:
+        opened.set()
+        await release.wait()
+        return sse({**HANDLE, "status": "COMPLETED"})
+
+    queue(mock, status("COMPLETED"))
+    stream = mock.get(STREAM).mock(side_effect=slow_stream)
+    provider = FalProvider(http, settings(status_stream=True, status_stream_max=1))
+    streaming = asyncio.ensure_future(provider.run(dict(PAYLOAD), route(), ctx()))
+    await opened.wait()
+    polled = await provider.run(dict(PAYLOAD), route(), ctx())  # finishes while the first streams
+    release.set()
+    assert polled.images and (await streaming).images
+    assert stream.call_count == 1 and mock.routes[1].call_count == 1
+    assert provider.transport.stream.open == 0
+
+
 # ---- sync run, sync_mode ---------------------------------------------------------------------------
 
 

@@ -87,7 +87,7 @@ class FalSettings(BaseModel):
     inline_max_bytes: NonNegativeInt = 1_000_000  # inputs up to this size go as data URIs, larger ones are uploaded
     poll_interval: PositiveFloat = 0.5
     poll_max_interval: PositiveFloat = 3.0
-    status_stream: bool = False  # follow the SSE status stream instead of polling
+    status_stream: bool = True  # follow the SSE status stream (polling where fal does not serve it)
     status_stream_max: int | None = Field(None, ge=0)  # open streams per process (more poll); default: file limit
     sync_mode_b64: bool = False  # for b64_json, ask fal for data URIs instead of downloading
     max_concurrent_jobs: int | None = Field(None, ge=1)  # async jobs running on fal at once (per process)

@@ -114,7 +114,8 @@ async def test_queue_edit_with_a_data_uri(make: Any, fake: FakeFal) -> None:
     assert job.headers["authorization"] == "Key test-fal-key"
     assert float(job.headers["x-fal-request-timeout"]) > 8
     assert result.request_id == job.request_id and result.seed == 5
-    assert fake.status_polls and fake.result_fetches == [job.request_id] and not fake.cancels
+    assert fake.stream_opens == [job.request_id] and not fake.status_polls  # the status stream, the default
+    assert fake.result_fetches == [job.request_id] and not fake.cancels
     [out] = result.images
     assert (out.width, out.height, out.content_type) == (64, 48, "image/png")
     assert image_info(await provider.fetch(out)) == ("PNG", 64, 48)  # the model kept the input size

@@ -50,7 +50,9 @@ PAYLOAD = {"prompt": "p", "image_urls": ["https://example.com/in.png"], "num_ima
 
 
 def settings(**fal: Any) -> Settings:
-    values: dict[str, Any] = {"key": KEY, "poll_interval": 0.01, "poll_max_interval": 0.02, **fal}
+    # Polling unless a test asks for the status stream (its own section below).
+    values: dict[str, Any] = {"key": KEY, "poll_interval": 0.01, "poll_max_interval": 0.02, "status_stream": False,
+                              **fal}
     return Settings(providers=ProvidersSettings(fal=FalSettings(**values)))
 
 

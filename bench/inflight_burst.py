@@ -255,7 +255,7 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
     run = Run("gateway", k)
     body = json.dumps({"model": MODEL, "prompt": "a lighthouse at dusk", "response_format": "url"}).encode()
     with services.imagegate(
-        Path(storage), fal_url, poll=0.5, poll_max=3.0, status_stream=args.status_stream,
+        Path(storage), fal_url, poll=0.5, poll_max=3.0, status_stream=args.status == "stream",
         status_stream_max=args.status_stream_max, name=f"imagegate-{k}"
     ) as gateway_service:
         gw_url, gw_pid = gateway_service.url, gateway_service.proc.pid
@@ -278,7 +278,8 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
 
             out = Path(args.py_spy) / f"gateway-{k}.txt"
             spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(gw_pid), "--format", "raw", "--rate", "200", "-o", str(out)],
+                ["py-spy", "record", "--nonblocking", "--pid", str(gw_pid), "--format", "raw", "--rate", "200",
+                 "-o", str(out)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -305,7 +306,7 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
 def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
     print()
     most = "default" if args.status_stream_max is None else args.status_stream_max
-    how = f"status stream (status_stream_max {most})" if args.status_stream else "polling"
+    how = f"status stream (status_stream_max {most})" if args.status == "stream" else "polling"
     print(f"burst: {machine_line()}; model {args.model_seconds} s, fal queue protocol, gateway: {how}")
     print(
         f"{'side':8s} {'K':>6s} {'ok':>11s} {'wall':>7s} {'p50':>7s} {'max':>7s} {'req/job':>7s} "
@@ -374,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--run-seconds", type=float, default=150.0)
     parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--status-stream", action="store_true", help="the gateway follows fal's SSE status stream")
+    parser.add_argument(
+        "--status", choices=("stream", "poll"), default="stream",
+        help="how the gateway follows a job: fal's SSE status stream (its default) or polling",
+    )
     parser.add_argument(
         "--status-stream-max", type=int, help="providers.fal.status_stream_max (default: the gateway's own)"
     )

@@ -128,9 +128,12 @@ def imagegate_config(
     url_mode: str = "passthrough",
     loop: str = "auto",
     http: str = "auto",
-    status_stream: bool = False,
+    status_stream: bool | None = None,
     status_stream_max: int | None = None,
 ) -> str:
+    def option(value: object) -> str:  # YAML; None: the gateway's default
+        return "null" if value is None else str(value).lower()
+
     return f"""
 host: 127.0.0.1
 log_level: warning
@@ -147,8 +150,8 @@ providers:
     mode: {mode}
     poll_interval: {poll}
     poll_max_interval: {poll_max}
-    status_stream: {str(status_stream).lower()}
-    status_stream_max: {"null" if status_stream_max is None else status_stream_max}
+    status_stream: {"true" if status_stream is None else option(status_stream)}
+    status_stream_max: {option(status_stream_max)}
 models:
   qwen-image:
     routes:

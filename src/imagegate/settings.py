@@ -221,6 +221,7 @@ class ServerSettings(BaseModel):
     reserved_connections: int = Field(32, ge=1)  # beyond the cap: only /healthz and /readyz are served
     backlog: int | None = Field(None, ge=1)  # accept queue per listening socket; default: net.core.somaxconn
     listeners: int | None = Field(None, ge=1, le=64)  # SO_REUSEPORT sockets (Linux); default: enough for the cap
+    starts_per_tick: int = Field(64, ge=0)  # new requests started per event-loop iteration (0: no limit)
     log_interval: float = Field(10.0, gt=0)  # a resource-exhaustion condition is logged at most this often
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     http: Literal["auto", "h11", "httptools"] = "auto"

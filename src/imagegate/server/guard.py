@@ -35,11 +35,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from imagegate.observability.ratelog import RateLimitedLog
+from imagegate.server.pacing import HEALTH_REQUESTS, StartPacer
 from imagegate.settings import ServerSettings
 
 __all__ = ["HEALTH_PATHS", "ConnectionGuard", "GuardedH11Protocol", "_GuardMixin", "guarded_protocol_class"]
@@ -83,6 +85,7 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.open: set[_GuardMixin] = set()
         self.lingering = 0  # refused connections waiting for their client to close
+        self._pacer: StartPacer | None = None
         self.idle: OrderedDict[_GuardMixin, float] = OrderedDict()  # connection -> idle since
         self.evicted = RateLimitedLog(
             logger,
@@ -116,6 +119,12 @@ class ConnectionGuard:
             return "health-only"
         self.refused.hit(self.max_connections)
         return "refuse"
+
+    def pacer(self, loop: asyncio.AbstractEventLoop) -> StartPacer | None:
+        """The request-start pacer of this process's loop (None: `starts_per_tick` is 0)."""
+        if self._pacer is None and self.settings.starts_per_tick:
+            self._pacer = StartPacer(loop, self.settings.starts_per_tick)
+        return self._pacer
 
     def set_idle(self, conn: _GuardMixin, idle: bool) -> None:
         if idle:
@@ -166,10 +175,12 @@ class _GuardMixin:
     cycle: Any
 
     _guard: ConnectionGuard
+    _unset_keepalive_if_required: Callable[[], None]
     _phase: str = _IDLE
     _timer: asyncio.TimerHandle | None = None
     _body_started: float = 0.0
     _body_bytes: int = 0
+    _waiting: bytearray | None = None  # a new request's bytes while it waits for a start (pacing)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -188,6 +199,34 @@ class _GuardMixin:
     def data_received(self, data: bytes) -> None:
         if self._phase == _REFUSED:
             return  # read and dropped: closing with unread data would reset the connection
+        if self._waiting is not None:
+            self._waiting += data
+            return
+        if self._phase == _IDLE and not data.startswith(HEALTH_REQUESTS):
+            pacer = self._guard.pacer(self.loop)
+            if pacer is not None and not pacer.try_start():
+                self._wait_turn(pacer, data)
+                return
+        self._receive(data)
+
+    def _wait_turn(self, pacer: StartPacer, data: bytes) -> None:
+        """A new request beyond this iteration's starts (`pacing`): its bytes are kept, its socket
+        paused and its idle timer stopped (it is the server's turn now, not the client's)."""
+        self._waiting = bytearray(data)
+        self._disarm()
+        self._unset_keepalive_if_required()  # uvicorn's keep-alive timer: the client did send
+        self.transport.pause_reading()
+        pacer.defer(self._take_turn)
+
+    def _take_turn(self) -> bool:
+        data, self._waiting = bytes(self._waiting or b""), None
+        if self.transport.is_closing():
+            return False
+        self.transport.resume_reading()
+        self._receive(data)
+        return True
+
+    def _receive(self, data: bytes) -> None:
         if self._phase == _IDLE:
             self._phase = _HEADERS
             self._guard.set_idle(self, False)

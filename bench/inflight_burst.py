@@ -256,7 +256,7 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
     body = json.dumps({"model": MODEL, "prompt": "a lighthouse at dusk", "response_format": "url"}).encode()
     with services.imagegate(
         Path(storage), fal_url, poll=0.5, poll_max=3.0, status_stream=args.status == "stream",
-        status_stream_max=args.status_stream_max, name=f"imagegate-{k}"
+        status_stream_max=args.status_stream_max, starts_per_tick=args.starts_per_tick, name=f"imagegate-{k}"
     ) as gateway_service:
         gw_url, gw_pid = gateway_service.url, gateway_service.proc.pid
         for _ in range(args.warmup):
@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--status-stream-max", type=int, help="providers.fal.status_stream_max (default: the gateway's own)"
     )
+    parser.add_argument("--starts-per-tick", type=int, help="server.starts_per_tick (default: the gateway's own)")
     parser.add_argument("--py-spy", metavar="DIR", help="py-spy record the gateway during each burst into DIR")
     parser.add_argument("--max-wall-ratio", type=float, default=1.3)
     parser.add_argument("--max-rss-mib", type=float, default=1024)

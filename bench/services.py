@@ -130,6 +130,7 @@ def imagegate_config(
     http: str = "auto",
     status_stream: bool | None = None,
     status_stream_max: int | None = None,
+    starts_per_tick: int | None = None,
 ) -> str:
     def option(value: object) -> str:  # YAML; None: the gateway's default
         return "null" if value is None else str(value).lower()
@@ -137,7 +138,7 @@ def imagegate_config(
     return f"""
 host: 127.0.0.1
 log_level: warning
-server: {{loop: {loop}, http: {http}}}
+server: {{loop: {loop}, http: {http}{"" if starts_per_tick is None else f", starts_per_tick: {starts_per_tick}"}}}
 storage: {{path: {storage}}}
 delivery: {{url_mode: {url_mode}}}
 routing: {{deadline_seconds: 120}}

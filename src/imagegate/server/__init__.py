@@ -10,6 +10,8 @@
   derived from it, so idle sockets cannot exhaust descriptors before the cap does.
 - The accept queue is as deep as the kernel allows, and on Linux several listening sockets
   (`SO_REUSEPORT`) hold a burst as large as the connection cap (`imagegate.server.listen`).
+- At most `server.starts_per_tick` new requests start per event-loop iteration; the rest wait in
+  order, health checks never (`imagegate.server.pacing`).
 - `accept()` failing for lack of descriptors (or any other resource) is logged once per
   `server.log_interval` with a count, not once per event.
 """

@@ -213,6 +213,7 @@ class _GuardMixin:
         """A new request beyond this iteration's starts (`pacing`): its bytes are kept, its socket
         paused and its idle timer stopped (it is the server's turn now, not the client's)."""
         self._waiting = bytearray(data)
+        self._guard.set_idle(self, False)  # a request: never evicted as idle while it waits
         self._disarm()
         self._unset_keepalive_if_required()  # uvicorn's keep-alive timer: the client did send
         self.transport.pause_reading()

@@ -5,8 +5,10 @@ Three processes on 127.0.0.1, each with its open-file limit raised to the hard l
   fake     tests.fakes.lean_fal.LeanFal: fal's queue protocol from a bare asyncio.Protocol, each
            job COMPLETED --model-seconds after its submit (wall time, not a poll count), so both
            sides poll for the same model time and the fake costs tens of microseconds a request.
-  gateway  the real create_app (fal pointed at the fake, url passthrough, the real polling
-           defaults: 0.5 s growing x1.5 to 3 s, +-25 % jitter) under uvicorn, a fresh process per run.
+  gateway  `imagegate serve` (the real CLI and its server runtime: listening sockets, connection
+           cap; bench/services.py), fal pointed at the fake, url passthrough, the real polling
+           defaults (0.5 s growing x1.5 to 3 s, +-25 % jitter), or fal's SSE status stream with
+           --status-stream; a fresh process per run.
   bench    this process. `direct`: K jobs driven straight against the fake by a lean raw-socket
            client (one keep-alive connection per job: submit, status polls on the gateway's own
            schedule, result). `gateway`: K `POST /v1/images/generations` (qwen-image,
@@ -44,12 +46,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import FAL_KEY, fal_gateway_settings, machine_line, percentile, ratio
+from bench import services
+from bench._common import FAL_KEY, machine_line, percentile, ratio
 from bench.inflight import child, proc_cpu, proc_status
 
 MODEL = "qwen-image"
 ENDPOINT = "fal-ai/qwen-image"
 CHILD_LIFETIME = 900.0
+COUNTED = ("requests", "submits", "status_polls", "streams")  # what the fake counts, per run
 
 
 def raise_nofile() -> None:
@@ -73,20 +77,6 @@ def _serve_fake(conn: Any, stop: Any, model_seconds: float) -> None:
         await fake.close()
 
     asyncio.run(main())
-
-
-def _serve_gateway(conn: Any, stop: Any, storage_dir: str, fal_url: str, deadline: float) -> None:
-    raise_nofile()
-    from tests.fakes.server import LocalServer
-
-    from imagegate.app import create_app
-
-    settings = fal_gateway_settings(
-        storage_dir, fal_url, poll_interval=0.5, poll_max_interval=3.0, deadline_seconds=deadline
-    )
-    with LocalServer(create_app(settings), backlog=4096, timeout_keep_alive=75) as srv:
-        conn.send(srv.url)
-        stop.wait(CHILD_LIFETIME)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,7 +246,7 @@ async def run_direct(args: argparse.Namespace, k: int, fal_url: str, fake_pid: i
     await fire(run, lambda gate: direct_job(fal_url, gate, payload), args)
     run.fake_cpu, run.bench_cpu = proc_cpu(fake_pid) - fake0, time.process_time() - bench0
     after = await control(fal_url, "stats")
-    run.upstream = {key: after[key] - before.get(key, 0) for key in ("requests", "submits", "status_polls")}
+    run.upstream = {key: after[key] - before.get(key, 0) for key in COUNTED}
     run.upstream["requests"] -= 1  # the stats request itself
     return run
 
@@ -264,7 +254,11 @@ async def run_direct(args: argparse.Namespace, k: int, fal_url: str, fake_pid: i
 async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: int, storage: str) -> Run:
     run = Run("gateway", k)
     body = json.dumps({"model": MODEL, "prompt": "a lighthouse at dusk", "response_format": "url"}).encode()
-    with child(_serve_gateway, storage, fal_url, args.request_timeout, what="gateway") as (gw_url, gw_pid):
+    with services.imagegate(
+        Path(storage), fal_url, poll=0.5, poll_max=3.0, status_stream=args.status == "stream",
+        status_stream_max=args.status_stream_max, starts_per_tick=args.starts_per_tick, name=f"imagegate-{k}"
+    ) as gateway_service:
+        gw_url, gw_pid = gateway_service.url, gateway_service.proc.pid
         for _ in range(args.warmup):
             await gateway_job(gw_url, fal_url, asyncio.Semaphore(1), body)
         before = await control(fal_url, "stats")
@@ -284,7 +278,8 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
 
             out = Path(args.py_spy) / f"gateway-{k}.txt"
             spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(gw_pid), "--format", "raw", "--rate", "200", "-o", str(out)],
+                ["py-spy", "record", "--nonblocking", "--pid", str(gw_pid), "--format", "raw", "--rate", "200",
+                 "-o", str(out)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -303,17 +298,20 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
         run.bench_cpu = time.process_time() - bench0
         run.rss_peak_kib = max(run.rss_peak_kib, proc_status(gw_pid)["VmRSS"])
         after = await control(fal_url, "stats")
-        run.upstream = {key: after[key] - before.get(key, 0) for key in ("requests", "submits", "status_polls")}
+        run.upstream = {key: after[key] - before.get(key, 0) for key in COUNTED}
         run.upstream["requests"] -= 1
     return run
 
 
 def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
     print()
-    print(f"burst: {machine_line()}; model {args.model_seconds} s, fal queue protocol, polling")
+    most = "default" if args.status_stream_max is None else args.status_stream_max
+    how = f"status stream (status_stream_max {most})" if args.status == "stream" else "polling"
+    print(f"burst: {machine_line()}; model {args.model_seconds} s, fal queue protocol, gateway: {how}")
     print(
         f"{'side':8s} {'K':>6s} {'ok':>11s} {'wall':>7s} {'p50':>7s} {'max':>7s} {'req/job':>7s} "
-        f"{'polls/job':>9s} | {'gw CPU':>7s} {'fake CPU':>8s} {'client CPU':>10s} | {'RSS peak':>9s} | "
+        f"{'polls/job':>9s} {'streams/job':>11s} | {'gw CPU':>7s} {'fake CPU':>8s} {'client CPU':>10s} | "
+        f"{'RSS peak':>9s} | "
         f"{'healthz p50/p99/max (n, errors)':>32s}"
     )
     ok = True
@@ -321,6 +319,7 @@ def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
         for run in (direct, gateway):
             lat = run.latencies
             polls = ratio(run.upstream.get("status_polls", 0), run.upstream.get("submits", 0))
+            streams = ratio(run.upstream.get("streams", 0), run.upstream.get("submits", 0))
             health = (
                 f"{1000 * percentile(run.healthz, 50):.1f}/{1000 * percentile(run.healthz, 99):.1f}/"
                 f"{1000 * max(run.healthz):.0f} ms ({len(run.healthz)}, {run.healthz_errors})"
@@ -330,7 +329,7 @@ def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
             print(
                 f"{run.side:8s} {run.k:6d} {len(lat):5d}/{run.k:<5d} {run.wall:6.1f}s "
                 f"{percentile(lat, 50):6.1f}s {max(lat, default=float('nan')):6.1f}s {run.per_job:7.2f} "
-                f"{polls:9.2f} | {run.cpu:6.1f}s {run.fake_cpu:7.1f}s {run.bench_cpu:9.1f}s | "
+                f"{polls:9.2f} {streams:11.2f} | {run.cpu:6.1f}s {run.fake_cpu:7.1f}s {run.bench_cpu:9.1f}s | "
                 f"{run.rss_peak_kib / 1024 if run.rss_peak_kib else float('nan'):7.0f}MiB | {health:>32s}"
             )
             for error in sorted(set(run.errors))[:3]:
@@ -376,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--run-seconds", type=float, default=150.0)
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument(
+        "--status", choices=("stream", "poll"), default="stream",
+        help="how the gateway follows a job: fal's SSE status stream (its default) or polling",
+    )
+    parser.add_argument(
+        "--status-stream-max", type=int, help="providers.fal.status_stream_max (default: the gateway's own)"
+    )
+    parser.add_argument("--starts-per-tick", type=int, help="server.starts_per_tick (default: the gateway's own)")
     parser.add_argument("--py-spy", metavar="DIR", help="py-spy record the gateway during each burst into DIR")
     parser.add_argument("--max-wall-ratio", type=float, default=1.3)
     parser.add_argument("--max-rss-mib", type=float, default=1024)

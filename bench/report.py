@@ -204,7 +204,7 @@ def render(r: dict[str, Any]) -> str:
             f"Command: `{CMD} --only inflight`. K requests sent at once, model "
             "time as configured; imagegate polls with its real defaults (0.5 s, backing off to 3 s), the direct "
             "client with the same schedule, LiteLLM holds one sync call per request. K = 3,000 and 10,000 with "
-            "the gateway's RSS, /healthz and upstream requests per job: the next section (`bench/burst.py`).",
+            "the gateway's RSS, /healthz and upstream requests per job: the next section (`bench/inflight_burst.py`).",
             "",
             *load_table(r["inflight"], "K"),
             "",
@@ -212,7 +212,7 @@ def render(r: dict[str, Any]) -> str:
     burst = r.get("burst")
     if burst:
         out += [
-            "## 3,000 and 10,000 in flight (bench/burst.py)",
+            "## 3,000 and 10,000 in flight (bench/inflight_burst.py)",
             "",
             f"Command: `.venv/bin/python {burst['command']}` (exit status {burst['exit']}: 0 means every target "
             "of the script was met). Its own output:",

@@ -15,7 +15,7 @@ What runs (every server a process of its own on 127.0.0.1, every loop bounded by
   workers      `imagegate serve --workers 1` vs `--workers 2` (c=1, c=32), CPU per request.
   inflight     K requests at once, 5 s model time: success and wall for direct (polling with the
                gateway's schedule), imagegate (real polling defaults) and LiteLLM (sync run).
-  burst        bench/burst.py: 3,000 and 10,000 jobs at once through one gateway process vs a
+  burst        bench/inflight_burst.py: 3,000 and 10,000 jobs at once through one gateway process vs a
                raw-socket direct client (RSS, /healthz, upstream requests per job).
   conversions  bench/conversions.py: the gateway's conversion vs a bare Pillow decode + encode.
 
@@ -302,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="imagegate-bench-") as tmp:
         for name in chosen:
             print(f"[{time.time() - started:5.0f} s] {name}", flush=True)
-            if name == "burst":  # bench/burst.py: K=3000 and 10,000 through one process, vs a raw-socket client
+            if name == "burst":  # K=3000 and 10,000 through one process, vs a raw-socket client
                 ladder = ["1000"] if args.quick else ["3000", "10000"]
-                cmd = [sys.executable, str(ROOT / "bench" / "burst.py"), "--ladder", *ladder]
+                cmd = [sys.executable, str(ROOT / "bench" / "inflight_burst.py"), "--ladder", *ladder]
                 if args.quick:
                     cmd += ["--model-seconds", "2"]
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
                 results[name] = {
-                    "command": " ".join(["bench/burst.py", *cmd[2:]]),
+                    "command": " ".join(["bench/inflight_burst.py", *cmd[2:]]),
                     "exit": done.returncode,
                     "output": done.stdout[-6000:],
                 }

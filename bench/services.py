@@ -128,11 +128,17 @@ def imagegate_config(
     url_mode: str = "passthrough",
     loop: str = "auto",
     http: str = "auto",
+    status_stream: bool | None = None,
+    status_stream_max: int | None = None,
+    starts_per_tick: int | None = None,
 ) -> str:
+    def option(value: object) -> str:  # YAML; None: the gateway's default
+        return "null" if value is None else str(value).lower()
+
     return f"""
 host: 127.0.0.1
 log_level: warning
-server: {{loop: {loop}, http: {http}}}
+server: {{loop: {loop}, http: {http}{"" if starts_per_tick is None else f", starts_per_tick: {starts_per_tick}"}}}
 storage: {{path: {storage}}}
 delivery: {{url_mode: {url_mode}}}
 routing: {{deadline_seconds: 120}}
@@ -145,6 +151,8 @@ providers:
     mode: {mode}
     poll_interval: {poll}
     poll_max_interval: {poll_max}
+    status_stream: {"true" if status_stream is None else option(status_stream)}
+    status_stream_max: {option(status_stream_max)}
 models:
   qwen-image:
     routes:

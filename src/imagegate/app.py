@@ -24,6 +24,7 @@ from imagegate.jobs import build_jobs
 from imagegate.observability.logs import configure_logging
 from imagegate.observability.metrics import Metrics
 from imagegate.observability.middleware import InFlight, ObservabilityMiddleware
+from imagegate.providers.fal.stream import stream_slots
 from imagegate.providers.registry import build_providers
 from imagegate.runtime import tune_gc
 from imagegate.settings import Settings, load_settings
@@ -37,16 +38,16 @@ log = logging.getLogger("imagegate")
 _CANCEL_WAIT_SECONDS = 10.0  # for upstream cancellations (fal's cancel call is bounded by 5 s)
 
 
-def _http_client() -> httpx.AsyncClient:
+def _http_client(streams: int = 0) -> httpx.AsyncClient:
     """One pooled client for every upstream call. Per-call timeouts are set by the adapters.
 
     Its transport (`upstream_http`: aiohttp's pool and parser behind httpx's API) costs the same per
     request however many are in flight; at most 1000 connections per upstream host, more requests
     wait in a FIFO queue. Idle connections are dropped before common server idle timeouts (uvicorn
-    5 s) can race a reuse."""
+    5 s) can race a reuse. `streams` more per host for fal's status streams (one held per job)."""
     return upstream_client(
         timeout=httpx.Timeout(60.0, connect=10.0),
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=4),
+        limits=httpx.Limits(max_connections=1000 + streams, max_keepalive_connections=1000, keepalive_expiry=4),
         headers={"user-agent": f"imagegate/{__version__}"},
     )
 
@@ -54,7 +55,7 @@ def _http_client() -> httpx.AsyncClient:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     redact.remember_secrets(settings)  # masked in every message and log line (core/redact.py)
-    http = _http_client()
+    http = _http_client(stream_slots(settings.providers.fal))
     pool = ImagePool(settings.image_workers)
     storage = build_storage(settings.storage)
     catalog = Catalog.from_config(settings.models)

@@ -87,7 +87,8 @@ class FalSettings(BaseModel):
     inline_max_bytes: NonNegativeInt = 1_000_000  # inputs up to this size go as data URIs, larger ones are uploaded
     poll_interval: PositiveFloat = 0.5
     poll_max_interval: PositiveFloat = 3.0
-    status_stream: bool = False  # follow the SSE status stream instead of polling
+    status_stream: bool = True  # follow the SSE status stream (polling where fal does not serve it)
+    status_stream_max: int | None = Field(None, ge=0)  # open streams per process (more poll); default: file limit
     job_poll_interval: PositiveFloat = 0.1  # async jobs: the first poll interval, at most (then as poll_interval)
     job_status_stream: bool = False  # async jobs follow the SSE status stream (connections bounded by the workers)
     sync_mode_b64: bool = False  # for b64_json, ask fal for data URIs instead of downloading
@@ -221,6 +222,9 @@ class ServerSettings(BaseModel):
     keepalive_timeout: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this
     max_connections: int | None = Field(None, ge=1)  # per worker; default: 3/4 of the open-file limit
     reserved_connections: int = Field(32, ge=1)  # beyond the cap: only /healthz and /readyz are served
+    backlog: int | None = Field(None, ge=1)  # accept queue per listening socket; default: net.core.somaxconn
+    listeners: int | None = Field(None, ge=1, le=64)  # SO_REUSEPORT sockets (Linux); default: enough for the cap
+    starts_per_tick: int = Field(64, ge=0)  # new requests started per event-loop iteration (0: no limit)
     log_interval: float = Field(10.0, gt=0)  # a resource-exhaustion condition is logged at most this often
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     http: Literal["auto", "h11", "httptools"] = "auto"

@@ -7,6 +7,10 @@ request in tens of microseconds so a burst measures the client (the gateway, or 
 
     POST /{owner}/{app}[/...]            -> 200 {request_id, status_url, response_url, cancel_url}
     GET  {status_url}                    -> 202 IN_PROGRESS until model_seconds passed, then 200 COMPLETED
+    GET  {status_url}/stream             -> SSE (chunked): `data: {IN_PROGRESS}`, then `data: {COMPLETED}`
+                                            when the job is done, then the end of the stream (the
+                                            connection stays usable); `stream=False`: 405, as a
+                                            deployment without the stream
     GET  {response_url}                  -> 200 {images: [{url, width, height, content_type}], seed, ...}
                                             (202 IN_PROGRESS while the job runs)
     PUT  {cancel_url}                    -> 202 CANCELLATION_REQUESTED
@@ -30,7 +34,15 @@ from typing import Any
 
 __all__ = ["LeanFal", "LeanFalStats"]
 
-_REASONS = {200: b"OK", 202: b"Accepted", 401: b"Unauthorized", 404: b"Not Found", 400: b"Bad Request"}
+_REASONS = {
+    200: b"OK",
+    202: b"Accepted",
+    401: b"Unauthorized",
+    404: b"Not Found",
+    400: b"Bad Request",
+    405: b"Method Not Allowed",
+}
+STREAM = -1  # `answer`'s status for "open an SSE stream" (the connection writes it)
 MAX_HEAD = 64 * 1024
 
 
@@ -47,6 +59,7 @@ class LeanFalStats:
     requests: int = 0
     submits: int = 0
     status_polls: int = 0
+    streams: int = 0
     results: int = 0
     cancels: int = 0
     files: int = 0
@@ -61,6 +74,7 @@ class LeanFalStats:
             "requests": self.requests,
             "submits": self.submits,
             "status_polls": self.status_polls,
+            "streams": self.streams,
             "results": self.results,
             "cancels": self.cancels,
             "files": self.files,
@@ -74,8 +88,11 @@ class LeanFal:
     """Start with `await fake.start()` (returns the base URL, no trailing slash), stop with
     `await fake.close()`; `reset()` clears the jobs and the stats."""
 
-    def __init__(self, *, key: str, model_seconds: float, host: str = "127.0.0.1", backlog: int = 4096) -> None:
+    def __init__(
+        self, *, key: str, model_seconds: float, host: str = "127.0.0.1", backlog: int = 4096, stream: bool = True
+    ) -> None:
         self.key = key
+        self.stream = stream
         self.model_seconds = model_seconds
         self.host = host
         self.backlog = backlog
@@ -139,12 +156,17 @@ class LeanFal:
                 return 404, b"application/json", b'{"detail":"Request not found"}'
             done = time.monotonic() >= done_at
             tail = parts[4] if len(parts) > 4 else ""
-            if method == "GET" and tail == "status":
+            if method == "GET" and tail == "status" and len(parts) == 5:
                 stats.status_polls += 1
                 stats.polls_per_job[request_id] += 1
                 state = "COMPLETED" if done else "IN_PROGRESS"
                 status_body = {"status": state, "request_id": request_id}
                 return (200 if done else 202), b"application/json", json.dumps(status_body).encode()
+            if method == "GET" and tail == "status" and parts[5:] == ["stream"]:
+                stats.streams += 1
+                if not self.stream:
+                    return 405, b"application/json", b'{"detail":"Method Not Allowed"}'
+                return STREAM, b"text/event-stream", request_id.encode()
             if method == "GET" and tail == "":
                 stats.results += 1
                 if not done:
@@ -209,6 +231,9 @@ class _Connection(asyncio.Protocol):
             method, _, rest = head[0].partition(" ")
             path = rest.rsplit(" ", 1)[0]
             status, ctype, payload = self.fake.answer(method, path, auth, body)
+            if status == STREAM:
+                self._stream(payload.decode())
+                continue
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n"
                 % (status, _REASONS.get(status, b"OK"), ctype, len(payload), b"connection: close\r\n" if close else b"")
@@ -217,3 +242,24 @@ class _Connection(asyncio.Protocol):
             if close:
                 self.transport.close()
                 self.transport = None
+
+    def _stream(self, request_id: str) -> None:
+        """The status stream: IN_PROGRESS now, COMPLETED when the job is done, then the last chunk."""
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + _event("IN_PROGRESS", request_id)
+        )
+        done_at = self.fake.jobs.get(request_id, 0.0)
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, done_at - time.monotonic()), self._complete, request_id)
+
+    def _complete(self, request_id: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_event("COMPLETED", request_id) + b"0\r\n\r\n")
+
+
+def _event(status: str, request_id: str) -> bytes:
+    """One SSE event as one HTTP chunk."""
+    data = b"data: %s\n\n" % json.dumps({"status": status, "request_id": request_id}).encode()
+    return b"%x\r\n%s\r\n" % (len(data), data)

@@ -183,7 +183,7 @@ def test_client_disconnect_cancels_the_fal_job(gateway: tuple[str, Any], fal: tu
             + body
         )
         assert wait_until(lambda: len(fake.submits) == 1, timeout=5)
-        assert wait_until(lambda: len(fake.status_polls) >= 1, timeout=5)
+        assert wait_until(lambda: len(fake.status_polls) + len(fake.stream_opens) >= 1, timeout=5)
     started = time.monotonic()
     assert wait_until(lambda: fake.cancels == [fake.last_submit.request_id], timeout=5)
     assert time.monotonic() - started < 5

@@ -40,7 +40,7 @@ def config(tmp_path: Path, srv: LocalServer) -> Path:
         providers={
             "fal": {
                 "key": "test-fal-key", "queue_url": srv.url, "run_url": srv.url + "/sync", "rest_url": srv.url,
-                "poll_interval": 0.05, "poll_max_interval": 0.1,
+                "poll_interval": 0.05, "poll_max_interval": 0.1, "status_stream": False,
             }
         },
         jobs={"lease_seconds": 1.5, "poll_seconds": 0.1},

@@ -72,7 +72,7 @@ def make_app(
     providers: dict[str, Any] = {
         "fal": {
             "key": "test-fal-key", "queue_url": srv.url, "run_url": srv.url + "/sync", "rest_url": srv.url,
-            "poll_interval": 0.02, "poll_max_interval": 0.05, **fal,
+            "poll_interval": 0.02, "poll_max_interval": 0.05, "status_stream": False, **fal,
         }
     }
     extra: dict[str, Any] = {}

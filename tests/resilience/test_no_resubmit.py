@@ -77,7 +77,8 @@ def start_gateway(tmp_path: Path, upstreams: Upstreams, *, fallback_after_accept
         },
         providers={
             "fal": {"key": "test-fal-key", "queue_url": urls["fal"], "run_url": urls["fal"] + "/sync",
-                    "rest_url": urls["fal"], "poll_interval": 0.01, "poll_max_interval": 0.02},
+                    "rest_url": urls["fal"], "poll_interval": 0.01, "poll_max_interval": 0.02,
+                    "status_stream": False},  # status errors are injected into polls
             "replicate": {"api_token": "r8_test-token", "base_url": urls["replicate"] + "/v1", "wait_seconds": 1,
                           "poll_interval": 0.01, "poll_max_interval": 0.02},
             "openai": {"api_key": "sk-test-key-123456", "base_url": urls["openai"] + "/v1"},

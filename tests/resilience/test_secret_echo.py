@@ -114,7 +114,7 @@ async def gateway(
         providers={
             "fal": {"key_id": FAL_KEY_ID, "key_secret": FAL_KEY_SECRET, "queue_url": urls["fal"],
                     "run_url": urls["fal"] + "/sync", "rest_url": urls["fal"], "poll_interval": 0.01,
-                    "poll_max_interval": 0.02},
+                    "poll_max_interval": 0.02, "status_stream": False},  # errors are injected into polls
             "replicate": {"api_token": REPLICATE_TOKEN, "base_url": urls["replicate"] + "/v1", "wait_seconds": 1,
                           "poll_interval": 0.01, "poll_max_interval": 0.02},
             "openai": {"api_key": OPENAI_KEY, "base_url": urls["openai"] + "/v1"},

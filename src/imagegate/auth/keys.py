@@ -31,7 +31,7 @@ class KeyLimits:
     max_concurrent: int | None = None
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.rpm, self.images_per_minute, self.max_concurrent))
+        return self.rpm is not None or self.images_per_minute is not None or self.max_concurrent is not None
 
 
 @dataclass(frozen=True, slots=True)

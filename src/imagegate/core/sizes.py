@@ -194,6 +194,8 @@ def resolve_target(
       keeps the input image's shape (edits) or the model's default; a missing scale keeps the
       model's default tier. Both absent (or `auto`) -> None.
     """
+    if size is None and resolution is None and (aspect_ratio is None or aspect_ratio.strip().lower() == "auto"):
+        return None  # the common case: the model chooses
     labels = list(presets.base)
     if size is not None:
         parsed = parse_size(size)

@@ -8,6 +8,10 @@
   the client's delayed ACK (Kludex/uvicorn#3149).
 - The soft open-file limit is raised to the hard one (at most 65,536), and the default cap is
   derived from it, so idle sockets cannot exhaust descriptors before the cap does.
+- The accept queue is as deep as the kernel allows, and on Linux several listening sockets
+  (`SO_REUSEPORT`) hold a burst as large as the connection cap (`imagegate.server.listen`).
+- At most `server.starts_per_tick` new requests start per event-loop iteration; the rest wait in
+  order, health checks never (`imagegate.server.pacing`).
 - `accept()` failing for lack of descriptors (or any other resource) is logged once per
   `server.log_interval` with a count, not once per event.
 """
@@ -27,6 +31,7 @@ from uvicorn.supervisors import Multiprocess
 from imagegate.observability.logs import uvicorn_log_config
 from imagegate.observability.ratelog import RateLimitedLog
 from imagegate.server.guard import ConnectionGuard, guarded_protocol_class
+from imagegate.server.listen import bind_listeners, listen_backlog, listener_count
 from imagegate.settings import ServerSettings, Settings
 
 __all__ = ["GatewayConfig", "default_max_connections", "raise_open_file_limit", "serve", "tcp_listener"]
@@ -118,6 +123,7 @@ def build_config(settings: Settings, *, host: str, port: int, workers: int) -> G
         host=host,
         port=port,
         workers=workers,
+        backlog=listen_backlog(server.backlog),
         loop=server.loop,
         http=guarded_protocol_class(server.http),
         ws="none",
@@ -135,16 +141,26 @@ def build_config(settings: Settings, *, host: str, port: int, workers: int) -> G
 
 def serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
     """Run the gateway until interrupted; returns the process exit code."""
-    raise_open_file_limit()  # inherited by worker processes
+    open_files = raise_open_file_limit()  # inherited by worker processes
     config = build_config(settings, host=host, port=port, workers=workers)
     server = uvicorn.Server(config)
+    count = listener_count(
+        settings.server.listeners, default_max_connections(settings.server, open_files), config.backlog
+    )
+    sockets: list[socket.socket] | None = None
+    if count > 1:
+        try:
+            sockets = bind_listeners(host, port, count, config.backlog)
+        except OSError as exc:
+            logger.error("cannot listen on %s:%d: %s", host, port, exc)
+            return 3
     if workers > 1:
-        sockets = [config.bind_socket()]
+        sockets = sockets or [config.bind_socket()]
         try:
             supervisor = Multiprocess(config, sockets=sockets)
         except TypeError:  # uvicorn before 0.50 also takes the worker's target
             supervisor = Multiprocess(config, target=server.run, sockets=sockets)  # type: ignore[call-arg]
         supervisor.run()
         return 0
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 3

@@ -20,7 +20,11 @@ The cap (`ConnectionGuard`, one per worker process): with `max_connections` open
 first evicts the oldest *idle* one (keep-alive or not a byte yet, for at least
 `EVICTABLE_AFTER` seconds). If none is, up to
 `reserved_connections` more are accepted but may only ask for `/healthz` or `/readyz`; anything else
-gets `503 server_busy` and the connection is closed. Beyond that, new connections are closed at once.
+gets `503 server_busy` and the connection is closed. Beyond that, a new connection is answered
+`503 server_busy` at once, without reading its request, and our side is shut. Up to
+`reserved_connections` such connections linger until the client closes (at most `REFUSED_LINGER`
+seconds), reading and dropping what it sends: closing a socket with unread data would reset it and
+the client could lose the answer. Beyond those, the connection is closed at once.
 Each of these conditions is logged at most once per `log_interval`, with a count.
 """
 
@@ -31,11 +35,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from imagegate.observability.ratelog import RateLimitedLog
+from imagegate.server.pacing import HEALTH_REQUESTS, StartPacer
 from imagegate.settings import ServerSettings
 
 __all__ = ["HEALTH_PATHS", "ConnectionGuard", "GuardedH11Protocol", "_GuardMixin", "guarded_protocol_class"]
@@ -43,7 +49,7 @@ __all__ = ["HEALTH_PATHS", "ConnectionGuard", "GuardedH11Protocol", "_GuardMixin
 logger = logging.getLogger("imagegate.server")
 
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
-_IDLE, _HEADERS, _BODY, _APP = "idle", "headers", "body", "app"
+_IDLE, _HEADERS, _BODY, _APP, _REFUSED = "idle", "headers", "body", "app", "refused"
 EVICTABLE_AFTER = 1.0  # seconds idle before a connection may be closed to admit a new one
 
 
@@ -67,6 +73,8 @@ def _error(status: int, reason: str, code: str, message: str, extra: str = "") -
 
 REQUEST_TIMEOUT = _error(408, "Request Timeout", "request_timeout", "The request was not received in time.")
 _BUSY_MESSAGE = "The server has too many open connections; retry shortly."
+SERVER_BUSY = _error(503, "Service Unavailable", "server_busy", _BUSY_MESSAGE, "retry-after: 1\r\n")
+REFUSED_LINGER = 2.0  # seconds a refused connection stays open, reading and dropping, after its 503
 
 
 class ConnectionGuard:
@@ -76,6 +84,8 @@ class ConnectionGuard:
         self.settings = settings
         self.max_connections = max_connections
         self.open: set[_GuardMixin] = set()
+        self.lingering = 0  # refused connections waiting for their client to close
+        self._pacer: StartPacer | None = None
         self.idle: OrderedDict[_GuardMixin, float] = OrderedDict()  # connection -> idle since
         self.evicted = RateLimitedLog(
             logger,
@@ -109,6 +119,12 @@ class ConnectionGuard:
             return "health-only"
         self.refused.hit(self.max_connections)
         return "refuse"
+
+    def pacer(self, loop: asyncio.AbstractEventLoop) -> StartPacer | None:
+        """The request-start pacer of this process's loop (None: `starts_per_tick` is 0)."""
+        if self._pacer is None and self.settings.starts_per_tick:
+            self._pacer = StartPacer(loop, self.settings.starts_per_tick)
+        return self._pacer
 
     def set_idle(self, conn: _GuardMixin, idle: bool) -> None:
         if idle:
@@ -159,10 +175,12 @@ class _GuardMixin:
     cycle: Any
 
     _guard: ConnectionGuard
+    _unset_keepalive_if_required: Callable[[], None]
     _phase: str = _IDLE
     _timer: asyncio.TimerHandle | None = None
     _body_started: float = 0.0
     _body_bytes: int = 0
+    _waiting: bytearray | None = None  # a new request's bytes while it waits for a start (pacing)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -171,7 +189,7 @@ class _GuardMixin:
         verdict = self._guard.admit(self)
         if verdict == "refuse":
             self._guard.forget(self)
-            self.transport.abort()
+            self._refuse()
             return
         if verdict == "health-only":
             self.app = _HealthOnly(self.app)
@@ -179,6 +197,37 @@ class _GuardMixin:
         self._arm(self._guard.settings.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._phase == _REFUSED:
+            return  # read and dropped: closing with unread data would reset the connection
+        if self._waiting is not None:
+            self._waiting += data
+            return
+        if self._phase == _IDLE and not data.startswith(HEALTH_REQUESTS):
+            pacer = self._guard.pacer(self.loop)
+            if pacer is not None and not pacer.try_start():
+                self._wait_turn(pacer, data)
+                return
+        self._receive(data)
+
+    def _wait_turn(self, pacer: StartPacer, data: bytes) -> None:
+        """A new request beyond this iteration's starts (`pacing`): its bytes are kept, its socket
+        paused and its idle timer stopped (it is the server's turn now, not the client's)."""
+        self._waiting = bytearray(data)
+        self._guard.set_idle(self, False)  # a request: never evicted as idle while it waits
+        self._disarm()
+        self._unset_keepalive_if_required()  # uvicorn's keep-alive timer: the client did send
+        self.transport.pause_reading()
+        pacer.defer(self._take_turn)
+
+    def _take_turn(self) -> bool:
+        data, self._waiting = bytes(self._waiting or b""), None
+        if self.transport.is_closing():
+            return False
+        self.transport.resume_reading()
+        self._receive(data)
+        return True
+
+    def _receive(self, data: bytes) -> None:
         if self._phase == _IDLE:
             self._phase = _HEADERS
             self._guard.set_idle(self, False)
@@ -188,12 +237,33 @@ class _GuardMixin:
         super().data_received(data)  # type: ignore[misc]
         self._sync_phase()
 
+    def _refuse(self) -> None:
+        """503 server_busy before the request is read, our side shut; the socket lingers (reading and
+        dropping) until the client closes or REFUSED_LINGER seconds, while lingering slots last."""
+        self._phase = _REFUSED
+        self.transport.write(SERVER_BUSY)
+        guard = self._guard
+        if guard.lingering >= guard.settings.reserved_connections or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        guard.lingering += 1
+        self._timer = self.loop.call_later(REFUSED_LINGER, self.transport.close)
+
+    def eof_received(self) -> None:
+        if self._phase == _REFUSED:
+            self.transport.close()
+            return
+        super().eof_received()  # type: ignore[misc]
+
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing():
             self._sync_phase()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._phase == _REFUSED and self._timer is not None:
+            self._guard.lingering -= 1
         self._disarm()
         self._guard.forget(self)
         super().connection_lost(exc)  # type: ignore[misc]

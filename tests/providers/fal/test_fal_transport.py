@@ -50,7 +50,9 @@ PAYLOAD = {"prompt": "p", "image_urls": ["https://example.com/in.png"], "num_ima
 
 
 def settings(**fal: Any) -> Settings:
-    values: dict[str, Any] = {"key": KEY, "poll_interval": 0.01, "poll_max_interval": 0.02, **fal}
+    # Polling unless a test asks for the status stream (its own section below).
+    values: dict[str, Any] = {"key": KEY, "poll_interval": 0.01, "poll_max_interval": 0.02, "status_stream": False,
+                              **fal}
     return Settings(providers=ProvidersSettings(fal=FalSettings(**values)))
 
 
@@ -228,12 +230,23 @@ STREAM = f"{BASE}/status/stream?x=1"
 
 
 async def test_status_stream(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
-    queue(mock)
+    """The status is asked once as soon as the submit is answered; a job still running is then
+    followed on the stream, not polled."""
+    queue(mock, status("IN_QUEUE"))
     stream = mock.get(STREAM).mock(return_value=sse({"status": "IN_QUEUE"}, {**HANDLE, "status": "COMPLETED"}))
     result = await FalProvider(http, settings(status_stream=True)).run(dict(PAYLOAD), route(), ctx())
     assert result.request_id == "rid-1"
     assert stream.call_count == 1 and stream.calls.last.request.headers["accept"] == "text/event-stream"
-    assert mock.routes[1].call_count == 0  # no polling
+    assert mock.routes[1].call_count == 1  # the first look only, then no polling
+
+
+async def test_a_job_done_at_the_first_look_opens_no_stream(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    """A quick job costs three plain requests (submit, status, result) with the stream enabled."""
+    queue(mock, status("COMPLETED"))
+    stream = mock.get(STREAM).mock(return_value=sse({**HANDLE, "status": "COMPLETED"}))
+    result = await FalProvider(http, settings(status_stream=True)).run(dict(PAYLOAD), route(), ctx())
+    assert result.images and not stream.called
+    assert [mock.routes[i].call_count for i in range(3)] == [1, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -244,13 +257,74 @@ async def test_status_stream(mock: respx.MockRouter, http: httpx.AsyncClient) ->
 async def test_broken_stream_falls_back_to_polling(
     mock: respx.MockRouter, http: httpx.AsyncClient, broken: Any
 ) -> None:
-    queue(mock, status("IN_PROGRESS"), status("COMPLETED"))
+    queue(mock, status("IN_QUEUE"), status("IN_PROGRESS"), status("COMPLETED"))
     if isinstance(broken, Exception):
         mock.get(STREAM).mock(side_effect=broken)
     else:
         mock.get(STREAM).mock(return_value=broken)
     result = await FalProvider(http, settings(status_stream=True)).run(dict(PAYLOAD), route(), ctx())
-    assert result.images and mock.routes[1].call_count == 2
+    assert result.images and mock.routes[1].call_count == 3  # the first look, then polling
+    assert mock.routes[0].call_count == 1
+
+
+@pytest.mark.parametrize(
+    "unsupported",
+    [
+        httpx.Response(404, json={"detail": "Not Found"}),
+        httpx.Response(405, json={"detail": "Method Not Allowed"}),
+        httpx.Response(501, text="not implemented"),
+        httpx.Response(200, json={**HANDLE, "status": "IN_PROGRESS"}),  # a status answer, not a stream
+    ],
+    ids=["404", "405", "501", "not-sse"],
+)
+async def test_stream_not_served_polls_and_is_not_asked_again(
+    mock: respx.MockRouter, http: httpx.AsyncClient, unsupported: httpx.Response
+) -> None:
+    """A fal that does not serve the stream: the job polls (submitted once), and so does every later
+    job of the process without asking for the stream first."""
+    queue(mock, status("IN_QUEUE"), status("IN_PROGRESS"), status("COMPLETED"), status("COMPLETED"))
+    stream = mock.get(STREAM).mock(return_value=unsupported)
+    provider = FalProvider(http, settings(status_stream=True))
+    first = await provider.run(dict(PAYLOAD), route(), ctx())
+    second = await provider.run(dict(PAYLOAD), route(), ctx())
+    assert first.images and second.images
+    assert stream.call_count == 1  # learnt once per process
+    assert mock.routes[0].call_count == 2  # one submit per job: never paid twice
+    assert mock.routes[1].call_count == 4  # job 1: the first look, then polled twice; job 2 once
+    assert not mock.routes[3].called  # nothing cancelled
+
+
+async def test_broken_stream_is_tried_again_by_the_next_job(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    queue(mock, status("IN_QUEUE"), status("COMPLETED"), status("IN_QUEUE"))
+    stream = mock.get(STREAM).mock(
+        side_effect=[httpx.ReadError("reset"), sse({**HANDLE, "status": "COMPLETED"})]
+    )
+    provider = FalProvider(http, settings(status_stream=True))
+    await provider.run(dict(PAYLOAD), route(), ctx())
+    await provider.run(dict(PAYLOAD), route(), ctx())
+    assert stream.call_count == 2 and mock.routes[1].call_count == 3 and mock.routes[0].call_count == 2
+
+
+async def test_streams_beyond_the_cap_poll(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    """`status_stream_max` streams at once; a job beyond that polls (the pool stays free for others)."""
+    opened = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_stream(request: httpx.Request) -> httpx.Response:
+        opened.set()
+        await release.wait()
+        return sse({**HANDLE, "status": "COMPLETED"})
+
+    queue(mock, status("IN_QUEUE"), status("IN_QUEUE"), status("COMPLETED"))
+    stream = mock.get(STREAM).mock(side_effect=slow_stream)
+    provider = FalProvider(http, settings(status_stream=True, status_stream_max=1))
+    streaming = asyncio.ensure_future(provider.run(dict(PAYLOAD), route(), ctx()))
+    await opened.wait()
+    polled = await provider.run(dict(PAYLOAD), route(), ctx())  # finishes while the first streams
+    release.set()
+    assert polled.images and (await streaming).images
+    assert stream.call_count == 1 and mock.routes[1].call_count == 3  # two first looks, one poll
+    assert provider.transport.stream.open == 0
 
 
 # ---- sync run, sync_mode ---------------------------------------------------------------------------

@@ -37,9 +37,9 @@ from imagegate.providers.common import (
 )
 from imagegate.providers.fal.errors import TRANSIENT_STATUSES, FalFailure, Stage, map_failure
 from imagegate.providers.fal.progress import OnProgress, ProgressReporter
+from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_slots
 from imagegate.providers.fal.wire import json_object as _json
 from imagegate.providers.fal.wire import json_or_none as _json_or_none
-from imagegate.providers.fal.wire import sse_event as _sse_event
 from imagegate.settings import FalSettings
 
 __all__ = [
@@ -53,7 +53,6 @@ PROVIDER = "fal"
 NOT_CONFIGURED = "provider fal is not configured: set FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET)"
 USER_AGENT = "imagegate (fal adapter)"
 MIN_REQUEST_TIMEOUT = 1.0  # fal's clients refuse X-Fal-Request-Timeout <= 1 s
-SSE_READ_TIMEOUT = 30.0  # fal sends a keep-alive comment every 15 s
 CANCEL_TIMEOUT = 5.0
 
 
@@ -111,6 +110,7 @@ class FalTransport:
     def __init__(self, http: httpx.AsyncClient, config: FalSettings) -> None:
         self.http = http
         self.config = config
+        self.stream = StatusStream(http, stream_slots(config))
 
     def headers(self) -> dict[str, str]:
         key = auth_header(self.config)
@@ -223,59 +223,51 @@ class FalTransport:
     async def wait(
         self, handle: QueueHandle, report: ProgressReporter | None = None, cadence: StatusCadence | None = None
     ) -> dict[str, Any]:
-        """The COMPLETED status payload: from the SSE stream when enabled (polling if it breaks)."""
+        """The COMPLETED status payload. The status is asked once as soon as the submit is answered
+        (a quick job is done then: three plain requests in all); a job still running is followed on
+        the SSE stream when enabled and available (`stream.py`: one request instead of a poll every
+        0.5-3 s), else (and whenever the stream fails) by polling the same job."""
         cadence = cadence or StatusCadence(self.config.status_stream, self.config.poll_interval)
-        if cadence.stream:
+        if cadence.stream and self.stream.usable:
+            first = await self.status_once(handle, report)
+            if first.get("status") == "COMPLETED":
+                return first
             status = await self.stream_status(handle, report)
-            if status is not None:
+            if not isinstance(status, StreamMiss):
                 return status
-            log.warning("fal status stream broke for %s; polling instead", handle.request_id)
+            if status is StreamMiss.BROKEN:
+                log.info("fal status stream broke for %s; polling instead", handle.request_id)
         return await self.poll_status(handle, report, start=cadence.poll_interval)
 
     async def poll_status(
         self, handle: QueueHandle, report: ProgressReporter | None = None, *, start: float | None = None
     ) -> dict[str, Any]:
-        url = _with_logs(handle.status_url) if report is not None else handle.status_url
         async for _ in poll_delays(start=start or self.config.poll_interval, cap=self.config.poll_max_interval):
-            response = await get_with_retry(self.http, url, provider=PROVIDER, headers=self.headers())
-            body = _json_or_none(response)
-            if response.status_code not in (200, 202) or not isinstance(body, dict):
-                raise map_failure(FalFailure.from_response(response), stage="status", model=handle.model)
-            if report is not None:
-                await report(body)
+            body = await self.status_once(handle, report)
             if body.get("status") == "COMPLETED":
                 return body
         raise AssertionError("unreachable")  # poll_delays never ends
 
-    async def stream_status(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any] | None:
-        """Follow `{status_url}/stream` (SSE, `data:` lines of status JSON) to the COMPLETED event;
-        None if the stream fails or ends first (the caller falls back to polling)."""
+    async def status_once(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any]:
+        """One GET of the job's status (with its logs when progress is reported)."""
+        url = _with_logs(handle.status_url) if report is not None else handle.status_url
+        response = await get_with_retry(self.http, url, provider=PROVIDER, headers=self.headers())
+        body = _json_or_none(response)
+        if response.status_code not in (200, 202) or not isinstance(body, dict):
+            raise map_failure(FalFailure.from_response(response), stage="status", model=handle.model)
+        if report is not None:
+            await report(body)
+        return body
+
+    async def stream_status(
+        self, handle: QueueHandle, report: ProgressReporter | None = None
+    ) -> dict[str, Any] | StreamMiss:
+        """Follow `{status_url}/stream` to the COMPLETED event, or say why not (the caller polls)."""
         url = httpx.URL(handle.status_url)
         url = url.copy_with(path=url.path.rstrip("/") + "/stream")
         if report is not None:
             url = httpx.URL(_with_logs(str(url)))
-        headers = {**self.headers(), "Accept": "text/event-stream"}
-        timeout = httpx.Timeout(SSE_READ_TIMEOUT, connect=10.0)
-        try:
-            async with self.http.stream("GET", url, headers=headers, timeout=timeout) as response:
-                if response.status_code != 200:
-                    return None
-                data: list[str] = []
-                async for line in response.aiter_lines():
-                    if line:
-                        field, _, value = line.partition(":")
-                        if field == "data":
-                            data.append(value.removeprefix(" "))
-                        continue
-                    event, data = _sse_event(data), []
-                    if event is not None and report is not None:
-                        await report(event)
-                    if event is not None and event.get("status") == "COMPLETED":
-                        return event
-                event = _sse_event(data)
-                return event if event is not None and event.get("status") == "COMPLETED" else None
-        except httpx.HTTPError:
-            return None
+        return await self.stream.follow(url, {**self.headers(), "Accept": "text/event-stream"}, report)
 
     async def result(self, handle: QueueHandle, status: Mapping[str, Any]) -> FalOutput:
         """GET response_url and branch on its HTTP status (200 is the only success)."""

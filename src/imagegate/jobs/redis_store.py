@@ -19,8 +19,9 @@ interchangeable, so a ticket left over by a job canceled while queued is dropped
 
 Running and reclaiming. A running job is its entry, un-ACKed in the group's pending list and owned
 by the worker's consumer. The pending list's idle time is the lease: the heartbeat renews it with
-`XCLAIM <own entry> JUSTID` by the owner (idle back to zero), and any claim first runs XAUTOCLAIM
-with `min-idle-time` = `jobs.lease_seconds` (the visibility timeout all workers share), so a dead
+`XCLAIM <own entry> JUSTID` by the owner (idle back to zero), and any claim first takes an entry
+idle past `jobs.lease_seconds` (the visibility timeout all workers share; `XPENDING IDLE` finds it
+anywhere in the pending list, `XCLAIM` takes it), so a dead
 worker's entry moves to a live worker, which resumes the same upstream job from the handles saved
 on the job (never submitting again). Finishing or requeueing a job ACKs and deletes its entry, so
 nothing stays pending; a stopping process marks its entries idle past any lease and adds a ticket

@@ -1,0 +1,60 @@
+"""Reclaiming on the Redis engine under adverse conditions, with a real Redis (own key prefix):
+a dead worker's entry behind more than a thousand live running entries of the same lane is still
+reclaimed, and a claim stays cheap with that many jobs running."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from tests.redis_support import redis_prefix, redis_url
+
+from imagegate.jobs.model import Job
+from imagegate.jobs.redis_store import RedisJobStore
+from imagegate.jobs.runner import JobRunner, Outcome
+from imagegate.providers.resume import UpstreamHooks
+from imagegate.settings import JobsSettings
+
+__all__ = ["redis_prefix", "redis_url"]
+
+DONE: Outcome = ({"created": 1, "data": []}, {})
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    yield redis
+    await redis.aclose()
+
+
+def job(job_id: str, key: str = "a") -> Job:
+    return Job(id=job_id, key=key, model="m", operation="generate", lane="fal", base_url="http://gw",
+               created_at=time.time())
+
+
+async def test_a_dead_entry_behind_a_thousand_live_ones_is_reclaimed(client: Redis, redis_prefix: str) -> None:
+    """More jobs run in a lane than one claim used to scan (1,000 pending entries): a dead
+    worker's entry after them is still reclaimed, by the first claim."""
+    store = RedisJobStore(client, redis_prefix, lanes=["fal"])
+    live, lease = 1100, 4.0
+    for n in range(live):
+        await store.add(job(f"imgjob_live{n:04}"), {})
+    await store.add(job("imgjob_dead"), {})
+    for n in range(live):
+        taken = await store.claim("live", lease=lease, exclude_lanes=())
+        assert taken is not None and taken.id == f"imgjob_live{n:04}", (n, taken)
+    dead = await store.claim("dead", lease=lease, exclude_lanes=())
+    assert dead is not None and dead.id == "imgjob_dead"
+    await asyncio.sleep(lease + 0.1)  # the dead worker's entry is idle past the lease; the live one renews its own
+    renewed: list[bool | None] = []
+    for first in range(0, live, 50):
+        batch = range(first, min(live, first + 50))
+        renewed += await asyncio.gather(*(store.renew(f"imgjob_live{n:04}", "live", lease=lease) for n in batch))
+    assert renewed == [False] * live
+    found = await store.claim("other", lease=lease, exclude_lanes=())
+    assert found is not None and found.id == "imgjob_dead"
+    assert found.lease_owner == "other" and found.attempts == 2

@@ -1,6 +1,8 @@
 """Reclaiming on the Redis engine under adverse conditions, with a real Redis (own key prefix):
 a dead worker's entry behind more than a thousand live running entries of the same lane is still
-reclaimed, and a claim stays cheap with that many jobs running."""
+reclaimed, and a claim stays cheap with that many jobs running; a worker that stalled past its
+lease (a paused process) and comes back never submits the job the worker that reclaimed it has
+submitted meanwhile, nor finishes it over that worker."""
 
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from imagegate.settings import JobsSettings
 
 __all__ = ["redis_prefix", "redis_url"]
 
-DONE: Outcome = ({"created": 1, "data": []}, {})
 
 
 @pytest.fixture
@@ -58,3 +59,58 @@ async def test_a_dead_entry_behind_a_thousand_live_ones_is_reclaimed(client: Red
     found = await store.claim("other", lease=lease, exclude_lanes=())
     assert found is not None and found.id == "imgjob_dead"
     assert found.lease_owner == "other" and found.attempts == 2
+
+
+async def test_a_worker_back_from_a_pause_does_not_submit_a_reclaimed_job(client: Redis, redis_prefix: str) -> None:
+    """Worker A claims the job and stalls before submitting (its process paused: no heartbeat)
+    longer than the lease; worker B reclaims the job and submits it. A comes back: it must not
+    submit the job again, nor finish it over B."""
+    stalled, second = RedisJobStore(client, redis_prefix, lanes=["fal"]), RedisJobStore(client, redis_prefix)
+    await second.add(job("imgjob_p"), {})
+    submits: list[str] = []
+    paused = asyncio.Event()
+    resume = asyncio.Event()
+
+    def executor(name: str, pause: bool) -> Any:
+        async def execute(job: Job, hooks: UpstreamHooks) -> Outcome:
+            if pause:
+                paused.set()
+                await resume.wait()
+            async with hooks.call("fal", "m", {"prompt": "p"}) as call:
+                if call.handle is None:
+                    submits.append(name)
+                    await call.accepted({"request_id": f"req-{name}"})
+            return ({"created": 1, "data": [], "by": name}, {})
+        return execute
+
+    settings = JobsSettings(workers=1, poll_seconds=30.0, lease_seconds=0.6)
+    a = JobRunner(stalled, executor("a", True), settings, lane_limits={"fal": 1})
+    frozen = asyncio.Event()
+
+    async def frozen_renew(*_: Any, **__: Any) -> bool | None:
+        await frozen.wait()  # the paused process renews nothing
+        return None
+
+    stalled.renew = frozen_renew  # type: ignore[method-assign]
+    a.start()
+    b: JobRunner | None = None
+    try:
+        await asyncio.wait_for(paused.wait(), 5)
+        b = JobRunner(second, executor("b", False), settings, lane_limits={"fal": 1})
+        b.start()
+        deadline = time.monotonic() + 10
+        while (await second.get("imgjob_p")).status != "succeeded":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        # the process runs again; its heartbeat's renew is still on its way (it stays blocked here)
+        stalled.renew = second.renew  # type: ignore[method-assign]
+        resume.set()
+        await asyncio.sleep(0.5)
+    finally:
+        frozen.set()
+        await a.stop()
+        if b is not None:
+            await b.stop()
+    assert submits == ["b"]
+    final = await second.get("imgjob_p")
+    assert final is not None and final.result == {"created": 1, "data": [], "by": "b"}

@@ -222,8 +222,17 @@ class JobRunner:
             except Exception:  # a report lost is no reason to fail the job
                 log.warning("job %s: could not save the upstream's progress", job.id, exc_info=True)
 
-        hooks = UpstreamHooks(handles=dict(job.handles), persist=persist, progress=progress)
         task = asyncio.current_task()
+
+        async def guard() -> None:
+            if await self.store.renew(job.id, self.owner, lease=self.settings.lease_seconds) is None:
+                log.warning("job %s: lost its lease before submitting; leaving it to the worker that took it", job.id)
+                hooks.detached = True
+                if task is not None:
+                    task.cancel()
+                raise asyncio.CancelledError
+
+        hooks = UpstreamHooks(handles=dict(job.handles), persist=persist, progress=progress, guard=guard)
         if task is not None:
             task.imagegate_hooks = hooks  # type: ignore[attr-defined]
         ended = asyncio.Event()

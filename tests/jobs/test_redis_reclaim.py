@@ -114,3 +114,79 @@ async def test_a_worker_back_from_a_pause_does_not_submit_a_reclaimed_job(client
     assert submits == ["b"]
     final = await second.get("imgjob_p")
     assert final is not None and final.result == {"created": 1, "data": [], "by": "b"}
+
+
+async def test_a_ticket_read_by_a_worker_that_died_before_binding_it_is_not_lost(
+    client: Redis, redis_prefix: str
+) -> None:
+    """A worker's blocked XREADGROUP delivered the job's only ticket, and the worker died before
+    the script that binds it ran: after the lease another worker takes the job (once)."""
+    store = RedisJobStore(client, redis_prefix, lanes=["fal"])
+    assert await store.claim("dead", lease=0.5, exclude_lanes=(), block=0.01) is None  # streams and groups exist
+    await store.add(job("imgjob_t"), {})
+    wake, tickets = await store._read("dead", ["fal"], 1.0)  # delivered; no BIND follows
+    assert wake == [] and len(tickets) == 1
+    assert await store.claim("live", lease=0.5, exclude_lanes=()) is None  # the ticket is the dead worker's
+    await asyncio.sleep(0.6)
+    taken = await store.claim("live", lease=0.5, exclude_lanes=())
+    assert taken is not None and taken.id == "imgjob_t" and taken.attempts == 1 and taken.lease_owner == "live"
+    assert await store.claim("third", lease=0.5, exclude_lanes=()) is None
+
+
+async def test_a_submit_accepted_after_the_lease_was_lost_does_not_replace_the_new_owners_handle(
+    client: Redis, redis_prefix: str
+) -> None:
+    """Worker A's process pauses while its submit is on the wire; B reclaims the job and submits
+    it. A's upstream answer arrives late: A's handle is not recorded over B's (a later resume
+    follows B's upstream job) and A stops, without finishing the job."""
+    stalled, second = RedisJobStore(client, redis_prefix, lanes=["fal"]), RedisJobStore(client, redis_prefix)
+    await second.add(job("imgjob_w"), {})
+    on_the_wire, answer = asyncio.Event(), asyncio.Event()
+    ended: list[str] = []
+
+    def executor(name: str) -> Any:
+        async def execute(job: Job, hooks: UpstreamHooks) -> Outcome:
+            try:
+                async with hooks.call("fal", "m", {"prompt": "p"}) as call:
+                    if call.handle is None:
+                        if name == "a":
+                            on_the_wire.set()
+                            await answer.wait()
+                        await call.accepted({"request_id": f"req-{name}"})
+            except asyncio.CancelledError:
+                ended.append(f"{name} stopped, detached={hooks.detached}")
+                raise
+            return ({"created": 1, "data": [], "by": name}, {})
+        return execute
+
+    settings = JobsSettings(workers=1, poll_seconds=30.0, lease_seconds=0.6)
+    frozen = asyncio.Event()
+
+    async def frozen_renew(*_: Any, **__: Any) -> bool | None:
+        await frozen.wait()
+        return None
+
+    a = JobRunner(stalled, executor("a"), settings, lane_limits={"fal": 1})
+    a.start()
+    await asyncio.wait_for(on_the_wire.wait(), 5)
+    stalled.renew = frozen_renew  # type: ignore[method-assign]  # paused: no heartbeat
+    b = JobRunner(second, executor("b"), settings, lane_limits={"fal": 1})
+    b.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (await second.get("imgjob_w")).status != "succeeded":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        answer.set()  # A runs again: the upstream's answer to its submit is read
+        deadline = time.monotonic() + 5
+        while not ended:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        frozen.set()
+        await a.stop()
+        await b.stop()
+    assert ended == ["a stopped, detached=True"]
+    final = await second.get("imgjob_w")
+    assert final is not None and final.result == {"created": 1, "data": [], "by": "b"}
+    assert [h["request_id"] for h in final.handles.values()] == ["req-b"]

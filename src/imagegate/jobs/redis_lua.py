@@ -263,10 +263,11 @@ if f[3] == '1' then return 1 end
 return 0
 """
 
-# ARGV: P, id, handle key, handle JSON, upstream id ('' none), provider ('' none)
+# ARGV: P, id, handle key, handle JSON, upstream id ('' none), provider ('' none), owner ('' any)
 SAVE_HANDLE = _COMMON + """
 local id = ARGV[2]
 if redis.call('EXISTS', jk(id)) == 0 then return 0 end
+if ARGV[7] ~= '' and redis.call('HGET', jk(id), 'lease_owner') ~= ARGV[7] then return 0 end
 redis.call('HSET', P .. 'handles:' .. id, ARGV[3], ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', jk(id), 'upstream_request_id', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', jk(id), 'provider', ARGV[6]) end

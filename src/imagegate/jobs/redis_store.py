@@ -219,12 +219,15 @@ class RedisJobStore:
         out = int(await self._call("RENEW", job_id, owner, repr(float(lease))))
         return None if out < 0 else bool(out)
 
-    async def save_handle(self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None) -> None:
+    async def save_handle(
+        self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None, *, owner: str | None = None
+    ) -> bool:
+        """Record an accepted upstream job's handle; with `owner`, only while that worker holds the job."""
         provider = handle.get("provider")
-        await self._call(
+        return bool(await self._call(
             "SAVE_HANDLE", job_id, key, json.dumps(handle), upstream_id or "", provider if isinstance(provider, str)
-            else "",
-        )
+            else "", owner or "",
+        ))
 
     async def save_progress(self, job_id: str, progress: dict[str, Any] | None) -> None:
         """The upstream's report on the running job (None: clear it); expires with the lease's life."""

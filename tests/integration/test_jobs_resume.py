@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,49 @@ def test_worker_processes_resume_a_killed_workers_job(
         if engine == "redis":
             assert not list(tmp_path.glob("data*/**/jobs.db")) and not list(tmp_path.glob("*.db"))
             assert job_id.encode() in redis.Redis.from_url(overrides["redis"]["url"]).keys(f"{prefix}jobs:job:*")[0]
+    finally:
+        for worker in workers:
+            worker.stop()
+        api.stop()
+
+
+def test_a_paused_redis_worker_leaves_its_reclaimed_job_alone(
+    tmp_path: Path, fal: tuple[FakeFal, LocalServer], redis_url: str, redis_prefix: str
+) -> None:
+    """Two `imagegate worker` processes on Redis: the one holding the job is paused (SIGSTOP) for
+    longer than the lease; the other reclaims the job and resumes the same upstream job. The paused
+    one, continued (SIGCONT), lets it go: one submit, no cancel upstream, the job succeeds once."""
+    fake, srv = fal
+    fake.scenario = FalScenario(queue_polls=0, progress_polls=60)
+    overrides = yaml.safe_load(config(tmp_path, srv).read_text("utf-8"))
+    overrides["redis"] = {"url": redis_url, "key_prefix": redis_prefix}
+    path = write_config(tmp_path / "gateway-redis.yaml", **overrides)
+    api = GatewayProcess(tmp_path, write_config(tmp_path / "api.yaml", **overrides | {"jobs": {"workers": 0}}))
+    workers = [WorkerProcess(tmp_path, path, name, f"data-{name}") for name in ("a", "b")]
+    try:
+        api.wait_ready()
+        job_id = submit(api.url)
+        wait_job(api.url, job_id, lambda job: job["upstream_request_id"] is not None)
+        holder = next(w for w in workers if f"job {job_id}: in_progress" in w.output())
+        other = next(w for w in workers if w is not holder)
+        holder.proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 20
+            while f"job {job_id}: in_progress (attempt 2" not in other.output():
+                assert time.monotonic() < deadline, other.output()
+                time.sleep(0.05)
+        finally:
+            holder.proc.send_signal(signal.SIGCONT)
+        job = wait_job(api.url, job_id, lambda job: job["status"] in ("succeeded", "failed"))
+        assert job["status"] == "succeeded", (job, other.output())
+        deadline = time.monotonic() + 10
+        while "lost its lease" not in holder.output():
+            assert time.monotonic() < deadline, holder.output()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert len(fake.submits) == 1 and fake.cancels == [] and not fake.rejected_submits
+        assert get_job(api.url, job_id)["attempts"] == 2 and holder.proc.poll() is None
+        assert f"job {job_id}: succeeded" in other.output() and f"job {job_id}: succeeded" not in holder.output()
     finally:
         for worker in workers:
             worker.stop()

@@ -180,17 +180,16 @@ for _, lane in ipairs(redis.call('SMEMBERS', P .. 'lanes')) do
 end
 table.sort(lanes)
 local idle = math.max(1, math.floor(lease * 1000))
--- 1. entries idle past the lease (their worker stopped renewing them): resumed here
+-- 1. entries idle past the lease (their worker stopped renewing them): resumed here. XPENDING IDLE
+-- finds the first one wherever it is in the pending list (the server scans it, not this script, so
+-- a claim costs little with thousands of jobs running); each one taken is resumed or dropped.
 for _, lane in ipairs(lanes) do
-  local cursor = '0-0'
   for _ = 1, 100 do
-    local r = redis.call('XAUTOCLAIM', sk(lane), G, owner, idle, cursor, 'COUNT', 1, 'JUSTID')
-    cursor = r[1]
-    for _, entry in ipairs(r[2]) do
-      local job = adopt(lane, entry, owner, lease)
-      if job then return job end
-    end
-    if cursor == '0-0' then break end
+    local p = redis.call('XPENDING', sk(lane), G, 'IDLE', idle, '-', '+', 1)[1]
+    if not p then break end
+    redis.call('XCLAIM', sk(lane), G, owner, idle, p[1], 'JUSTID')
+    local job = adopt(lane, p[1], owner, lease)
+    if job then return job end
   end
 end
 -- 2. new work: the lane whose next job comes first (its key runs the fewest, then the oldest)
@@ -264,10 +263,11 @@ if f[3] == '1' then return 1 end
 return 0
 """
 
-# ARGV: P, id, handle key, handle JSON, upstream id ('' none), provider ('' none)
+# ARGV: P, id, handle key, handle JSON, upstream id ('' none), provider ('' none), owner ('' any)
 SAVE_HANDLE = _COMMON + """
 local id = ARGV[2]
 if redis.call('EXISTS', jk(id)) == 0 then return 0 end
+if ARGV[7] ~= '' and redis.call('HGET', jk(id), 'lease_owner') ~= ARGV[7] then return 0 end
 redis.call('HSET', P .. 'handles:' .. id, ARGV[3], ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', jk(id), 'upstream_request_id', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', jk(id), 'provider', ARGV[6]) end

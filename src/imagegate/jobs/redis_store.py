@@ -19,8 +19,9 @@ interchangeable, so a ticket left over by a job canceled while queued is dropped
 
 Running and reclaiming. A running job is its entry, un-ACKed in the group's pending list and owned
 by the worker's consumer. The pending list's idle time is the lease: the heartbeat renews it with
-`XCLAIM <own entry> JUSTID` by the owner (idle back to zero), and any claim first runs XAUTOCLAIM
-with `min-idle-time` = `jobs.lease_seconds` (the visibility timeout all workers share), so a dead
+`XCLAIM <own entry> JUSTID` by the owner (idle back to zero), and any claim first takes an entry
+idle past `jobs.lease_seconds` (the visibility timeout all workers share; `XPENDING IDLE` finds it
+anywhere in the pending list, `XCLAIM` takes it), so a dead
 worker's entry moves to a live worker, which resumes the same upstream job from the handles saved
 on the job (never submitting again). Finishing or requeueing a job ACKs and deletes its entry, so
 nothing stays pending; a stopping process marks its entries idle past any lease and adds a ticket
@@ -218,12 +219,15 @@ class RedisJobStore:
         out = int(await self._call("RENEW", job_id, owner, repr(float(lease))))
         return None if out < 0 else bool(out)
 
-    async def save_handle(self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None) -> None:
+    async def save_handle(
+        self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None, *, owner: str | None = None
+    ) -> bool:
+        """Record an accepted upstream job's handle; with `owner`, only while that worker holds the job."""
         provider = handle.get("provider")
-        await self._call(
+        return bool(await self._call(
             "SAVE_HANDLE", job_id, key, json.dumps(handle), upstream_id or "", provider if isinstance(provider, str)
-            else "",
-        )
+            else "", owner or "",
+        ))
 
     async def save_progress(self, job_id: str, progress: dict[str, Any] | None) -> None:
         """The upstream's report on the running job (None: clear it); expires with the lease's life."""

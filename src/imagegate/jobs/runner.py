@@ -214,7 +214,14 @@ class JobRunner:
             self.metrics.job_queue.observe(max(0.0, time.time() - job.created_at))
 
         async def persist(key: str, handle: dict[str, Any]) -> None:
-            await self.store.save_handle(job.id, key, handle, handle.get("request_id"))
+            if not await self.store.save_handle(job.id, key, handle, handle.get("request_id"), owner=self.owner):
+                # the job went to another worker while this submit was on its way: its handles stay
+                # the ones that worker follows (other calls of this job may be among them: left running)
+                log.warning("job %s: lost its lease while submitting; leaving it to the worker that took it", job.id)
+                hooks.detached = True
+                if task is not None:
+                    task.cancel()
+                raise asyncio.CancelledError
             log.info("job %s: upstream accepted (%s %s)", job.id, handle.get("provider"), handle.get("request_id"))
 
         async def progress(info: dict[str, Any]) -> None:
@@ -223,8 +230,17 @@ class JobRunner:
             except Exception:  # a report lost is no reason to fail the job
                 log.warning("job %s: could not save the upstream's progress", job.id, exc_info=True)
 
-        hooks = UpstreamHooks(handles=dict(job.handles), persist=persist, progress=progress)
         task = asyncio.current_task()
+
+        async def guard() -> None:
+            if await self.store.renew(job.id, self.owner, lease=self.settings.lease_seconds) is None:
+                log.warning("job %s: lost its lease before submitting; leaving it to the worker that took it", job.id)
+                hooks.detached = True
+                if task is not None:
+                    task.cancel()
+                raise asyncio.CancelledError
+
+        hooks = UpstreamHooks(handles=dict(job.handles), persist=persist, progress=progress, guard=guard)
         if task is not None:
             task.imagegate_hooks = hooks  # type: ignore[attr-defined]
         ended = asyncio.Event()

@@ -226,18 +226,25 @@ class SqliteJobStore:
 
         return await self._write(extend)
 
-    async def save_handle(self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None) -> None:
-        def save(db: sqlite3.Connection) -> None:
-            found = db.execute("SELECT handles FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            handles = json.loads(found[0]) if found else {}
+    async def save_handle(
+        self, job_id: str, key: str, handle: dict[str, Any], upstream_id: str | None, *, owner: str | None = None
+    ) -> bool:
+        """Record an accepted upstream job's handle; with `owner`, only while that worker holds the job."""
+
+        def save(db: sqlite3.Connection) -> bool:
+            found = db.execute("SELECT handles, lease_owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if found is None or (owner is not None and found[1] != owner):
+                return False
+            handles = json.loads(found[0]) if found[0] else {}
             handles[key] = handle
             db.execute(
                 "UPDATE jobs SET handles = ?, upstream_request_id = COALESCE(?, upstream_request_id),"
                 " provider = COALESCE(?, provider) WHERE id = ?",
                 (json.dumps(handles), upstream_id, handle.get("provider"), job_id),
             )
+            return True
 
-        await self._write(save)
+        return await self._write(save)
 
     async def save_progress(self, job_id: str, progress: dict[str, Any] | None) -> None:
         """The upstream's report on the running job (None: clear it)."""

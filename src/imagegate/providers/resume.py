@@ -14,9 +14,12 @@ A call is known by its provider, upstream model and payload (input image referen
 change between runs for uploaded files, are left out) plus its occurrence among identical calls
 (an emulated `n` fans out identical payloads). `detached` is set when the worker stops without
 the job being cancelled (shutdown): adapters then leave the upstream job running, for the next
-worker to resume. `call.progress(info)` reports what the upstream says of a running job (fal: its
-status, queue position and last log lines; Replicate: the prediction's status and last log lines;
-see `providers.progress`); the job shows it and emits an `in_progress` event.
+worker to resume. Before a call without a handle submits, `guard()` (the job runner's) checks that
+the job is still this worker's: a worker back from a pause longer than its lease, whose job another
+worker took meanwhile, stops there instead of submitting it a second time. `call.progress(info)`
+reports what the upstream says of a running job (fal: its status, queue position and last log
+lines; Replicate: the prediction's status and last log lines; see `providers.progress`); the job
+shows it and emits an `in_progress` event.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = ["UpstreamCall", "UpstreamHooks", "active_hooks", "current_hooks", "un
 Handle = dict[str, Any]
 Persist = Callable[[str, Handle], Awaitable[None]]
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
+Guard = Callable[[], Awaitable[None]]
 
 active_hooks: contextvars.ContextVar[UpstreamHooks | None] = contextvars.ContextVar(
     "imagegate_upstream_hooks", default=None
@@ -77,6 +81,7 @@ class UpstreamHooks:
     handles: dict[str, Handle]  # call key -> handle of the upstream job
     persist: Persist
     progress: Progress | None = None
+    guard: Guard | None = None  # awaited before a submit: raises if the job is no longer this worker's
     detached: bool = False
     _running: set[str] = field(default_factory=set)
 
@@ -87,9 +92,12 @@ class UpstreamHooks:
         while f"{base}#{index}" in self._running:  # an identical call of the same fan-out is running
             index += 1
         key = f"{base}#{index}"
+        handle = self.handles.get(key)
+        if handle is None and self.guard is not None:
+            await self.guard()  # a worker that lost the job (paused past its lease) submits nothing
         self._running.add(key)
         try:
-            yield UpstreamCall(key, provider, model, self.handles.get(key), self)
+            yield UpstreamCall(key, provider, model, handle, self)
         finally:
             if key not in self.handles:  # a call the upstream took keeps its key for good
                 self._running.discard(key)

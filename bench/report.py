@@ -202,8 +202,9 @@ def render(r: dict[str, Any]) -> str:
             "## Requests in flight",
             "",
             f"Command: `{CMD} --only inflight`. K requests sent at once, model "
-            "time as configured; imagegate runs its real defaults (one status check, then the fal status stream), the direct "
-            "client polls (0.5 s, backing off to 3 s), LiteLLM holds one sync call per request. K = 3,000 and 10,000 with "
+            "time as configured; imagegate runs its real defaults (one status check, then the fal status "
+            "stream), the direct client polls (0.5 s, backing off to 3 s), LiteLLM holds one sync call per "
+            "request. K = 3,000 and 10,000 with "
             "the gateway's RSS, /healthz and upstream requests per job: the next section (`bench/inflight_burst.py`).",
             "",
             *load_table(r["inflight"], "K"),

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from imagegate.jobs.model import Job
 
-__all__ = ["JobStore"]
+__all__ = ["JobStore", "cancel_if_queued"]
 
 
 class JobStore(Protocol):
@@ -45,3 +45,13 @@ class JobStore(Protocol):
     async def due_webhooks(self, now: float, limit: int, *, hold: float) -> list[Job]: ...
     async def save_webhook(self, job_id: str, webhook: dict[str, Any], due: float | None) -> None: ...
     async def close(self) -> None: ...
+
+
+async def cancel_if_queued(store: JobStore, job_id: str) -> bool:
+    """Cancel a job no worker holds (still queued): finished as `canceled` without an owner, which
+    the engines refuse once a worker has claimed it. Both engines' `cancel_queued`."""
+    job = await store.get(job_id)
+    if job is None or job.status != "queued":
+        return False
+    job.status = "canceled"
+    return await store.finish(job, None)

@@ -1,7 +1,7 @@
 """The distributed job engine: the queue and the job records in Redis (`redis.url` set), delivered
 to workers through Redis Streams consumer groups.
 
-Every state change is one Lua script (`redis_lua.py`), atomic on the server, so any number of API
+Every state change is one Lua script (`redis_lua.py`, `redis_lua_claim.py`), atomic on the server, so any number of API
 processes and `imagegate worker` processes share the queue without read-modify-write races.
 
 Delivery. Each provider lane has a stream (`stream:<lane>`, consumer group `workers`; a process's
@@ -42,6 +42,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from imagegate.jobs import redis_lua as lua
+from imagegate.jobs import redis_lua_claim as lua_claim
+from imagegate.jobs.contract import cancel_if_queued
 from imagegate.jobs.model import Job, JobStatus
 from imagegate.state.redis import unavailable_as_503
 
@@ -70,9 +72,10 @@ class RedisJobStore:
         self._p = prefix + "jobs:"
         self._lanes = tuple(lanes)  # the lanes this process knows (their streams exist before any job)
         self._scripts = {
-            name: client.register_script(getattr(lua, name))
-            for name in ("ADD", "CLAIM", "BIND", "RENEW", "SAVE_HANDLE", "REQUEUE", "FINISH", "RELEASE", "UNBLOCK",
-                         "FORGET", "REQUEST_CANCEL", "PURGE", "DUE_WEBHOOKS", "SAVE_WEBHOOK")
+            name: client.register_script(getattr(module, name))
+            for module in (lua, lua_claim)
+            for name in module.__all__
+            if name not in ("COMMON", "GROUP")
         }
 
     async def _call(self, name: str, *args: Any) -> Any:
@@ -266,11 +269,7 @@ class RedisJobStore:
         return int(await self._call("FORGET", int(idle * 1000)))
 
     async def cancel_queued(self, job_id: str) -> bool:
-        job = await self.get(job_id)
-        if job is None or job.status != "queued":
-            return False
-        job.status = "canceled"
-        return await self.finish(job, None)
+        return await cancel_if_queued(self, job_id)
 
     async def request_cancel(self, job_id: str) -> None:
         await self._call("REQUEST_CANCEL", job_id)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imagegate.jobs.contract import JobStore
+from imagegate.jobs.contract import JobStore, cancel_if_queued
 from imagegate.jobs.model import Job, JobStatus
 
 __all__ = ["JobStore", "SqliteJobStore"]
@@ -313,11 +313,7 @@ class SqliteJobStore:
         return await self._write(expire)
 
     async def cancel_queued(self, job_id: str) -> bool:
-        job = await self.get(job_id)
-        if job is None or job.status != "queued":
-            return False
-        job.status = "canceled"
-        return await self.finish(job, None)
+        return await cancel_if_queued(self, job_id)
 
     async def request_cancel(self, job_id: str) -> None:
         await self._write(lambda db: db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,)))

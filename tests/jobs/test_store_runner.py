@@ -181,3 +181,32 @@ async def test_idempotency_key_and_webhooks_due(store: JobStore) -> None:
     assert await store.purge(time.time() + 1) == 0  # a pending webhook keeps the job
     await store.save_webhook("imgjob_i1", {"id": "msg_x", "status": "delivered", "attempts": [{"status": 200}]}, None)
     assert await store.purge(time.time() + 1) == 1
+
+
+async def test_cancel_of_a_job_whose_worker_died_in_an_unresumable_call_is_canceled(store: JobStore) -> None:
+    """The dead worker left only the record of a call without a handle (nothing to follow upstream):
+    a cancel requested meanwhile makes the job `canceled`, and the call is not made again."""
+    await store.add(job("imgjob_u", "a"), {"prompt": "p"})
+    taken = await store.claim("dead", lease=0.2, exclude_lanes=[])
+    assert taken is not None
+    await store.save_handle("imgjob_u", "openai:m:abc#0", {"request_id": None, "unresumable": True}, None)
+    await store.request_cancel("imgjob_u")
+    calls: list[str] = []
+
+    async def execute(job: Job, _: UpstreamHooks) -> Outcome:
+        calls.append(job.id)
+        return {}, {}
+
+    runner = JobRunner(store, execute, JobsSettings(workers=1, lease_seconds=0.2, poll_seconds=0.05), lane_limits={})
+    await asyncio.sleep(0.3)  # the dead worker's lease runs out
+    runner.start()
+    try:
+        for _ in range(150):
+            done = await store.get("imgjob_u")
+            if done is not None and done.status != "in_progress" and done.status != "queued":
+                break
+            await asyncio.sleep(0.02)
+        assert done is not None and done.status == "canceled", done
+        assert calls == []
+    finally:
+        await runner.stop()

@@ -263,7 +263,8 @@ def render(r: dict[str, Any]) -> str:
         "- **Added latency and throughput vs LiteLLM.** The gateway's own CPU per request (column *proxy*) is what "
         "bounds both: compare imagegate's sync mode (one upstream call, like LiteLLM) with LiteLLM. Queue mode makes "
         "three upstream calls per job (submit, status, result) and pays for them. What is left per request "
-        "(callgrind, `bench/instructions.py`: 3.5 M instructions in queue mode, 2.2 M in sync mode) is about "
+        "(callgrind, `.venv/bin/python bench/instructions.py`, 2026-11-30: 3.52 M instructions in queue mode, "
+        "2.25 M in sync mode; the tree of 7083b42 in the same session, `--src`: 5.76 M and 2.91 M) is about "
         "0.6 M per upstream call (two thirds of it aiohttp), 0.3 M of FastAPI routing and exception layers, "
         "0.4 M of our middlewares (mostly prometheus-client's histograms) and 0.2 M of uvicorn: ≤ 1.5 ms added "
         "at c=1 would need a leaner HTTP stack than aiohttp + FastAPI + uvicorn on both hops.",

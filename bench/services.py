@@ -132,8 +132,8 @@ def imagegate_config(
     status_stream_max: int | None = None,
     starts_per_tick: int | None = None,
 ) -> str:
-    def option(value: object) -> str:  # YAML; None: the gateway's default
-        return "null" if value is None else str(value).lower()
+    def _line(name: str, value: object) -> str:  # a fal setting; None: left to the gateway's default
+        return "" if value is None else f"    {name}: {str(value).lower()}\n"
 
     return f"""
 host: 127.0.0.1
@@ -151,9 +151,7 @@ providers:
     mode: {mode}
     poll_interval: {poll}
     poll_max_interval: {poll_max}
-    status_stream: {"true" if status_stream is None else option(status_stream)}
-    status_stream_max: {option(status_stream_max)}
-models:
+{_line("status_stream", status_stream)}{_line("status_stream_max", status_stream_max)}models:
   qwen-image:
     routes:
       - {{provider: fal, model: fal-ai/qwen-image}}

@@ -264,10 +264,10 @@ def render(r: dict[str, Any]) -> str:
         "bounds both: compare imagegate's sync mode (one upstream call, like LiteLLM) with LiteLLM. Queue mode makes "
         "three upstream calls per job (submit, status, result) and pays for them. What is left per request "
         "(callgrind, `.venv/bin/python bench/instructions.py`, 2026-11-30: 3.52 M instructions in queue mode, "
-        "2.25 M in sync mode; the tree of 7083b42 in the same session, `--src`: 5.76 M and 2.91 M) is about "
-        "0.6 M per upstream call (two thirds of it aiohttp), 0.3 M of FastAPI routing and exception layers, "
-        "0.4 M of our middlewares (mostly prometheus-client's histograms) and 0.2 M of uvicorn: ≤ 1.5 ms added "
-        "at c=1 would need a leaner HTTP stack than aiohttp + FastAPI + uvicorn on both hops.",
+        "2.25 M in sync mode; the tree of 7083b42 in the same session, `--src`: 5.76 M and 2.91 M) is "
+        "spread over the upstream calls (queue mode minus sync mode: 1.27 M for two more upstream "
+        "calls), FastAPI's routing and exception layers, our middlewares (mostly prometheus-client's "
+        "histograms) and uvicorn; ≤ 1.5 ms added at c=1 would need a leaner HTTP stack on both hops.",
         "- **In flight.** Polling costs 5-8 upstream requests per 5 s job; the fal status stream (the default) costs "
         "one, after one immediate status check (4 requests per job in all vs the direct client's 7-8). At "
         "K = 3,000 and 10,000 the gateway's CPU per job (accepting, parsing and answering the client, then four "

@@ -14,6 +14,7 @@ from imagegate import __version__, usage
 from imagegate.access import Access
 from imagegate.api import errors, files, health, images, jobs, metrics, models, openapi, playground
 from imagegate.api.admission import AdmissionMiddleware, Budget
+from imagegate.api.hot_routes import Gateway
 from imagegate.auth import AuthMiddleware
 from imagegate.core import redact
 from imagegate.core.catalog import Catalog
@@ -97,7 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await job_service.store.close()
             pool.close()
 
-    app = FastAPI(title="imagegate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # FastAPI, with POST on the two image routes served by a lean stack of the same middleware (api/hot_routes.py)
+    app = Gateway(title="imagegate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.settings = settings
     app.state.http = http
     app.state.pool = pool

@@ -1,0 +1,173 @@
+"""`POST /v1/images/generations` and `POST /v1/images/edits` without FastAPI's per-request layers.
+
+FastAPI serves a request through a dozen layers (its error and telemetry middleware, an exit
+stack, the router's matching, the route's request handler with its dependency solver), each with
+its own `send` wrapper; for the two image routes, which carry the traffic, they were about a fifth
+of the gateway's CPU per request. `Gateway` (the app class `create_app` builds) hands `POST` on
+exactly those two paths to a stack composed at the first request:
+
+    the app's own middleware (`app.user_middleware`: the same classes, arguments and order:
+    observability, request context, auth, admission)
+      -> `RouteEndpoint`: the route's endpoint as pure ASGI, with the app's exception handlers
+
+What it leaves out, and why a client cannot tell:
+
+    ServerErrorMiddleware         `RequestContextMiddleware` renders every error raised before the
+                                  response starts (the 500 envelope and log line); after it, both
+                                  re-raise to the server
+    FastAPI's OpenTelemetry       only active when a tracer, meter or logger provider is configured:
+                                  then every request goes through FastAPI, as before
+    AppBodyLimitMiddleware        FastAPI's `max_body_size` is not set (`limits.max_body_bytes` is
+                                  ours, in `RequestContextMiddleware`)
+    ExceptionMiddleware, request_response
+                                  `RouteEndpoint` looks the handler up the same way
+    AsyncExitStackMiddleware, dependencies
+                                  the endpoints take only the `Request`; the parser closes uploads
+    the router                    the path is compared whole; the scope gets the same `route`,
+                                  `endpoint`, `path_params` and `router`
+
+Everything else goes to FastAPI as before: other paths and methods (a GET here is FastAPI's 405),
+a trailing slash, a `root_path`. The routes stay registered on FastAPI, so `/openapi.json` and the
+FastAPI path itself are unchanged (`hot_routes = False` switches the lean stack off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette._utils import is_async_callable
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["HOT_PATHS", "Gateway", "RouteEndpoint"]
+
+HOT_PATHS = ("/v1/images/generations", "/v1/images/edits")
+Handler = Callable[[Request, Exception], Any]  # an app exception handler, for an HTTP request
+
+
+class RouteEndpoint:
+    """`endpoint(request) -> Response` as pure ASGI, with exception handlers looked up as Starlette's
+    `ExceptionMiddleware` does: an HTTPException by its status first, then by the exception's class
+    and its bases; no handler, or a handled error after the response started, propagates."""
+
+    def __init__(
+        self,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        *,
+        handlers: Mapping[type[Exception], Handler],
+        status_handlers: Mapping[int, Handler],
+    ) -> None:
+        self.endpoint = endpoint
+        self.handlers = dict(handlers)
+        self.status_handlers = dict(status_handlers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        started = False
+
+        async def sender(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            response = await self.endpoint(request)
+            await response(scope, receive, sender)
+        except Exception as exc:
+            handler = self._handler(exc)
+            if handler is None:
+                raise
+            if started:
+                raise RuntimeError("Caught handled exception, but response already started.") from exc
+            if is_async_callable(handler):
+                answer = await handler(request, exc)
+            else:
+                answer = await run_in_threadpool(handler, request, exc)
+            if answer is not None:
+                await answer(scope, receive, sender)
+            exc.__traceback__ = None  # as Starlette: a reused exception would pile up tracebacks
+
+    def _handler(self, exc: Exception) -> Handler | None:
+        if isinstance(exc, HTTPException) and exc.status_code in self.status_handlers:
+            return self.status_handlers[exc.status_code]
+        for cls in type(exc).__mro__:
+            if cls in self.handlers:
+                return self.handlers[cls]
+        return None
+
+
+class Gateway(FastAPI):
+    """FastAPI, with `POST` on `HOT_PATHS` served by the lean stack (see the module docstring)."""
+
+    hot_routes = True  # False: every request goes through FastAPI (the tests compare both)
+    _hot: dict[str, tuple[ASGIApp, dict[str, Any]]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and self.hot_routes and not scope.get("root_path"):
+            hot = (self._hot if self._hot is not None else self._build_hot()).get(scope["path"])
+            if hot is not None and not self._telemetry_on(scope):
+                stack, route_scope = hot
+                scope["app"] = self
+                scope.update(route_scope)
+                scope["path_params"] = {}
+                await stack(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    def _telemetry_on(self, scope: Scope) -> bool:
+        """Whether FastAPI would trace this request (OpenTelemetry configured): then it serves it."""
+        if "fastapi.telemetry" in scope:
+            return False
+        native = getattr(self, "_native_telemetry", None)
+        return native is not None and bool(native.enabled())
+
+    def _build_hot(self) -> dict[str, tuple[ASGIApp, dict[str, Any]]]:
+        """The lean stack of each hot path whose POST route is registered (once, at the first request;
+        FastAPI's own stack is built with it, so no middleware can be added after)."""
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        handlers: dict[type[Exception], Handler] = {}
+        status_handlers: dict[int, Handler] = {}
+        for key, handler in self.exception_handlers.items():
+            if key in (500, Exception):  # FastAPI gives these to ServerErrorMiddleware (see the docstring)
+                continue
+            if isinstance(key, int):
+                status_handlers[key] = handler
+            else:
+                handlers[key] = handler
+        hot: dict[str, tuple[ASGIApp, dict[str, Any]]] = {}
+        if self.root_path:
+            self._hot = hot
+            return hot
+        for route in _api_routes(self):
+            if route.path in HOT_PATHS and route.methods == {"POST"} and route.path not in hot:
+                stack: ASGIApp = RouteEndpoint(route.endpoint, handlers=handlers, status_handlers=status_handlers)
+                for cls, args, kwargs in reversed(self.user_middleware):
+                    stack = cls(stack, *args, **kwargs)
+                hot[route.path] = (stack, {"route": route, "endpoint": route.endpoint, "router": self.router})
+        self._hot = hot
+        return hot
+
+
+def _api_routes(app: FastAPI) -> list[APIRoute]:
+    """The app's API routes in the router's order, inside included routers too."""
+    found: list[APIRoute] = []
+
+    def walk(routes: Any, depth: int) -> None:
+        for route in routes:
+            if isinstance(route, APIRoute):
+                found.append(route)
+                continue
+            inner = getattr(getattr(route, "original_router", None), "routes", None)
+            if inner is not None and depth < 4:
+                walk(inner, depth + 1)
+
+    walk(app.router.routes, 0)
+    return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from tests.api.conftest import encode
 from tests.conftest import _merge, gateway_settings
 from tests.fakes.fal import FakeFal, FalScenario, fal_provider_settings, ingress_error
 from tests.fakes.server import LocalServer
 
+from imagegate.api import images
 from imagegate.api.hot_routes import Gateway
 from imagegate.app import create_app
 from imagegate.observability.logs import FIELDS_ATTR
@@ -393,3 +396,49 @@ async def test_busy_and_disconnected_requests_answer_as_through_fastapi(run: Cal
         providers={"sandbox": {"delay_seconds": 0.3}},
     )
     assert [status_of(a) for a in answers] == [200, 503, 499]
+
+
+def _bare_gateway(**kwargs: Any) -> tuple[Gateway, list[str]]:
+    """A Gateway with the image routes and a stub endpoint stack; records what reached FastAPI's stack."""
+    app = Gateway(**kwargs)
+    app.include_router(images.router)
+    reached: list[str] = []
+    fastapi_stack = app.build_middleware_stack()
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await fastapi_stack(scope, receive, send)
+
+    app.middleware_stack = counted
+    return app, reached
+
+
+@pytest.mark.filterwarnings("ignore:The `root_path` parameter is deprecated")
+@pytest.mark.parametrize(
+    ("kwargs", "root_path", "lean"),
+    [
+        ({}, "", True),
+        ({}, "/gateway", False),  # a root path: FastAPI's router strips it
+        ({"root_path": "/gateway"}, "", False),
+        ({"max_body_size": 1000}, "", False),  # FastAPI's own body limit applies
+        ({"telemetry": {"tracer_provider": trace.NoOpTracerProvider()}}, "", False),  # FastAPI traces requests
+    ],
+)
+async def test_the_lean_stack_only_serves_what_fastapi_would_serve_alike(
+    kwargs: dict[str, Any], root_path: str, lean: bool
+) -> None:
+    app, reached = _bare_gateway(**kwargs)
+    req = Req("POST", GEN, b"[]", [("content-type", "application/json")])
+    messages: list[Message] = []
+    scope = {"type": "http", "method": "POST", "path": GEN, "root_path": root_path, "headers": [],
+             "query_string": b"", "state": {}}  # fmt: skip
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": req.body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    with contextlib.suppress(Exception):  # no app state here: the endpoint fails either way
+        await app(scope, receive, send)
+    assert reached == ([] if lean else [GEN])

@@ -39,6 +39,8 @@ from imagegate.api.admission import charge_inputs
 from imagegate.api.errors import GENERIC_SERVER_ERROR, error_response, request_id_of
 from imagegate.api.parsing import parse_edit_request, parse_generation_request
 from imagegate.api.render import json_response
+from imagegate.api.wire import base_url as base_url_of
+from imagegate.api.wire import header, query_param
 from imagegate.core.errors import GatewayError, InternalError
 from imagegate.core.request import ImageRequest
 from imagegate.core.results import DryRunResult, ImageResult
@@ -60,6 +62,8 @@ router = APIRouter()
 
 DRY_RUN_HEADER = "x-imagegate-dry-run"
 ROUTE_HEADER = "x-imagegate-route"
+_DRY_RUN_KEY = DRY_RUN_HEADER.encode("latin-1")
+_ROUTE_KEY = ROUTE_HEADER.encode("latin-1")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _KEEPALIVE = b": keepalive\n\n"
 T = TypeVar("T")
@@ -87,7 +91,7 @@ async def create_image(request: Request) -> Response:
 
 def is_dry_run(request: Request) -> bool:
     """`x-imagegate-dry-run: 1` or `?dry_run=1` (also true/yes/on)."""
-    value = request.headers.get(DRY_RUN_HEADER) or request.query_params.get("dry_run")
+    value = header(request, _DRY_RUN_KEY) or query_param(request, "dry_run")
     return value is not None and value.strip().lower() in _TRUE
 
 
@@ -95,9 +99,9 @@ async def _respond(request: Request, image_request: ImageRequest, *, event_prefi
     await charge_inputs(request.scope, image_request)  # the decoded inputs join the in-flight budget
     service = service_for(request)  # the client key's view: allow-list, idempotency, limits, usage
     request_id = request_id_of(request)
-    base_url = str(request.base_url).rstrip("/")
+    base_url = base_url_of(request)
     dry_run = is_dry_run(request)
-    image_request.route = request.headers.get(ROUTE_HEADER) or request.query_params.get("route") or None
+    image_request.route = header(request, _ROUTE_KEY) or query_param(request, "route") or None
     if not dry_run and jobs_api.wants_async(request):  # `Prefer: respond-async`: a job (api/jobs.py)
         return await jobs_api.submit_job(request, image_request)
     if image_request.stream and not dry_run:

@@ -22,6 +22,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from imagegate.access import service_for
 from imagegate.api.render import json_response
+from imagegate.api.wire import base_url as base_url_of
+from imagegate.api.wire import header_values
 from imagegate.auth.middleware import client_of
 from imagegate.core.errors import InvalidRequest
 from imagegate.core.request import ImageRequest
@@ -37,7 +39,7 @@ _KEEPALIVE_SECONDS = 15.0
 
 def wants_async(request: Request) -> bool:
     """`Prefer: respond-async` (RFC 7240; among other preferences, case-insensitive)."""
-    for value in request.headers.getlist("prefer"):
+    for value in header_values(request, b"prefer"):
         for preference in value.split(","):
             if preference.split(";", 1)[0].strip().lower() == "respond-async":
                 return True
@@ -55,7 +57,7 @@ def _key(request: Request) -> str:
 
 
 async def submit_job(request: Request, image_request: ImageRequest) -> Response:
-    base_url = str(request.base_url).rstrip("/")
+    base_url = base_url_of(request)
     job, replayed = await _jobs(request).submit(
         image_request,
         client=client_of(request),

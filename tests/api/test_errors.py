@@ -12,6 +12,7 @@ import httpx2
 import openai
 import pytest
 from fastapi import FastAPI, Request
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import Response
 
@@ -272,3 +273,24 @@ async def test_limit_comes_from_settings_when_not_given() -> None:
     app.state.settings = Settings()
     assert_envelope(await post(app, "/echo", content=b"z" * 11), 413)
     assert (await post(app, "/echo", content=b"z" * 10)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [],
+        [(b"content-type", b"application/json")],
+        [(b"x-request-id", b"old"), (b"content-type", b"text/plain")],
+        [(b"a", b"1"), (b"x-request-id", b"one"), (b"b", b"2"), (b"x-request-id", b"two"), (b"x-request-id", b"3")],
+    ],
+)
+def test_the_request_id_header_is_set_as_mutable_headers_sets_it(raw: list[tuple[bytes, bytes]]) -> None:
+    message = {"headers": list(raw)}
+    MutableHeaders(scope=message)["x-request-id"] = "req_new"
+    assert errors._with_header(tuple(raw), b"x-request-id", b"req_new") == message["headers"]
+
+
+def test_the_request_headers_are_read_first_value_stripped_in_one_pass() -> None:
+    scope = {"headers": [(b"Content-Length", b" 12 "), (b"x-request-id", b"a"), (b"X-Request-Id", b"b")]}
+    assert errors._headers(scope, b"x-request-id", b"content-length") == ("a", "12")
+    assert errors._headers({"headers": []}, b"x-request-id", b"content-length") == (None, None)

@@ -30,7 +30,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -53,6 +52,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.encode("latin-1")
 _SANE_REQUEST_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}\Z")
 GENERIC_SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
 _HTTP_CODES = {
@@ -197,21 +197,21 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
 
-        incoming = _header(scope, b"x-request-id")
+        incoming, declared = _headers(scope, b"x-request-id", b"content-length")
         rid = incoming if incoming is not None and _SANE_REQUEST_ID.match(incoming) else new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         limit = self._limit(scope)
         started = False
+        rid_value = rid.encode("latin-1")
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+                message["headers"] = _with_header(message["headers"], _REQUEST_ID_KEY, rid_value)
             await send(message)
 
         if limit is not None:
-            declared = _header(scope, b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 too_large = (
                     _too_large(limit) if declared.isdigit() else InvalidRequest("Invalid Content-Length header.")
@@ -250,14 +250,29 @@ def _limited_receive(receive: Receive, limit: int) -> Receive:
     return limited
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def _headers(scope: Scope, first: bytes, second: bytes) -> tuple[str | None, str | None]:
+    """The first value of each of two headers (names in lower case), stripped; one pass."""
+    found: list[str | None] = [None, None]
     for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            try:
-                return bytes(value).decode("latin-1").strip()
-            except ValueError:  # pragma: no cover - latin-1 decodes every byte
-                return None
-    return None
+        key = key.lower()
+        index = 0 if key == first else 1 if key == second else -1
+        if index >= 0 and found[index] is None:
+            found[index] = bytes(value).decode("latin-1").strip()
+    return found[0], found[1]
+
+
+def _with_header(headers: Any, name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    """`MutableHeaders(raw=...)[name] = value`: the first `name` entry replaced, later ones dropped,
+    else appended (order kept)."""
+    out = list(headers)
+    found = [i for i, (key, _) in enumerate(out) if key == name]
+    for i in reversed(found[1:]):
+        del out[i]
+    if found:
+        out[found[0]] = (name, value)
+    else:
+        out.append((name, value))
+    return out
 
 
 def install(app: FastAPI, *, max_body_bytes: int | None = None) -> None:

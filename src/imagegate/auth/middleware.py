@@ -39,13 +39,14 @@ def presented_keys(scope: Scope) -> list[str]:
     keys: list[str] = []
     for name, raw in scope.get("headers", ()):
         name = bytes(name).lower()
-        value = bytes(raw).decode("latin-1").strip()
         if name == b"authorization":
-            scheme, _, token = value.partition(" ")
+            scheme, _, token = bytes(raw).decode("latin-1").strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 keys.insert(0, token.strip())
-        elif name == b"api-key" and value:
-            keys.append(value)
+        elif name == b"api-key":
+            value = bytes(raw).decode("latin-1").strip()
+            if value:
+                keys.append(value)
     return keys[:_MAX_PRESENTED]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import Depends
 from opentelemetry import trace
 from tests.api.conftest import encode
 from tests.conftest import _merge, gateway_settings
@@ -398,10 +399,10 @@ async def test_busy_and_disconnected_requests_answer_as_through_fastapi(run: Cal
     assert [status_of(a) for a in answers] == [200, 503, 499]
 
 
-def _bare_gateway(**kwargs: Any) -> tuple[Gateway, list[str]]:
-    """A Gateway with the image routes and a stub endpoint stack; records what reached FastAPI's stack."""
+def _bare_gateway(include: dict[str, Any], **kwargs: Any) -> tuple[Gateway, list[str]]:
+    """A Gateway with the image routes (no app state); records what reached FastAPI's stack."""
     app = Gateway(**kwargs)
-    app.include_router(images.router)
+    app.include_router(images.router, **include)
     reached: list[str] = []
     fastapi_stack = app.build_middleware_stack()
 
@@ -415,19 +416,22 @@ def _bare_gateway(**kwargs: Any) -> tuple[Gateway, list[str]]:
 
 @pytest.mark.filterwarnings("ignore:The `root_path` parameter is deprecated")
 @pytest.mark.parametrize(
-    ("kwargs", "root_path", "lean"),
+    ("kwargs", "include", "root_path", "lean"),
     [
-        ({}, "", True),
-        ({}, "/gateway", False),  # a root path: FastAPI's router strips it
-        ({"root_path": "/gateway"}, "", False),
-        ({"max_body_size": 1000}, "", False),  # FastAPI's own body limit applies
-        ({"telemetry": {"tracer_provider": trace.NoOpTracerProvider()}}, "", False),  # FastAPI traces requests
+        ({}, {}, "", True),
+        ({}, {}, "/gateway", False),  # a root path: FastAPI's router strips it
+        ({"root_path": "/gateway"}, {}, "", False),
+        ({"max_body_size": 1000}, {}, "", False),  # FastAPI's own body limit applies
+        ({"telemetry": {"tracer_provider": trace.NoOpTracerProvider()}}, {}, "", False),  # FastAPI traces requests
+        ({}, {"prefix": "/api"}, "", False),  # no image route at that path
+        ({}, {"dependencies": [Depends(lambda: None)]}, "", False),  # FastAPI resolves them
+        ({}, {"max_body_size": 1000}, "", False),
     ],
 )
 async def test_the_lean_stack_only_serves_what_fastapi_would_serve_alike(
-    kwargs: dict[str, Any], root_path: str, lean: bool
+    kwargs: dict[str, Any], include: dict[str, Any], root_path: str, lean: bool
 ) -> None:
-    app, reached = _bare_gateway(**kwargs)
+    app, reached = _bare_gateway(include, **kwargs)
     req = Req("POST", GEN, b"[]", [("content-type", "application/json")])
     messages: list[Message] = []
     scope = {"type": "http", "method": "POST", "path": GEN, "root_path": root_path, "headers": [],

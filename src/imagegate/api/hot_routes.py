@@ -34,7 +34,7 @@ FastAPI path itself are unchanged (`hot_routes = False` switches the lean stack 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -146,28 +146,44 @@ class Gateway(FastAPI):
         if self.root_path or getattr(self, "max_body_size", None) is not None or self._traced():
             self._hot = hot
             return hot
-        for route in _api_routes(self):
-            if route.path in HOT_PATHS and route.methods == {"POST"} and route.path not in hot:
+        decided: set[str] = set()
+        for route, plain in _routes(self.router.routes, plain=True):
+            path = getattr(route, "path", None)
+            methods = getattr(route, "methods", None) or ()
+            if path not in HOT_PATHS or path in decided or "POST" not in methods:
+                continue
+            decided.add(path)  # the route FastAPI would pick for POST here: lean only if it is a plain one
+            if plain and isinstance(route, APIRoute) and route.methods == {"POST"} and _takes_only_request(route):
                 stack: ASGIApp = RouteEndpoint(route.endpoint, handlers=handlers, status_handlers=status_handlers)
                 for cls, args, kwargs in reversed(self.user_middleware):
                     stack = cls(stack, *args, **kwargs)
-                hot[route.path] = (stack, {"route": route, "endpoint": route.endpoint, "router": self.router})
+                hot[path] = (stack, {"route": route, "endpoint": route.endpoint, "router": self.router})
         self._hot = hot
         return hot
 
 
-def _api_routes(app: FastAPI) -> list[APIRoute]:
-    """The app's API routes in the router's order, inside included routers too."""
-    found: list[APIRoute] = []
+def _routes(routes: Any, *, plain: bool, depth: int = 0) -> Iterator[tuple[Any, bool]]:
+    """Every route in the router's order, inside included routers too, each with whether everything
+    around it is plain: no inclusion adds a prefix, dependencies or a body limit."""
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        if inner is None or depth >= 4:
+            yield route, plain
+            continue
+        context = getattr(route, "include_context", None)
+        bare = not (getattr(context, "prefix", "") or getattr(context, "dependencies", None))
+        bare = bare and getattr(context, "max_body_size", None) is None
+        yield from _routes(inner, plain=plain and bare, depth=depth + 1)
 
-    def walk(routes: Any, depth: int) -> None:
-        for route in routes:
-            if isinstance(route, APIRoute):
-                found.append(route)
-                continue
-            inner = getattr(getattr(route, "original_router", None), "routes", None)
-            if inner is not None and depth < 4:
-                walk(inner, depth + 1)
 
-    walk(app.router.routes, 0)
-    return found
+def _takes_only_request(route: APIRoute) -> bool:
+    """The endpoint's only parameter is the Request: FastAPI resolves nothing for it."""
+    dependant = route.dependant
+    return not (
+        dependant.dependencies
+        or dependant.path_params
+        or dependant.query_params
+        or dependant.header_params
+        or dependant.cookie_params
+        or dependant.body_params
+    )

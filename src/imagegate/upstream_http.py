@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,7 +45,7 @@ import httpx
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ["AiohttpTransport", "upstream_client"]
+__all__ = ["AiohttpTransport", "client_timeout", "upstream_client"]
 
 CHUNK = 64 * 1024
 # Headers aiohttp would otherwise add on its own: httpx already sends the ones it means to.
@@ -136,13 +136,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except httpx.RequestNotRead:
             data = request.stream  # a streamed body: aiohttp sends it chunked
             headers.popall("transfer-encoding", None)
+        timeouts = request.extensions.get("timeout", {})
         with _mapped(request):
             response = await self.send(
                 request.method,
                 str(request.url),
                 headers,
                 data,
-                request.extensions.get("timeout", {}),
+                client_timeout(timeouts.get("pool"), timeouts.get("connect"), timeouts.get("read")),
                 server_hostname=request.extensions.get("sni_hostname"),
             )
         return httpx.Response(
@@ -152,24 +153,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             extensions=response_extensions(response),
         )
 
-    async def send(
+    def send(
         self,
         method: str,
         url: str,
         headers: CIMultiDict[str] | list[tuple[str, str]],
         data: Any,
-        timeouts: Mapping[str, float | None],
+        timeout: aiohttp.ClientTimeout,
         *,
         server_hostname: str | None = None,
-    ) -> aiohttp.ClientResponse:
-        """One request on the session, its head read; `url` is sent exactly as given (already encoded)."""
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
-        return await self._session_here().request(
+    ) -> Awaitable[aiohttp.ClientResponse]:
+        """One request on the session, to await: the response with its head read. `url` is sent
+        exactly as given (already encoded); `timeout` from `client_timeout`."""
+        return self._session_here().request(
             method,
             URL(url, encoded=True),
             headers=headers,
@@ -185,8 +181,36 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
+_client_timeouts: dict[tuple[float | None, float | None, float | None], aiohttp.ClientTimeout] = {}
+_reasons: dict[str, bytes] = {}
+_CACHED = 64  # entries per cache; a full cache starts again (the working set is a handful)
+
+
+def client_timeout(pool: float | None, connect: float | None, read: float | None) -> aiohttp.ClientTimeout:
+    """aiohttp's timeout for httpx's `pool`, `connect` and `read` (module docstring); the same
+    values give the same (immutable) object."""
+    key = (pool, connect, read)
+    try:
+        return _client_timeouts[key]
+    except KeyError:
+        pass
+    timeout = aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+    if len(_client_timeouts) >= _CACHED:
+        _client_timeouts.clear()
+    _client_timeouts[key] = timeout
+    return timeout
+
+
 def response_extensions(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    return {"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1", "replace")}
+    reason = response.reason or ""
+    try:
+        phrase = _reasons[reason]
+    except KeyError:
+        phrase = reason.encode("latin-1", "replace")
+        if len(_reasons) >= _CACHED:
+            _reasons.clear()
+        _reasons[reason] = phrase
+    return {"http_version": b"HTTP/1.1", "reason_phrase": phrase}
 
 
 class _NoCookieJar(http.cookiejar.CookieJar):

@@ -29,7 +29,6 @@ from imagegate.providers.fal.transport import (
     FalTransport,
     QueueHandle,
     StatusCadence,
-    auth_header,
 )
 from imagegate.providers.resume import unresumable_call
 
@@ -54,7 +53,7 @@ class FalProvider(Provider):
         self.transport = FalTransport(http, self.config)
 
     def check_configured(self) -> None:
-        if auth_header(self.config) is None:
+        if self.transport.auth() is None:
             raise ProviderNotConfigured(NOT_CONFIGURED)
 
     def models(self) -> Sequence[str]:

@@ -122,6 +122,8 @@ class FalProvider(Provider):
         output: FalOutput
         if mode == "queue":
             output = await self._queued(payload, route, ctx)
+        elif mode == "sync" and ctx.hooks is None:  # nothing to guard outside an async job
+            output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)
         elif mode == "sync":
             async with unresumable_call(ctx.hooks, self.name, route.model, payload):
                 output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)

@@ -167,12 +167,17 @@ class ClientService:
 
     async def _admitted(self, request: ImageRequest, kwargs: dict[str, Any]) -> ImageResult:
         limits = self.client.limits if self.client is not None else _NO_LIMITS
-        async with self.access.limiter.admit(self.name, limits, request.n) as admission:
+        if limits:
+            async with self.access.limiter.admit(self.name, limits, request.n) as admission:
+                result = await self.service.run(request, **kwargs)
+            rate_headers = admission.headers
+        else:  # a key without limits: nothing to admit, take or give back (what `admit` does for it)
             result = await self.service.run(request, **kwargs)
+            rate_headers = {}
         if not isinstance(result, ImageResult):  # pragma: no cover - only dry runs return anything else
             raise InternalError("The service returned no images.")
         cost = self.access.prices.cost(request.model, result)
-        result.headers.update(admission.headers)
+        result.headers.update(rate_headers)
         result.headers[COST_HEADER] = format_cost(cost)
         try:
             await self.access.ledger.record(

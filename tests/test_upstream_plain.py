@@ -5,6 +5,8 @@ name their request; and the calls the adapters make on every job do take it."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import gzip
 import logging
 import socket
 import time
@@ -100,6 +102,99 @@ async def test_plain_calls_send_what_httpx_sends(capture: Capture, monkeypatch: 
     assert len(pairs) == len(CALLS)
     for plain_bytes, httpx_bytes in pairs:
         assert plain_bytes == httpx_bytes
+
+
+async def test_what_a_plain_response_builds_on_first_use_is_httpx_s(capture: Capture) -> None:
+    """Headers, extensions, stream, request and elapsed of a plain response are built when first
+    read: each is what httpx's own path gives."""
+    base, _ = capture
+    async with _client() as client:
+        for method, path, kwargs in CALLS:
+            plain = await client.request(method, base + path, **kwargs)
+            httpx_own = await httpx.AsyncClient.request(client, method, base + path, **kwargs)
+            assert plain.headers.encoding == httpx_own.headers.encoding
+            assert plain.headers.get("x-fal-request-id") == httpx_own.headers.get("x-fal-request-id") == "r1"
+            assert plain.headers.multi_items() == httpx_own.headers.multi_items()
+            assert plain.extensions == httpx_own.extensions
+            assert plain.text == httpx_own.text and plain.encoding == httpx_own.encoding
+            assert (await plain.aread(), [c async for c in plain.aiter_bytes()]) == (
+                await httpx_own.aread(), [c async for c in httpx_own.aiter_bytes()]
+            )
+            assert plain.request.method == httpx_own.request.method
+            assert plain.request.headers.raw == httpx_own.request.headers.raw
+            assert plain.request.content == httpx_own.request.content
+            assert plain.request.extensions == httpx_own.request.extensions  # the timeouts
+            assert plain.raise_for_status() is plain
+            assert isinstance(plain.elapsed, datetime.timedelta)
+            await plain.aclose()
+            with pytest.raises(AttributeError):
+                _ = plain._cookies  # what httpx's response lacks, the plain one lacks too
+
+
+async def _gzip_server() -> asyncio.Server:
+    body = gzip.compress(b'{"status":"COMPLETED"}')
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    return await asyncio.start_server(handler, "127.0.0.1", 0)
+
+
+async def test_an_encoded_body_is_decoded_as_httpx_decodes_it() -> None:
+    server = await _gzip_server()
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/status"
+    try:
+        async with _client() as client:
+            plain = await client.get(url)
+            httpx_own = await httpx.AsyncClient.request(client, "GET", url)
+    finally:
+        server.close()
+    assert plain.json() == httpx_own.json() == {"status": "COMPLETED"}
+    assert (plain.content, plain.num_bytes_downloaded) == (httpx_own.content, httpx_own.num_bytes_downloaded)
+    assert plain.headers.raw == httpx_own.headers.raw
+
+
+async def test_what_the_plain_path_works_out_once_follows_the_client(
+    capture: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merged header lists follow changes to the client's headers; a client given auth, event
+    hooks or a base path after its first calls sends through httpx again."""
+    base, seen = capture
+    slow_sends: list[str] = []
+    original_send = httpx.AsyncClient.send
+
+    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        slow_sends.append(str(request.url))
+        return await original_send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
+    headers = {"Authorization": "Key k"}
+    async with _client() as client:
+        await client.get(f"{base}/a", headers=headers)
+        client.headers["x-added"] = "1"
+        del client.headers["accept"]
+        await client.get(f"{base}/b", headers=headers)
+        await httpx.AsyncClient.request(client, "GET", f"{base}/b", headers=headers)
+        assert slow_sends == [f"{base}/b"]
+        assert seen[-2] == seen[-1] and b"x-added: 1" in seen[-2] and b"accept: */*" not in seen[-2].lower()
+        client.auth = ("user", "pw")
+        await client.get(f"{base}/c")
+        client.auth = None
+        async def hook(request: httpx.Request) -> None:
+            return None
+
+        client.event_hooks["request"].append(hook)
+        await client.get(f"{base}/d")
+        client.event_hooks["request"].clear()
+        client.base_url = httpx.URL("http://unused.example/prefix/")
+        await client.get(f"{base}/e")
+    assert slow_sends == [f"{base}/b", f"{base}/c", f"{base}/d", f"{base}/e"]
 
 
 async def test_the_httpx_log_line_is_the_same(capture: Capture, caplog: pytest.LogCaptureFixture) -> None:

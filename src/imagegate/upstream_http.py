@@ -150,7 +150,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             status_code=response.status,
             headers=response.raw_headers,
             stream=_ResponseStream(response, request),
-            extensions=response_extensions(response),
+            extensions=response_extensions(response.reason),
         )
 
     def send(
@@ -201,8 +201,9 @@ def client_timeout(pool: float | None, connect: float | None, read: float | None
     return timeout
 
 
-def response_extensions(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    reason = response.reason or ""
+def response_extensions(reason: str | None) -> dict[str, Any]:
+    """httpx's response extensions for an aiohttp response's `reason`."""
+    reason = reason or ""
     try:
         phrase = _reasons[reason]
     except KeyError:

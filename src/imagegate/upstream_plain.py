@@ -6,14 +6,16 @@ httpx's client layer (URL parsing, `Request` objects, the auth/redirect/stream m
 `Response` streams) cost about twice aiohttp's own work per upstream call on the gateway's hot
 path. The plain path sends the same request on the wire (the same header list in the same order,
 the same body bytes, the URL exactly as given), returns the same `httpx.Response` (its body read,
-decoded by httpx when it is encoded), raises the same httpx exceptions (`upstream_http._httpx_error`)
+decoded by httpx when it is encoded), raises the same httpx exceptions (`upstream_http.httpx_error`)
 and writes the same `httpx` log line. It is taken only when that can be guaranteed: a URL that
 httpx would send unchanged, no params, cookies, auth, hooks, mounts or followed redirects;
 everything else goes through httpx's own path.
 
 What does not change from call to call is worked out once: whether an origin (`scheme://host:port`)
-is plain, the header list a header set merges into, the aiohttp timeout of an httpx timeout. A
-response's `request` and `elapsed` are built only if asked for.
+is plain, the header list a header set merges into (again when the client's headers change), the
+aiohttp timeout of an httpx timeout. What callers seldom read of a response (its `headers`,
+`extensions`, `stream`, `request`, `elapsed`) is built on first use; most adapter calls read only
+the status and the JSON body.
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ class _Sent(NamedTuple):
 
     def request(self) -> httpx.Request:
         """The `httpx.Request` httpx would have built for this call."""
+        # `content`: read, as httpx's own request is (the headers already say all it would add)
         return httpx.Request(
-            self.method, self.url, headers=self.headers, stream=httpx.ByteStream(self.body or b""),
+            self.method, self.url, headers=self.headers, content=self.body or b"",
             extensions={"timeout": self.timeout.as_dict()},
         )
 
@@ -126,7 +129,8 @@ class _PlainResponse(httpx.Response):
     read is built on first use: `headers`, `extensions`, `stream`, `request`, `elapsed`."""
 
     _sent: _Sent
-    _answer: aiohttp.ClientResponse
+    _raw_headers: tuple[tuple[bytes, bytes], ...]
+    _reason: str | None
     _seconds: float
 
     @classmethod
@@ -136,8 +140,8 @@ class _PlainResponse(httpx.Response):
         """The response to `sent`: `answer`'s status and headers, `raw` its body as read."""
         if "Content-Encoding" in answer.headers:  # httpx decodes the body, as on its own path
             encoded = cls(
-                answer.status, headers=answer.raw_headers, stream=httpx.ByteStream(raw),
-                extensions=response_extensions(answer), request=sent.request(), default_encoding=default_encoding,
+                answer.status, headers=answer.raw_headers, stream=httpx.ByteStream(raw), request=sent.request(),
+                extensions=response_extensions(answer.reason), default_encoding=default_encoding,
             )
             encoded.read()  # a decoding error names its request, as httpx's does
             encoded.elapsed = datetime.timedelta(seconds=seconds)
@@ -153,23 +157,23 @@ class _PlainResponse(httpx.Response):
         response._num_bytes_downloaded = len(raw)
         response._content = raw
         response._sent = sent
-        response._answer = answer
+        response._raw_headers = answer.raw_headers
+        response._reason = answer.reason
         response._seconds = seconds
         return response
 
     def __getattr__(self, name: str) -> Any:
         """The attributes httpx sets in `Response.__init__` and `read()` that `read_from` leaves
         to first use (only then is this called)."""
-        answer = self.__dict__.get("_answer")
-        if answer is None:
+        if "_sent" not in self.__dict__:  # built by httpx.Response(...): nothing left to build
             raise AttributeError(name)
         value: Any
         if name == "headers":
             value = httpx.Headers.__new__(httpx.Headers)  # as httpx.Headers(raw pairs), without re-checking bytes
-            value._list = [(key, key.lower(), item) for key, item in answer.raw_headers]
+            value._list = [(key, key.lower(), item) for key, item in self._raw_headers]
             value._encoding = None
         elif name == "extensions":
-            value = response_extensions(answer)
+            value = response_extensions(self._reason)
         elif name == "stream":
             value = httpx.ByteStream(self._content)
         elif name == "_request":

@@ -70,6 +70,8 @@ CALLS: list[tuple[str, str, dict[str, Any]]] = [
     ("PUT", "/upload", {"content": b"\x89PNG bytes", "headers": {"Content-Type": "image/png"}, "timeout": 3.0}),
     ("PUT", "/cancel", {"content": b"", "timeout": httpx.Timeout(2.0, connect=1.0)}),
     ("POST", "/own-length", {"content": b"abc", "headers": {"Content-Length": "3", "Host": "fal.example"}}),
+    ("DELETE", "/job", {"headers": {"Authorization": "Key k"}}),
+    ("PATCH", "/typed", {"content": b"x", "headers": {"content-type": "text/plain"}}),
 ]
 
 

@@ -102,9 +102,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._limits = limits
         self._ssl = ssl_context or httpx.create_ssl_context()  # httpx's CA bundle and settings
         self._session: aiohttp.ClientSession | None = None
+        self._complete: aiohttp.ClientSession | None = None  # on the same connector: see `send`
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _session_here(self) -> aiohttp.ClientSession:
+    def _session_here(self, complete: bool = False) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(
@@ -114,16 +115,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 ssl=self._ssl,
                 ttl_dns_cache=10,
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=_SKIP_AUTO,
-                timeout=aiohttp.ClientTimeout(total=None),
-                max_line_size=16 * 1024,  # h11's (httpcore's) limit for a header block line
-                max_field_size=16 * 1024,
-            )
+            options: dict[str, Any] = {
+                "cookie_jar": aiohttp.DummyCookieJar(),
+                "auto_decompress": False,
+                "timeout": aiohttp.ClientTimeout(total=None),
+                "max_line_size": 16 * 1024,  # h11's (httpcore's) limit for a header block line
+                "max_field_size": 16 * 1024,
+            }
+            self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=_SKIP_AUTO, **options)
+            self._complete = aiohttp.ClientSession(connector=connector, connector_owner=False, **options)
             self._loop = loop
+        if complete:
+            assert self._complete is not None
+            return self._complete
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -162,10 +166,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         timeout: aiohttp.ClientTimeout,
         *,
         server_hostname: str | None = None,
+        complete: bool = False,
     ) -> Awaitable[aiohttp.ClientResponse]:
         """One request on the session, to await: the response with its head read. `url` is sent
-        exactly as given (already encoded); `timeout` from `client_timeout`."""
-        return self._session_here().request(
+        exactly as given (already encoded); `timeout` from `client_timeout`. `complete`: `headers`
+        name every header aiohttp would otherwise add (Accept, Accept-Encoding, User-Agent, and
+        Content-Type when there is a body), so aiohttp's per-request work for the headers it must
+        skip is left out: the request goes on a second session on the same connector, without
+        `skip_auto_headers`, that adds nothing either."""
+        return self._session_here(complete).request(
             method,
             URL(url, encoded=True),
             headers=headers,
@@ -176,9 +185,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
-            await session.close()
+        sessions, self._session, self._complete = (self._complete, self._session), None, None
+        for session in sessions:  # the connector's owner last
+            if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
+                await session.close()
 
 
 _client_timeouts: dict[tuple[float | None, float | None, float | None], aiohttp.ClientTimeout] = {}

@@ -195,11 +195,16 @@ class _ClientHeaders(NamedTuple):
 
 
 class _Merged(NamedTuple):
-    """The client's headers merged with one call's: the list (without Host and body headers) and
-    the lower-case names in it."""
+    """The client's headers merged with one call's: the list (without Host and body headers), the
+    lower-case names in it, and whether those include every header aiohttp adds to a bodiless
+    request unless told not to (`AiohttpTransport.send`'s `complete`)."""
 
     pairs: list[tuple[str, str]]
     present: frozenset[str]
+    complete: bool
+
+
+_AIOHTTP_AUTO = frozenset({"accept", "accept-encoding", "user-agent"})  # and content-type: see `_plain`
 
 
 class _Target(NamedTuple):
@@ -328,7 +333,7 @@ class UpstreamClient(httpx.AsyncClient):
             present = frozenset(names.union(client.lowered))
         else:
             pairs, present = list(client.pairs), frozenset(client.lowered)
-        merged = _Merged(pairs, present)
+        merged = _Merged(pairs, present, present >= _AIOHTTP_AUTO)
         if len(self._plain_merged) >= _CACHED:
             self._plain_merged.clear()
         self._plain_merged[key] = merged
@@ -385,10 +390,15 @@ class UpstreamClient(httpx.AsyncClient):
         if typed and "content-type" not in present:
             wire.append(("Content-Type", "application/json"))
         sent = _Sent(method, url, wire, body, timeouts)
+        data = body or None
+        # aiohttp types a body, and a POST/PUT/PATCH without one, unless the headers do
+        typed_on_wire = typed or "content-type" in present
+        complete = merged.complete and (typed_on_wire or (data is None and method not in _BODY_METHODS))
         started = time.perf_counter()
         try:
             answer = await transport.send(
-                method, url, wire, body or None, client_timeout(timeouts.pool, timeouts.connect, timeouts.read)
+                method, url, wire, data, client_timeout(timeouts.pool, timeouts.connect, timeouts.read),
+                complete=complete,
             )
             try:
                 raw = await answer.read()

@@ -23,8 +23,10 @@ upstream request costs about half the CPU of httpx + httpcore even at concurrenc
 
 `limits.max_connections` applies per upstream host (one slow upstream cannot starve another); more
 requests wait in aiohttp's FIFO queue. Idle connections close after `limits.keepalive_expiry`.
-The aiohttp session is created on first use in the running event loop (a new one if the loop
-changed, e.g. between tests).
+The aiohttp sessions (two on one connector: one told to skip the headers aiohttp would add, one
+for requests whose headers already name them all, see `send`) are created on first use in the
+running event loop (new ones if the loop changed, e.g. between tests). aiohttp timeouts are built
+once per distinct value (`client_timeout`).
 
 `upstream_client()` returns an `upstream_plain.UpstreamClient`: the adapters' plain calls (GET,
 POST, PUT with headers, a JSON or bytes body, a timeout) skip httpx's request machinery and go to

@@ -134,15 +134,19 @@ async def test_what_a_plain_response_builds_on_first_use_is_httpx_s(capture: Cap
 
 
 async def _gzip_server() -> asyncio.Server:
+    """`/latin`: a header in Latin-1; anything else: a gzip-encoded JSON body."""
     body = gzip.compress(b'{"status":"COMPLETED"}')
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                await reader.readuntil(b"\r\n\r\n")
+                path = (await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1]
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(body)
+            if path == b"/latin":  # a header value that is not ASCII, a body that is not encoded
+                head = b"HTTP/1.1 200 OK\r\nx-name: caf\xe9\r\ncontent-length: 2\r\n\r\n"
+            writer.write(head + (b"{}" if path == b"/latin" else body))
             await writer.drain()
 
     return await asyncio.start_server(handler, "127.0.0.1", 0)
@@ -160,6 +164,19 @@ async def test_an_encoded_body_is_decoded_as_httpx_decodes_it() -> None:
     assert plain.json() == httpx_own.json() == {"status": "COMPLETED"}
     assert (plain.content, plain.num_bytes_downloaded) == (httpx_own.content, httpx_own.num_bytes_downloaded)
     assert plain.headers.raw == httpx_own.headers.raw
+
+
+async def test_headers_that_are_not_ascii_read_as_httpx_reads_them() -> None:
+    server = await _gzip_server()
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/latin"
+    try:
+        async with _client() as client:
+            plain = await client.get(url)
+            httpx_own = await httpx.AsyncClient.request(client, "GET", url)
+    finally:
+        server.close()
+    assert plain.headers["x-name"] == httpx_own.headers["x-name"] == "caf\u00e9"
+    assert plain.headers.encoding == httpx_own.headers.encoding == "iso-8859-1"
 
 
 async def test_what_the_plain_path_works_out_once_follows_the_client(

@@ -25,6 +25,7 @@ import json as jsonlib
 import logging
 import re
 import time
+from itertools import chain
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -169,9 +170,11 @@ class _PlainResponse(httpx.Response):
             raise AttributeError(name)
         value: Any
         if name == "headers":
+            raw = self._raw_headers
             value = httpx.Headers.__new__(httpx.Headers)  # as httpx.Headers(raw pairs), without re-checking bytes
-            value._list = [(key, key.lower(), item) for key, item in self._raw_headers]
-            value._encoding = None
+            value._list = [(key, key.lower(), item) for key, item in raw]
+            # the encoding httpx settles on when all of it is ASCII (else it works it out on first use)
+            value._encoding = "ascii" if b"".join(chain.from_iterable(raw)).isascii() else None
         elif name == "extensions":
             value = response_extensions(self._reason)
         elif name == "stream":

@@ -49,6 +49,7 @@ _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CACHED = 256  # entries per cache below; a full cache starts again (the working set is a handful)
 _httpx_log = logging.getLogger("httpx")
+_JSON = jsonlib.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)  # httpx's json= encoding
 _USE_DEFAULT = httpx.USE_CLIENT_DEFAULT
 
 
@@ -378,7 +379,7 @@ class UpstreamClient(httpx.AsyncClient):
             length = bool(body)
             typed = False
         elif json is not None:  # as httpx encodes it
-            body = jsonlib.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+            body = _JSON.encode(json).encode("utf-8")
             length = typed = True
         else:
             length = typed = False

@@ -258,28 +258,6 @@ class UpstreamClient(httpx.AsyncClient):
             cookies=cookies, auth=auth, follow_redirects=follow_redirects, timeout=timeout, extensions=extensions,
         )
 
-    async def get(
-        self,
-        url: httpx.URL | str,
-        *,
-        params: Any = None,
-        headers: Any = None,
-        cookies: Any = None,
-        auth: Any = httpx.USE_CLIENT_DEFAULT,
-        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
-        timeout: Any = httpx.USE_CLIENT_DEFAULT,
-        extensions: Any = None,
-    ) -> httpx.Response:
-        """`request("GET", ...)`, a plain call without the extra step."""
-        if params is None and cookies is None and extensions is None and isinstance(url, str):
-            target = self._plain_target(url, headers, auth, follow_redirects)
-            if target is not None:
-                return await self._plain("GET", url, target, None, None, timeout)
-        return await super().get(
-            url, params=params, headers=headers, cookies=cookies, auth=auth, follow_redirects=follow_redirects,
-            timeout=timeout, extensions=extensions,
-        )
-
     def _plain_target(self, url: str, headers: Any, auth: Any, follow_redirects: Any) -> _Target | None:
         """Where a call goes and the headers it sends, if it can take the plain path; else None."""
         if (

@@ -5,6 +5,8 @@ name their request; and the calls the adapters make on every job do take it."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import gzip
 import logging
 import socket
 import time
@@ -55,6 +57,20 @@ async def capture() -> AsyncIterator[Capture]:
     server.close()
 
 
+@pytest.fixture
+def httpx_sends(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
+    """The requests that go through httpx's own `send` (the plain path's never do)."""
+    sent: list[httpx.Request] = []
+    original_send = httpx.AsyncClient.send
+
+    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        sent.append(request)
+        return await original_send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
+    return sent
+
+
 def _client() -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=4)
     return upstream_client(limits=limits, timeout=httpx.Timeout(5.0), headers={"user-agent": "imagegate/test"})
@@ -68,19 +84,13 @@ CALLS: list[tuple[str, str, dict[str, Any]]] = [
     ("PUT", "/upload", {"content": b"\x89PNG bytes", "headers": {"Content-Type": "image/png"}, "timeout": 3.0}),
     ("PUT", "/cancel", {"content": b"", "timeout": httpx.Timeout(2.0, connect=1.0)}),
     ("POST", "/own-length", {"content": b"abc", "headers": {"Content-Length": "3", "Host": "fal.example"}}),
+    ("DELETE", "/job", {"headers": {"Authorization": "Key k"}}),
+    ("PATCH", "/typed", {"content": b"x", "headers": {"content-type": "text/plain"}}),
 ]
 
 
-async def test_plain_calls_send_what_httpx_sends(capture: Capture, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_plain_calls_send_what_httpx_sends(capture: Capture, httpx_sends: list[httpx.Request]) -> None:
     base, seen = capture
-    slow_sends: list[httpx.Request] = []
-    original_send = httpx.AsyncClient.send
-
-    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        slow_sends.append(request)
-        return await original_send(self, request, **kwargs)
-
-    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
     async with _client() as client:
         for method, path, kwargs in CALLS:
             plain = await client.request(method, base + path, **kwargs)
@@ -95,11 +105,111 @@ async def test_plain_calls_send_what_httpx_sends(capture: Capture, monkeypatch: 
                 assert getattr(plain, attr) == getattr(httpx_own, attr), attr
             assert plain.request.url == httpx_own.request.url
             assert plain.elapsed.total_seconds() >= 0
-    assert len(slow_sends) == len(CALLS)  # only the httpx_own half went through httpx's send
+    assert len(httpx_sends) == len(CALLS)  # only the httpx_own half went through httpx's send
     pairs = list(zip(seen[0::2], seen[1::2], strict=True))
     assert len(pairs) == len(CALLS)
     for plain_bytes, httpx_bytes in pairs:
         assert plain_bytes == httpx_bytes
+
+
+async def test_what_a_plain_response_builds_on_first_use_is_httpx_s(capture: Capture) -> None:
+    """Headers, extensions, stream, request and elapsed of a plain response are built when first
+    read: each is what httpx's own path gives."""
+    base, _ = capture
+    async with _client() as client:
+        for method, path, kwargs in CALLS:
+            plain = await client.request(method, base + path, **kwargs)
+            httpx_own = await httpx.AsyncClient.request(client, method, base + path, **kwargs)
+            assert plain.headers.encoding == httpx_own.headers.encoding
+            assert plain.headers.get("x-fal-request-id") == httpx_own.headers.get("x-fal-request-id") == "r1"
+            assert plain.headers.multi_items() == httpx_own.headers.multi_items()
+            assert plain.extensions == httpx_own.extensions
+            assert plain.text == httpx_own.text and plain.encoding == httpx_own.encoding
+            assert (await plain.aread(), [c async for c in plain.aiter_bytes()]) == (
+                await httpx_own.aread(), [c async for c in httpx_own.aiter_bytes()]
+            )
+            assert plain.request.method == httpx_own.request.method
+            assert plain.request.headers.raw == httpx_own.request.headers.raw
+            assert plain.request.content == httpx_own.request.content
+            assert plain.request.extensions == httpx_own.request.extensions  # the timeouts
+            assert plain.raise_for_status() is plain
+            assert isinstance(plain.elapsed, datetime.timedelta)
+            await plain.aclose()
+            with pytest.raises(AttributeError):
+                _ = plain._cookies  # what httpx's response lacks, the plain one lacks too
+
+
+async def _gzip_server() -> asyncio.Server:
+    """`/latin`: a header in Latin-1; anything else: a gzip-encoded JSON body."""
+    body = gzip.compress(b'{"status":"COMPLETED"}')
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                path = (await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1]
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(body)
+            if path == b"/latin":  # a header value that is not ASCII, a body that is not encoded
+                head = b"HTTP/1.1 200 OK\r\nx-name: caf\xe9\r\ncontent-length: 2\r\n\r\n"
+            writer.write(head + (b"{}" if path == b"/latin" else body))
+            await writer.drain()
+
+    return await asyncio.start_server(handler, "127.0.0.1", 0)
+
+
+async def _get_both(path: str) -> tuple[httpx.Response, httpx.Response]:
+    """GET `path` of `_gzip_server` on the plain path and on httpx's own."""
+    server = await _gzip_server()
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{path}"
+    try:
+        async with _client() as client:
+            return await client.get(url), await httpx.AsyncClient.request(client, "GET", url)
+    finally:
+        server.close()
+
+
+async def test_an_encoded_body_is_decoded_as_httpx_decodes_it() -> None:
+    plain, httpx_own = await _get_both("/status")
+    assert plain.json() == httpx_own.json() == {"status": "COMPLETED"}
+    assert (plain.content, plain.num_bytes_downloaded) == (httpx_own.content, httpx_own.num_bytes_downloaded)
+    assert plain.headers.raw == httpx_own.headers.raw
+
+
+async def test_headers_that_are_not_ascii_read_as_httpx_reads_them() -> None:
+    plain, httpx_own = await _get_both("/latin")
+    assert plain.headers["x-name"] == httpx_own.headers["x-name"] == "caf\u00e9"
+    assert plain.headers.encoding == httpx_own.headers.encoding == "iso-8859-1"
+
+
+async def test_what_the_plain_path_works_out_once_follows_the_client(
+    capture: Capture, httpx_sends: list[httpx.Request]
+) -> None:
+    """The merged header lists follow changes to the client's headers; a client given auth, event
+    hooks or a base path after its first calls sends through httpx again."""
+    base, seen = capture
+    headers = {"Authorization": "Key k"}
+    async with _client() as client:
+        await client.get(f"{base}/a", headers=headers)
+        client.headers["x-added"] = "1"
+        del client.headers["accept"]
+        await client.get(f"{base}/b", headers=headers)
+        await httpx.AsyncClient.request(client, "GET", f"{base}/b", headers=headers)
+        assert [str(r.url) for r in httpx_sends] == [f"{base}/b"]
+        assert seen[-2] == seen[-1] and b"x-added: 1" in seen[-2] and b"accept: */*" not in seen[-2].lower()
+        client.auth = ("user", "pw")
+        await client.get(f"{base}/c")
+        client.auth = None
+
+        async def hook(request: httpx.Request) -> None:
+            return None
+
+        client.event_hooks["request"].append(hook)
+        await client.get(f"{base}/d")
+        client.event_hooks["request"].clear()
+        client.base_url = httpx.URL("http://unused.example/prefix/")
+        await client.get(f"{base}/e")
+    assert [str(r.url) for r in httpx_sends] == [f"{base}/b", f"{base}/c", f"{base}/d", f"{base}/e"]
 
 
 async def test_the_httpx_log_line_is_the_same(capture: Capture, caplog: pytest.LogCaptureFixture) -> None:
@@ -113,16 +223,8 @@ async def test_the_httpx_log_line_is_the_same(capture: Capture, caplog: pytest.L
     assert lines[0] == f'HTTP Request: GET {base}/status "HTTP/1.1 202 Accepted"'
 
 
-async def test_other_calls_take_httpx_s_path(capture: Capture, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_other_calls_take_httpx_s_path(capture: Capture, httpx_sends: list[httpx.Request]) -> None:
     base, _ = capture
-    sent: list[str] = []
-    original_send = httpx.AsyncClient.send
-
-    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        sent.append(str(request.url))
-        return await original_send(self, request, **kwargs)
-
-    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
     async with _client() as client:
         await client.get(f"{base}/p", params={"a": "b c"})
         await client.get(f"{base}/a b")  # httpx quotes it
@@ -130,7 +232,7 @@ async def test_other_calls_take_httpx_s_path(capture: Capture, monkeypatch: pyte
         await client.get(f"{base}/h", headers=[("x-a", "1")])
         with pytest.raises(UnicodeEncodeError):  # httpx's own error for a header it cannot encode
             await client.get(f"{base}/h", headers={"x-name": "caf\u00e9"})
-    assert sent == [f"{base}/p?a=b+c", f"{base}/a%20b", f"{base}/u", f"{base}/h"]
+    assert [str(r.url) for r in httpx_sends] == [f"{base}/p?a=b+c", f"{base}/a%20b", f"{base}/u", f"{base}/h"]
 
 
 async def test_a_failed_plain_call_raises_httpx_s_error_naming_its_request() -> None:
@@ -218,17 +320,9 @@ def test_other_urls_are_left_to_httpx(url: str) -> None:
 
 
 
-async def test_a_fal_queue_job_is_three_plain_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_fal_queue_job_is_three_plain_calls(httpx_sends: list[httpx.Request]) -> None:
     """The calls of a passthrough job (submit, one status poll, result) all take the plain path,
     and a job that is done at the first poll costs exactly those three upstream requests."""
-    slow_sends: list[str] = []
-    original_send = httpx.AsyncClient.send
-
-    async def counted_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        slow_sends.append(str(request.url))
-        return await original_send(self, request, **kwargs)
-
-    monkeypatch.setattr(httpx.AsyncClient, "send", counted_send)
     fake = FakeFal()
     fake.scenario = FalScenario.instant()
     with LocalServer(fake.app) as srv:
@@ -243,4 +337,4 @@ async def test_a_fal_queue_job_is_three_plain_calls(monkeypatch: pytest.MonkeyPa
         ("GET", "status"),
         ("GET", fake.last_submit.request_id),
     ]
-    assert slow_sends == []
+    assert httpx_sends == []

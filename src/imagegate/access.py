@@ -46,6 +46,7 @@ __all__ = ["Access", "ClientService", "RunService", "service_for"]
 
 log = logging.getLogger("imagegate.auth")  # "imagegate.access" is left to the request log
 RunResult = ImageResult | DryRunResult
+_NO_LIMITS = KeyLimits()  # an anonymous client's (immutable)
 
 
 class RunService(Protocol):
@@ -143,7 +144,7 @@ class ClientService:
         if request.route is not None and self.catalog is not None:  # a bad pin uses up no rpm
             self.catalog.get(request.model).pinned(request.route)
         if dry_run:  # also refused: a request the key's limits can never admit (an async job would wait forever)
-            refuse_unadmittable(self.name, self.client.limits if self.client is not None else KeyLimits(), request.n)
+            refuse_unadmittable(self.name, self.client.limits if self.client is not None else _NO_LIMITS, request.n)
             return await self.service.run(request, request_id=request_id, base_url=base_url, dry_run=True)
         kwargs: dict[str, Any] = {"request_id": request_id, "base_url": base_url, "on_plan": on_plan}
 
@@ -165,13 +166,18 @@ class ClientService:
         return result
 
     async def _admitted(self, request: ImageRequest, kwargs: dict[str, Any]) -> ImageResult:
-        limits = self.client.limits if self.client is not None else KeyLimits()
-        async with self.access.limiter.admit(self.name, limits, request.n) as admission:
+        limits = self.client.limits if self.client is not None else _NO_LIMITS
+        if limits:
+            async with self.access.limiter.admit(self.name, limits, request.n) as admission:
+                result = await self.service.run(request, **kwargs)
+            rate_headers = admission.headers
+        else:  # a key without limits: nothing to admit, take or give back (what `admit` does for it)
             result = await self.service.run(request, **kwargs)
+            rate_headers = {}
         if not isinstance(result, ImageResult):  # pragma: no cover - only dry runs return anything else
             raise InternalError("The service returned no images.")
         cost = self.access.prices.cost(request.model, result)
-        result.headers.update(admission.headers)
+        result.headers.update(rate_headers)
         result.headers[COST_HEADER] = format_cost(cost)
         try:
             await self.access.ledger.record(

@@ -23,8 +23,10 @@ upstream request costs about half the CPU of httpx + httpcore even at concurrenc
 
 `limits.max_connections` applies per upstream host (one slow upstream cannot starve another); more
 requests wait in aiohttp's FIFO queue. Idle connections close after `limits.keepalive_expiry`.
-The aiohttp session is created on first use in the running event loop (a new one if the loop
-changed, e.g. between tests).
+The aiohttp sessions (two on one connector: one told to skip the headers aiohttp would add, one
+for requests whose headers already name them all, see `send`) are created on first use in the
+running event loop (new ones if the loop changed, e.g. between tests). aiohttp timeouts are built
+once per distinct value (`client_timeout`).
 
 `upstream_client()` returns an `upstream_plain.UpstreamClient`: the adapters' plain calls (GET,
 POST, PUT with headers, a JSON or bytes body, a timeout) skip httpx's request machinery and go to
@@ -36,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,7 +47,7 @@ import httpx
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ["AiohttpTransport", "upstream_client"]
+__all__ = ["AiohttpTransport", "client_timeout", "upstream_client"]
 
 CHUNK = 64 * 1024
 # Headers aiohttp would otherwise add on its own: httpx already sends the ones it means to.
@@ -102,9 +104,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._limits = limits
         self._ssl = ssl_context or httpx.create_ssl_context()  # httpx's CA bundle and settings
         self._session: aiohttp.ClientSession | None = None
+        self._complete: aiohttp.ClientSession | None = None  # on the same connector: see `send`
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _session_here(self) -> aiohttp.ClientSession:
+    def _session_here(self, complete: bool = False) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(
@@ -114,16 +117,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 ssl=self._ssl,
                 ttl_dns_cache=10,
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=_SKIP_AUTO,
-                timeout=aiohttp.ClientTimeout(total=None),
-                max_line_size=16 * 1024,  # h11's (httpcore's) limit for a header block line
-                max_field_size=16 * 1024,
-            )
+            options: dict[str, Any] = {
+                "cookie_jar": aiohttp.DummyCookieJar(),
+                "auto_decompress": False,
+                "timeout": aiohttp.ClientTimeout(total=None),
+                "max_line_size": 16 * 1024,  # h11's (httpcore's) limit for a header block line
+                "max_field_size": 16 * 1024,
+            }
+            self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=_SKIP_AUTO, **options)
+            self._complete = aiohttp.ClientSession(connector=connector, connector_owner=False, **options)
             self._loop = loop
+        if complete:
+            assert self._complete is not None
+            return self._complete
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -136,40 +142,41 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except httpx.RequestNotRead:
             data = request.stream  # a streamed body: aiohttp sends it chunked
             headers.popall("transfer-encoding", None)
+        timeouts = request.extensions.get("timeout", {})
         with _mapped(request):
             response = await self.send(
                 request.method,
                 str(request.url),
                 headers,
                 data,
-                request.extensions.get("timeout", {}),
+                client_timeout(timeouts.get("pool"), timeouts.get("connect"), timeouts.get("read")),
                 server_hostname=request.extensions.get("sni_hostname"),
             )
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
             stream=_ResponseStream(response, request),
-            extensions=response_extensions(response),
+            extensions=response_extensions(response.reason),
         )
 
-    async def send(
+    def send(
         self,
         method: str,
         url: str,
         headers: CIMultiDict[str] | list[tuple[str, str]],
         data: Any,
-        timeouts: Mapping[str, float | None],
+        timeout: aiohttp.ClientTimeout,
         *,
         server_hostname: str | None = None,
-    ) -> aiohttp.ClientResponse:
-        """One request on the session, its head read; `url` is sent exactly as given (already encoded)."""
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
-        return await self._session_here().request(
+        complete: bool = False,
+    ) -> Awaitable[aiohttp.ClientResponse]:
+        """One request on the session, to await: the response with its head read. `url` is sent
+        exactly as given (already encoded); `timeout` from `client_timeout`. `complete`: `headers`
+        name every header aiohttp would otherwise add (Accept, Accept-Encoding, User-Agent, and
+        Content-Type when there is a body), so aiohttp's per-request work for the headers it must
+        skip is left out: the request goes on a second session on the same connector, without
+        `skip_auto_headers`, that adds nothing either."""
+        return self._session_here(complete).request(
             method,
             URL(url, encoded=True),
             headers=headers,
@@ -180,13 +187,43 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
-            await session.close()
+        sessions, self._session, self._complete = (self._complete, self._session), None, None
+        for session in sessions:  # the connector's owner last
+            if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
+                await session.close()
 
 
-def response_extensions(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    return {"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1", "replace")}
+_client_timeouts: dict[tuple[float | None, float | None, float | None], aiohttp.ClientTimeout] = {}
+_reasons: dict[str, bytes] = {}
+_CACHED = 64  # entries per cache; a full cache starts again (the working set is a handful)
+
+
+def client_timeout(pool: float | None, connect: float | None, read: float | None) -> aiohttp.ClientTimeout:
+    """aiohttp's timeout for httpx's `pool`, `connect` and `read` (module docstring); the same
+    values give the same (immutable) object."""
+    key = (pool, connect, read)
+    try:
+        return _client_timeouts[key]
+    except KeyError:
+        pass
+    timeout = aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+    if len(_client_timeouts) >= _CACHED:
+        _client_timeouts.clear()
+    _client_timeouts[key] = timeout
+    return timeout
+
+
+def response_extensions(reason: str | None) -> dict[str, Any]:
+    """httpx's response extensions for an aiohttp response's `reason`."""
+    reason = reason or ""
+    try:
+        phrase = _reasons[reason]
+    except KeyError:
+        phrase = reason.encode("latin-1", "replace")
+        if len(_reasons) >= _CACHED:
+            _reasons.clear()
+        _reasons[reason] = phrase
+    return {"http_version": b"HTTP/1.1", "reason_phrase": phrase}
 
 
 class _NoCookieJar(http.cookiejar.CookieJar):

@@ -5,11 +5,17 @@ PUT with headers, a JSON or bytes body and a timeout) sent straight to aiohttp.
 httpx's client layer (URL parsing, `Request` objects, the auth/redirect/stream machinery,
 `Response` streams) cost about twice aiohttp's own work per upstream call on the gateway's hot
 path. The plain path sends the same request on the wire (the same header list in the same order,
-the same body bytes, the URL exactly as given), returns the same `httpx.Response` (its body read
-and decoded by httpx), raises the same httpx exceptions (`upstream_http._httpx_error`) and writes
-the same `httpx` log line. It is taken only when that can be guaranteed: a URL that httpx would
-send unchanged, no params, cookies, auth, hooks, mounts or followed redirects; everything else
-goes through httpx's own path.
+the same body bytes, the URL exactly as given), returns the same `httpx.Response` (its body read,
+decoded by httpx when it is encoded), raises the same httpx exceptions (`upstream_http.httpx_error`)
+and writes the same `httpx` log line. It is taken only when that can be guaranteed: a URL that
+httpx would send unchanged, no params, cookies, auth, hooks, mounts or followed redirects;
+everything else goes through httpx's own path.
+
+What does not change from call to call is worked out once: whether an origin (`scheme://host:port`)
+is plain, the header list a header set merges into (again when the client's headers change), the
+aiohttp timeout of an httpx timeout. What callers seldom read of a response (its `headers`,
+`extensions`, `stream`, `request`, `elapsed`) is built on first use; most adapter calls read only
+the status and the JSON body.
 """
 
 from __future__ import annotations
@@ -19,73 +25,195 @@ import json as jsonlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 import aiohttp
 import httpx
-from httpx._client import ClientState, UseClientDefault
+from httpx._client import ClientState
 
-from imagegate.upstream_http import AiohttpTransport, httpx_error, response_extensions
+from imagegate.upstream_http import AiohttpTransport, client_timeout, httpx_error, response_extensions
 
 __all__ = ["UpstreamClient", "plain_netloc", "plain_origin"]
 
 
 # URLs httpx sends exactly as written (its parser neither quotes nor normalizes anything in them):
 # http(s), a lower-case host name or IPv4 address, an optional non-default port, a path, a query.
-_PLAIN_URL = re.compile(
+_PLAIN_ORIGIN = re.compile(
     r"(?P<scheme>https?)://(?P<netloc>(?P<host>[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)(?::(?P<port>[1-9][0-9]{0,4}))?)"
-    r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?"
 )
-_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_DOT_SEGMENT = re.compile(r"/\.\.?(?:[/?]|\Z)")
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")  # httpx quotes it
+_DOT_SEGMENT = re.compile(r"/\.\.?(?:[/?]|\Z)")  # httpx removes it
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_CACHED = 256  # entries per cache below; a full cache starts again (the working set is a handful)
 _httpx_log = logging.getLogger("httpx")
+_JSON = jsonlib.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)  # httpx's json= encoding
+_USE_DEFAULT = httpx.USE_CLIENT_DEFAULT
 
 
-def _plain(url: str) -> re.Match[str] | None:
-    match = _PLAIN_URL.fullmatch(url)
-    if match is None or _BAD_ESCAPE.search(url) or _DOT_SEGMENT.search(url, match.end("netloc")):
+class _Origin(NamedTuple):
+    netloc: str  # the `Host` httpx sends
+    parsed: tuple[str, str, int | None]  # (scheme, host, port) as `httpx.URL` has them
+
+
+_origins: dict[str, _Origin | None] = {}
+
+
+def _origin(prefix: str) -> _Origin | None:
+    """The origin part of a URL (up to its path), if httpx sends it unchanged; cached."""
+    try:
+        return _origins[prefix]
+    except KeyError:
+        pass
+    match = _PLAIN_ORIGIN.fullmatch(prefix)
+    origin = None
+    if match is not None and (
+        match["port"] is None or (match["port"] != _DEFAULT_PORTS[match["scheme"]] and int(match["port"]) <= 65535)
+    ):
+        port = None if match["port"] is None else int(match["port"])
+        origin = _Origin(match["netloc"], (match["scheme"], match["host"], port))
+    if len(_origins) >= _CACHED:
+        _origins.clear()
+    _origins[prefix] = origin
+    return origin
+
+
+def _plain(url: str) -> _Origin | None:
+    path = url.find("/", 8)  # the first slash after `http://h` / `https://`: where the path starts
+    if path < 0:
         return None
-    if match["port"] is not None and (match["port"] == _DEFAULT_PORTS[match["scheme"]] or int(match["port"]) > 65535):
+    origin = _origin(url[:path])
+    if (
+        origin is None
+        or _PLAIN_PATH.fullmatch(url, path) is None
+        or ("%" in url and _BAD_ESCAPE.search(url, path) is not None)
+        or ("/." in url and _DOT_SEGMENT.search(url, path) is not None)
+    ):
         return None
-    return match
+    return origin
 
 
 def plain_netloc(url: str) -> str | None:
     """The `Host` of a URL httpx would send unchanged; None for any other URL."""
-    match = _plain(url)
-    return None if match is None else match["netloc"]
+    origin = _plain(url)
+    return None if origin is None else origin.netloc
 
 
 def plain_origin(url: str) -> tuple[str, str, int | None] | None:
     """`(scheme, host, port)` as `httpx.URL(url)` has them, for a URL httpx would send unchanged
     (a cheap parse for the hot path); None for any other URL."""
-    match = _plain(url)
-    if match is None:
-        return None
-    return match["scheme"], match["host"], None if match["port"] is None else int(match["port"])
+    origin = _plain(url)
+    return None if origin is None else origin.parsed
+
+
+class _Sent(NamedTuple):
+    """What a plain call sent: enough to build its `httpx.Request` when one is asked for."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes | None
+    timeout: httpx.Timeout
+
+    def request(self) -> httpx.Request:
+        """The `httpx.Request` httpx would have built for this call."""
+        # `content`: read, as httpx's own request is (the headers already say all it would add)
+        return httpx.Request(
+            self.method, self.url, headers=self.headers, content=self.body or b"",
+            extensions={"timeout": self.timeout.as_dict()},
+        )
 
 
 class _PlainResponse(httpx.Response):
-    """A response of the plain path: its `request` (an httpx.Request) is built only if asked for."""
+    """A response of the plain path, in the state httpx's `read()` leaves one. What callers seldom
+    read is built on first use: `headers`, `extensions`, `stream`, `request`, `elapsed`."""
 
-    _build_request: Callable[[], httpx.Request] | None = None
+    _sent: _Sent
+    _raw_headers: tuple[tuple[bytes, bytes], ...]
+    _reason: str | None
+    _seconds: float
 
-    @property
-    def request(self) -> httpx.Request:
-        if self._request is None and self._build_request is not None:
-            self._request = self._build_request()
-        return super().request
+    @classmethod
+    def read_from(
+        cls, answer: aiohttp.ClientResponse, raw: bytes, sent: _Sent, default_encoding: Any, seconds: float
+    ) -> httpx.Response:
+        """The response to `sent`: `answer`'s status and headers, `raw` its body as read."""
+        if "Content-Encoding" in answer.headers:  # httpx decodes the body, as on its own path
+            encoded = cls(
+                answer.status, headers=answer.raw_headers, stream=httpx.ByteStream(raw), request=sent.request(),
+                extensions=response_extensions(answer.reason), default_encoding=default_encoding,
+            )
+            encoded.read()  # a decoding error names its request, as httpx's does
+            encoded.elapsed = datetime.timedelta(seconds=seconds)
+            return encoded
+        # What httpx.Response(...) and then read() set, without running the identity decoder.
+        response = cls.__new__(cls)
+        response.status_code = answer.status
+        response.next_request = None
+        response.history = []
+        response.is_closed = True
+        response.is_stream_consumed = True
+        response.default_encoding = default_encoding
+        response._num_bytes_downloaded = len(raw)
+        response._content = raw
+        response._sent = sent
+        response._raw_headers = answer.raw_headers
+        response._reason = answer.reason
+        response._seconds = seconds
+        return response
 
-    @request.setter
-    def request(self, value: httpx.Request) -> None:
-        self._request = value
+    def __getattr__(self, name: str) -> Any:
+        """The attributes httpx sets in `Response.__init__` and `read()` that `read_from` leaves
+        to first use (only then is this called)."""
+        if "_sent" not in self.__dict__:  # built by httpx.Response(...): nothing left to build
+            raise AttributeError(name)
+        value: Any
+        if name == "headers":
+            raw = self._raw_headers
+            value = httpx.Headers.__new__(httpx.Headers)  # as httpx.Headers(raw pairs), without re-checking bytes
+            value._list = [(key, key.lower(), item) for key, item in raw]
+            # the encoding httpx settles on when all of it is ASCII (else it works it out on first use)
+            value._encoding = "ascii" if b"".join(chain.from_iterable(raw)).isascii() else None
+        elif name == "extensions":
+            value = response_extensions(self._reason)
+        elif name == "stream":
+            value = httpx.ByteStream(self._content)
+        elif name == "_request":
+            value = self._sent.request()
+        elif name == "_elapsed":
+            value = datetime.timedelta(seconds=self._seconds)
+        else:
+            raise AttributeError(name)
+        setattr(self, name, value)
+        return value
 
-    def raise_for_status(self) -> httpx.Response:
-        _ = self.request
-        return super().raise_for_status()
+
+class _ClientHeaders(NamedTuple):
+    """The client's own headers as str pairs, with their names in lower case."""
+
+    source: list[tuple[bytes, bytes, bytes]]  # a copy of `Headers._list` they were decoded from
+    pairs: list[tuple[str, str]]
+    lowered: list[str]
+
+
+class _Merged(NamedTuple):
+    """The client's headers merged with one call's: the list (without Host and body headers), the
+    lower-case names in it, and whether those include every header aiohttp adds to a bodiless
+    request unless told not to (`AiohttpTransport.send`'s `complete`)."""
+
+    pairs: list[tuple[str, str]]
+    present: frozenset[str]
+    complete: bool
+
+
+_AIOHTTP_AUTO = frozenset({"accept", "accept-encoding", "user-agent"})  # and content-type: see `_plain`
+
+
+class _Target(NamedTuple):
+    netloc: str  # the URL's `Host`
+    merged: _Merged
 
 
 class UpstreamClient(httpx.AsyncClient):
@@ -95,6 +223,10 @@ class UpstreamClient(httpx.AsyncClient):
     the same httpx exceptions, the same `httpx` log line; without httpx's request, auth, redirect
     and stream machinery, which cost more CPU than aiohttp's own work. Anything else (streams,
     params, redirects followed, auth, hooks, mounts) takes httpx's ordinary path."""
+
+    _plain_client: _ClientHeaders | None = None
+    _plain_merged: dict[Any, _Merged]
+    _plain_base: httpx.URL | None = None  # the base URL seen to be empty (no path to join)
 
     async def request(
         self,
@@ -113,139 +245,156 @@ class UpstreamClient(httpx.AsyncClient):
         timeout: Any = httpx.USE_CLIENT_DEFAULT,
         extensions: Any = None,
     ) -> httpx.Response:
-        transport = self._transport
-        netloc = plain_netloc(url) if isinstance(url, str) else None
         if (
-            netloc is None
-            or not isinstance(transport, AiohttpTransport)
-            or data is not None
-            or files is not None
-            or params is not None
-            or cookies is not None
-            or extensions is not None
-            or (content is not None and (json is not None or not isinstance(content, bytes)))
-            or not isinstance(auth, UseClientDefault)
-            or self._auth is not None
-            or not (follow_redirects is False or (isinstance(follow_redirects, UseClientDefault)
-                                                  and not self.follow_redirects))
-            or self._mounts
-            or self._base_url.raw_path != b"/"
-            or self._event_hooks["request"]
-            or self._event_hooks["response"]
-            or not _plain_headers(headers)
+            data is None and files is None and params is None and cookies is None and extensions is None
+            and (content is None or (json is None and type(content) is bytes))
+            and isinstance(url, str)
         ):
-            return await super().request(
-                method, url, content=content, data=data, files=files, json=json, params=params, headers=headers,
-                cookies=cookies, auth=auth, follow_redirects=follow_redirects, timeout=timeout, extensions=extensions,
-            )
-        assert isinstance(url, str)
-        return await self._plain(transport, method.upper(), url, netloc, content, json, headers, timeout)
+            target = self._plain_target(url, headers, auth, follow_redirects)
+            if target is not None:
+                return await self._plain(method.upper(), url, target, content, json, timeout)
+        return await super().request(
+            method, url, content=content, data=data, files=files, json=json, params=params, headers=headers,
+            cookies=cookies, auth=auth, follow_redirects=follow_redirects, timeout=timeout, extensions=extensions,
+        )
+
+    def _plain_target(self, url: str, headers: Any, auth: Any, follow_redirects: Any) -> _Target | None:
+        """Where a call goes and the headers it sends, if it can take the plain path; else None."""
+        if (
+            auth is not _USE_DEFAULT
+            or not (follow_redirects is False or (follow_redirects is _USE_DEFAULT and not self.follow_redirects))
+            or not self._plain_client_state()
+        ):
+            return None
+        origin = _plain(url)
+        if origin is None:
+            return None
+        merged = self._merged(headers)
+        return None if merged is None else _Target(origin.netloc, merged)
+
+    def _plain_client_state(self) -> bool:
+        """No auth, mounts, event hooks or base path: nothing httpx would add to a call."""
+        base = self._base_url
+        if base is not self._plain_base:
+            if base.raw_path != b"/":
+                return False
+            self._plain_base = base
+        hooks = self._event_hooks
+        return (
+            isinstance(self._transport, AiohttpTransport) and self._auth is None and not self._mounts
+            and not hooks["request"] and not hooks["response"]
+        )
+
+    def _merged(self, headers: Any) -> _Merged | None:
+        """The client's headers with the call's `headers` replacing same-named ones (appended in
+        the call's order); None unless `headers` is None or a dict of ASCII str names and values
+        (what httpx encodes as ASCII)."""
+        client = self._plain_client
+        if client is None or client.source != self._headers._list:
+            client = self._client_headers()
+        if headers is None:
+            key: Any = ()
+        elif type(headers) is dict:
+            key = tuple(headers.items())
+        else:
+            return None
+        try:
+            return self._plain_merged[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value: not a str
+            return None
+        if headers and not all(
+            type(k) is str and type(v) is str and k.isascii() and v.isascii() for k, v in headers.items()
+        ):
+            return None
+        if headers:
+            names = {name.lower() for name in headers}
+            pairs = [pair for pair, low in zip(client.pairs, client.lowered, strict=True) if low not in names]
+            pairs.extend(headers.items())
+            present = frozenset(names.union(client.lowered))
+        else:
+            pairs, present = list(client.pairs), frozenset(client.lowered)
+        merged = _Merged(pairs, present, present >= _AIOHTTP_AUTO)
+        if len(self._plain_merged) >= _CACHED:
+            self._plain_merged.clear()
+        self._plain_merged[key] = merged
+        return merged
+
+    def _client_headers(self) -> _ClientHeaders:
+        """The client's own headers as str pairs (decoded again only when they changed); the merged
+        header lists are worked out again too."""
+        source = list(self._headers._list)
+        pairs = [(raw.decode("latin-1"), value.decode("latin-1")) for raw, _, value in source]
+        client = _ClientHeaders(source, pairs, [name.lower() for name, _ in pairs])
+        self._plain_client = client
+        self._plain_merged = {}
+        return client
 
     async def _plain(
         self,
-        transport: AiohttpTransport,
         method: str,
         url: str,
-        netloc: str,
+        target: _Target,
         content: bytes | None,
         json: Any,
-        headers: Mapping[str, str] | None,
         timeout: Any,
     ) -> httpx.Response:
-        if self._state == ClientState.CLOSED:
+        if self._state is ClientState.CLOSED:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         self._state = ClientState.OPENED
-        timeouts = (self.timeout if isinstance(timeout, UseClientDefault) else httpx.Timeout(timeout)).as_dict()
+        transport = self._transport
+        assert isinstance(transport, AiohttpTransport)  # checked by _plain_client_state
+        timeouts = self.timeout if timeout is _USE_DEFAULT else (
+            timeout if type(timeout) is httpx.Timeout else httpx.Timeout(timeout)
+        )
+        merged = target.merged
+        present = merged.present
+        wire = [] if "host" in present else [("Host", target.netloc)]
         body: bytes | None = None
-        body_headers: dict[str, str] = {}
         if content is not None:
             body = content
-            body_headers = {"Content-Length": str(len(body))} if body else {}
+            length = bool(body)
+            typed = False
         elif json is not None:  # as httpx encodes it
-            body = jsonlib.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-            body_headers = {"Content-Length": str(len(body)), "Content-Type": "application/json"}
-        wire = _wire_headers(self._client_headers(), headers, body_headers, method, netloc)
-
-        def build_request() -> httpx.Request:  # for an exception or a caller that asks for it
-            return httpx.Request(
-                method, url, headers=wire, stream=httpx.ByteStream(body or b""), extensions={"timeout": timeouts}
-            )
-
+            body = _JSON.encode(json).encode("utf-8")
+            length = typed = True
+        else:
+            length = typed = False
+        if method in _BODY_METHODS and not length and "content-length" not in present and (
+            "transfer-encoding" not in present
+        ):
+            wire.append(("Content-Length", "0"))
+        wire += merged.pairs
+        if length and "content-length" not in present:
+            assert body is not None
+            wire.append(("Content-Length", str(len(body))))
+        if typed and "content-type" not in present:
+            wire.append(("Content-Type", "application/json"))
+        sent = _Sent(method, url, wire, body, timeouts)
+        data = body or None
+        # aiohttp types a body, and a POST/PUT/PATCH without one, unless the headers do
+        typed_on_wire = typed or "content-type" in present
+        complete = merged.complete and (typed_on_wire or (data is None and method not in _BODY_METHODS))
         started = time.perf_counter()
         try:
-            answer = await transport.send(method, url, wire, body or None, timeouts)
+            answer = await transport.send(
+                method, url, wire, data, client_timeout(timeouts.pool, timeouts.connect, timeouts.read),
+                complete=complete,
+            )
             try:
                 raw = await answer.read()
             except BaseException:
                 answer.close()
                 raise
         except (aiohttp.ClientError, OSError) as exc:
-            raise httpx_error(exc, build_request()) from exc
-        response = _PlainResponse(
-            answer.status,
-            headers=answer.raw_headers,
-            stream=httpx.ByteStream(raw),
-            extensions=response_extensions(answer),
-            default_encoding=self._default_encoding,
+            raise httpx_error(exc, sent.request()) from exc
+        response = _PlainResponse.read_from(
+            answer, raw, sent, self._default_encoding, time.perf_counter() - started
         )
-        response._build_request = build_request
-        if "content-encoding" in response.headers:
-            response._request = build_request()  # a decoding error names its request, as httpx's does
-            response.read()  # httpx decodes the body, as on its own path
-        else:  # the state `read()` leaves, without running the identity decoder over the bytes
-            response._content = raw
-            response._num_bytes_downloaded = len(raw)
-            response.is_stream_consumed = True
-            response.is_closed = True
-        response.elapsed = datetime.timedelta(seconds=time.perf_counter() - started)
         if _httpx_log.isEnabledFor(logging.INFO):
             _httpx_log.info(
                 'HTTP Request: %s %s "%s %d %s"', method, httpx.URL(url), response.http_version,
                 response.status_code, response.reason_phrase,
             )
         return response
-
-    def _client_headers(self) -> list[tuple[str, str]]:
-        """The client's own headers as str pairs (decoded again only when they changed)."""
-        raw = tuple(self._headers.raw)
-        cached = self.__dict__.get("_plain_cache")
-        if cached is None or cached[0] != raw:
-            cached = (raw, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw])
-            self.__dict__["_plain_cache"] = cached
-        return cached[1]
-
-
-def _plain_headers(headers: Any) -> bool:
-    """None, or a dict of ASCII str names and values (what httpx encodes as ASCII)."""
-    if headers is None:
-        return True
-    if type(headers) is not dict:
-        return False
-    return all(type(k) is str and type(v) is str and k.isascii() and v.isascii() for k, v in headers.items())
-
-
-def _wire_headers(
-    client: list[tuple[str, str]],
-    extra: Mapping[str, str] | None,
-    body: Mapping[str, str],
-    method: str,
-    netloc: str,
-) -> list[tuple[str, str]]:
-    """The header list httpx builds: the client's headers with the call's replacing same-named ones
-    (appended in the call's order), the body's defaults where not set, then `Host` and, for a
-    bodiless POST/PUT/PATCH, `Content-Length: 0` in front."""
-    if extra:
-        names = {name.lower() for name in extra}
-        merged = [pair for pair in client if pair[0].lower() not in names]
-        merged.extend(extra.items())
-    else:
-        merged = list(client)
-    present = {name.lower() for name, _ in merged}
-    for name, value in body.items():
-        if name.lower() not in present:
-            merged.append((name, value))
-            present.add(name.lower())
-    front = [] if "host" in present else [("Host", netloc)]
-    if method in _BODY_METHODS and "content-length" not in present and "transfer-encoding" not in present:
-        front.append(("Content-Length", "0"))
-    return front + merged

@@ -200,8 +200,14 @@ class ParamTable:
     unknown: Mode = Mode.PASSTHROUGH  # PASSTHROUGH or REJECTED for fields the gateway does not model
     fixed: Mapping[str, Any] = field(default_factory=dict)  # always sent unless a rule set the field
     unknown_reason: str = ""
+    # param -> its rules in table order, built once (`apply_table` looks up every given parameter)
+    by_param: Mapping[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        by_param: dict[str, tuple[Rule, ...]] = {}
+        for rule in self.rules:
+            by_param[rule.param] = (*by_param.get(rule.param, ()), rule)
+        object.__setattr__(self, "by_param", by_param)
         missing = KNOWN_PARAMS - {rule.param for rule in self.rules}
         if missing:
             raise ValueError(f"parameter table does not cover: {', '.join(sorted(missing))}")
@@ -214,7 +220,7 @@ class ParamTable:
                 raise ValueError("only `n` can batch")
 
     def rules_for(self, param: str) -> list[Rule]:
-        return [rule for rule in self.rules if rule.param == param]
+        return list(self.by_param.get(param, ()))
 
     @property
     def n_batch(self) -> int:
@@ -296,14 +302,16 @@ def apply_table(
         if param in GATEWAY_PARAMS:
             outcomes[param] = Mode.EMULATED
             continue
-        rules = table.rules_for(param)
-        if not rules:
+        rules = table.by_param.get(param)
+        if rules is None:
             if param in KNOWN_PARAMS:
                 raise AssertionError(f"table does not cover {param}")  # prevented in __post_init__
             _apply_unknown(table, param, raw, payload, outcomes, notes)
             continue
-        rule = next((r for r in rules if r.when is None or r.when(raw)), None)
-        if rule is None:
+        for rule in rules:  # the first rule whose `when` accepts the value
+            if rule.when is None or rule.when(raw):
+                break
+        else:
             raise InvalidRequest(f"Invalid value for '{param}': {raw!r} is not supported by this model.", param=param)
         value = _check(rule, raw)
         if rule.mode is Mode.REJECTED:

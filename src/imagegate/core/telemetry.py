@@ -136,19 +136,25 @@ def outcome_of(exc: BaseException | None) -> str:
     return code if isinstance(code, str) and code else "error"
 
 
-@contextmanager
-def upstream_call(provider: str) -> Iterator[None]:
-    telemetry = _current.get()
-    started = time.monotonic()
-    error: BaseException | None = None
-    try:
-        yield
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        if telemetry is not None:
-            telemetry.upstream.append(UpstreamCall(provider, outcome_of(error), started, time.monotonic()))
+class upstream_call:  # lower case: used as the function it was, `with upstream_call(provider):`
+    """Context manager: one provider call, timed, recorded with its outcome in the request's
+    telemetry (a class, not a generator: it wraps every upstream call)."""
+
+    __slots__ = ("_provider", "_started", "_telemetry")
+
+    def __init__(self, provider: str) -> None:
+        self._provider = provider
+        self._telemetry = _current.get()
+        self._started = time.monotonic()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        if self._telemetry is not None:
+            self._telemetry.upstream.append(
+                UpstreamCall(self._provider, outcome_of(error), self._started, time.monotonic())
+            )
 
 
 @contextmanager

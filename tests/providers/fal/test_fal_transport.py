@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import AsyncIterator
@@ -192,6 +193,41 @@ async def test_cancelled_while_submitting_still_cancels_the_accepted_job(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cancel.call_count == 1
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+async def test_a_failed_submit_leaves_no_job_and_no_unretrieved_error(
+    mock: respx.MockRouter, http: httpx.AsyncClient, cancelled: bool
+) -> None:
+    """The submit runs in a task of its own (the caller's cancellation must not abort it): when it
+    fails, the caller gets its error, or (cancelled meanwhile) nothing is cancelled, and no task or
+    future is left holding an error nobody read."""
+    on_the_wire = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def failing_submit(request: httpx.Request) -> httpx.Response:
+        on_the_wire.set()
+        await answer.wait()
+        return fal_error(500, {"detail": "boom"})
+
+    mock.post(SUBMIT).mock(side_effect=failing_submit)
+    cancel = mock.put(CANCEL).respond(202, json={"status": "CANCELLATION_REQUESTED"})
+    unhandled: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unhandled.append(context))
+    task = asyncio.create_task(FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx()))
+    await asyncio.wait_for(on_the_wire.wait(), 2)
+    if cancelled:
+        task.cancel()
+        await asyncio.sleep(0.01)
+    answer.set()
+    with pytest.raises(asyncio.CancelledError if cancelled else UpstreamError):
+        await task
+    await asyncio.sleep(0.01)
+    del task
+    gc.collect()
+    await asyncio.sleep(0)
+    assert cancel.call_count == 0
+    assert unhandled == []
 
 
 async def test_deadline_cancels_the_job(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:

@@ -29,7 +29,6 @@ from imagegate.providers.fal.transport import (
     FalTransport,
     QueueHandle,
     StatusCadence,
-    auth_header,
 )
 from imagegate.providers.resume import unresumable_call
 
@@ -54,7 +53,7 @@ class FalProvider(Provider):
         self.transport = FalTransport(http, self.config)
 
     def check_configured(self) -> None:
-        if auth_header(self.config) is None:
+        if self.transport.auth() is None:
             raise ProviderNotConfigured(NOT_CONFIGURED)
 
     def models(self) -> Sequence[str]:
@@ -123,6 +122,8 @@ class FalProvider(Provider):
         output: FalOutput
         if mode == "queue":
             output = await self._queued(payload, route, ctx)
+        elif mode == "sync" and ctx.hooks is None:  # nothing to guard outside an async job
+            output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)
         elif mode == "sync":
             async with unresumable_call(ctx.hooks, self.name, route.model, payload):
                 output = await self.transport.run_sync(route.model, payload, deadline=ctx.deadline)

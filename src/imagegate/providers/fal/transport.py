@@ -111,9 +111,18 @@ class FalTransport:
         self.http = http
         self.config = config
         self.stream = StatusStream(http, stream_slots(config))
+        self._auth: tuple[tuple[object, ...], str | None] = ((), None)  # (the key settings, auth_header of them)
+
+    def auth(self) -> str | None:
+        """`auth_header(config)`, worked out again only when the key settings change (every call asks)."""
+        config = self.config
+        keys = (config.key, config.key_id, config.key_secret)
+        if keys != self._auth[0]:
+            self._auth = (keys, auth_header(config))
+        return self._auth[1]
 
     def headers(self) -> dict[str, str]:
-        key = auth_header(self.config)
+        key = self.auth()
         if key is None:
             raise ProviderNotConfigured(NOT_CONFIGURED)
         return {"Authorization": key, "Accept": "application/json", "User-Agent": USER_AGENT}
@@ -134,9 +143,12 @@ class FalTransport:
         """Submit, follow the status until COMPLETED, fetch the result. If this is abandoned before
         the job finished (cancellation, deadline, lost status), the job is cancelled best-effort,
         even one whose submit was still on the wire: fal may accept it after we stopped waiting."""
-        submitting = asyncio.ensure_future(self.submit(model, payload, deadline=deadline))
+        # The submit runs in a task of its own, which sets `answer`: the caller's cancellation
+        # cancels `answer`, never the submit (what `asyncio.shield` does, one loop pass sooner).
+        answer: asyncio.Future[QueueHandle] = asyncio.get_running_loop().create_future()
+        submitting = asyncio.ensure_future(self._submit_into(answer, model, payload, deadline))
         try:
-            handle = await asyncio.shield(submitting)
+            handle = await answer
         except asyncio.CancelledError:
             await best_effort(self._cancel_once_submitted(submitting), timeout=CANCEL_TIMEOUT)
             raise
@@ -182,8 +194,30 @@ class FalTransport:
                 await best_effort(self.cancel(handle), timeout=CANCEL_TIMEOUT)
             raise
 
-    async def _cancel_once_submitted(self, submitting: asyncio.Future[QueueHandle]) -> None:
-        await self.cancel(await submitting)
+    async def _submit_into(
+        self, answer: asyncio.Future[QueueHandle], model: str, payload: Mapping[str, Any], deadline: float
+    ) -> QueueHandle | None:
+        """`submit`, its outcome set on `answer` (unless that was cancelled); returns the handle, or
+        None when the submit failed (its error is `answer`'s, not this task's)."""
+        try:
+            handle = await self.submit(model, payload, deadline=deadline)
+        except asyncio.CancelledError:
+            answer.cancel()
+            raise
+        except BaseException as exc:
+            if not answer.done():
+                answer.set_exception(exc)
+            if isinstance(exc, Exception):
+                return None
+            raise  # KeyboardInterrupt, SystemExit
+        if not answer.done():
+            answer.set_result(handle)
+        return handle
+
+    async def _cancel_once_submitted(self, submitting: asyncio.Future[QueueHandle | None]) -> None:
+        handle = await submitting
+        if handle is not None:
+            await self.cancel(handle)
 
     async def submit(self, model: str, payload: Mapping[str, Any], *, deadline: float) -> QueueHandle:
         response = await self._post_model(f"{self.config.queue_url}/{model}", payload, deadline, stage="submit",

@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import resource
 import sys
@@ -175,6 +176,8 @@ class Run:
     upstream: dict[str, Any] = field(default_factory=dict)
     healthz: list[float] = field(default_factory=list)
     healthz_errors: int = 0
+    # (generation, wall s, CPU s, objects collected) per collection, --gc-stats
+    gc_pauses: list[tuple[int, float, float, int]] = field(default_factory=list)
     rss_peak_kib: int = 0
     rss_before_kib: int = 0
     cpu: float = 0.0  # the gateway's (gateway side only)
@@ -254,7 +257,8 @@ async def run_direct(args: argparse.Namespace, k: int, fal_url: str, fake_pid: i
 async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: int, storage: str) -> Run:
     run = Run("gateway", k)
     body = json.dumps({"model": MODEL, "prompt": "a lighthouse at dusk", "response_format": "url"}).encode()
-    with services.imagegate(
+    gc_stats = Path(storage) / f"gc-{k}.json" if args.gc_stats else None
+    with _gc_probe(gc_stats), services.imagegate(
         Path(storage), fal_url, poll=0.5, poll_max=3.0, status_stream=args.status == "stream",
         status_stream_max=args.status_stream_max, starts_per_tick=args.starts_per_tick, name=f"imagegate-{k}"
     ) as gateway_service:
@@ -262,6 +266,7 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
         for _ in range(args.warmup):
             await gateway_job(gw_url, fal_url, asyncio.Semaphore(1), body)
         before = await control(fal_url, "stats")
+        gc_before = _gc_pauses(gc_stats)
         run.rss_before_kib = proc_status(gw_pid)["VmRSS"]
         cpu0, fake0, bench0 = proc_cpu(gw_pid), proc_cpu(fake_pid), time.process_time()
         stop_sampling = threading.Event()
@@ -277,9 +282,10 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
             import subprocess
 
             out = Path(args.py_spy) / f"gateway-{k}.txt"
+            venv_spy = Path(sys.executable).parent / "py-spy"
             spy = subprocess.Popen(
-                ["py-spy", "record", "--nonblocking", "--pid", str(gw_pid), "--format", "raw", "--rate", "200",
-                 "-o", str(out)],
+                [str(venv_spy) if venv_spy.exists() else "py-spy", "record", "--nonblocking", "--pid", str(gw_pid),
+                 "--format", "raw", "--rate", "200", "-o", str(out)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -300,7 +306,39 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
         after = await control(fal_url, "stats")
         run.upstream = {key: after[key] - before.get(key, 0) for key in COUNTED}
         run.upstream["requests"] -= 1
+        run.gc_pauses = _gc_pauses(gc_stats)[len(gc_before):]
     return run
+
+
+@contextlib.contextmanager
+def _gc_probe(path: Path | None) -> Any:
+    """The gateway started meanwhile records its collections into `path` (bench/gcprobe)."""
+    if path is None:
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "BENCH_GC_STATS")}
+    probe = str(Path(__file__).resolve().parent / "gcprobe")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [probe, saved["PYTHONPATH"]]))
+    os.environ["BENCH_GC_STATS"] = str(path)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _gc_pauses(path: Path | None) -> list[tuple[int, float, float, int]]:
+    """The gateway's collections so far (--gc-stats; its probe rewrites the file once a second)."""
+    if path is None:
+        return []
+    time.sleep(1.2)
+    try:
+        return [(int(g), float(w), float(c), int(n)) for g, w, c, n in json.loads(path.read_text())["pauses"]]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
@@ -332,6 +370,17 @@ def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
                 f"{polls:9.2f} {streams:11.2f} | {run.cpu:6.1f}s {run.fake_cpu:7.1f}s {run.bench_cpu:9.1f}s | "
                 f"{run.rss_peak_kib / 1024 if run.rss_peak_kib else float('nan'):7.0f}MiB | {health:>32s}"
             )
+            if run.gc_pauses:
+                for gen in (0, 1, 2):
+                    walls = [w for g, w, _, _ in run.gc_pauses if g == gen]
+                    cpus = [c for g, _, c, _ in run.gc_pauses if g == gen]
+                    freed = sum(n for g, _, _, n in run.gc_pauses if g == gen)
+                    if walls:
+                        print(
+                            f"    gc gen{gen}: {len(walls)} collections, wall {sum(walls):.2f} s "
+                            f"(max {1000 * max(walls):.0f} ms), CPU {sum(cpus):.2f} s (max {1000 * max(cpus):.0f} ms), "
+                            f"{freed} objects collected"
+                        )
             for error in sorted(set(run.errors))[:3]:
                 print(f"    error x{run.errors.count(error)}: {error}")
         wall_x = ratio(gateway.wall, direct.wall)
@@ -384,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--starts-per-tick", type=int, help="server.starts_per_tick (default: the gateway's own)")
     parser.add_argument("--py-spy", metavar="DIR", help="py-spy record the gateway during each burst into DIR")
+    parser.add_argument(
+        "--gc-stats", action="store_true",
+        help="record the gateway's garbage collections (count, pauses per generation) during each burst",
+    )
     parser.add_argument("--max-wall-ratio", type=float, default=1.3)
     parser.add_argument("--max-rss-mib", type=float, default=1024)
     parser.add_argument("--max-healthz-p99-ms", type=float, default=100)

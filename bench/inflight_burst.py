@@ -176,8 +176,10 @@ class Run:
     upstream: dict[str, Any] = field(default_factory=dict)
     healthz: list[float] = field(default_factory=list)
     healthz_errors: int = 0
-    # (generation, wall s, CPU s, objects collected) per collection, --gc-stats
-    gc_pauses: list[tuple[int, float, float, int]] = field(default_factory=list)
+    # (generation, wall s, CPU s, objects collected, started) per collection, --gc-stats
+    gc_pauses: list[tuple[int, float, float, int, float]] = field(default_factory=list)
+    loop_lags: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds), --gc-stats
+    gc_stats_on: bool = False
     rss_peak_kib: int = 0
     rss_before_kib: int = 0
     cpu: float = 0.0  # the gateway's (gateway side only)
@@ -266,7 +268,7 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
         for _ in range(args.warmup):
             await gateway_job(gw_url, fal_url, asyncio.Semaphore(1), body)
         before = await control(fal_url, "stats")
-        gc_before = _gc_pauses(gc_stats)
+        gc_before, lags_before = _gc_pauses(gc_stats)
         run.rss_before_kib = proc_status(gw_pid)["VmRSS"]
         cpu0, fake0, bench0 = proc_cpu(gw_pid), proc_cpu(fake_pid), time.process_time()
         stop_sampling = threading.Event()
@@ -306,7 +308,9 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
         after = await control(fal_url, "stats")
         run.upstream = {key: after[key] - before.get(key, 0) for key in COUNTED}
         run.upstream["requests"] -= 1
-        run.gc_pauses = _gc_pauses(gc_stats)[len(gc_before):]
+        pauses, lags = _gc_pauses(gc_stats)
+        run.gc_stats_on = gc_stats is not None
+        run.gc_pauses, run.loop_lags = pauses[len(gc_before):], lags[len(lags_before):]
     return run
 
 
@@ -330,15 +334,18 @@ def _gc_probe(path: Path | None) -> Any:
                 os.environ[name] = value
 
 
-def _gc_pauses(path: Path | None) -> list[tuple[int, float, float, int]]:
-    """The gateway's collections so far (--gc-stats; its probe rewrites the file once a second)."""
+def _gc_pauses(path: Path | None) -> tuple[list[tuple[int, float, float, int, float]], list[tuple[float, float]]]:
+    """The gateway's collections and loop lags so far (--gc-stats; its probe rewrites the file once
+    a second)."""
     if path is None:
-        return []
+        return [], []
     time.sleep(1.2)
     try:
-        return [(int(g), float(w), float(c), int(n)) for g, w, c, n in json.loads(path.read_text())["pauses"]]
+        stats = json.loads(path.read_text())
+        pauses = [(int(g), float(w), float(c), int(n), float(t)) for g, w, c, n, t in stats["pauses"]]
+        return pauses, [(float(t), float(lag)) for t, lag in stats["lags"]]
     except (OSError, ValueError, KeyError):
-        return []
+        return [], []
 
 
 def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
@@ -372,15 +379,26 @@ def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
             )
             if run.gc_pauses:
                 for gen in (0, 1, 2):
-                    walls = [w for g, w, _, _ in run.gc_pauses if g == gen]
-                    cpus = [c for g, _, c, _ in run.gc_pauses if g == gen]
-                    freed = sum(n for g, _, _, n in run.gc_pauses if g == gen)
+                    walls = [w for g, w, _, _, _ in run.gc_pauses if g == gen]
+                    cpus = [c for g, _, c, _, _ in run.gc_pauses if g == gen]
+                    freed = sum(n for g, _, _, n, _ in run.gc_pauses if g == gen)
                     if walls:
                         print(
                             f"    gc gen{gen}: {len(walls)} collections, wall {sum(walls):.2f} s "
                             f"(max {1000 * max(walls):.0f} ms), CPU {sum(cpus):.2f} s (max {1000 * max(cpus):.0f} ms), "
                             f"{freed} objects collected"
                         )
+            if run.gc_stats_on:
+                long = [(t, lag) for t, lag in run.loop_lags if lag > 0.1]
+                in_gc = sum(
+                    any(start - 0.01 <= t + lag and t <= start + wall for _, wall, _, _, start in run.gc_pauses)
+                    for t, lag in long
+                )
+                print(
+                    f"    loop lag > 100 ms: {len(long)} times, {in_gc} of them with a collection; "
+                    f"> 50 ms: {sum(lag > 0.05 for _, lag in run.loop_lags)}; "
+                    f"max {1000 * max((lag for _, lag in run.loop_lags), default=0):.0f} ms"
+                )
             for error in sorted(set(run.errors))[:3]:
                 print(f"    error x{run.errors.count(error)}: {error}")
         wall_x = ratio(gateway.wall, direct.wall)

@@ -36,9 +36,13 @@ def _chunked(*pieces: bytes) -> list[bytes]:
 DONE = json.dumps({"status": "COMPLETED", "request_id": "r1", "note": "é ☃"}).encode()
 # Each answer: the pieces the server writes, one at a time (a short pause between them).
 ANSWERS: dict[str, list[bytes]] = {
-    "sse": [SSE_HEAD, *_chunked(_event(status="IN_QUEUE", queue_position=2), b": keep-alive\n\n",
-                                _event(status="IN_PROGRESS", logs=[{"message": "step 1"}])), *_chunked(
-        b"event: status\r\ndata: " + DONE[:20], DONE[20:31], DONE[31:] + b"\r", b"\n\r\n", b"data: {}\n\n"), b"0\r\n\r\n"],
+    "sse": [
+        SSE_HEAD,
+        *_chunked(_event(status="IN_QUEUE", queue_position=2), b": keep-alive\n\n",
+                  _event(status="IN_PROGRESS", logs=[{"message": "step 1"}])),
+        *_chunked(b"event: status\r\ndata: " + DONE[:20], DONE[20:31], DONE[31:] + b"\r", b"\n\r\n", b"data: {}\n\n"),
+        b"0\r\n\r\n",
+    ],
     "line endings": [SSE_HEAD, *_chunked(b"data: {\"status\": \"IN_PROGRESS\"}\r\r", b"data: {\"status\":\r",
                                          b"data:  \"COMPLETED\"}\n\n"), b"0\r\n\r\n"],
     "last event unterminated": [SSE_HEAD, *_chunked(_event(status="IN_PROGRESS"), b"data: " + DONE), b"0\r\n\r\n"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -143,4 +144,33 @@ async def test_a_health_check_that_waits_finishes_in_a_task(monkeypatch: pytest.
         assert (await _response(client, protocol)).endswith(b"\r\n\r\nok")
         while state.tasks:
             await asyncio.sleep(0.001)
+    client.close()
+
+
+@pytest.mark.parametrize("reset", [False, True])
+async def test_eager_healthz_runs_in_the_context_a_task_would(reset: bool) -> None:
+    """A copy of the protocol's context, or a fresh one with uvicorn's `reset_contextvars`; what
+    the app sets there stays there."""
+    probe: contextvars.ContextVar[str] = contextvars.ContextVar("probe", default="unset")
+    probe.set("outer")
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(probe.get())
+        probe.set("inner")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = GatewayConfig(app, server_settings=ServerSettings(), log_level="warning", lifespan="off",
+                           reset_contextvars=reset)
+    config.load()
+    protocol = _Watched(config, ServerState(), app_state={})
+    ours, client = socket.socketpair()
+    protocol.peer, protocol.at_return = client, []
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, ours)
+    client.setblocking(False)
+    client.send(HEALTHZ)
+    async with asyncio.timeout(5):
+        assert (await _response(client, protocol)).endswith(b"\r\n\r\nok")
+    assert seen == ["unset" if reset else "outer"] and probe.get() == "outer"
     client.close()

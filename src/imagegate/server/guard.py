@@ -255,8 +255,9 @@ class _GuardMixin:
         if scope["path"] != EAGER_PATH or scope["method"] != "GET":
             super()._start_asgi_task(cycle, app)  # type: ignore[misc]
             return
-        context = contextvars.Context() if getattr(self.config, "reset_contextvars", False) else None
-        context = context or contextvars.copy_context()  # what a new task would run in
+        # the context a new task would run in
+        reset = getattr(self.config, "reset_contextvars", False)
+        context = contextvars.Context() if reset else contextvars.copy_context()
         coro = cycle.run_asgi(app)
         try:
             waiting_on = context.run(coro.send, None)

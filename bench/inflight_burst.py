@@ -15,7 +15,9 @@ Three processes on 127.0.0.1, each with its open-file limit raised to the hard l
            response_format=url), one connection each. Connects are paced (--connect-concurrency in
            progress at once) so the kernel's accept backlog does not turn a burst into SYN retries;
            every request is in flight before the first job ends. Meanwhile a prober sends
-           `GET /healthz` every 50 ms on its own connection.
+           `GET /healthz` every 50 ms on its own connection, and another does the same from a
+           process of its own (printed below the row: the gateway's latency alone, without this
+           busy process's event loop; the verdict uses the first).
 
 Reported per K: ok, wall (first send to last answer), p50/max latency, wall gateway/direct,
 upstream requests per job (what the fake counted) gateway vs direct, the gateway's peak RSS and
@@ -176,6 +178,7 @@ class Run:
     upstream: dict[str, Any] = field(default_factory=dict)
     healthz: list[float] = field(default_factory=list)
     healthz_errors: int = 0
+    healthz_apart: list[float] = field(default_factory=list)  # seen from a process of its own
     # (generation, wall s, CPU s, objects collected, started) per collection, --gc-stats
     gc_pauses: list[tuple[int, float, float, int, float]] = field(default_factory=list)
     loop_lags: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds), --gc-stats
@@ -189,6 +192,41 @@ class Run:
     @property
     def per_job(self) -> float:
         return ratio(self.upstream.get("requests", 0), self.upstream.get("submits", 0))
+
+
+def _probe_healthz_apart(gw_url: str, stop: Any, out: Any) -> None:
+    """The same prober in a process of its own (blocking sockets): the latencies it sees are the
+    gateway's, not also this busy client's event loop. Sends its list through `out` at `stop`."""
+    import socket
+
+    host, port = gw_url.removeprefix("http://").split(":")
+    request = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n"
+    latencies: list[float] = []
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                sock.sendall(request)
+                data = b""
+                while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    data += chunk
+            except OSError:
+                sock.close()
+                sock = socket.create_connection((host, int(port)), timeout=10)
+            latencies.append(time.perf_counter() - t0)
+            stop.wait(0.05)
+    finally:
+        sock.close()
+        out.send(latencies)
+
+
+def _length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    return next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.startswith(b"content-length:"))
 
 
 async def _probe_healthz(gw_url: str, stop: asyncio.Event, run: Run) -> None:
@@ -293,10 +331,20 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
             )
         stop = asyncio.Event()
         prober = asyncio.ensure_future(_probe_healthz(gw_url, stop, run))
+        import multiprocessing
+
+        spawn = multiprocessing.get_context("spawn")
+        stop_apart, (receive_apart, send_apart) = spawn.Event(), spawn.Pipe(duplex=False)
+        apart = spawn.Process(target=_probe_healthz_apart, args=(gw_url, stop_apart, send_apart), daemon=True)
+        apart.start()
         await asyncio.sleep(0.2)
         await fire(run, lambda gate: gateway_job(gw_url, fal_url, gate, body), args)
         stop.set()
         await prober
+        stop_apart.set()
+        if receive_apart.poll(15):
+            run.healthz_apart = receive_apart.recv()
+        apart.join(5)
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
             spy.wait(30)
@@ -388,6 +436,12 @@ def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
                             f"(max {1000 * max(walls):.0f} ms), CPU {sum(cpus):.2f} s (max {1000 * max(cpus):.0f} ms), "
                             f"{freed} objects collected"
                         )
+            if run.healthz_apart:
+                apart = run.healthz_apart
+                print(
+                    f"    healthz from a process of its own: {1000 * percentile(apart, 50):.1f}/"
+                    f"{1000 * percentile(apart, 99):.1f}/{1000 * max(apart):.0f} ms ({len(apart)})"
+                )
             if run.gc_stats_on:
                 long = [(t, lag) for t, lag in run.loop_lags if lag > 0.1]
                 in_gc = sum(

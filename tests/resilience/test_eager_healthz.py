@@ -48,15 +48,25 @@ async def app(tmp_path: Path) -> AsyncIterator[Any]:
         yield gateway
 
 
-async def _serve(app: Any, **server: Any) -> tuple[_Watched, socket.socket, ServerState]:
-    config = GatewayConfig(app, server_settings=ServerSettings(**server), log_level="warning", lifespan="off")
+async def _serve(app: Any, uvicorn: dict[str, Any] | None = None, **server: Any) -> tuple[
+    _Watched, socket.socket, ServerState
+]:
+    """The guarded httptools protocol on one end of a socket pair; the client's end, non-blocking."""
+    config = GatewayConfig(app, server_settings=ServerSettings(**server), log_level="warning", lifespan="off",
+                           **(uvicorn or {}))
     config.load()
     state = ServerState()
     protocol = _Watched(config, state, app_state={})
     ours, client = socket.socketpair()
     protocol.peer, protocol.at_return = client, []
     await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, ours)
+    client.setblocking(False)
     return protocol, client, state
+
+
+async def _ok(send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
 
 
 async def _response(client: socket.socket, protocol: _Watched) -> bytes:
@@ -80,7 +90,6 @@ def _normal(response: bytes) -> bytes:
 
 async def test_healthz_is_written_inside_the_read_callback(app: Any) -> None:
     protocol, client, state = await _serve(app)
-    client.setblocking(False)
     client.send(HEALTHZ)
     async with asyncio.timeout(5):
         while not protocol.at_return:
@@ -103,7 +112,6 @@ async def test_eager_healthz_is_the_response_a_task_gives(app: Any, monkeypatch:
         if not eager:
             monkeypatch.setattr("imagegate.server.guard.EAGER_PATH", "/none")
         protocol, client, _ = await _serve(app)
-        client.setblocking(False)
         client.send(HEALTHZ)
         async with asyncio.timeout(5):
             answers.append(_normal(await _response(client, protocol)))
@@ -116,7 +124,6 @@ async def test_keep_alive_after_an_eager_answer_is_not_cut_as_slow_headers(app: 
     """After the eager answer the connection is idle (uvicorn's keep-alive timer), not a request
     whose headers are late: it is still open after the header timeout and answers again."""
     protocol, client, _ = await _serve(app, header_timeout=0.2, keepalive_timeout=5)
-    client.setblocking(False)
     for _ in range(2):
         client.send(HEALTHZ)
         async with asyncio.timeout(5):
@@ -131,11 +138,9 @@ async def test_a_health_check_that_waits_finishes_in_a_task(monkeypatch: pytest.
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await gate.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
+        await _ok(send)
 
     protocol, client, state = await _serve(app)
-    client.setblocking(False)
     client.send(HEALTHZ)
     async with asyncio.timeout(5):
         while not state.tasks:
@@ -158,17 +163,9 @@ async def test_eager_healthz_runs_in_the_context_a_task_would(reset: bool) -> No
     async def app(scope: Any, receive: Any, send: Any) -> None:
         seen.append(probe.get())
         probe.set("inner")
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
+        await _ok(send)
 
-    config = GatewayConfig(app, server_settings=ServerSettings(), log_level="warning", lifespan="off",
-                           reset_contextvars=reset)
-    config.load()
-    protocol = _Watched(config, ServerState(), app_state={})
-    ours, client = socket.socketpair()
-    protocol.peer, protocol.at_return = client, []
-    await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, ours)
-    client.setblocking(False)
+    protocol, client, _ = await _serve(app, {"reset_contextvars": reset})
     client.send(HEALTHZ)
     async with asyncio.timeout(5):
         assert (await _response(client, protocol)).endswith(b"\r\n\r\nok")

@@ -336,7 +336,12 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
         spawn = multiprocessing.get_context("spawn")
         stop_apart, (receive_apart, send_apart) = spawn.Event(), spawn.Pipe(duplex=False)
         apart = spawn.Process(target=_probe_healthz_apart, args=(gw_url, stop_apart, send_apart), daemon=True)
-        apart.start()
+        probing_gc = os.environ.pop("BENCH_GC_STATS", None)  # the gateway's probe only, not the prober's
+        try:
+            apart.start()
+        finally:
+            if probing_gc is not None:
+                os.environ["BENCH_GC_STATS"] = probing_gc
         await asyncio.sleep(0.2)
         await fire(run, lambda gate: gateway_job(gw_url, fal_url, gate, body), args)
         stop.set()

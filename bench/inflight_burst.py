@@ -15,7 +15,9 @@ Three processes on 127.0.0.1, each with its open-file limit raised to the hard l
            response_format=url), one connection each. Connects are paced (--connect-concurrency in
            progress at once) so the kernel's accept backlog does not turn a burst into SYN retries;
            every request is in flight before the first job ends. Meanwhile a prober sends
-           `GET /healthz` every 50 ms on its own connection.
+           `GET /healthz` every 50 ms on its own connection, and another does the same from a
+           process of its own (printed below the row: the gateway's latency alone, without this
+           busy process's event loop; the verdict uses the first).
 
 Reported per K: ok, wall (first send to last answer), p50/max latency, wall gateway/direct,
 upstream requests per job (what the fake counted) gateway vs direct, the gateway's peak RSS and
@@ -34,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import resource
 import sys
@@ -175,6 +178,11 @@ class Run:
     upstream: dict[str, Any] = field(default_factory=dict)
     healthz: list[float] = field(default_factory=list)
     healthz_errors: int = 0
+    healthz_apart: list[float] = field(default_factory=list)  # seen from a process of its own
+    # (generation, wall s, CPU s, objects collected, started) per collection, --gc-stats
+    gc_pauses: list[tuple[int, float, float, int, float]] = field(default_factory=list)
+    loop_lags: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds), --gc-stats
+    gc_stats_on: bool = False
     rss_peak_kib: int = 0
     rss_before_kib: int = 0
     cpu: float = 0.0  # the gateway's (gateway side only)
@@ -184,6 +192,41 @@ class Run:
     @property
     def per_job(self) -> float:
         return ratio(self.upstream.get("requests", 0), self.upstream.get("submits", 0))
+
+
+def _probe_healthz_apart(gw_url: str, stop: Any, out: Any) -> None:
+    """The same prober in a process of its own (blocking sockets): the latencies it sees are the
+    gateway's, not also this busy client's event loop. Sends its list through `out` at `stop`."""
+    import socket
+
+    host, port = gw_url.removeprefix("http://").split(":")
+    request = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n"
+    latencies: list[float] = []
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                sock.sendall(request)
+                data = b""
+                while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    data += chunk
+            except OSError:
+                sock.close()
+                sock = socket.create_connection((host, int(port)), timeout=10)
+            latencies.append(time.perf_counter() - t0)
+            stop.wait(0.05)
+    finally:
+        sock.close()
+        out.send(latencies)
+
+
+def _length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    return next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.startswith(b"content-length:"))
 
 
 async def _probe_healthz(gw_url: str, stop: asyncio.Event, run: Run) -> None:
@@ -254,7 +297,8 @@ async def run_direct(args: argparse.Namespace, k: int, fal_url: str, fake_pid: i
 async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: int, storage: str) -> Run:
     run = Run("gateway", k)
     body = json.dumps({"model": MODEL, "prompt": "a lighthouse at dusk", "response_format": "url"}).encode()
-    with services.imagegate(
+    gc_stats = Path(storage) / f"gc-{k}.json" if args.gc_stats else None
+    with _gc_probe(gc_stats), services.imagegate(
         Path(storage), fal_url, poll=0.5, poll_max=3.0, status_stream=args.status == "stream",
         status_stream_max=args.status_stream_max, starts_per_tick=args.starts_per_tick, name=f"imagegate-{k}"
     ) as gateway_service:
@@ -262,6 +306,7 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
         for _ in range(args.warmup):
             await gateway_job(gw_url, fal_url, asyncio.Semaphore(1), body)
         before = await control(fal_url, "stats")
+        gc_before, lags_before = _gc_pauses(gc_stats)
         run.rss_before_kib = proc_status(gw_pid)["VmRSS"]
         cpu0, fake0, bench0 = proc_cpu(gw_pid), proc_cpu(fake_pid), time.process_time()
         stop_sampling = threading.Event()
@@ -277,18 +322,34 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
             import subprocess
 
             out = Path(args.py_spy) / f"gateway-{k}.txt"
+            venv_spy = Path(sys.executable).parent / "py-spy"
             spy = subprocess.Popen(
-                ["py-spy", "record", "--nonblocking", "--pid", str(gw_pid), "--format", "raw", "--rate", "200",
-                 "-o", str(out)],
+                [str(venv_spy) if venv_spy.exists() else "py-spy", "record", "--nonblocking", "--pid", str(gw_pid),
+                 "--format", "raw", "--rate", "200", "-o", str(out)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
         stop = asyncio.Event()
         prober = asyncio.ensure_future(_probe_healthz(gw_url, stop, run))
+        import multiprocessing
+
+        spawn = multiprocessing.get_context("spawn")
+        stop_apart, (receive_apart, send_apart) = spawn.Event(), spawn.Pipe(duplex=False)
+        apart = spawn.Process(target=_probe_healthz_apart, args=(gw_url, stop_apart, send_apart), daemon=True)
+        probing_gc = os.environ.pop("BENCH_GC_STATS", None)  # the gateway's probe only, not the prober's
+        try:
+            apart.start()
+        finally:
+            if probing_gc is not None:
+                os.environ["BENCH_GC_STATS"] = probing_gc
         await asyncio.sleep(0.2)
         await fire(run, lambda gate: gateway_job(gw_url, fal_url, gate, body), args)
         stop.set()
         await prober
+        stop_apart.set()
+        if receive_apart.poll(15):
+            run.healthz_apart = receive_apart.recv()
+        apart.join(5)
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
             spy.wait(30)
@@ -300,7 +361,44 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
         after = await control(fal_url, "stats")
         run.upstream = {key: after[key] - before.get(key, 0) for key in COUNTED}
         run.upstream["requests"] -= 1
+        pauses, lags = _gc_pauses(gc_stats)
+        run.gc_stats_on = gc_stats is not None
+        run.gc_pauses, run.loop_lags = pauses[len(gc_before):], lags[len(lags_before):]
     return run
+
+
+@contextlib.contextmanager
+def _gc_probe(path: Path | None) -> Any:
+    """The gateway started meanwhile records its collections into `path` (bench/gcprobe)."""
+    if path is None:
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "BENCH_GC_STATS")}
+    probe = str(Path(__file__).resolve().parent / "gcprobe")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [probe, saved["PYTHONPATH"]]))
+    os.environ["BENCH_GC_STATS"] = str(path)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _gc_pauses(path: Path | None) -> tuple[list[tuple[int, float, float, int, float]], list[tuple[float, float]]]:
+    """The gateway's collections and loop lags so far (--gc-stats; its probe rewrites the file once
+    a second)."""
+    if path is None:
+        return [], []
+    time.sleep(1.2)
+    try:
+        stats = json.loads(path.read_text())
+        pauses = [(int(g), float(w), float(c), int(n), float(t)) for g, w, c, n, t in stats["pauses"]]
+        return pauses, [(float(t), float(lag)) for t, lag in stats["lags"]]
+    except (OSError, ValueError, KeyError):
+        return [], []
 
 
 def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
@@ -332,6 +430,34 @@ def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
                 f"{polls:9.2f} {streams:11.2f} | {run.cpu:6.1f}s {run.fake_cpu:7.1f}s {run.bench_cpu:9.1f}s | "
                 f"{run.rss_peak_kib / 1024 if run.rss_peak_kib else float('nan'):7.0f}MiB | {health:>32s}"
             )
+            if run.gc_pauses:
+                for gen in (0, 1, 2):
+                    walls = [w for g, w, _, _, _ in run.gc_pauses if g == gen]
+                    cpus = [c for g, _, c, _, _ in run.gc_pauses if g == gen]
+                    freed = sum(n for g, _, _, n, _ in run.gc_pauses if g == gen)
+                    if walls:
+                        print(
+                            f"    gc gen{gen}: {len(walls)} collections, wall {sum(walls):.2f} s "
+                            f"(max {1000 * max(walls):.0f} ms), CPU {sum(cpus):.2f} s (max {1000 * max(cpus):.0f} ms), "
+                            f"{freed} objects collected"
+                        )
+            if run.healthz_apart:
+                apart = run.healthz_apart
+                print(
+                    f"    healthz from a process of its own: {1000 * percentile(apart, 50):.1f}/"
+                    f"{1000 * percentile(apart, 99):.1f}/{1000 * max(apart):.0f} ms ({len(apart)})"
+                )
+            if run.gc_stats_on:
+                long = [(t, lag) for t, lag in run.loop_lags if lag > 0.1]
+                in_gc = sum(
+                    any(start - 0.01 <= t + lag and t <= start + wall for _, wall, _, _, start in run.gc_pauses)
+                    for t, lag in long
+                )
+                print(
+                    f"    loop lag > 100 ms: {len(long)} times, {in_gc} of them with a collection; "
+                    f"> 50 ms: {sum(lag > 0.05 for _, lag in run.loop_lags)}; "
+                    f"max {1000 * max((lag for _, lag in run.loop_lags), default=0):.0f} ms"
+                )
             for error in sorted(set(run.errors))[:3]:
                 print(f"    error x{run.errors.count(error)}: {error}")
         wall_x = ratio(gateway.wall, direct.wall)
@@ -384,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--starts-per-tick", type=int, help="server.starts_per_tick (default: the gateway's own)")
     parser.add_argument("--py-spy", metavar="DIR", help="py-spy record the gateway during each burst into DIR")
+    parser.add_argument(
+        "--gc-stats", action="store_true",
+        help="record the gateway's garbage collections (count, pauses per generation) during each burst",
+    )
     parser.add_argument("--max-wall-ratio", type=float, default=1.3)
     parser.add_argument("--max-rss-mib", type=float, default=1024)
     parser.add_argument("--max-healthz-p99-ms", type=float, default=100)

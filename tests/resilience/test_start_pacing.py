@@ -4,6 +4,7 @@ the rest wait in arrival order and lose nothing; health checks never wait."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from tests.integration.gateway_process import GatewayProcess, write_config
@@ -35,6 +36,27 @@ async def test_starts_per_iteration_are_bounded_and_fifo() -> None:
     assert resumed == [0, 2, 3, 4]
     await _next_iteration()
     assert pacer.try_start() and not pacer.waiting
+
+
+async def test_long_iterations_start_fewer_until_they_are_short_again() -> None:
+    """An iteration that overran the budget (the loop is saturated by work in flight) lets fewer
+    requests start in the next one; short iterations bring the full rate back."""
+    pacer = StartPacer(asyncio.get_running_loop(), per_tick=8, budget=0.05)
+    resumed: list[int] = []
+    for n in range(200):
+        pacer.defer(lambda n=n: resumed.append(n) is None)
+    await _next_iteration()
+    assert len(resumed) == 8  # no iteration measured yet: the full rate
+    time.sleep(0.2)  # this iteration's other work takes 4x the budget
+    await _next_iteration()
+    assert 1 <= len(resumed) - 8 <= 2  # 8 * 0.05 / 0.2
+    counts = []
+    for _ in range(8):
+        before = len(resumed)
+        await _next_iteration()
+        counts.append(len(resumed) - before)
+    assert counts[-1] == 8 and counts == sorted(counts)  # grows back (at most doubling) to the cap
+    assert resumed == list(range(len(resumed)))  # still in arrival order
 
 
 async def _exchange(port: int, requests: list[bytes]) -> list[int]:

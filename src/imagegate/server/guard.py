@@ -26,16 +26,26 @@ gets `503 server_busy` and the connection is closed. Beyond that, a new connecti
 seconds), reading and dropping what it sends: closing a socket with unread data would reset it and
 the client could lose the answer. Beyond those, the connection is closed at once.
 Each of these conditions is logged at most once per `log_interval`, with a count.
+
+`GET /healthz` (httptools protocol) runs the app as soon as its headers are parsed, inside the
+read callback, instead of in a new task: the app answers it without waiting on anything, so the
+answer is written before the loop runs the callbacks already queued. A task would run only after
+all of them: with thousands of jobs in flight a loop iteration can queue hundreds of
+milliseconds of work, and the health check waited for it. The same app runs (middlewares,
+headers, metrics, access log); should it wait on something after all (a paused transport), the
+rest runs in a task as any request's would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -49,6 +59,7 @@ __all__ = ["HEALTH_PATHS", "ConnectionGuard", "GuardedH11Protocol", "_GuardMixin
 logger = logging.getLogger("imagegate.server")
 
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+EAGER_PATH = "/healthz"  # answered inside the read callback (module docstring); /readyz awaits its checks
 _IDLE, _HEADERS, _BODY, _APP, _REFUSED = "idle", "headers", "body", "app", "refused"
 EVICTABLE_AFTER = 1.0  # seconds idle before a connection may be closed to admit a new one
 
@@ -234,8 +245,28 @@ class _GuardMixin:
             self._arm(self._guard.settings.header_timeout)
         elif self._phase == _BODY:
             self._body_bytes += len(data)
+        previous = self.cycle
         super().data_received(data)  # type: ignore[misc]
-        self._sync_phase()
+        self._sync_phase(answered=self.cycle is not previous)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """uvicorn's httptools hook that starts a request: `GET /healthz` runs eagerly."""
+        scope = cycle.scope
+        if scope["path"] != EAGER_PATH or scope["method"] != "GET":
+            super()._start_asgi_task(cycle, app)  # type: ignore[misc]
+            return
+        # the context a new task would run in
+        reset = getattr(self.config, "reset_contextvars", False)
+        context = contextvars.Context() if reset else contextvars.copy_context()
+        coro = cycle.run_asgi(app)
+        try:
+            waiting_on = context.run(coro.send, None)
+        except StopIteration:
+            return
+        task = self.loop.create_task(_resume(coro, waiting_on), context=context)
+        tasks = self.tasks  # type: ignore[attr-defined]
+        task.add_done_callback(tasks.discard)
+        tasks.add(task)
 
     def _refuse(self) -> None:
         """503 server_busy before the request is read, our side shut; the socket lingers (reading and
@@ -276,10 +307,13 @@ class _GuardMixin:
 
     # -- phases ----------------------------------------------------------------------------------
 
-    def _sync_phase(self) -> None:
+    def _sync_phase(self, answered: bool = False) -> None:
+        """`answered`: the data just received started a request (a new cycle): if its response is
+        complete already (an eager health check), the connection is idle again."""
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
-            if self._phase in (_BODY, _APP):  # a response went out: uvicorn's keep-alive timer runs now
+            if self._phase in (_BODY, _APP) or (answered and cycle is not None and self._phase == _HEADERS):
+                # a response went out: uvicorn's keep-alive timer runs now
                 self._phase = _IDLE
                 self._disarm()
                 self._guard.set_idle(self, True)
@@ -329,6 +363,27 @@ class _GuardMixin:
         self._guard.forget(self)
         self.transport.close()
         _timeouts[self._phase].hit()
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Run `coro` on from where its eager first step stopped, as the task it would have been:
+    each future it waits on is awaited here, and a cancellation is thrown into it."""
+    while True:
+        try:
+            if isinstance(waiting_on, asyncio.Future):
+                await asyncio.wait((waiting_on,))
+            else:
+                await asyncio.sleep(0)  # a bare yield
+        except asyncio.CancelledError as exc:
+            if isinstance(waiting_on, asyncio.Future):
+                waiting_on.cancel()
+            step = functools.partial(coro.throw, exc)
+        else:
+            step = functools.partial(coro.send, None)
+        try:
+            waiting_on = step()
+        except StopIteration:
+            return
 
 
 _timeouts = {

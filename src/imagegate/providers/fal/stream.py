@@ -20,25 +20,38 @@ In every case the caller polls the same job: nothing is submitted again.
 
 from __future__ import annotations
 
+import codecs
 import enum
 import logging
 import resource
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import aiohttp
 import httpx
+from httpx._client import ClientState
+from httpx._decoders import LineDecoder
 
 from imagegate.providers.fal.progress import ProgressReporter
 from imagegate.providers.fal.wire import sse_event
 from imagegate.settings import FalSettings
+from imagegate.upstream_http import AiohttpTransport, response_extensions
+from imagegate.upstream_plain import UpstreamClient, _plain_headers, _wire_headers, plain_netloc
 
-__all__ = ["NO_STREAM_STATUSES", "SSE_READ_TIMEOUT", "StatusStream", "StreamMiss", "stream_slots"]
+__all__ = [
+    "NO_STREAM_STATUSES", "SSE_READ_TIMEOUT", "StatusStream", "StreamMiss", "stream_slots", "stream_url",
+]
 
 log = logging.getLogger("imagegate.providers.fal")
+_httpx_log = logging.getLogger("httpx")
 
 SSE_READ_TIMEOUT = 30.0  # fal sends a keep-alive comment every 15 s
+_TIMEOUT = httpx.Timeout(SSE_READ_TIMEOUT, connect=10.0)
+_TIMEOUTS = _TIMEOUT.as_dict()
 NO_STREAM_STATUSES = frozenset({404, 405, 501})
 POOL_RESERVE = 1_000  # upstream connections left to submits, polls and results
 MAX_AUTO_SLOTS = 10_000
+CHUNK = 64 * 1024
 
 
 def stream_slots(config: FalSettings) -> int:
@@ -54,15 +67,68 @@ def stream_slots(config: FalSettings) -> int:
     return max(0, min(MAX_AUTO_SLOTS, soft // 4 - POOL_RESERVE))
 
 
+def stream_url(status_url: str) -> str:
+    """`{status_url}/stream`, its query kept: the URL httpx builds with
+    `URL(status_url).copy_with(path=path.rstrip("/") + "/stream")`, without parsing a URL that
+    httpx sends unchanged and that has no escapes (httpx would re-quote its decoded path)."""
+    if "%" not in status_url and plain_netloc(status_url) is not None:
+        base, mark, query = status_url.partition("?")
+        return f"{base.rstrip('/')}/stream{mark}{query}"
+    url = httpx.URL(status_url)
+    return str(url.copy_with(path=url.path.rstrip("/") + "/stream"))
+
+
 class StreamMiss(enum.Enum):
     UNSUPPORTED = "unsupported"
     BROKEN = "broken"
     BUSY = "busy"
 
 
+class _Events:
+    """SSE lines -> events: `data` fields are joined, an empty line ends an event, other fields
+    and comments (fal's keep-alives) are skipped."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data: list[str] = []
+
+    def line(self, line: str) -> dict[str, Any] | None:
+        if line:
+            field, _, value = line.partition(":")
+            if field == "data":
+                self.data.append(value.removeprefix(" "))
+            return None
+        event, self.data = sse_event(self.data), []
+        return event
+
+    def end(self) -> dict[str, Any] | None:
+        """The event left without its closing empty line when the stream ended."""
+        return sse_event(self.data)
+
+
+class _AiohttpBody(httpx.AsyncByteStream):
+    """An aiohttp response body as an httpx stream (for httpx to decode a compressed body or a
+    declared charset)."""
+
+    def __init__(self, answer: aiohttp.ClientResponse) -> None:
+        self.answer = answer
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.answer.content.iter_chunked(CHUNK):
+            yield chunk
+
+
 class StatusStream:
     """The status stream of one fal configuration, per process: open streams and whether fal
-    serves the stream at all."""
+    serves the stream at all.
+
+    On the shared upstream client (`upstream_plain.UpstreamClient`) the stream is read straight
+    from aiohttp, as that client's plain calls are: the same request on the wire (the same header
+    list, the URL as given), the same `httpx` log line, the lines httpx's `aiter_lines` would
+    yield (its decoders), and every failure a BROKEN stream as an httpx error would be; without
+    httpx's request, response and stream objects and their async generators, which cost more per
+    job than the stream itself. Any other client takes httpx's `stream()`."""
 
     def __init__(self, http: httpx.AsyncClient, max_open: int) -> None:
         self.http = http
@@ -75,7 +141,7 @@ class StatusStream:
         return self.unsupported is None
 
     async def follow(
-        self, url: httpx.URL, headers: dict[str, str], report: ProgressReporter | None
+        self, url: str, headers: dict[str, str], report: ProgressReporter | None
     ) -> dict[str, Any] | StreamMiss:
         if self.unsupported is not None:
             return StreamMiss.UNSUPPORTED
@@ -83,44 +149,140 @@ class StatusStream:
             return StreamMiss.BUSY
         self.open += 1
         try:
+            plain = self._plain(url, headers)
+            if plain is not None:
+                return await self._follow_plain(plain[0], plain[1], url, plain[2], headers, report)
             return await self._follow(url, headers, report)
         finally:
             self.open -= 1
 
+    def _plain(self, url: str, headers: dict[str, str]) -> tuple[UpstreamClient, AiohttpTransport, str] | None:
+        """The client, its transport and the URL's Host when this stream can go straight to
+        aiohttp: the conditions of `UpstreamClient`'s plain path for a GET with headers."""
+        client = self.http
+        if not isinstance(client, UpstreamClient):
+            return None
+        transport = client._transport
+        netloc = plain_netloc(url)
+        if (
+            netloc is None
+            or not isinstance(transport, AiohttpTransport)
+            or client._auth is not None
+            or client.follow_redirects
+            or client._mounts
+            or client._base_url.raw_path != b"/"
+            or client._event_hooks["request"]
+            or client._event_hooks["response"]
+            or not _plain_headers(headers)
+        ):
+            return None
+        return client, transport, netloc
+
     async def _follow(
-        self, url: httpx.URL, headers: dict[str, str], report: ProgressReporter | None
+        self, url: str, headers: dict[str, str], report: ProgressReporter | None
     ) -> dict[str, Any] | StreamMiss:
-        timeout = httpx.Timeout(SSE_READ_TIMEOUT, connect=10.0)
         try:
-            async with self.http.stream("GET", url, headers=headers, timeout=timeout) as response:
-                ctype = response.headers.get("content-type", "")
-                if response.status_code in NO_STREAM_STATUSES or (
-                    response.status_code == 200 and not ctype.startswith("text/event-stream")
-                ):
-                    self._unsupported(f"HTTP {response.status_code} {ctype or 'without a content type'}")
-                    return StreamMiss.UNSUPPORTED
-                if response.status_code != 200:
-                    return StreamMiss.BROKEN
-                data: list[str] = []
-                async for line in response.aiter_lines():
-                    if line:
-                        field, _, value = line.partition(":")
-                        if field == "data":
-                            data.append(value.removeprefix(" "))
-                        continue
-                    event, data = sse_event(data), []
-                    if event is not None and report is not None:
-                        await report(event)
-                    if event is not None and event.get("status") == "COMPLETED":
-                        return event
-                event = sse_event(data)
-                if event is not None and event.get("status") == "COMPLETED":
-                    return event
-                return StreamMiss.BROKEN
+            async with self.http.stream("GET", url, headers=headers, timeout=_TIMEOUT) as response:
+                miss = self._miss(response.status_code, response.headers.get("content-type", ""))
+                if miss is not None:
+                    return miss
+                return await _completed(_Events(), response.aiter_lines(), report)
         except httpx.HTTPError:
             return StreamMiss.BROKEN
+
+    async def _follow_plain(
+        self,
+        client: UpstreamClient,
+        transport: AiohttpTransport,
+        url: str,
+        netloc: str,
+        headers: dict[str, str],
+        report: ProgressReporter | None,
+    ) -> dict[str, Any] | StreamMiss:
+        if client._state == ClientState.CLOSED:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        client._state = ClientState.OPENED
+        wire = _wire_headers(client._client_headers(), headers, {}, "GET", netloc)
+        try:
+            answer = await transport.send("GET", url, wire, None, _TIMEOUTS)
+        except (aiohttp.ClientError, OSError):
+            return StreamMiss.BROKEN
+        try:
+            if _httpx_log.isEnabledFor(logging.INFO):
+                _httpx_log.info('HTTP Request: %s %s "%s %d %s"', "GET", httpx.URL(url), "HTTP/1.1", answer.status,
+                                answer.reason or "")
+            ctype = ", ".join(answer.headers.getall("content-type", ()))
+            miss = self._miss(answer.status, ctype)
+            if miss is not None:
+                return miss
+            events = _Events()
+            encoding = client._default_encoding
+            if "content-encoding" in answer.headers or "charset" in ctype.lower() or not isinstance(encoding, str):
+                # httpx decodes these (a compressed body, a declared charset) as on its own path
+                response = httpx.Response(
+                    answer.status, headers=answer.raw_headers, stream=_AiohttpBody(answer),
+                    extensions=response_extensions(answer), default_encoding=encoding,
+                    request=httpx.Request("GET", url, headers=wire),
+                )
+                return await _completed(events, response.aiter_lines(), report)
+            text = codecs.getincrementaldecoder(encoding)(errors="replace")
+            lines = LineDecoder()  # httpx's: the lines `aiter_lines` yields
+            async for chunk in answer.content.iter_chunked(CHUNK):
+                decoded = text.decode(chunk)
+                if decoded:
+                    event = await _first_completed(events, lines.decode(decoded), report)
+                    if event is not None:
+                        return event
+            decoded = text.decode(b"", True)
+            tail = [*(lines.decode(decoded) if decoded else ()), *lines.flush()]
+            return await _first_completed(events, tail, report) or _at_end(events)
+        except (aiohttp.ClientError, OSError, httpx.HTTPError):
+            return StreamMiss.BROKEN
+        finally:
+            answer.release()
+
+    def _miss(self, status: int, ctype: str) -> StreamMiss | None:
+        """UNSUPPORTED (remembered) or BROKEN for a response that is not a status stream."""
+        if status in NO_STREAM_STATUSES or (status == 200 and not ctype.startswith("text/event-stream")):
+            self._unsupported(f"HTTP {status} {ctype or 'without a content type'}")
+            return StreamMiss.UNSUPPORTED
+        if status != 200:
+            return StreamMiss.BROKEN
+        return None
 
     def _unsupported(self, why: str) -> None:
         if self.unsupported is None:
             self.unsupported = why
             log.warning("fal does not serve the status stream (%s); polling from now on", why)
+
+
+async def _first_completed(
+    events: _Events, lines: Iterable[str], report: ProgressReporter | None
+) -> dict[str, Any] | None:
+    """Each complete event of `lines` reported; the first COMPLETED one, if any."""
+    for line in lines:
+        event = events.line(line)
+        if event is not None:
+            if report is not None:
+                await report(event)
+            if event.get("status") == "COMPLETED":
+                return event
+    return None
+
+
+async def _completed(
+    events: _Events, lines: AsyncIterator[str], report: ProgressReporter | None
+) -> dict[str, Any] | StreamMiss:
+    async for line in lines:
+        event = await _first_completed(events, (line,), report)
+        if event is not None:
+            return event
+    return _at_end(events)
+
+
+def _at_end(events: _Events) -> dict[str, Any] | StreamMiss:
+    """A stream that ended: COMPLETED if its unterminated last event says so, else BROKEN."""
+    event = events.end()
+    if event is not None and event.get("status") == "COMPLETED":
+        return event
+    return StreamMiss.BROKEN

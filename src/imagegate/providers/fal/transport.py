@@ -37,7 +37,7 @@ from imagegate.providers.common import (
 )
 from imagegate.providers.fal.errors import TRANSIENT_STATUSES, FalFailure, Stage, map_failure
 from imagegate.providers.fal.progress import OnProgress, ProgressReporter
-from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_slots
+from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_slots, stream_url
 from imagegate.providers.fal.wire import json_object as _json
 from imagegate.providers.fal.wire import json_or_none as _json_or_none
 from imagegate.settings import FalSettings
@@ -297,10 +297,9 @@ class FalTransport:
         self, handle: QueueHandle, report: ProgressReporter | None = None
     ) -> dict[str, Any] | StreamMiss:
         """Follow `{status_url}/stream` to the COMPLETED event, or say why not (the caller polls)."""
-        url = httpx.URL(handle.status_url)
-        url = url.copy_with(path=url.path.rstrip("/") + "/stream")
+        url = stream_url(handle.status_url)
         if report is not None:
-            url = httpx.URL(_with_logs(str(url)))
+            url = _with_logs(url)
         return await self.stream.follow(url, {**self.headers(), "Accept": "text/event-stream"}, report)
 
     async def result(self, handle: QueueHandle, status: Mapping[str, Any]) -> FalOutput:

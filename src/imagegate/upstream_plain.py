@@ -272,6 +272,19 @@ class UpstreamClient(httpx.AsyncClient):
         merged = self._merged(headers)
         return None if merged is None else _Target(origin.netloc, merged)
 
+    def plain_get_headers(self, url: str, headers: Any) -> tuple[list[tuple[str, str]], bool] | None:
+        """The header list a plain GET of `url` with `headers` sends (`Host` first unless given) and
+        whether it names every header aiohttp would add (`AiohttpTransport.send`'s `complete`); None
+        when such a call would not take the plain path. For callers that read a response on aiohttp
+        themselves (the fal status stream) while sending what httpx would."""
+        target = self._plain_target(url, headers, _USE_DEFAULT, _USE_DEFAULT)
+        if target is None:
+            return None
+        merged = target.merged
+        wire = [] if "host" in merged.present else [("Host", target.netloc)]
+        wire += merged.pairs
+        return wire, merged.complete
+
     def _plain_client_state(self) -> bool:
         """No auth, mounts, event hooks or base path: nothing httpx would add to a call."""
         base = self._base_url

@@ -35,8 +35,8 @@ from httpx._decoders import LineDecoder
 from imagegate.providers.fal.progress import ProgressReporter
 from imagegate.providers.fal.wire import sse_event
 from imagegate.settings import FalSettings
-from imagegate.upstream_http import AiohttpTransport, response_extensions
-from imagegate.upstream_plain import UpstreamClient, _plain_headers, _wire_headers, plain_netloc
+from imagegate.upstream_http import AiohttpTransport, client_timeout, response_extensions
+from imagegate.upstream_plain import UpstreamClient, plain_netloc
 
 __all__ = [
     "NO_STREAM_STATUSES", "SSE_READ_TIMEOUT", "StatusStream", "StreamMiss", "stream_slots", "stream_url",
@@ -47,7 +47,7 @@ _httpx_log = logging.getLogger("httpx")
 
 SSE_READ_TIMEOUT = 30.0  # fal sends a keep-alive comment every 15 s
 _TIMEOUT = httpx.Timeout(SSE_READ_TIMEOUT, connect=10.0)
-_TIMEOUTS = _TIMEOUT.as_dict()
+_TIMEOUTS = client_timeout(_TIMEOUT.pool, _TIMEOUT.connect, _TIMEOUT.read)
 NO_STREAM_STATUSES = frozenset({404, 405, 501})
 POOL_RESERVE = 1_000  # upstream connections left to submits, polls and results
 MAX_AUTO_SLOTS = 10_000
@@ -151,32 +151,25 @@ class StatusStream:
         try:
             plain = self._plain(url, headers)
             if plain is not None:
-                return await self._follow_plain(plain[0], plain[1], url, plain[2], headers, report)
+                return await self._follow_plain(plain[0], plain[1], url, plain[2], plain[3], report)
             return await self._follow(url, headers, report)
         finally:
             self.open -= 1
 
-    def _plain(self, url: str, headers: dict[str, str]) -> tuple[UpstreamClient, AiohttpTransport, str] | None:
-        """The client, its transport and the URL's Host when this stream can go straight to
-        aiohttp: the conditions of `UpstreamClient`'s plain path for a GET with headers."""
+    def _plain(
+        self, url: str, headers: dict[str, str]
+    ) -> tuple[UpstreamClient, AiohttpTransport, list[tuple[str, str]], bool] | None:
+        """The client, its transport, the header list and aiohttp's `complete` flag when this stream
+        can go straight to aiohttp: the conditions of `UpstreamClient`'s plain path for a GET."""
         client = self.http
         if not isinstance(client, UpstreamClient):
             return None
-        transport = client._transport
-        netloc = plain_netloc(url)
-        if (
-            netloc is None
-            or not isinstance(transport, AiohttpTransport)
-            or client._auth is not None
-            or client.follow_redirects
-            or client._mounts
-            or client._base_url.raw_path != b"/"
-            or client._event_hooks["request"]
-            or client._event_hooks["response"]
-            or not _plain_headers(headers)
-        ):
+        plain = client.plain_get_headers(url, headers)
+        if plain is None:
             return None
-        return client, transport, netloc
+        transport = client._transport
+        assert isinstance(transport, AiohttpTransport)  # a plain path needs it
+        return client, transport, plain[0], plain[1]
 
     async def _follow(
         self, url: str, headers: dict[str, str], report: ProgressReporter | None
@@ -195,16 +188,15 @@ class StatusStream:
         client: UpstreamClient,
         transport: AiohttpTransport,
         url: str,
-        netloc: str,
-        headers: dict[str, str],
+        wire: list[tuple[str, str]],
+        complete: bool,
         report: ProgressReporter | None,
     ) -> dict[str, Any] | StreamMiss:
         if client._state == ClientState.CLOSED:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         client._state = ClientState.OPENED
-        wire = _wire_headers(client._client_headers(), headers, {}, "GET", netloc)
         try:
-            answer = await transport.send("GET", url, wire, None, _TIMEOUTS)
+            answer = await transport.send("GET", url, wire, None, _TIMEOUTS, complete=complete)
         except (aiohttp.ClientError, OSError):
             return StreamMiss.BROKEN
         try:
@@ -221,7 +213,7 @@ class StatusStream:
                 # httpx decodes these (a compressed body, a declared charset) as on its own path
                 response = httpx.Response(
                     answer.status, headers=answer.raw_headers, stream=_AiohttpBody(answer),
-                    extensions=response_extensions(answer), default_encoding=encoding,
+                    extensions=response_extensions(answer.reason), default_encoding=encoding,
                     request=httpx.Request("GET", url, headers=wire),
                 )
                 return await _completed(events, response.aiter_lines(), report)

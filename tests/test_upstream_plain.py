@@ -338,3 +338,19 @@ async def test_a_fal_queue_job_is_three_plain_calls(httpx_sends: list[httpx.Requ
         ("GET", fake.last_submit.request_id),
     ]
     assert httpx_sends == []
+
+
+async def test_a_client_s_own_params_and_cookies_are_sent_as_httpx_sends_them(
+    capture: Capture, httpx_sends: list[httpx.Request]
+) -> None:
+    """httpx merges the client's query params and cookies into every call: a client given either
+    sends through httpx, not without them."""
+    base, seen = capture
+    async with _client() as client:
+        client.params = httpx.QueryParams({"k": "v"})
+        await client.get(f"{base}/p")
+        client.params = httpx.QueryParams()
+        client.cookies = httpx.Cookies({"c": "v"})
+        await client.get(f"{base}/c")
+    assert [str(r.url) for r in httpx_sends] == [f"{base}/p?k=v", f"{base}/c"]
+    assert seen[0].startswith(b"GET /p?k=v ") and b"\r\nCookie: c=v\r\n" in seen[1]

@@ -405,4 +405,6 @@ class UpstreamClient(httpx.AsyncClient):
                 'HTTP Request: %s %s "%s %d %s"', method, httpx.URL(url), response.http_version,
                 response.status_code, response.reason_phrase,
             )
+        if 300 <= response.status_code < 400 and response.has_redirect_location:  # not followed: as httpx
+            response.next_request = self._build_redirect_request(response.request, response)
         return response

@@ -140,7 +140,8 @@ async def test_what_a_plain_response_builds_on_first_use_is_httpx_s(capture: Cap
 
 
 async def _gzip_server() -> asyncio.Server:
-    """`/latin`: a header in Latin-1; anything else: a gzip-encoded JSON body."""
+    """`/latin`: a header in Latin-1; `/moved`: a 303 to `/next`; `/broken`: a 302 to a Location
+    that is no URL; anything else: a gzip-encoded JSON body."""
     body = gzip.compress(b'{"status":"COMPLETED"}')
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -149,10 +150,14 @@ async def _gzip_server() -> asyncio.Server:
                 path = (await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1]
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(body)
+            head, out = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(body), body
             if path == b"/latin":  # a header value that is not ASCII, a body that is not encoded
-                head = b"HTTP/1.1 200 OK\r\nx-name: caf\xe9\r\ncontent-length: 2\r\n\r\n"
-            writer.write(head + (b"{}" if path == b"/latin" else body))
+                head, out = b"HTTP/1.1 200 OK\r\nx-name: caf\xe9\r\ncontent-length: 2\r\n\r\n", b"{}"
+            elif path == b"/moved":
+                head, out = b"HTTP/1.1 303 See Other\r\nlocation: /next\r\ncontent-length: 0\r\n\r\n", b""
+            elif path == b"/broken":
+                head, out = b"HTTP/1.1 302 Found\r\nlocation: http://a:notaport/\r\ncontent-length: 0\r\n\r\n", b""
+            writer.write(head + out)
             await writer.drain()
 
     return await asyncio.start_server(handler, "127.0.0.1", 0)
@@ -338,3 +343,32 @@ async def test_a_fal_queue_job_is_three_plain_calls(httpx_sends: list[httpx.Requ
         ("GET", fake.last_submit.request_id),
     ]
     assert httpx_sends == []
+
+
+async def test_a_client_s_own_params_and_cookies_are_sent_as_httpx_sends_them(
+    capture: Capture, httpx_sends: list[httpx.Request]
+) -> None:
+    """httpx merges the client's query params and cookies into every call: a client given either
+    sends through httpx, not without them."""
+    base, seen = capture
+    async with _client() as client:
+        client.params = httpx.QueryParams({"k": "v"})
+        await client.get(f"{base}/p")
+        client.params = httpx.QueryParams()
+        client.cookies = httpx.Cookies({"c": "v"})
+        await client.get(f"{base}/c")
+    assert [str(r.url) for r in httpx_sends] == [f"{base}/p?k=v", f"{base}/c"]
+    assert seen[0].startswith(b"GET /p?k=v ") and b"\r\nCookie: c=v\r\n" in seen[1]
+
+
+
+async def test_a_redirect_not_followed_is_answered_as_httpx_answers_it() -> None:
+    """httpx gives a redirect it does not follow its `next_request` (and refuses a Location that
+    is no URL): the plain path does too."""
+    plain, httpx_own = await _get_both("/moved")
+    assert plain.next_request is not None and httpx_own.next_request is not None
+    assert (plain.next_request.method, plain.next_request.url, plain.next_request.headers.raw) == (
+        httpx_own.next_request.method, httpx_own.next_request.url, httpx_own.next_request.headers.raw
+    )
+    with pytest.raises(httpx.RemoteProtocolError, match="Invalid URL in location header"):
+        await _get_both("/broken")

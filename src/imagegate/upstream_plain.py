@@ -32,7 +32,13 @@ import aiohttp
 import httpx
 from httpx._client import ClientState
 
-from imagegate.upstream_http import AiohttpTransport, client_timeout, httpx_error, response_extensions
+from imagegate.upstream_http import (
+    AiohttpTransport,
+    _NoCookies,
+    client_timeout,
+    httpx_error,
+    response_extensions,
+)
 
 __all__ = ["UpstreamClient", "plain_netloc", "plain_origin"]
 
@@ -286,7 +292,8 @@ class UpstreamClient(httpx.AsyncClient):
         return wire, merged.complete
 
     def _plain_client_state(self) -> bool:
-        """No auth, mounts, event hooks or base path: nothing httpx would add to a call."""
+        """No auth, mounts, event hooks, base path, query params or cookies: nothing httpx would
+        add to a call."""
         base = self._base_url
         if base is not self._plain_base:
             if base.raw_path != b"/":
@@ -295,7 +302,8 @@ class UpstreamClient(httpx.AsyncClient):
         hooks = self._event_hooks
         return (
             isinstance(self._transport, AiohttpTransport) and self._auth is None and not self._mounts
-            and not hooks["request"] and not hooks["response"]
+            and not hooks["request"] and not hooks["response"] and not self._params
+            and (type(self._cookies) is _NoCookies or not self._cookies)  # (a _NoCookies keeps none)
         )
 
     def _merged(self, headers: Any) -> _Merged | None:
@@ -410,4 +418,6 @@ class UpstreamClient(httpx.AsyncClient):
                 'HTTP Request: %s %s "%s %d %s"', method, httpx.URL(url), response.http_version,
                 response.status_code, response.reason_phrase,
             )
+        if 300 <= response.status_code < 400 and response.has_redirect_location:  # not followed: as httpx
+            response.next_request = self._build_redirect_request(response.request, response)
         return response

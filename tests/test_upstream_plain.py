@@ -372,3 +372,18 @@ async def test_a_redirect_not_followed_is_answered_as_httpx_answers_it() -> None
     )
     with pytest.raises(httpx.RemoteProtocolError, match="Invalid URL in location header"):
         await _get_both("/broken")
+
+
+
+async def test_a_fresh_use_client_default_timeout_means_the_client_s_timeout(
+    capture: Capture, httpx_sends: list[httpx.Request]
+) -> None:
+    """httpx reads any `UseClientDefault` instance as "the client's timeout"; so does the plain path."""
+    from httpx._client import UseClientDefault
+
+    base, seen = capture
+    async with _client() as client:
+        response = await client.get(base + "/status", timeout=UseClientDefault())
+    assert response.status_code == 202
+    assert response.request.extensions["timeout"] == httpx.Timeout(5.0).as_dict()
+    assert not httpx_sends and len(seen) == 1  # it went the plain way

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import httpx
-from httpx._client import ClientState
+from httpx._client import ClientState, UseClientDefault
 
 from imagegate.upstream_http import (
     AiohttpTransport,
@@ -366,7 +366,7 @@ class UpstreamClient(httpx.AsyncClient):
         self._state = ClientState.OPENED
         transport = self._transport
         assert isinstance(transport, AiohttpTransport)  # checked by _plain_client_state
-        timeouts = self.timeout if timeout is _USE_DEFAULT else (
+        timeouts = self.timeout if timeout is _USE_DEFAULT or isinstance(timeout, UseClientDefault) else (
             timeout if type(timeout) is httpx.Timeout else httpx.Timeout(timeout)
         )
         merged = target.merged

@@ -66,6 +66,7 @@ class Req:
     disconnect_after: float | None = None  # the client goes away this long after sending the body
     scenario: FalScenario | None = None  # what the fake fal does with it
     before: Callable[[Any], None] | None = None  # called with the app first (e.g. to break the service)
+    send_fails: str | None = None  # the server's send raises on this message type (e.g. a bad header)
 
 
 def gen(body: Any, *, headers: list[tuple[str, str]] = (), **kw: Any) -> Req:  # type: ignore[assignment]
@@ -123,6 +124,8 @@ async def exchange(app: Any, req: Req, rid: str) -> list[Message]:
 
     async def send(message: Message) -> None:
         sent.append(message)
+        if message["type"] == req.send_fails:
+            raise RuntimeError("Invalid HTTP header value.")  # as uvicorn's send, after it counted the start
 
     try:
         await app(scope, receive, send)
@@ -397,6 +400,19 @@ async def test_busy_and_disconnected_requests_answer_as_through_fastapi(run: Cal
         providers={"sandbox": {"delay_seconds": 0.3}},
     )
     assert [status_of(a) for a in answers] == [200, 503, 499]
+
+
+async def test_errors_after_the_response_started_are_handled_as_through_fastapi(run: Callable[..., Any]) -> None:
+    """FastAPI's outermost ServerErrorMiddleware hands an error raised after the response started to
+    the app's 500 handler too (its log line) before re-raising it to the server."""
+    body = {"model": "sandbox-image", "prompt": "x", "size": "64x64"}
+    steps: list[Req | list[Req]] = [
+        gen(body, send_fails="http.response.start"),
+        gen(body, send_fails="http.response.body"),
+        gen({**body, "stream": True}, send_fails="http.response.body"),
+    ]
+    answers = await run(steps)
+    assert all(answer[-1][0] == "raised" for answer in answers)
 
 
 def _bare_gateway(include: dict[str, Any], **kwargs: Any) -> tuple[Gateway, list[str]]:

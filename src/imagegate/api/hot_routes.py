@@ -6,15 +6,14 @@ its own `send` wrapper; for the two image routes, which carry the traffic, they 
 of the gateway's CPU per request. `Gateway` (the app class `create_app` builds) hands `POST` on
 exactly those two paths to a stack composed at the first request:
 
-    the app's own middleware (`app.user_middleware`: the same classes, arguments and order:
-    observability, request context, auth, admission)
+    Starlette's ServerErrorMiddleware, with the app's 500 handler (as FastAPI's stack: an error
+    raised after the response started is handed to it too, its log line, then re-raised)
+      -> the app's own middleware (`app.user_middleware`: the same classes, arguments and
+         order: observability, request context, auth, admission)
       -> `RouteEndpoint`: the route's endpoint as pure ASGI, with the app's exception handlers
 
 What it leaves out, and why a client cannot tell:
 
-    ServerErrorMiddleware         `RequestContextMiddleware` renders every error raised before the
-                                  response starts (the 500 envelope and log line); after it, both
-                                  re-raise to the server
     FastAPI's OpenTelemetry       only active when a tracer, meter or logger provider is configured
                                   (at start, e.g. by `opentelemetry-instrument`): then every request
                                   goes through FastAPI, as before. It is checked at the first request
@@ -42,6 +41,7 @@ from fastapi.routing import APIRoute
 from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -133,10 +133,12 @@ class Gateway(FastAPI):
         FastAPI's own stack is built with it, so no middleware can be added after)."""
         if self.middleware_stack is None:
             self.middleware_stack = self.build_middleware_stack()
+        error_handler: Handler | None = None
         handlers: dict[type[Exception], Handler] = {}
         status_handlers: dict[int, Handler] = {}
         for key, handler in self.exception_handlers.items():
-            if key in (500, Exception):  # FastAPI gives these to ServerErrorMiddleware (see the docstring)
+            if key in (500, Exception):  # FastAPI gives these to ServerErrorMiddleware, as below
+                error_handler = handler
                 continue
             if isinstance(key, int):
                 status_handlers[key] = handler
@@ -157,6 +159,7 @@ class Gateway(FastAPI):
                 stack: ASGIApp = RouteEndpoint(route.endpoint, handlers=handlers, status_handlers=status_handlers)
                 for cls, args, kwargs in reversed(self.user_middleware):
                     stack = cls(stack, *args, **kwargs)
+                stack = ServerErrorMiddleware(stack, handler=error_handler, debug=self.debug)
                 hot[path] = (stack, {"route": route, "endpoint": route.endpoint, "router": self.router})
         self._hot = hot
         return hot

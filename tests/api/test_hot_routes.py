@@ -462,3 +462,45 @@ async def test_the_lean_stack_only_serves_what_fastapi_would_serve_alike(
     with contextlib.suppress(Exception):  # no app state here: the endpoint fails either way
         await app(scope, receive, send)
     assert reached == ([] if lean else [GEN])
+
+
+async def _other_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize("first", ["mount", "path_param"])
+async def test_a_route_registered_before_that_takes_the_path_keeps_fastapis_path(first: str) -> None:
+    """FastAPI picks the first route that matches POST on the path, whatever its template: a mount
+    or a path parameter ahead of the image routes takes their requests on both stacks."""
+    app = Gateway()
+    if first == "mount":
+        app.mount("/v1", _other_app)
+    else:
+
+        @app.post("/v1/images/{operation}")
+        async def other(operation: str) -> dict[str, str]:
+            return {"operation": operation}
+
+    app.include_router(images.router)
+    reached: list[str] = []
+    fastapi_stack = app.build_middleware_stack()
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await fastapi_stack(scope, receive, send)
+
+    app.middleware_stack = counted
+    messages: list[Message] = []
+    scope = {"type": "http", "method": "POST", "path": GEN, "root_path": "", "headers": [],
+             "query_string": b"", "state": {}}  # fmt: skip
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    assert reached == [GEN]
+    assert messages[0]["status"] in (200, 204)

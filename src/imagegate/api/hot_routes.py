@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["HOT_PATHS", "Gateway", "RouteEndpoint"]
@@ -150,12 +151,17 @@ class Gateway(FastAPI):
             return hot
         decided: set[str] = set()
         for route, plain in _routes(self.router.routes, plain=True):
-            path = getattr(route, "path", None)
-            methods = getattr(route, "methods", None) or ()
-            if path not in HOT_PATHS or path in decided or "POST" not in methods:
+            path = next((p for p in HOT_PATHS if p not in decided and _takes_post(route, p)), None)
+            if path is None:
                 continue
             decided.add(path)  # the route FastAPI would pick for POST here: lean only if it is a plain one
-            if plain and isinstance(route, APIRoute) and route.methods == {"POST"} and _takes_only_request(route):
+            if (
+                plain
+                and isinstance(route, APIRoute)
+                and route.path == path
+                and route.methods == {"POST"}
+                and _takes_only_request(route)
+            ):
                 stack: ASGIApp = RouteEndpoint(route.endpoint, handlers=handlers, status_handlers=status_handlers)
                 for cls, args, kwargs in reversed(self.user_middleware):
                     stack = cls(stack, *args, **kwargs)
@@ -177,6 +183,17 @@ def _routes(routes: Any, *, plain: bool, depth: int = 0) -> Iterator[tuple[Any, 
         bare = not (getattr(context, "prefix", "") or getattr(context, "dependencies", None))
         bare = bare and getattr(context, "max_body_size", None) is None
         yield from _routes(inner, plain=plain and bare, depth=depth + 1)
+
+
+def _takes_post(route: Any, path: str) -> bool:
+    """Whether `route` fully matches POST on `path` (as the router asks it: any template, a mount);
+    a route that cannot tell counts as taking it, so the path stays FastAPI's."""
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": [], "query_string": b""}
+    try:
+        match, _ = route.matches(scope)
+    except Exception:
+        return True
+    return bool(match is Match.FULL)
 
 
 def _takes_only_request(route: APIRoute) -> bool:

@@ -142,6 +142,7 @@ _MASKS = [
     (re.compile(rb"/v1/files/images/[A-Za-z0-9_-]{32}\.(png|jpeg|webp)"), b"/v1/files/images/*"),
     (re.compile(rb'"(created|created_at|expires_at|updated_at|finished_at|started_at)":\s*[0-9.]+'), rb'"\1":0'),
     (re.compile(rb"[0-9]+(\.[0-9]+)?ms"), b"*ms"),
+    (re.compile(rb"req_[0-9a-f]{32}"), b"req_*"),  # a request id the gateway made (the tests send theirs)
 ]
 
 
@@ -413,6 +414,20 @@ async def test_errors_after_the_response_started_are_handled_as_through_fastapi(
     ]
     answers = await run(steps)
     assert all(answer[-1][0] == "raised" for answer in answers)
+
+
+async def test_an_error_in_the_outermost_middleware_is_answered_as_through_fastapi(
+    run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raised outside the request middleware (here, by observability), FastAPI's ServerErrorMiddleware
+    answers with the app's 500 handler, then re-raises to the server."""
+
+    def broken(state: Any = None) -> Any:
+        raise RuntimeError("telemetry broke")
+
+    monkeypatch.setattr("imagegate.core.telemetry.begin", broken)
+    answers = await run([gen({"model": "sandbox-image", "prompt": "x", "size": "64x64"})])
+    assert status_of(answers[0]) == 500 and answers[0][-1][0] == "raised"
 
 
 def _bare_gateway(include: dict[str, Any], **kwargs: Any) -> tuple[Gateway, list[str]]:

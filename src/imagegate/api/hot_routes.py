@@ -23,8 +23,9 @@ What it leaves out, and why a client cannot tell:
                                   `RouteEndpoint` looks the handler up the same way
     AsyncExitStackMiddleware, dependencies
                                   the endpoints take only the `Request`; the parser closes uploads
-    the router                    the path is compared whole; the scope gets the same `route`,
-                                  `endpoint`, `path_params` and `router`
+    the router                    the path is compared whole, and only where the first route that
+                                  fully matches POST on it is the image route; the scope gets the
+                                  same `route`, `endpoint`, `path_params` and `router`
 
 Everything else goes to FastAPI as before: other paths and methods (a GET here is FastAPI's 405),
 a trailing slash, a `root_path`. The routes stay registered on FastAPI, so `/openapi.json` and the

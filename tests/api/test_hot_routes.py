@@ -430,9 +430,14 @@ async def test_an_error_in_the_outermost_middleware_is_answered_as_through_fasta
     assert status_of(answers[0]) == 500 and answers[0][-1][0] == "raised"
 
 
-def _bare_gateway(include: dict[str, Any], **kwargs: Any) -> tuple[Gateway, list[str]]:
-    """A Gateway with the image routes (no app state); records what reached FastAPI's stack."""
+def _bare_gateway(
+    include: dict[str, Any], *, before: Callable[[Gateway], None] | None = None, **kwargs: Any
+) -> tuple[Gateway, list[str]]:
+    """A Gateway with the image routes (no app state; `before` adds routes ahead of them); records
+    what reached FastAPI's stack."""
     app = Gateway(**kwargs)
+    if before is not None:
+        before(app)
     app.include_router(images.router, **include)
     reached: list[str] = []
     fastapi_stack = app.build_middleware_stack()
@@ -484,28 +489,23 @@ async def _other_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-@pytest.mark.parametrize("first", ["mount", "path_param"])
-async def test_a_route_registered_before_that_takes_the_path_keeps_fastapis_path(first: str) -> None:
+def _mount_ahead(app: Gateway) -> None:
+    app.mount("/v1", _other_app)
+
+
+def _template_ahead(app: Gateway) -> None:
+    @app.post("/v1/images/{operation}")
+    async def other(operation: str) -> dict[str, str]:
+        return {"operation": operation}
+
+
+@pytest.mark.parametrize("ahead", [_mount_ahead, _template_ahead])
+async def test_a_route_registered_before_that_takes_the_path_keeps_fastapis_path(
+    ahead: Callable[[Gateway], None],
+) -> None:
     """FastAPI picks the first route that matches POST on the path, whatever its template: a mount
     or a path parameter ahead of the image routes takes their requests on both stacks."""
-    app = Gateway()
-    if first == "mount":
-        app.mount("/v1", _other_app)
-    else:
-
-        @app.post("/v1/images/{operation}")
-        async def other(operation: str) -> dict[str, str]:
-            return {"operation": operation}
-
-    app.include_router(images.router)
-    reached: list[str] = []
-    fastapi_stack = app.build_middleware_stack()
-
-    async def counted(scope: Any, receive: Any, send: Any) -> None:
-        reached.append(scope["path"])
-        await fastapi_stack(scope, receive, send)
-
-    app.middleware_stack = counted
+    app, reached = _bare_gateway({}, before=ahead)
     messages: list[Message] = []
     scope = {"type": "http", "method": "POST", "path": GEN, "root_path": "", "headers": [],
              "query_string": b"", "state": {}}  # fmt: skip

@@ -66,6 +66,7 @@ class Req:
     disconnect_after: float | None = None  # the client goes away this long after sending the body
     scenario: FalScenario | None = None  # what the fake fal does with it
     before: Callable[[Any], None] | None = None  # called with the app first (e.g. to break the service)
+    send_fails: str | None = None  # the server's send raises on this message type (e.g. a bad header)
 
 
 def gen(body: Any, *, headers: list[tuple[str, str]] = (), **kw: Any) -> Req:  # type: ignore[assignment]
@@ -123,6 +124,8 @@ async def exchange(app: Any, req: Req, rid: str) -> list[Message]:
 
     async def send(message: Message) -> None:
         sent.append(message)
+        if message["type"] == req.send_fails:
+            raise RuntimeError("Invalid HTTP header value.")  # as uvicorn's send, after it counted the start
 
     try:
         await app(scope, receive, send)
@@ -139,6 +142,7 @@ _MASKS = [
     (re.compile(rb"/v1/files/images/[A-Za-z0-9_-]{32}\.(png|jpeg|webp)"), b"/v1/files/images/*"),
     (re.compile(rb'"(created|created_at|expires_at|updated_at|finished_at|started_at)":\s*[0-9.]+'), rb'"\1":0'),
     (re.compile(rb"[0-9]+(\.[0-9]+)?ms"), b"*ms"),
+    (re.compile(rb"req_[0-9a-f]{32}"), b"req_*"),  # a request id the gateway made (the tests send theirs)
 ]
 
 
@@ -399,9 +403,41 @@ async def test_busy_and_disconnected_requests_answer_as_through_fastapi(run: Cal
     assert [status_of(a) for a in answers] == [200, 503, 499]
 
 
-def _bare_gateway(include: dict[str, Any], **kwargs: Any) -> tuple[Gateway, list[str]]:
-    """A Gateway with the image routes (no app state); records what reached FastAPI's stack."""
+async def test_errors_after_the_response_started_are_handled_as_through_fastapi(run: Callable[..., Any]) -> None:
+    """FastAPI's outermost ServerErrorMiddleware hands an error raised after the response started to
+    the app's 500 handler too (its log line) before re-raising it to the server."""
+    body = {"model": "sandbox-image", "prompt": "x", "size": "64x64"}
+    steps: list[Req | list[Req]] = [
+        gen(body, send_fails="http.response.start"),
+        gen(body, send_fails="http.response.body"),
+        gen({**body, "stream": True}, send_fails="http.response.body"),
+    ]
+    answers = await run(steps)
+    assert all(answer[-1][0] == "raised" for answer in answers)
+
+
+async def test_an_error_in_the_outermost_middleware_is_answered_as_through_fastapi(
+    run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raised outside the request middleware (here, by observability), FastAPI's ServerErrorMiddleware
+    answers with the app's 500 handler, then re-raises to the server."""
+
+    def broken(state: Any = None) -> Any:
+        raise RuntimeError("telemetry broke")
+
+    monkeypatch.setattr("imagegate.core.telemetry.begin", broken)
+    answers = await run([gen({"model": "sandbox-image", "prompt": "x", "size": "64x64"})])
+    assert status_of(answers[0]) == 500 and answers[0][-1][0] == "raised"
+
+
+def _bare_gateway(
+    include: dict[str, Any], *, before: Callable[[Gateway], None] | None = None, **kwargs: Any
+) -> tuple[Gateway, list[str]]:
+    """A Gateway with the image routes (no app state; `before` adds routes ahead of them); records
+    what reached FastAPI's stack."""
     app = Gateway(**kwargs)
+    if before is not None:
+        before(app)
     app.include_router(images.router, **include)
     reached: list[str] = []
     fastapi_stack = app.build_middleware_stack()
@@ -446,3 +482,40 @@ async def test_the_lean_stack_only_serves_what_fastapi_would_serve_alike(
     with contextlib.suppress(Exception):  # no app state here: the endpoint fails either way
         await app(scope, receive, send)
     assert reached == ([] if lean else [GEN])
+
+
+async def _other_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _mount_ahead(app: Gateway) -> None:
+    app.mount("/v1", _other_app)
+
+
+def _template_ahead(app: Gateway) -> None:
+    @app.post("/v1/images/{operation}")
+    async def other(operation: str) -> dict[str, str]:
+        return {"operation": operation}
+
+
+@pytest.mark.parametrize("ahead", [_mount_ahead, _template_ahead])
+async def test_a_route_registered_before_that_takes_the_path_keeps_fastapis_path(
+    ahead: Callable[[Gateway], None],
+) -> None:
+    """FastAPI picks the first route that matches POST on the path, whatever its template: a mount
+    or a path parameter ahead of the image routes takes their requests on both stacks."""
+    app, reached = _bare_gateway({}, before=ahead)
+    messages: list[Message] = []
+    scope = {"type": "http", "method": "POST", "path": GEN, "root_path": "", "headers": [],
+             "query_string": b"", "state": {}}  # fmt: skip
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    assert reached == [GEN]
+    assert messages[0]["status"] in (200, 204)

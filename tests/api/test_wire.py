@@ -57,3 +57,14 @@ def test_query_params_are_starlettes(query: bytes) -> None:
     req = request([], SCOPES[0], query)
     for name in ("dry_run", "route", "x"):
         assert wire.query_param(req, name) == req.query_params.get(name)
+
+
+def test_the_base_url_memo_keeps_no_long_host_header() -> None:
+    """The server takes a Host header of any length: the memo, which outlives the request, bounds the
+    bytes it keeps, not only the entries (256 hosts of 4 MB would hold 2 GB)."""
+    wire._base_urls.clear()
+    host = b"h" * 100_000
+    for i in range(3):
+        req = request([(b"host", host + str(i).encode())], SCOPES[0])
+        assert wire.base_url(req) == str(req.base_url).rstrip("/")
+    assert sum(len(key[1] or b"") + len(url) for key, url in wire._base_urls.items()) < 10_000

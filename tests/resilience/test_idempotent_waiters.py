@@ -5,7 +5,10 @@ fill the budget that every other client shares (waiting duplicates pass no per-k
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -35,18 +38,45 @@ def gateway(tmp_path: Path) -> tuple[FastAPI, httpx.AsyncClient]:
     return app, client
 
 
+def count_waiters(app: FastAPI) -> Callable[[], int]:
+    """How many duplicates have started waiting for their first request (and given back their
+    decoded share): what the tests wait for, rather than a fixed time a loaded machine may exceed."""
+    idempotency = app.state.access.idempotency
+    run = idempotency.run
+    waiting = 0
+
+    async def counted_run(*args: Any, on_wait: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        async def counted() -> None:
+            nonlocal waiting
+            if on_wait is not None:
+                await on_wait()
+            waiting += 1
+
+        return await run(*args, on_wait=counted, **kwargs)
+
+    idempotency.run = counted_run
+    return lambda: waiting
+
+
+async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def test_waiting_duplicates_give_back_their_decoded_share(tmp_path: Path) -> None:
     app, client = gateway(tmp_path)
     budget = app.state.budget
+    waiting = count_waiters(app)
     async with app.router.lifespan_context(app), client:
         first = asyncio.create_task(edit(client, "waiters-1"))
         while budget.requests < 1 or budget.bytes < 2 * DECODED:  # the first runs, its inputs charged
             await asyncio.sleep(0.01)
         held_by_first = budget.bytes
         duplicates = [asyncio.create_task(edit(client, "waiters-1")) for _ in range(3)]
-        await asyncio.sleep(0.5)  # parsed, charged, now waiting for the first
+        await until(lambda: waiting() == 3 or first.done())  # parsed, charged, now waiting for the first
         assert not first.done(), "the first request finished too early for this test"
-        assert budget.requests == 4
+        assert waiting() == 3 and budget.requests == 4
         waiting_share = budget.bytes - held_by_first
         assert waiting_share < 3 * (len(IMAGE) + DECODED), waiting_share  # bodies only, no decoded images
         responses = await asyncio.gather(first, *duplicates)
@@ -60,12 +90,14 @@ async def test_a_duplicate_that_takes_over_is_charged_again(tmp_path: Path) -> N
     full share again while it does, and everything is given back at the end."""
     app, client = gateway(tmp_path)
     budget = app.state.budget
+    waiting = count_waiters(app)
     async with app.router.lifespan_context(app), client:
         first = asyncio.create_task(edit(client, "waiters-2"))
         while budget.bytes < 2 * DECODED:
             await asyncio.sleep(0.01)
         duplicate = asyncio.create_task(edit(client, "waiters-2"))
-        await asyncio.sleep(0.5)
+        await until(lambda: waiting() == 1 or first.done())
+        assert not first.done(), "the first request finished too early for this test"
         first.cancel()  # the first client goes away; its work is cancelled
         await asyncio.gather(first, return_exceptions=True)  # its share is back: what follows is the duplicate's
         peak = 0

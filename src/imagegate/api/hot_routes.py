@@ -6,15 +6,14 @@ its own `send` wrapper; for the two image routes, which carry the traffic, they 
 of the gateway's CPU per request. `Gateway` (the app class `create_app` builds) hands `POST` on
 exactly those two paths to a stack composed at the first request:
 
-    the app's own middleware (`app.user_middleware`: the same classes, arguments and order:
-    observability, request context, auth, admission)
+    Starlette's ServerErrorMiddleware, with the app's 500 handler (as FastAPI's stack: an error
+    raised after the response started is handed to it too, its log line, then re-raised)
+      -> the app's own middleware (`app.user_middleware`: the same classes, arguments and
+         order: observability, request context, auth, admission)
       -> `RouteEndpoint`: the route's endpoint as pure ASGI, with the app's exception handlers
 
 What it leaves out, and why a client cannot tell:
 
-    ServerErrorMiddleware         `RequestContextMiddleware` renders every error raised before the
-                                  response starts (the 500 envelope and log line); after it, both
-                                  re-raise to the server
     FastAPI's OpenTelemetry       only active when a tracer, meter or logger provider is configured
                                   (at start, e.g. by `opentelemetry-instrument`): then every request
                                   goes through FastAPI, as before. It is checked at the first request
@@ -24,8 +23,9 @@ What it leaves out, and why a client cannot tell:
                                   `RouteEndpoint` looks the handler up the same way
     AsyncExitStackMiddleware, dependencies
                                   the endpoints take only the `Request`; the parser closes uploads
-    the router                    the path is compared whole; the scope gets the same `route`,
-                                  `endpoint`, `path_params` and `router`
+    the router                    the path is compared whole, and only where the first route that
+                                  fully matches POST on it is the image route; the scope gets the
+                                  same `route`, `endpoint`, `path_params` and `router`
 
 Everything else goes to FastAPI as before: other paths and methods (a GET here is FastAPI's 405),
 a trailing slash, a `root_path`. The routes stay registered on FastAPI, so `/openapi.json` and the
@@ -42,8 +42,10 @@ from fastapi.routing import APIRoute
 from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["HOT_PATHS", "Gateway", "RouteEndpoint"]
@@ -133,10 +135,12 @@ class Gateway(FastAPI):
         FastAPI's own stack is built with it, so no middleware can be added after)."""
         if self.middleware_stack is None:
             self.middleware_stack = self.build_middleware_stack()
+        error_handler: Handler | None = None
         handlers: dict[type[Exception], Handler] = {}
         status_handlers: dict[int, Handler] = {}
         for key, handler in self.exception_handlers.items():
-            if key in (500, Exception):  # FastAPI gives these to ServerErrorMiddleware (see the docstring)
+            if key in (500, Exception):  # FastAPI gives these to ServerErrorMiddleware, as below
+                error_handler = handler
                 continue
             if isinstance(key, int):
                 status_handlers[key] = handler
@@ -148,15 +152,21 @@ class Gateway(FastAPI):
             return hot
         decided: set[str] = set()
         for route, plain in _routes(self.router.routes, plain=True):
-            path = getattr(route, "path", None)
-            methods = getattr(route, "methods", None) or ()
-            if path not in HOT_PATHS or path in decided or "POST" not in methods:
+            path = next((p for p in HOT_PATHS if p not in decided and _takes_post(route, p)), None)
+            if path is None:
                 continue
             decided.add(path)  # the route FastAPI would pick for POST here: lean only if it is a plain one
-            if plain and isinstance(route, APIRoute) and route.methods == {"POST"} and _takes_only_request(route):
+            if (
+                plain
+                and isinstance(route, APIRoute)
+                and route.path == path
+                and route.methods == {"POST"}
+                and _takes_only_request(route)
+            ):
                 stack: ASGIApp = RouteEndpoint(route.endpoint, handlers=handlers, status_handlers=status_handlers)
                 for cls, args, kwargs in reversed(self.user_middleware):
                     stack = cls(stack, *args, **kwargs)
+                stack = ServerErrorMiddleware(stack, handler=error_handler, debug=self.debug)
                 hot[path] = (stack, {"route": route, "endpoint": route.endpoint, "router": self.router})
         self._hot = hot
         return hot
@@ -174,6 +184,17 @@ def _routes(routes: Any, *, plain: bool, depth: int = 0) -> Iterator[tuple[Any, 
         bare = not (getattr(context, "prefix", "") or getattr(context, "dependencies", None))
         bare = bare and getattr(context, "max_body_size", None) is None
         yield from _routes(inner, plain=plain and bare, depth=depth + 1)
+
+
+def _takes_post(route: Any, path: str) -> bool:
+    """Whether `route` fully matches POST on `path` (as the router asks it: any template, a mount);
+    a route that cannot tell counts as taking it, so the path stays FastAPI's."""
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": [], "query_string": b""}
+    try:
+        match, _ = route.matches(scope)
+    except Exception:
+        return True
+    return bool(match is Match.FULL)
 
 
 def _takes_only_request(route: APIRoute) -> bool:

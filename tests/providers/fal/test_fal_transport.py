@@ -213,6 +213,7 @@ async def test_a_failed_submit_leaves_no_job_and_no_unretrieved_error(
     mock.post(SUBMIT).mock(side_effect=failing_submit)
     cancel = mock.put(CANCEL).respond(202, json={"status": "CANCELLATION_REQUESTED"})
     unhandled: list[dict[str, Any]] = []
+    gc.collect()  # earlier tests' garbage (e.g. an SDK client's unfinished tasks) is not this test's
     asyncio.get_running_loop().set_exception_handler(lambda _, context: unhandled.append(context))
     task = asyncio.create_task(FalProvider(http, settings()).run(dict(PAYLOAD), route(), ctx()))
     await asyncio.wait_for(on_the_wire.wait(), 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,32 @@ def targets(r: dict[str, Any]) -> list[str]:
                 f"vs direct {direct['ok']}/{k} in {_f(direct['wall_s'])} s ({_f(ratio, 2)}×) | "
                 f"{_met(gw['ok'] == int(k) and ratio <= 1.3)} |"
             )
+    burst = r.get("burst", {})
+    for k, ratio, rss, p99, verdict in _BURST.findall(burst.get("output", "")):
+        lines.append(
+            f"| K={int(k):,} in flight (`inflight_burst.py`): 100 % succeed, wall ≤ 1.3× direct, RSS ≤ 1 GB, "
+            f"/healthz p99 ≤ 100 ms | wall {ratio}× direct, RSS {rss} MiB, /healthz p99 {p99} ms | "
+            f"{_met(verdict == 'MET')} |"
+        )
+    ins = r.get("instructions", {})
+    if ins.get("current") and ins.get("baseline"):
+        cur, base = ins["current"], ins["baseline"]
+        lines.append(
+            "| instructions per c=1 request (callgrind; not a target, the steady figure) | "
+            + ", ".join(
+                f"{mode} mode {cur[mode]:.2f} M vs {base[mode]:.2f} M at `{ins['baseline_commit']}` "
+                f"({cur[mode] / base[mode]:.2f}×)"
+                for mode in ("queue", "sync")
+                if mode in cur and mode in base
+            )
+            + " | |"
+        )
     return lines
+
+
+_BURST = re.compile(
+    r"K=(\d+): wall gateway/direct ([0-9.]+) .*?RSS ([0-9.]+) MiB .*?healthz p99 ([0-9.]+) ms .*?: (MET|NOT MET)"
+)
 
 
 def load_table(section: dict[str, Any], key_name: str) -> list[str]:
@@ -263,11 +289,11 @@ def render(r: dict[str, Any]) -> str:
         "- **Added latency and throughput vs LiteLLM.** The gateway's own CPU per request (column *proxy*) is what "
         "bounds both: compare imagegate's sync mode (one upstream call, like LiteLLM) with LiteLLM. Queue mode makes "
         "three upstream calls per job (submit, status, result) and pays for them. What is left per request "
-        "(callgrind, `.venv/bin/python bench/instructions.py`, 2026-11-30: 3.52 M instructions in queue mode, "
-        "2.25 M in sync mode; the tree of 7083b42 in the same session, `--src`: 5.76 M and 2.91 M) is "
-        "spread over the upstream calls (queue mode minus sync mode: 1.27 M for two more upstream "
-        "calls), FastAPI's routing and exception layers, our middlewares (mostly prometheus-client's "
-        "histograms) and uvicorn; ≤ 1.5 ms added at c=1 would need a leaner HTTP stack on both hops.",
+        "(callgrind, `--only instructions`: the targets table) is spread over the two HTTP hops: the "
+        "upstream calls (aiohttp's request and response objects; queue mode minus sync mode is two more calls), "
+        "uvicorn's protocol and our four middlewares, and the kernel's work for each socket write (not counted "
+        "by callgrind; on loopback a write also runs the receiver's side of TCP). FastAPI's routing and "
+        "exception layers are no longer on the image routes (`api/hot_routes.py`).",
         "- **In flight.** Polling costs 5-8 upstream requests per 5 s job; the fal status stream (the default) costs "
         "one, after one immediate status check (4 requests per job in all vs the direct client's 7-8). At "
         "K = 3,000 and 10,000 the gateway's CPU per job (accepting, parsing and answering the client, then four "

@@ -18,6 +18,8 @@ What runs (every server a process of its own on 127.0.0.1, every loop bounded by
   burst        bench/inflight_burst.py: 3,000 and 10,000 jobs at once through one gateway process vs a
                raw-socket direct client (RSS, /healthz, upstream requests per job).
   conversions  bench/conversions.py: the gateway's conversion vs a bare Pillow decode + encode.
+  instructions bench/instructions.py (callgrind): instructions per c=1 request, this tree and the
+               tree of BASELINE_COMMIT in the same run (needs valgrind).
 
 Then `bench/plots.py` (run in the benchmark's own virtualenv, bench/.venv, with LiteLLM and
 matplotlib; created on first use) draws the PNGs and `bench/report.py` writes BENCHMARKS.md.
@@ -31,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -261,6 +264,25 @@ async def inflight(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+BASELINE_COMMIT = "70ef5e4"  # the tree measured by the previous report: the baseline of `instructions`
+_INSTRUCTIONS = re.compile(r"fal (queue|sync) mode, c=1, passthrough: ([0-9.]+) M instructions per request")
+
+
+def instructions(work: Path) -> dict[str, Any]:
+    """bench/instructions.py on this tree and on BASELINE_COMMIT's (`git archive`), in one run."""
+
+    def measure(src: Path | None) -> dict[str, float]:
+        cmd = [sys.executable, str(ROOT / "bench" / "instructions.py"), *(["--src", str(src)] if src else [])]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT).stdout
+        return {mode: float(value) for mode, value in _INSTRUCTIONS.findall(out)}
+
+    base = work / "baseline-tree"
+    base.mkdir()
+    archive = subprocess.run(["git", "archive", BASELINE_COMMIT], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+    return {"current": measure(None), "baseline": measure(base / "src"), "baseline_commit": BASELINE_COMMIT}
+
+
 SECTIONS = {"latency": latency, "fakes": fakes, "server": server_options, "workers": workers, "inflight": inflight}
 
 
@@ -268,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts and ladders (about 4 min)")
     parser.add_argument(
-        "--only", nargs="+", choices=[*SECTIONS, "burst", "conversions"], help="run only these sections"
+        "--only", nargs="+", choices=[*SECTIONS, "burst", "conversions", "instructions"],
+        help="run only these sections",
     )
     parser.add_argument("--no-report", action="store_true", help="keep BENCHMARKS.md as it is")
     args = parser.parse_args(argv)
@@ -278,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args.point_seconds = 8.0 if args.quick else 20.0
     args.model_time = 2.0 if args.quick else 5.0
     args.k = [100, 500] if args.quick else [100, 1000, 3000]
-    chosen = args.only or [*SECTIONS, "burst", "conversions"]
+    chosen = args.only or [*SECTIONS, "burst", "conversions", "instructions"]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     latest = RESULTS / "latest.json"
@@ -313,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     "exit": done.returncode,
                     "output": done.stdout[-6000:],
                 }
+            elif name == "instructions":
+                results[name] = instructions(Path(tmp))
             elif name == "conversions":
                 cmd = [sys.executable, str(ROOT / "bench" / "conversions.py"), "--json"]
                 if args.quick:

@@ -17,7 +17,7 @@ Three processes on 127.0.0.1, each with its open-file limit raised to the hard l
            every request is in flight before the first job ends. Meanwhile a prober sends
            `GET /healthz` every 50 ms on its own connection, and another does the same from a
            process of its own (printed below the row: the gateway's latency alone, without this
-           busy process's event loop; the verdict uses the first).
+           busy process's event loop; the verdict uses it, and prints the first beside it).
 
 Reported per K: ok, wall (first send to last answer), p50/max latency, wall gateway/direct,
 upstream requests per job (what the fake counted) gateway vs direct, the gateway's peak RSS and
@@ -463,14 +463,19 @@ def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
         wall_x = ratio(gateway.wall, direct.wall)
         per_job_ok = gateway.per_job <= direct.per_job + 1e-9
         rss_ok = gateway.rss_peak_kib / 1024 <= args.max_rss_mib
-        p99 = 1000 * percentile(gateway.healthz, 99) if gateway.healthz else float("inf")
+        # the gateway's latency alone: the prober in a process of its own (this process's prober also
+        # waits behind its own event loop, busy with K connections); both are printed
+        p99_here = 1000 * percentile(gateway.healthz, 99) if gateway.healthz else float("inf")
+        probed = gateway.healthz_apart
+        p99 = 1000 * percentile(probed, 99) if probed else p99_here
         all_ok = len(gateway.latencies) == gateway.k and len(direct.latencies) == direct.k
         verdict = all_ok and wall_x <= args.max_wall_ratio and per_job_ok and rss_ok and p99 <= args.max_healthz_p99_ms
         ok = ok and verdict
         print(
             f"  K={gateway.k}: wall gateway/direct {wall_x:.2f} (<= {args.max_wall_ratio}), requests/job "
             f"{gateway.per_job:.2f} vs {direct.per_job:.2f}, RSS {gateway.rss_peak_kib / 1024:.0f} MiB "
-            f"(<= {args.max_rss_mib}), healthz p99 {p99:.1f} ms (<= {args.max_healthz_p99_ms}): "
+            f"(<= {args.max_rss_mib}), healthz p99 {p99:.1f} ms (<= {args.max_healthz_p99_ms}; "
+            f"{p99_here:.1f} ms from this process): "
             f"{'MET' if verdict else 'NOT MET'}"
         )
     return ok

@@ -294,26 +294,42 @@ async def run_direct(args: argparse.Namespace, k: int, fal_url: str, fake_pid: i
     return run
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux: /proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
 async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: int, storage: str) -> Run:
     run = Run("gateway", k)
     body = json.dumps({"model": MODEL, "prompt": "a lighthouse at dusk", "response_format": "url"}).encode()
     gc_stats = Path(storage) / f"gc-{k}.json" if args.gc_stats else None
     with _gc_probe(gc_stats), services.imagegate(
         Path(storage), fal_url, poll=0.5, poll_max=3.0, status_stream=args.status == "stream",
-        status_stream_max=args.status_stream_max, starts_per_tick=args.starts_per_tick, name=f"imagegate-{k}"
+        status_stream_max=args.status_stream_max, starts_per_tick=args.starts_per_tick, name=f"imagegate-{k}",
+        workers=args.workers,
     ) as gateway_service:
         gw_url, gw_pid = gateway_service.url, gateway_service.proc.pid
         for _ in range(args.warmup):
             await gateway_job(gw_url, fal_url, asyncio.Semaphore(1), body)
+        pids = [gw_pid, *_children(gw_pid)]  # --workers N: the supervisor and its N workers
+
+        def rss_kib() -> int:
+            return sum(proc_status(pid)["VmRSS"] for pid in pids)
+
+        def cpu_s() -> float:
+            return sum(proc_cpu(pid) for pid in pids)
         before = await control(fal_url, "stats")
         gc_before, lags_before = _gc_pauses(gc_stats)
-        run.rss_before_kib = proc_status(gw_pid)["VmRSS"]
-        cpu0, fake0, bench0 = proc_cpu(gw_pid), proc_cpu(fake_pid), time.process_time()
+        run.rss_before_kib = rss_kib()
+        cpu0, fake0, bench0 = cpu_s(), proc_cpu(fake_pid), time.process_time()
         stop_sampling = threading.Event()
 
         def sample() -> None:
             while not stop_sampling.wait(0.1):
-                run.rss_peak_kib = max(run.rss_peak_kib, proc_status(gw_pid)["VmRSS"])
+                run.rss_peak_kib = max(run.rss_peak_kib, rss_kib())
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -355,9 +371,9 @@ async def run_gateway(args: argparse.Namespace, k: int, fal_url: str, fake_pid: 
             spy.wait(30)
         stop_sampling.set()
         sampler.join(2)
-        run.cpu, run.fake_cpu = proc_cpu(gw_pid) - cpu0, proc_cpu(fake_pid) - fake0
+        run.cpu, run.fake_cpu = cpu_s() - cpu0, proc_cpu(fake_pid) - fake0
         run.bench_cpu = time.process_time() - bench0
-        run.rss_peak_kib = max(run.rss_peak_kib, proc_status(gw_pid)["VmRSS"])
+        run.rss_peak_kib = max(run.rss_peak_kib, rss_kib())
         after = await control(fal_url, "stats")
         run.upstream = {key: after[key] - before.get(key, 0) for key in COUNTED}
         run.upstream["requests"] -= 1
@@ -405,7 +421,8 @@ def report(pairs: list[tuple[Run, Run]], args: argparse.Namespace) -> bool:
     print()
     most = "default" if args.status_stream_max is None else args.status_stream_max
     how = f"status stream (status_stream_max {most})" if args.status == "stream" else "polling"
-    print(f"burst: {machine_line()}; model {args.model_seconds} s, fal queue protocol, gateway: {how}")
+    workers = "" if args.workers == 1 else f", --workers {args.workers}"
+    print(f"burst: {machine_line()}; model {args.model_seconds} s, fal queue protocol, gateway: {how}{workers}")
     print(
         f"{'side':8s} {'K':>6s} {'ok':>11s} {'wall':>7s} {'p50':>7s} {'max':>7s} {'req/job':>7s} "
         f"{'polls/job':>9s} {'streams/job':>11s} | {'gw CPU':>7s} {'fake CPU':>8s} {'client CPU':>10s} | "
@@ -514,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         "--status-stream-max", type=int, help="providers.fal.status_stream_max (default: the gateway's own)"
     )
     parser.add_argument("--starts-per-tick", type=int, help="server.starts_per_tick (default: the gateway's own)")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="imagegate serve --workers N (CPU and RSS are then the sum over the supervisor and its workers)",
+    )
     parser.add_argument("--py-spy", metavar="DIR", help="py-spy record the gateway during each burst into DIR")
     parser.add_argument(
         "--gc-stats", action="store_true",

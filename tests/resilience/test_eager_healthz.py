@@ -171,3 +171,24 @@ async def test_eager_healthz_runs_in_the_context_a_task_would(reset: bool) -> No
         assert (await _response(client, protocol)).endswith(b"\r\n\r\nok")
     assert seen == ["unset" if reset else "outer"] and probe.get() == "outer"
     client.close()
+
+
+async def test_a_request_pipelined_after_an_eager_answer_is_not_cut_by_the_keep_alive_timer() -> None:
+    """`GET /healthz` and a slow request in one read: the health check's answer arms uvicorn's
+    keep-alive timer, and the request parsed after it in the same read must disarm it (as a
+    request started from the pipeline does), or the connection is closed under the request."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] != "/healthz":
+            await asyncio.sleep(0.5)
+        await _ok(send)
+
+    protocol, client, _ = await _serve(app, {"timeout_keep_alive": 0.1})
+    client.send(HEALTHZ + b"POST /slow HTTP/1.1\r\nhost: gateway\r\ncontent-length: 2\r\n\r\nhi")
+    async with asyncio.timeout(5):
+        first = await _response(client, protocol)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nok")
+        second = await _response(client, protocol)
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"\r\n\r\nok")
+    assert not protocol.transport.is_closing()
+    client.close()

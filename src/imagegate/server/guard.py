@@ -251,6 +251,10 @@ class _GuardMixin:
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         """uvicorn's httptools hook that starts a request: `GET /healthz` runs eagerly."""
+        # A request starts: uvicorn's keep-alive timer must not run. uvicorn stops it before each
+        # read and each start from its pipeline, but an eager answer arms it again in the middle of
+        # a read, and a request parsed after it in that read starts here, not from the pipeline.
+        self._unset_keepalive_if_required()
         scope = cycle.scope
         if scope["path"] != EAGER_PATH or scope["method"] != "GET":
             super()._start_asgi_task(cycle, app)  # type: ignore[misc]

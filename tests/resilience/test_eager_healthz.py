@@ -192,3 +192,39 @@ async def test_a_request_pipelined_after_an_eager_answer_is_not_cut_by_the_keep_
     assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"\r\n\r\nok")
     assert not protocol.transport.is_closing()
     client.close()
+
+
+async def test_health_checks_queued_behind_a_request_are_all_answered_in_order() -> None:
+    """Health checks pipelined behind a request run in a task start from uvicorn's pipeline when it
+    completes, one after another: they are started as tasks there (not eagerly, each inside the
+    last one's answer, which nests a call per check and overflows the stack)."""
+    count = 2000
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] != "/healthz":
+            await asyncio.sleep(0.05)
+        body = scope["path"].encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    protocol, client, _ = await _serve(app)
+    loop = asyncio.get_running_loop()
+    sending = loop.create_task(loop.sock_sendall(client, b"GET /first HTTP/1.1\r\nhost: gateway\r\n\r\n" + HEALTHZ * count))
+    bodies: list[bytes] = []
+    data = b""
+    async with asyncio.timeout(20):
+        while len(bodies) < count + 1:
+            data += b"".join(protocol.at_return)
+            protocol.at_return.clear()
+            with contextlib.suppress(BlockingIOError):
+                data += client.recv(1 << 20)
+            while (match := re.match(rb"HTTP/1.1 200 OK\r\n(?:[^\r]+\r\n)*?content-length: (\d+)\r\n(?:[^\r]+\r\n)*\r\n",
+                                     data)) is not None and len(data) >= match.end() + int(match.group(1)):
+                end = match.end() + int(match.group(1))
+                bodies.append(data[match.end():end])
+                data = data[end:]
+            assert not protocol.transport.is_closing()
+            await asyncio.sleep(0.001)
+    assert bodies == [b"/first"] + [b"/healthz"] * count
+    await sending
+    client.close()

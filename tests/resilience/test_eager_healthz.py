@@ -25,6 +25,7 @@ from imagegate.settings import ServerSettings
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n"
 MODELS = b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\n\r\n"
+_RESPONSE_HEAD = re.compile(rb"HTTP/1.1 200 OK\r\n(?:[^\r]+\r\n)*?content-length: (\d+)\r\n(?:[^\r]+\r\n)*\r\n")
 
 
 class _Watched(GuardedHttpToolsProtocol):
@@ -209,7 +210,8 @@ async def test_health_checks_queued_behind_a_request_are_all_answered_in_order()
 
     protocol, client, _ = await _serve(app)
     loop = asyncio.get_running_loop()
-    sending = loop.create_task(loop.sock_sendall(client, b"GET /first HTTP/1.1\r\nhost: gateway\r\n\r\n" + HEALTHZ * count))
+    first = b"GET /first HTTP/1.1\r\nhost: gateway\r\n\r\n"
+    sending = loop.create_task(loop.sock_sendall(client, first + HEALTHZ * count))
     bodies: list[bytes] = []
     data = b""
     async with asyncio.timeout(20):
@@ -218,8 +220,7 @@ async def test_health_checks_queued_behind_a_request_are_all_answered_in_order()
             protocol.at_return.clear()
             with contextlib.suppress(BlockingIOError):
                 data += client.recv(1 << 20)
-            while (match := re.match(rb"HTTP/1.1 200 OK\r\n(?:[^\r]+\r\n)*?content-length: (\d+)\r\n(?:[^\r]+\r\n)*\r\n",
-                                     data)) is not None and len(data) >= match.end() + int(match.group(1)):
+            while (match := _RESPONSE_HEAD.match(data)) is not None and len(data) >= match.end() + int(match.group(1)):
                 end = match.end() + int(match.group(1))
                 bodies.append(data[match.end():end])
                 data = data[end:]

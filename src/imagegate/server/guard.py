@@ -33,7 +33,8 @@ answer is written before the loop runs the callbacks already queued. A task woul
 all of them: with thousands of jobs in flight a loop iteration can queue hundreds of
 milliseconds of work, and the health check waited for it. The same app runs (middlewares,
 headers, metrics, access log); should it wait on something after all (a paused transport), the
-rest runs in a task as any request's would.
+rest runs in a task as any request's would. One pipelined behind a request still in progress
+starts from uvicorn's pipeline when that one completes, in a task, as before.
 """
 
 from __future__ import annotations

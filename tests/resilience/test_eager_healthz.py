@@ -25,6 +25,7 @@ from imagegate.settings import ServerSettings
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n"
 MODELS = b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\n\r\n"
+_RESPONSE_HEAD = re.compile(rb"HTTP/1.1 200 OK\r\n(?:[^\r]+\r\n)*?content-length: (\d+)\r\n(?:[^\r]+\r\n)*\r\n")
 
 
 class _Watched(GuardedHttpToolsProtocol):
@@ -170,4 +171,61 @@ async def test_eager_healthz_runs_in_the_context_a_task_would(reset: bool) -> No
     async with asyncio.timeout(5):
         assert (await _response(client, protocol)).endswith(b"\r\n\r\nok")
     assert seen == ["unset" if reset else "outer"] and probe.get() == "outer"
+    client.close()
+
+
+async def test_a_request_pipelined_after_an_eager_answer_is_not_cut_by_the_keep_alive_timer() -> None:
+    """`GET /healthz` and a slow request in one read: the health check's answer arms uvicorn's
+    keep-alive timer, and the request parsed after it in the same read must disarm it (as a
+    request started from the pipeline does), or the connection is closed under the request."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] != "/healthz":
+            await asyncio.sleep(0.5)
+        await _ok(send)
+
+    protocol, client, _ = await _serve(app, {"timeout_keep_alive": 0.1})
+    client.send(HEALTHZ + b"POST /slow HTTP/1.1\r\nhost: gateway\r\ncontent-length: 2\r\n\r\nhi")
+    async with asyncio.timeout(5):
+        first = await _response(client, protocol)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nok")
+        second = await _response(client, protocol)
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"\r\n\r\nok")
+    assert not protocol.transport.is_closing()
+    client.close()
+
+
+async def test_health_checks_queued_behind_a_request_are_all_answered_in_order() -> None:
+    """Health checks pipelined behind a request run in a task start from uvicorn's pipeline when it
+    completes, one after another: they are started as tasks there (not eagerly, each inside the
+    last one's answer, which nests a call per check and overflows the stack)."""
+    count = 2000
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] != "/healthz":
+            await asyncio.sleep(0.05)
+        body = scope["path"].encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    protocol, client, _ = await _serve(app)
+    loop = asyncio.get_running_loop()
+    first = b"GET /first HTTP/1.1\r\nhost: gateway\r\n\r\n"
+    sending = loop.create_task(loop.sock_sendall(client, first + HEALTHZ * count))
+    bodies: list[bytes] = []
+    data = b""
+    async with asyncio.timeout(20):
+        while len(bodies) < count + 1:
+            data += b"".join(protocol.at_return)
+            protocol.at_return.clear()
+            with contextlib.suppress(BlockingIOError):
+                data += client.recv(1 << 20)
+            while (match := _RESPONSE_HEAD.match(data)) is not None and len(data) >= match.end() + int(match.group(1)):
+                end = match.end() + int(match.group(1))
+                bodies.append(data[match.end():end])
+                data = data[end:]
+            assert not protocol.transport.is_closing()
+            await asyncio.sleep(0.001)
+    assert bodies == [b"/first"] + [b"/healthz"] * count
+    await sending
     client.close()

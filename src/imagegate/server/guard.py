@@ -33,7 +33,8 @@ answer is written before the loop runs the callbacks already queued. A task woul
 all of them: with thousands of jobs in flight a loop iteration can queue hundreds of
 milliseconds of work, and the health check waited for it. The same app runs (middlewares,
 headers, metrics, access log); should it wait on something after all (a paused transport), the
-rest runs in a task as any request's would.
+rest runs in a task as any request's would. One pipelined behind a request still in progress
+starts from uvicorn's pipeline when that one completes, in a task, as before.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ class _GuardMixin:
     _body_started: float = 0.0
     _body_bytes: int = 0
     _waiting: bytearray | None = None  # a new request's bytes while it waits for a start (pacing)
+    _reading: bool = False  # in the parser's callbacks for bytes received: `GET /healthz` may run eagerly
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -246,23 +248,37 @@ class _GuardMixin:
         elif self._phase == _BODY:
             self._body_bytes += len(data)
         previous = self.cycle
-        super().data_received(data)  # type: ignore[misc]
+        self._reading = True
+        try:
+            super().data_received(data)  # type: ignore[misc]
+        finally:
+            self._reading = False
         self._sync_phase(answered=self.cycle is not previous)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        """uvicorn's httptools hook that starts a request: `GET /healthz` runs eagerly."""
+        """uvicorn's httptools hook that starts a request: `GET /healthz` runs eagerly when its
+        bytes were just read. One started from uvicorn's pipeline (when the request before it
+        completes, inside that one's last send) runs in a task: run there eagerly, each queued
+        check would start the next inside its own answer, one nested call per check."""
+        # A request starts: uvicorn's keep-alive timer must not run. uvicorn stops it before each
+        # read and each start from its pipeline, but an eager answer arms it again in the middle of
+        # a read, and a request parsed after it in that read starts here, not from the pipeline.
+        self._unset_keepalive_if_required()
         scope = cycle.scope
-        if scope["path"] != EAGER_PATH or scope["method"] != "GET":
+        if not self._reading or scope["path"] != EAGER_PATH or scope["method"] != "GET":
             super()._start_asgi_task(cycle, app)  # type: ignore[misc]
             return
         # the context a new task would run in
         reset = getattr(self.config, "reset_contextvars", False)
         context = contextvars.Context() if reset else contextvars.copy_context()
         coro = cycle.run_asgi(app)
+        self._reading = False  # a start its answer makes from the pipeline goes to a task
         try:
             waiting_on = context.run(coro.send, None)
         except StopIteration:
             return
+        finally:
+            self._reading = True
         task = self.loop.create_task(_resume(coro, waiting_on), context=context)
         tasks = self.tasks  # type: ignore[attr-defined]
         task.add_done_callback(tasks.discard)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from imagegate.providers.fal.progress import ProgressReporter
-from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_url
+from imagegate.providers.fal.stream import MAX_EVENT_CHARS, StatusStream, StreamMiss, stream_url
 from imagegate.upstream_http import upstream_client
 
 HEADERS = {"Authorization": "Key k", "Accept": "text/event-stream", "User-Agent": "imagegate (fal adapter)"}
@@ -188,3 +188,38 @@ def test_stream_url_is_httpx_url() -> None:
     ):
         url = httpx.URL(status_url)
         assert stream_url(status_url) == str(url.copy_with(path=url.path.rstrip("/") + "/stream"))
+
+
+@pytest.mark.parametrize("plain", [True, False])
+@pytest.mark.parametrize("piece", [b"x" * 65536, b"data: " + b"x" * 65530 + b"\n"], ids=["one line", "one event"])
+async def test_an_endless_line_or_event_is_a_broken_stream_not_unbounded_memory(
+    client: httpx.AsyncClient, plain: bool, piece: bytes
+) -> None:
+    """A stream that never ends its line (or its event) is not buffered without end: past
+    MAX_EVENT_CHARS it is BROKEN (the job polls) and the connection is dropped."""
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(SSE_HEAD)
+            while sent < 64 * 1024 * 1024:
+                writer.write(_chunked(piece)[0])
+                await writer.drain()
+                sent += len(piece)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{PATH}"
+    stream = StatusStream(client, 10)
+    try:
+        async with asyncio.timeout(30):
+            verdict = await (stream.follow if plain else stream._follow)(url, dict(HEADERS), None)
+    finally:
+        server.close()
+    assert verdict is StreamMiss.BROKEN and stream.unsupported is None
+    assert sent < 16 * MAX_EVENT_CHARS  # read no further than the bound (and the socket buffers)

@@ -52,6 +52,7 @@ NO_STREAM_STATUSES = frozenset({404, 405, 501})
 POOL_RESERVE = 1_000  # upstream connections left to submits, polls and results
 MAX_AUTO_SLOTS = 10_000
 CHUNK = 64 * 1024
+MAX_EVENT_CHARS = 1024 * 1024  # a longer line or event breaks the stream (the job polls): memory stays bounded
 
 
 def stream_slots(config: FalSettings) -> int:
@@ -84,22 +85,46 @@ class StreamMiss(enum.Enum):
     BUSY = "busy"
 
 
+class _TooLong(Exception):
+    """A line or an event longer than MAX_EVENT_CHARS: not a status stream to buffer."""
+
+
+class _Lines(LineDecoder):
+    """httpx's line decoder (the lines `aiter_lines` yields), with a line that never ends bounded."""
+
+    pending = 0  # characters of the unfinished line (counted as they come: a trickle stays linear)
+
+    def decode(self, text: str) -> list[str]:
+        lines = super().decode(text)
+        if lines:
+            self.pending = sum(map(len, self.buffer))  # what follows the last line break: one piece
+        else:
+            self.pending += len(text)
+            if self.pending > MAX_EVENT_CHARS:
+                raise _TooLong
+        return lines
+
+
 class _Events:
     """SSE lines -> events: `data` fields are joined, an empty line ends an event, other fields
     and comments (fal's keep-alives) are skipped."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "size")
 
     def __init__(self) -> None:
         self.data: list[str] = []
+        self.size = 0
 
     def line(self, line: str) -> dict[str, Any] | None:
         if line:
             field, _, value = line.partition(":")
             if field == "data":
                 self.data.append(value.removeprefix(" "))
+                self.size += len(value)
+                if self.size > MAX_EVENT_CHARS:
+                    raise _TooLong
             return None
-        event, self.data = sse_event(self.data), []
+        event, self.data, self.size = sse_event(self.data), [], 0
         return event
 
     def end(self) -> dict[str, Any] | None:
@@ -179,8 +204,8 @@ class StatusStream:
                 miss = self._miss(response.status_code, response.headers.get("content-type", ""))
                 if miss is not None:
                     return miss
-                return await _completed(_Events(), response.aiter_lines(), report)
-        except httpx.HTTPError:
+                return await _completed(_Events(), response.aiter_text(), report)
+        except (httpx.HTTPError, _TooLong):
             return StreamMiss.BROKEN
 
     async def _follow_plain(
@@ -216,9 +241,9 @@ class StatusStream:
                     extensions=response_extensions(answer.reason), default_encoding=encoding,
                     request=httpx.Request("GET", url, headers=wire),
                 )
-                return await _completed(events, response.aiter_lines(), report)
+                return await _completed(events, response.aiter_text(), report)
             text = codecs.getincrementaldecoder(encoding)(errors="replace")
-            lines = LineDecoder()  # httpx's: the lines `aiter_lines` yields
+            lines = _Lines()
             async for chunk in answer.content.iter_chunked(CHUNK):
                 decoded = text.decode(chunk)
                 if decoded:
@@ -228,7 +253,7 @@ class StatusStream:
             decoded = text.decode(b"", True)
             tail = [*(lines.decode(decoded) if decoded else ()), *lines.flush()]
             return await _first_completed(events, tail, report) or _at_end(events)
-        except (aiohttp.ClientError, OSError, httpx.HTTPError):
+        except (aiohttp.ClientError, OSError, httpx.HTTPError, _TooLong):
             return StreamMiss.BROKEN
         finally:
             answer.release()
@@ -263,13 +288,15 @@ async def _first_completed(
 
 
 async def _completed(
-    events: _Events, lines: AsyncIterator[str], report: ProgressReporter | None
+    events: _Events, texts: AsyncIterator[str], report: ProgressReporter | None
 ) -> dict[str, Any] | StreamMiss:
-    async for line in lines:
-        event = await _first_completed(events, (line,), report)
+    """The lines of httpx's decoded text (`aiter_lines`, bounded), to the first COMPLETED event."""
+    lines = _Lines()
+    async for text in texts:
+        event = await _first_completed(events, lines.decode(text), report)
         if event is not None:
             return event
-    return _at_end(events)
+    return await _first_completed(events, lines.flush(), report) or _at_end(events)
 
 
 def _at_end(events: _Events) -> dict[str, Any] | StreamMiss:

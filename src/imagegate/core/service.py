@@ -53,7 +53,7 @@ __all__ = ["ImageFetcher", "ImageService"]
 log = logging.getLogger("imagegate.service")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Attempted:
     route: Route
     error: GatewayError

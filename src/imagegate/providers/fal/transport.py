@@ -98,7 +98,7 @@ class StatusCadence:
     poll_interval: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FalOutput:
     body: Any  # the model output JSON
     request_id: str | None

@@ -41,6 +41,7 @@ from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_slot
 from imagegate.providers.fal.wire import json_object as _json
 from imagegate.providers.fal.wire import json_or_none as _json_or_none
 from imagegate.settings import FalSettings
+from imagegate.upstream_plain import response_header
 
 __all__ = [
     "NOT_CONFIGURED", "FalOutput", "FalTransport", "QueueHandle", "StatusCadence", "auth_header",
@@ -308,7 +309,7 @@ class FalTransport:
             response = await self._get_result(handle.response_url)
             if response.status_code != 202:  # 202: not finished yet (should not follow COMPLETED)
                 break
-        request_id = response.headers.get("x-fal-request-id") or handle.request_id
+        request_id = response_header(response, "x-fal-request-id") or handle.request_id
         if response.status_code != 200:
             failure = FalFailure.from_response(response, status_payload=status)
             raise map_failure(failure, stage="result", model=handle.model)
@@ -355,7 +356,7 @@ class FalTransport:
         response = await self._post_model(f"{self.config.run_url}/{model}", payload, deadline, stage="run",
                                           model=model)
         body = _json(response, accepted=True)  # the run answered 200: it ran
-        request_id = response.headers.get("x-fal-request-id")
+        request_id = response_header(response, "x-fal-request-id")
         if request_id is None and isinstance(body.get("request_id"), str):
             request_id = body["request_id"]
         return FalOutput(body, request_id)

@@ -204,7 +204,8 @@ def response_header(response: httpx.Response, name: str) -> str | None:
     state = response.__dict__
     raw = state.get("_raw_headers")
     if raw is None or "headers" in state:
-        return response.headers.get(name)
+        found: str | None = response.headers.get(name)
+        return found
     key = name.encode("ascii")
     values = [value for header, value in raw if header.lower() == key]
     if not values:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from imagegate.providers.common import never_sent
-from imagegate.upstream_http import _TIMEOUT_SETTERS, client_timeout, upstream_client
+from imagegate.upstream_http import _TIMEOUT_SETTERS, call_timeout, client_timeout, upstream_client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -197,3 +197,10 @@ def test_a_timeout_filled_in_through_its_slots_is_the_one_aiohttp_builds(
     assert client_timeout(pool, connect, read) is built  # cached
     with pytest.raises(AttributeError):
         built.sock_read = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("seconds", "connect"), [(299.93, 10.0), (0.5, 0.5), (3, 3)])
+def test_a_call_timeout_is_httpx_s(seconds: float, connect: float) -> None:
+    built, expected = call_timeout(seconds, connect=connect), httpx.Timeout(seconds, connect=connect)
+    assert (built, built.as_dict(), repr(built)) == (expected, expected.as_dict(), repr(expected))
+    assert httpx.Timeout(built) == expected  # what httpx makes of it when handed one

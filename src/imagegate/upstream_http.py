@@ -47,7 +47,7 @@ import httpx
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ["AiohttpTransport", "client_timeout", "upstream_client"]
+__all__ = ["AiohttpTransport", "call_timeout", "client_timeout", "upstream_client"]
 
 CHUNK = 64 * 1024
 # Headers aiohttp would otherwise add on its own: httpx already sends the ones it means to.
@@ -243,6 +243,15 @@ def client_timeout(pool: float | None, connect: float | None, read: float | None
     if len(_client_timeouts) >= _CACHED:
         _client_timeouts.clear()
     _client_timeouts[key] = timeout
+    return timeout
+
+
+def call_timeout(seconds: float, *, connect: float) -> httpx.Timeout:
+    """`httpx.Timeout(seconds, connect=connect)` without its constructor's dispatch on argument
+    kinds (a deadline-derived timeout is a new one per upstream call): the same four values."""
+    timeout = object.__new__(httpx.Timeout)
+    timeout.connect = connect
+    timeout.read = timeout.write = timeout.pool = seconds
     return timeout
 
 

@@ -41,6 +41,7 @@ from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_slot
 from imagegate.providers.fal.wire import json_object as _json
 from imagegate.providers.fal.wire import json_or_none as _json_or_none
 from imagegate.settings import FalSettings
+from imagegate.upstream_http import call_timeout
 from imagegate.upstream_plain import response_header
 
 __all__ = [
@@ -432,4 +433,4 @@ def _remaining(deadline: float) -> float:
 
 
 def _timeout(seconds: float) -> httpx.Timeout:
-    return httpx.Timeout(seconds, connect=min(seconds, 10.0))
+    return call_timeout(seconds, connect=min(seconds, 10.0))

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
+from imagegate.core.deadline import within
 from imagegate.core.errors import GatewayError, ProviderNotConfigured, UpstreamError, UpstreamTimeout
 from imagegate.providers.common import (
     best_effort,
@@ -181,7 +182,7 @@ class FalTransport:
             if on_accepted is not None:
                 await on_accepted(handle)
             try:
-                async with asyncio.timeout(_remaining(deadline)):
+                with within(_remaining(deadline)):
                     status = await self.wait(handle, ProgressReporter(on_progress) if on_progress else None, cadence)
                     completed = True
                     return await self.result(handle, status)

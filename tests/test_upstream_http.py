@@ -9,11 +9,12 @@ import gzip
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import httpx
 import pytest
 
 from imagegate.providers.common import never_sent
-from imagegate.upstream_http import upstream_client
+from imagegate.upstream_http import _TIMEOUT_SETTERS, call_timeout, client_timeout, upstream_client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -180,3 +181,26 @@ async def test_long_header_lines_pass_as_with_httpcore(serve: Callable[[Handler]
     async with _client() as client:
         response = await client.get(f"{url}/")
     assert len(response.headers["x-long"]) == 12_000
+
+
+@pytest.mark.parametrize("values", [(5.0, 5.0, 299.93), (None, None, None), (1.5, 10.0, 0.25), (7, 3, 2)])
+def test_a_timeout_filled_in_through_its_slots_is_the_one_aiohttp_builds(
+    values: tuple[float | None, float | None, float | None],
+) -> None:
+    """`client_timeout` skips `ClientTimeout`'s constructor (a new one per deadline-derived call):
+    what it returns is what the constructor makes, and stays immutable."""
+    assert _TIMEOUT_SETTERS is not None  # the fast path is the one taken with this aiohttp
+    pool, connect, read = values
+    built = client_timeout(pool, connect, read)
+    expected = aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+    assert (built, hash(built), repr(built)) == (expected, hash(expected), repr(expected))
+    assert client_timeout(pool, connect, read) is built  # cached
+    with pytest.raises(AttributeError):
+        built.sock_read = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("seconds", "connect"), [(299.93, 10.0), (0.5, 0.5), (3, 3)])
+def test_a_call_timeout_is_httpx_s(seconds: float, connect: float) -> None:
+    built, expected = call_timeout(seconds, connect=connect), httpx.Timeout(seconds, connect=connect)
+    assert (built, built.as_dict(), repr(built)) == (expected, expected.as_dict(), repr(expected))
+    assert httpx.Timeout(built) == expected  # what httpx makes of it when handed one

@@ -23,7 +23,7 @@ from imagegate.providers.common import on_origins
 from imagegate.providers.fal import FalProvider
 from imagegate.settings import FalSettings, ProvidersSettings, Settings
 from imagegate.upstream_http import upstream_client
-from imagegate.upstream_plain import plain_netloc, plain_origin
+from imagegate.upstream_plain import plain_netloc, plain_origin, response_header
 
 Capture = tuple[str, list[bytes]]
 MODEL = "fal-ai/qwen-image"
@@ -185,6 +185,38 @@ async def test_headers_that_are_not_ascii_read_as_httpx_reads_them() -> None:
     plain, httpx_own = await _get_both("/latin")
     assert plain.headers["x-name"] == httpx_own.headers["x-name"] == "caf\u00e9"
     assert plain.headers.encoding == httpx_own.headers.encoding == "iso-8859-1"
+
+
+async def test_one_header_read_without_building_the_headers_is_httpx_s() -> None:
+    """`response_header` answers what `headers.get` answers (repeated headers joined, names in any
+    case, values that are not ASCII, absent headers), on the plain path and on httpx's own."""
+    head = (
+        b"HTTP/1.1 200 OK\r\nX-Fal-Request-Id: r1\r\nx-twice: a\r\nX-TWICE: b\r\n"
+        b"x-name: caf\xe9\r\ncontent-length: 2\r\n\r\n{}"
+    )
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(head)
+            await writer.drain()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h"
+    try:
+        async with _client() as client:
+            for name in ("x-fal-request-id", "x-twice", "x-name", "x-absent"):
+                plain, httpx_own = await client.get(url), await httpx.AsyncClient.request(client, "GET", url)
+                assert "headers" not in plain.__dict__  # the plain path has not built them
+                expected = httpx_own.headers.get(name)
+                assert response_header(plain, name) == response_header(httpx_own, name) == expected
+                assert response_header(plain, name) == plain.headers.get(name)  # and once they are built
+    finally:
+        server.close()
+    assert [httpx_own.headers.get(n) for n in ("x-fal-request-id", "x-twice", "x-name")] == ["r1", "a, b", "caf\u00e9"]
 
 
 async def test_what_the_plain_path_works_out_once_follows_the_client(

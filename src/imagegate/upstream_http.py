@@ -47,7 +47,7 @@ import httpx
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ["AiohttpTransport", "client_timeout", "upstream_client"]
+__all__ = ["AiohttpTransport", "call_timeout", "client_timeout", "upstream_client"]
 
 CHUNK = 64 * 1024
 # Headers aiohttp would otherwise add on its own: httpx already sends the ones it means to.
@@ -198,6 +198,30 @@ _reasons: dict[str, bytes] = {}
 _CACHED = 64  # entries per cache; a full cache starts again (the working set is a handful)
 
 
+# `aiohttp.ClientTimeout(...)` is a frozen attrs class whose constructor costs more than the rest of
+# `client_timeout`; a call with a deadline-derived timeout builds a new one per call. When its fields
+# are the five known here (no validators or converters), a new one is filled in through its slots:
+# the same object the constructor makes (equal, same hash and repr).
+_TIMEOUT_FIELDS = ("total", "connect", "sock_read", "sock_connect", "ceil_threshold")
+
+
+def _timeout_setters() -> tuple[Any, ...] | None:
+    """The slot setters of `ClientTimeout`'s fields (in `_TIMEOUT_FIELDS` order) and the default
+    `ceil_threshold`, when a timeout filled in through them is what its constructor makes."""
+    fields = getattr(aiohttp.ClientTimeout, "__attrs_attrs__", None)
+    if (
+        fields is None
+        or tuple(field.name for field in fields) != _TIMEOUT_FIELDS
+        or any(field.validator is not None or field.converter is not None for field in fields)
+        or hasattr(aiohttp.ClientTimeout, "__attrs_post_init__")
+    ):
+        return None
+    return (*(vars(aiohttp.ClientTimeout)[name].__set__ for name in _TIMEOUT_FIELDS), fields[-1].default)
+
+
+_TIMEOUT_SETTERS = _timeout_setters()
+
+
 def client_timeout(pool: float | None, connect: float | None, read: float | None) -> aiohttp.ClientTimeout:
     """aiohttp's timeout for httpx's `pool`, `connect` and `read` (module docstring); the same
     values give the same (immutable) object."""
@@ -206,10 +230,28 @@ def client_timeout(pool: float | None, connect: float | None, read: float | None
         return _client_timeouts[key]
     except KeyError:
         pass
-    timeout = aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+    if _TIMEOUT_SETTERS is not None:
+        set_total, set_connect, set_sock_read, set_sock_connect, set_ceil_threshold, ceil = _TIMEOUT_SETTERS
+        timeout = object.__new__(aiohttp.ClientTimeout)
+        set_total(timeout, None)
+        set_connect(timeout, pool)
+        set_sock_read(timeout, read)
+        set_sock_connect(timeout, connect)
+        set_ceil_threshold(timeout, ceil)
+    else:
+        timeout = aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
     if len(_client_timeouts) >= _CACHED:
         _client_timeouts.clear()
     _client_timeouts[key] = timeout
+    return timeout
+
+
+def call_timeout(seconds: float, *, connect: float) -> httpx.Timeout:
+    """`httpx.Timeout(seconds, connect=connect)` without its constructor's dispatch on argument
+    kinds (a deadline-derived timeout is a new one per upstream call): the same four values."""
+    timeout = object.__new__(httpx.Timeout)
+    timeout.connect = connect
+    timeout.read = timeout.write = timeout.pool = seconds
     return timeout
 
 

@@ -40,7 +40,7 @@ from imagegate.upstream_http import (
     response_extensions,
 )
 
-__all__ = ["UpstreamClient", "plain_netloc", "plain_origin"]
+__all__ = ["UpstreamClient", "plain_netloc", "plain_origin", "response_header"]
 
 
 # URLs httpx sends exactly as written (its parser neither quotes nor normalizes anything in them):
@@ -194,6 +194,24 @@ class _PlainResponse(httpx.Response):
             raise AttributeError(name)
         setattr(self, name, value)
         return value
+
+
+def response_header(response: httpx.Response, name: str) -> str | None:
+    """`response.headers.get(name)` for a lower-case `name`, without building the `headers` of a
+    plain-path response that has not built them (a lookup per call reads one header, e.g. fal's
+    `x-fal-request-id`). The same value: found values that are all ASCII decode alike in every
+    encoding httpx may pick; any other goes through `headers`."""
+    state = response.__dict__
+    raw = state.get("_raw_headers")
+    if raw is None or "headers" in state:
+        found: str | None = response.headers.get(name)
+        return found
+    key = name.encode("ascii")
+    values = [value for header, value in raw if header.lower() == key]
+    if not values:
+        return None
+    joined = b", ".join(values)
+    return joined.decode("ascii") if joined.isascii() else response.headers.get(name)
 
 
 class _ClientHeaders(NamedTuple):

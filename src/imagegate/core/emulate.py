@@ -30,7 +30,7 @@ _MIME_FORMAT = {mime: fmt for fmt, mime in FORMAT_MIME.items()} | {"image/jpg": 
 _EXTENSION_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutputSpec:
     """What the caller asked for, after the table decided what the provider does natively."""
 
@@ -45,7 +45,7 @@ class OutputSpec:
     public_base_url: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivered:
     image: OutputImage
     width: int | None

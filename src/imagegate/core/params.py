@@ -90,7 +90,7 @@ SEED_MODULUS = 2**63  # fan-out seeds wrap here, so they stay within every provi
 SIZE_PARAMS: tuple[str, ...] = ("size", "aspect_ratio", "resolution")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BuildContext:
     """What conversion functions may read besides the parameter's own value."""
 
@@ -244,7 +244,7 @@ class ParamTable:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class Plan:
     """What the gateway will send and do for one route: the exact upstream payloads
     (one per upstream call), what happened to every parameter, and what it must emulate."""

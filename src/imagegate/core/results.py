@@ -27,7 +27,7 @@ def resolved_quality(requested: str | None, *, honoured: bool) -> str:
     return DEFAULT_QUALITY
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutputImage:
     url: str | None = None
     b64_json: str | None = None

@@ -27,6 +27,7 @@ from typing import Literal
 
 from imagegate.core import imaging, telemetry
 from imagegate.core.catalog import Catalog, CatalogEntry
+from imagegate.core.deadline import within
 from imagegate.core.emulate import Delivered, OutputSpec, deliver_image
 from imagegate.core.errors import (
     GatewayError,
@@ -53,7 +54,7 @@ __all__ = ["ImageFetcher", "ImageService"]
 log = logging.getLogger("imagegate.service")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Attempted:
     route: Route
     error: GatewayError
@@ -134,7 +135,7 @@ class ImageService:
             try:
                 provider.check_configured()
                 # One deadline covers everything a route does: uploads, upstream calls, delivery.
-                async with asyncio.timeout(max(0.0, route_deadline - now)):
+                with within(max(0.0, route_deadline - now)):
                     return await self._serve(
                         entry, route, provider, request, request_id, base_url, route_deadline, on_plan
                     )

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamCall:
     provider: str
     outcome: str
@@ -53,7 +53,7 @@ class UpstreamCall:
         return self.ended - self.started
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PostprocessStep:
     op: str
     seconds: float

@@ -44,7 +44,7 @@ class Route:
     timeout: float | None = None  # per-route deadline in seconds (overrides the global one)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallContext:
     """Per-call facts an adapter may need."""
 
@@ -55,7 +55,7 @@ class CallContext:
     hooks: UpstreamHooks | None = field(default_factory=current_hooks)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProviderImage:
     """One output image: bytes already in hand, or a URL: http(s) to download, or a `data:` URL
     as the provider returned it (decoded off the event loop, at delivery). Width, height and
@@ -68,7 +68,7 @@ class ProviderImage:
     height: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProviderResult:
     images: list[ProviderImage]
     request_id: str | None = None  # the upstream's id for the job, reported to the client

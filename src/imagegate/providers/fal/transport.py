@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
+from imagegate.core.deadline import within
 from imagegate.core.errors import GatewayError, ProviderNotConfigured, UpstreamError, UpstreamTimeout
 from imagegate.providers.common import (
     best_effort,
@@ -41,6 +42,8 @@ from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_slot
 from imagegate.providers.fal.wire import json_object as _json
 from imagegate.providers.fal.wire import json_or_none as _json_or_none
 from imagegate.settings import FalSettings
+from imagegate.upstream_http import call_timeout
+from imagegate.upstream_plain import response_header
 
 __all__ = [
     "NOT_CONFIGURED", "FalOutput", "FalTransport", "QueueHandle", "StatusCadence", "auth_header",
@@ -73,12 +76,13 @@ def request_timeout_header(remaining: float) -> str | None:
 
 
 OnAccepted = Callable[["QueueHandle"], Awaitable[None]]
+_HANDLE_URLS = ("status_url", "response_url", "cancel_url")  # the submit response's URLs, in QueueHandle's order
 
 
 # ---- transport ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QueueHandle:
     """The submit response: the URLs are fal's, used exactly as returned."""
 
@@ -98,7 +102,7 @@ class StatusCadence:
     poll_interval: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FalOutput:
     body: Any  # the model output JSON
     request_id: str | None
@@ -178,7 +182,7 @@ class FalTransport:
             if on_accepted is not None:
                 await on_accepted(handle)
             try:
-                async with asyncio.timeout(_remaining(deadline)):
+                with within(_remaining(deadline)):
                     status = await self.wait(handle, ProgressReporter(on_progress) if on_progress else None, cadence)
                     completed = True
                     return await self.result(handle, status)
@@ -224,13 +228,15 @@ class FalTransport:
                                           model=model)
         # fal answered 200: the job may be queued even if the answer is unusable, so it is never resubmitted.
         body = _json(response, accepted=True)
-        urls = {key: body.get(key) for key in ("request_id", "status_url", "response_url", "cancel_url")}
-        if not all(isinstance(value, str) and value for value in urls.values()):
+        urls: tuple[Any, ...] = (
+            body.get("request_id"), body.get("status_url"), body.get("response_url"), body.get("cancel_url")
+        )
+        if not all(isinstance(value, str) and value for value in urls):
             raise UpstreamError("fal's submit response lacks request_id/status_url/response_url/cancel_url.",
                                 accepted=True)
-        handle = QueueHandle(model, **urls)  # type: ignore[arg-type]
+        handle = QueueHandle(model, *urls)
         log.debug("fal submitted %s request_id=%s", model, handle.request_id)
-        foreign = [key for key in ("status_url", "response_url", "cancel_url") if not self.is_fal_url(str(urls[key]))]
+        foreign = [key for key, url in zip(_HANDLE_URLS, urls[1:], strict=True) if not self.is_fal_url(url)]
         if foreign:
             # Never send the key elsewhere; cancel the job through the configured queue host instead.
             await best_effort(self._cancel_at(self._own_cancel_url(model, handle.request_id)), timeout=CANCEL_TIMEOUT)
@@ -261,8 +267,11 @@ class FalTransport:
         (a quick job is done then: three plain requests in all); a job still running is followed on
         the SSE stream when enabled and available (`stream.py`: one request instead of a poll every
         0.5-3 s), else (and whenever the stream fails) by polling the same job."""
-        cadence = cadence or StatusCadence(self.config.status_stream, self.config.poll_interval)
-        if cadence.stream and self.stream.usable:
+        if cadence is None:  # the configured one (not built per job)
+            stream, interval = self.config.status_stream, self.config.poll_interval
+        else:
+            stream, interval = cadence.stream, cadence.poll_interval
+        if stream and self.stream.usable:
             first = await self.status_once(handle, report)
             if first.get("status") == "COMPLETED":
                 return first
@@ -271,7 +280,7 @@ class FalTransport:
                 return status
             if status is StreamMiss.BROKEN:
                 log.info("fal status stream broke for %s; polling instead", handle.request_id)
-        return await self.poll_status(handle, report, start=cadence.poll_interval)
+        return await self.poll_status(handle, report, start=interval)
 
     async def poll_status(
         self, handle: QueueHandle, report: ProgressReporter | None = None, *, start: float | None = None
@@ -304,11 +313,15 @@ class FalTransport:
 
     async def result(self, handle: QueueHandle, status: Mapping[str, Any]) -> FalOutput:
         """GET response_url and branch on its HTTP status (200 is the only success)."""
-        async for _ in poll_delays(start=self.config.poll_interval, cap=self.config.poll_max_interval):
-            response = await self._get_result(handle.response_url)
-            if response.status_code != 202:  # 202: not finished yet (should not follow COMPLETED)
-                break
-        request_id = response.headers.get("x-fal-request-id") or handle.request_id
+        response = await self._get_result(handle.response_url)
+        if response.status_code == 202:  # not finished yet (should not follow COMPLETED): ask again
+            delays = poll_delays(start=self.config.poll_interval, cap=self.config.poll_max_interval)
+            await anext(delays)  # poll 0: the GET above
+            async for _ in delays:
+                response = await self._get_result(handle.response_url)
+                if response.status_code != 202:
+                    break
+        request_id = response_header(response, "x-fal-request-id") or handle.request_id
         if response.status_code != 200:
             failure = FalFailure.from_response(response, status_payload=status)
             raise map_failure(failure, stage="result", model=handle.model)
@@ -355,7 +368,7 @@ class FalTransport:
         response = await self._post_model(f"{self.config.run_url}/{model}", payload, deadline, stage="run",
                                           model=model)
         body = _json(response, accepted=True)  # the run answered 200: it ran
-        request_id = response.headers.get("x-fal-request-id")
+        request_id = response_header(response, "x-fal-request-id")
         if request_id is None and isinstance(body.get("request_id"), str):
             request_id = body["request_id"]
         return FalOutput(body, request_id)
@@ -421,4 +434,4 @@ def _remaining(deadline: float) -> float:
 
 
 def _timeout(seconds: float) -> httpx.Timeout:
-    return httpx.Timeout(seconds, connect=min(seconds, 10.0))
+    return call_timeout(seconds, connect=min(seconds, 10.0))

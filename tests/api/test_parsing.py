@@ -524,9 +524,9 @@ def threads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     seen: dict[str, list[int]] = {"loads": [], "decode": []}
     loads, decode = parsing._loads, parsing._decode_data_uri
 
-    def recording_loads(body: bytes) -> Any:
+    def recording_loads(body: bytes, *decoder: Any) -> Any:
         seen["loads"].append(threading.get_ident())
-        return loads(body)
+        return loads(body, *decoder)
 
     def recording_decode(uri: str, **kwargs: Any) -> bytes:
         seen["decode"].append(threading.get_ident())
@@ -616,3 +616,12 @@ async def test_first_error_in_input_order_wins(pool: ImagePool) -> None:
     error = await edit_error(pool, json_request({"prompt": "p", "images": [{"image_url": data_uri(PNG)}],
                                                  "mask": bad_b64}))  # fmt: skip
     assert error.param == "mask" and "'mask'" in error.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'\xef\xbb\xbf{"prompt": "p"}', '{"prompt": "é ☃", "n": 2}'.encode("utf-16"), b'{"a": [1.5, {"b": null}]}'],
+)
+def test_the_shared_decoder_reads_what_json_loads_reads(body: bytes) -> None:
+    """The decoder built once reads encodings and values as `json.loads` does (a BOM, UTF-16)."""
+    assert parsing._loads(body) == json.loads(body)

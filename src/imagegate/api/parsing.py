@@ -217,7 +217,7 @@ async def _json_object(request: Request, *, pool: imaging.ImagePool | None = Non
         raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
     try:
         if pool is not None and len(body) > INLINE_JSON_BYTES:
-            value = await pool.run(_loads, body)
+            value = await pool.run(_loads, body, json.JSONDecoder(parse_constant=_reject_constant))
         else:
             value = _loads(body)
     except (ValueError, RecursionError):
@@ -238,9 +238,13 @@ async def _json_object(request: Request, *, pool: imaging.ImagePool | None = Non
     return value
 
 
-def _loads(body: bytes) -> Any:
-    """Parse, then check that all its text is Unicode (in the pool with the parse, for big bodies)."""
-    value = json.loads(body, parse_constant=_reject_constant)
+def _loads(body: bytes, decoder: json.JSONDecoder | None = None) -> Any:
+    """Parse, then check that all its text is Unicode (in the pool with the parse, for big bodies).
+
+    `json.loads(body, parse_constant=_reject_constant)`, on the event loop with the one decoder
+    built at import (`loads` with an argument builds a decoder and its scanner per call); a pool
+    thread passes its own, as the scanner keeps per-parse state."""
+    value = (decoder or _DECODER).decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     if isinstance(value, dict):
         check_unicode(value)
     return value
@@ -248,6 +252,9 @@ def _loads(body: bytes) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 async def _parse_edit_json(

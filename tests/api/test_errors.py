@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -294,3 +295,22 @@ def test_the_request_headers_are_read_first_value_stripped_in_one_pass() -> None
     scope = {"headers": [(b"Content-Length", b" 12 "), (b"x-request-id", b"a"), (b"X-Request-Id", b"b")]}
     assert errors._headers(scope, b"x-request-id", b"content-length") == ("a", "12")
     assert errors._headers({"headers": []}, b"x-request-id", b"content-length") == (None, None)
+
+
+def test_request_ids_are_unique_and_differ_in_a_forked_child() -> None:
+    """Ids come from a generator seeded from os.urandom, reseeded after a fork: two worker
+    processes forked from one parent must not hand out the same ids."""
+    ids = {errors.new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(REQUEST_ID.match(rid) for rid in ids)
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write, errors.new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert REQUEST_ID.match(child) and child != errors.new_request_id()

@@ -22,13 +22,14 @@ from typing import Any
 import pytest
 from fastapi import Depends
 from opentelemetry import trace
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from tests.api.conftest import encode
 from tests.conftest import _merge, gateway_settings
 from tests.fakes.fal import FakeFal, FalScenario, fal_provider_settings, ingress_error
 from tests.fakes.server import LocalServer
 
 from imagegate.api import images
-from imagegate.api.hot_routes import Gateway
+from imagegate.api.hot_routes import Gateway, RouteEndpoint
 from imagegate.app import create_app
 from imagegate.observability.logs import FIELDS_ATTR
 from imagegate.settings import Settings
@@ -519,3 +520,45 @@ async def test_a_route_registered_before_that_takes_the_path_keeps_fastapis_path
     await app(scope, receive, send)
     assert reached == [GEN]
     assert messages[0]["status"] in (200, 204)
+
+
+class _Handled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["plain", "streaming"])
+@pytest.mark.parametrize("fails", ["http.response.start", "http.response.body", None])
+async def test_route_endpoint_knows_whether_the_response_started(kind: str, fails: str | None) -> None:
+    """A handled error raised while the response is sent (at its start too) is Starlette's
+    RuntimeError, for a plain response (sent without a `send` wrapper) as for any other; one raised
+    by the endpoint is answered by the handler."""
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"ok"
+
+    async def endpoint(request: Any) -> Response:
+        if fails is None:
+            raise _Handled
+        return PlainTextResponse("ok") if kind == "plain" else StreamingResponse(chunks())
+
+    async def handler(request: Any, exc: Exception) -> Response:
+        return PlainTextResponse("handled", status_code=418)
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == fails:
+            raise _Handled
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(10)  # no disconnect while the response is sent
+        return {"type": "http.disconnect"}
+
+    route = RouteEndpoint(endpoint, handlers={_Handled: handler}, status_handlers={})
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""}
+    if fails is None:
+        await route(scope, receive, send)
+        assert sent[0]["status"] == 418
+    else:
+        with pytest.raises(RuntimeError, match="response already started"):
+            await route(scope, receive, send)

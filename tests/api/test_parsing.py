@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from tests.api.conftest import MAX_PIXELS, encode
 
 from imagegate.api import parsing
@@ -524,9 +524,9 @@ def threads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     seen: dict[str, list[int]] = {"loads": [], "decode": []}
     loads, decode = parsing._loads, parsing._decode_data_uri
 
-    def recording_loads(body: bytes) -> Any:
+    def recording_loads(body: bytes, *decoder: Any) -> Any:
         seen["loads"].append(threading.get_ident())
-        return loads(body)
+        return loads(body, *decoder)
 
     def recording_decode(uri: str, **kwargs: Any) -> bytes:
         seen["decode"].append(threading.get_ident())
@@ -616,3 +616,47 @@ async def test_first_error_in_input_order_wins(pool: ImagePool) -> None:
     error = await edit_error(pool, json_request({"prompt": "p", "images": [{"image_url": data_uri(PNG)}],
                                                  "mask": bad_b64}))  # fmt: skip
     assert error.param == "mask" and "'mask'" in error.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'\xef\xbb\xbf{"prompt": "p"}', '{"prompt": "é ☃", "n": 2}'.encode("utf-16"), b'{"a": [1.5, {"b": null}]}'],
+)
+def test_the_shared_decoder_reads_what_json_loads_reads(body: bytes) -> None:
+    """The decoder built once reads encodings and values as `json.loads` does (a BOM, UTF-16)."""
+    assert parsing._loads(body) == json.loads(body)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"type": "http.request", "body": b'{"a": 1}'}],
+        [{"type": "http.request", "body": b'{"a"', "more_body": True}, {"type": "http.request", "body": b""},
+         {"type": "http.request", "body": b": 1}", "more_body": True}, {"type": "http.request"}],
+        [{"type": "http.request", "body": b""}],
+        [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}],
+    ],
+)
+async def test_the_body_is_read_as_starlette_reads_it(messages: list[dict[str, Any]]) -> None:
+    """`parsing._body` returns what `request.body()` returns, raises what it raises, and leaves the
+    request as it does (a later `body()` or `stream()` sees the cached body)."""
+
+    def request_for() -> Request:
+        pending = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            return pending.pop(0)
+
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+
+    outcomes = []
+    for read in (parsing._body, lambda r: r.body()):
+        request = request_for()
+        try:
+            outcome: Any = await read(request)
+        except ClientDisconnect:
+            outcome = "disconnect"
+        state = {k: v for k, v in vars(request).items() if k not in ("_receive", "_send")}
+        again = [chunk async for chunk in request.stream()] if outcome != "disconnect" else None
+        outcomes.append((outcome, state, again))
+    assert outcomes[0] == outcomes[1]

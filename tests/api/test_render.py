@@ -40,5 +40,28 @@ async def test_large_image_data_renders_in_a_thread(monkeypatch: pytest.MonkeyPa
     await render.json_response(_body(render.THREAD_BYTES + 1))
     await render.json_response({"id": "imgjob_1", "result": _body(render.THREAD_BYTES + 1)})
     await render.json_response(_body(100))
-    assert len(threads) == 2 and loop_thread not in threads
+    assert len(threads) == 3 and loop_thread not in threads[:2] and threads[2] == loop_thread  # small: inline
     assert asyncio.get_running_loop().is_running()
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (200, None),
+        (200, {}),
+        (201, {"X-Imagegate-Provider": "fal", "x-request-id": "req_1"}),
+        (200, {"content-type": "application/problem+json", "Content-Length": "3"}),
+        (204, {"x-a": "b"}),
+        (101, None),
+    ],
+)
+@pytest.mark.parametrize("size", [10, render.THREAD_BYTES + 1])
+async def test_the_response_is_the_one_jsonresponse_builds(
+    status: int, headers: dict[str, str] | None, size: int
+) -> None:
+    """Every attribute, raw headers in order included, as `JSONResponse(...)` sets them."""
+    body = _body(size)
+    response = await render.json_response(body, status_code=status, headers=headers)
+    expected = JSONResponse(body, status_code=status, headers=headers)
+    assert type(response) is JSONResponse
+    assert vars(response) == vars(expected)

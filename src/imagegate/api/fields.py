@@ -162,7 +162,8 @@ def build_request(
 
 
 class _Fields:
-    """Takes fields out of a mapping, coercing and validating; what is left becomes `extra`."""
+    """Takes fields out of a mapping, coercing and validating; what is left becomes `extra`.
+    (A request asks for some twenty fields, most of them absent: each getter pops inline.)"""
 
     def __init__(self, raw: Mapping[str, Any], *, form: bool) -> None:
         self._form = form
@@ -180,17 +181,14 @@ class _Fields:
             path = re.findall(r"\[([^\[\]]*)\]", m.group(2))
             _set_nested(self._nested, key, m.group(1), path, _coerce_form(value))
 
-    def _take(self, name: str) -> Any:
-        return self._raw.pop(name, None)
-
     def string(self, name: str) -> str | None:
-        value = self._take(name)
+        value = self._raw.pop(name, None)
         if value is not None and not isinstance(value, str):
             raise invalid_type(name, "a string", value)
         return value
 
     def integer(self, name: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
-        value = self._take(name)
+        value = self._raw.pop(name, None)
         if value is None:
             return None
         if isinstance(value, str) and _INT.match(value.strip()):
@@ -208,7 +206,7 @@ class _Fields:
         return number
 
     def number(self, name: str) -> float | None:
-        value = self._take(name)
+        value = self._raw.pop(name, None)
         if value is None:
             return None
         try:
@@ -222,7 +220,7 @@ class _Fields:
         return number
 
     def boolean(self, name: str) -> bool | None:
-        value = self._take(name)
+        value = self._raw.pop(name, None)
         if value is None or isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "1"):
@@ -232,6 +230,8 @@ class _Fields:
         raise invalid_type(name, "a boolean ('true' or 'false')", value)
 
     def choice(self, name: str, allowed: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str | None:
+        if name not in self._raw:
+            return None
         value = self.string(name)
         if value is None:
             return None

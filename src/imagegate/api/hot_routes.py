@@ -52,6 +52,7 @@ __all__ = ["HOT_PATHS", "Gateway", "RouteEndpoint"]
 
 HOT_PATHS = ("/v1/images/generations", "/v1/images/edits")
 Handler = Callable[[Request, Exception], Any]  # an app exception handler, for an HTTP request
+_PLAIN_CALL = Response.__call__
 
 
 class RouteEndpoint:
@@ -73,16 +74,23 @@ class RouteEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, send)
         started = False
-
-        async def sender(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
             response = await self.endpoint(request)
-            await response(scope, receive, sender)
+            if type(response).__call__ is _PLAIN_CALL and response.background is None:
+                # Starlette's own `Response.__call__` sends the start first, so anything it raises
+                # comes after the start was handed to `send` (as a `send` wrapper would record):
+                # the common response goes out without one.
+                started = True
+                await response(scope, receive, send)
+            else:
+
+                async def sender(message: Message) -> None:
+                    nonlocal started
+                    if message["type"] == "http.response.start":
+                        started = True
+                    await send(message)
+
+                await response(scope, receive, sender)
         except Exception as exc:
             handler = self._handler(exc)
             if handler is None:
@@ -94,7 +102,7 @@ class RouteEndpoint:
             else:
                 answer = await run_in_threadpool(handler, request, exc)
             if answer is not None:
-                await answer(scope, receive, sender)
+                await answer(scope, receive, send)
             exc.__traceback__ = None  # as Starlette: a reused exception would pile up tracebacks
 
     def _handler(self, exc: Exception) -> Handler | None:

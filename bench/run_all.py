@@ -336,6 +336,15 @@ def main(argv: list[str] | None = None) -> int:
                     "exit": done.returncode,
                     "output": done.stdout[-6000:],
                 }
+                if not args.quick:  # the same 10,000 through `--workers 2`: what a second core buys
+                    cmd = [sys.executable, str(ROOT / "bench" / "inflight_burst.py"), "--ladder", "10000",
+                           "--workers", "2"]
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                    results["burst_workers"] = {
+                        "command": " ".join(["bench/inflight_burst.py", *cmd[2:]]),
+                        "exit": done.returncode,
+                        "output": done.stdout[-6000:],
+                    }
             elif name == "instructions":
                 results[name] = instructions(Path(tmp))
             elif name == "conversions":

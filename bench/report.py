@@ -318,8 +318,10 @@ def render(r: dict[str, Any]) -> str:
         "job in one process (half of what is left after this report's cuts, which took instructions per "
         "request to 0.68-0.72× of `70ef5e4`'s), or a second core: `--workers 2` (table above, the fake and the "
         "load client on the same two cores). K = 3,000 meets the target when connections arrive paced "
-        "(`inflight_burst.py`); fired all at the same instant by the asyncio client of `--only inflight`, the "
-        "gateway's accept storm costs it more CPU per job (column *proxy*), and it does not.",
+        "(`inflight_burst.py`). Fired all at the same instant by the asyncio client of `--only inflight`, it does "
+        "not: the fake takes 3,000 submits at once, while the gateway must first accept, parse and submit each on "
+        "its one core, so its last submits leave about 3 s after the direct client's (no listen-queue overflow or "
+        "SYN retransmission was counted in /proc/net/netstat during such a burst).",
         "- **Is the harness the bottleneck?** The load client and the fake use a fraction of a millisecond of CPU "
         "per request (columns *client* and *fake*) against several milliseconds for either proxy, and a second fake "
         "process changes the direct client's throughput little.",

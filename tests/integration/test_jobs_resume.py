@@ -76,6 +76,14 @@ def submit(url: str) -> str:
     return str(response.json()["id"])
 
 
+def submit_to_one(url: str, workers: list[WorkerProcess]) -> tuple[str, WorkerProcess, WorkerProcess]:
+    """Submit a job, wait until its upstream job exists: (job id, the worker holding it, the other)."""
+    job_id = submit(url)
+    wait_job(url, job_id, lambda job: job["upstream_request_id"] is not None)
+    holder = next(w for w in workers if f"job {job_id}: in_progress" in w.output())
+    return job_id, holder, next(w for w in workers if w is not holder)
+
+
 @pytest.mark.parametrize("stop", ["kill", "term"])
 def test_restart_resumes_the_same_upstream_job(tmp_path: Path, fal: tuple[FakeFal, LocalServer], stop: str) -> None:
     fake, srv = fal
@@ -142,10 +150,7 @@ def test_worker_processes_resume_a_killed_workers_job(
     workers = [WorkerProcess(tmp_path, path, name, datas[name]) for name in ("a", "b")]
     try:
         api.wait_ready()
-        job_id = submit(api.url)
-        wait_job(api.url, job_id, lambda job: job["upstream_request_id"] is not None)
-        holder = next(w for w in workers if f"job {job_id}: in_progress" in w.output())
-        other = next(w for w in workers if w is not holder)
+        job_id, holder, other = submit_to_one(api.url, workers)
         holder.proc.kill()
         holder.proc.wait(10)
         job = wait_job(api.url, job_id, lambda job: job["status"] in ("succeeded", "failed"))
@@ -177,10 +182,7 @@ def test_a_paused_redis_worker_leaves_its_reclaimed_job_alone(
     workers = [WorkerProcess(tmp_path, path, name, f"data-{name}") for name in ("a", "b")]
     try:
         api.wait_ready()
-        job_id = submit(api.url)
-        wait_job(api.url, job_id, lambda job: job["upstream_request_id"] is not None)
-        holder = next(w for w in workers if f"job {job_id}: in_progress" in w.output())
-        other = next(w for w in workers if w is not holder)
+        job_id, holder, other = submit_to_one(api.url, workers)
         holder.proc.send_signal(signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 20

@@ -39,6 +39,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette._exception_handler import _lookup_exception_handler
 from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -108,10 +109,7 @@ class RouteEndpoint:
     def _handler(self, exc: Exception) -> Handler | None:
         if isinstance(exc, HTTPException) and exc.status_code in self.status_handlers:
             return self.status_handlers[exc.status_code]
-        for cls in type(exc).__mro__:
-            if cls in self.handlers:
-                return self.handlers[cls]
-        return None
+        return _lookup_exception_handler(self.handlers, exc)  # type: ignore[arg-type,return-value]
 
 
 class Gateway(FastAPI):

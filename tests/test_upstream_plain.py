@@ -23,7 +23,8 @@ from imagegate.providers.common import on_origins
 from imagegate.providers.fal import FalProvider
 from imagegate.settings import FalSettings, ProvidersSettings, Settings
 from imagegate.upstream_http import upstream_client
-from imagegate.upstream_plain import plain_netloc, plain_origin, response_header
+from imagegate.upstream_plain import plain_netloc, plain_origin
+from imagegate.upstream_response import response_header
 
 Capture = tuple[str, list[bytes]]
 MODEL = "fal-ai/qwen-image"

@@ -13,7 +13,6 @@ from imagegate.core.params import (
     Mode,
     ParamTable,
     Rule,
-    apply_table,
     convert,
     emulate,
     ignore,
@@ -22,6 +21,7 @@ from imagegate.core.params import (
     reject,
     rename,
 )
+from imagegate.core.plan import apply_table
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import ImageRequest
 from imagegate.core.sizes import SizeTarget, resolve_target

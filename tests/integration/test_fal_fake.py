@@ -22,7 +22,8 @@ from imagegate.core.errors import (
     UpstreamAuthFailed,
     UpstreamTimeout,
 )
-from imagegate.core.params import BuildContext, apply_table
+from imagegate.core.params import BuildContext
+from imagegate.core.plan import apply_table
 from imagegate.core.request import ImageRequest, InputImage, Operation
 from imagegate.core.sizes import Size, resolve_target
 from imagegate.providers.base import CallContext, ProviderResult, Route

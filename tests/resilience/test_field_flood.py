@@ -21,7 +21,7 @@ from tests.fakes.images import png_bytes
 from tests.fakes.server import LocalServer
 
 from imagegate.app import create_app
-from imagegate.core.params import MAX_PARAMS_HEADER_CHARS
+from imagegate.core.plan import MAX_PARAMS_HEADER_CHARS
 
 FIELD = "x" * 60  # names are at most 64 characters
 

@@ -8,7 +8,8 @@ import time
 from collections.abc import Sequence
 
 from imagegate.core.emulate import Delivered
-from imagegate.core.params import Mode, Plan
+from imagegate.core.params import Mode
+from imagegate.core.plan import Plan
 from imagegate.core.redact import scrub
 from imagegate.core.request import ImageRequest
 from imagegate.core.results import ImageResult, resolved_quality

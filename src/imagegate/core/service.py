@@ -39,7 +39,8 @@ from imagegate.core.errors import (
 )
 from imagegate.core.fetch import ImageFetcher, fetch_image
 from imagegate.core.outcome import image_result, route_headers
-from imagegate.core.params import BuildContext, Plan, apply_table
+from imagegate.core.params import BuildContext
+from imagegate.core.plan import Plan, apply_table
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import ImageRequest, InputImage, check_mask_size
 from imagegate.core.results import DryRunResult, ImageResult

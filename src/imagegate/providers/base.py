@@ -1,7 +1,7 @@
 """The adapter interface every provider implements.
 
 An adapter is thin: a parameter table per upstream model (pure data, applied by
-`core.params.apply_table`), `prepare_images` to turn input images into references the
+`core.plan.apply_table`), `prepare_images` to turn input images into references the
 provider accepts (data URIs, uploads, or URLs passed through), `run` for the protocol
 itself (submit, poll, fetch result, cancel on cancellation), and `fetch` to download an
 output (streamed, capped at `settings.fetch.max_bytes`). Upstream failures are raised as

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from imagegate.core.errors import ContentPolicyViolation, InvalidRequest, UnsupportedParameter, UpstreamError
-from imagegate.core.params import BuildContext, Mode, Plan, apply_table
+from imagegate.core.params import BuildContext, Mode
+from imagegate.core.plan import Plan, apply_table
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import ImageRequest, InputImage, Operation
 from imagegate.core.sizes import Size, resolve_target

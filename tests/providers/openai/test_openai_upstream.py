@@ -28,7 +28,8 @@ from imagegate.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from imagegate.core.params import BuildContext, Mode, Plan, apply_table
+from imagegate.core.params import BuildContext, Mode
+from imagegate.core.plan import Plan, apply_table
 from imagegate.core.request import ImageRequest, InputImage
 from imagegate.core.sizes import resolve_target
 from imagegate.providers.base import CallContext, ProviderImage, ProviderResult, Route

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from imagegate.core.errors import InvalidRequest, UnsupportedParameter
-from imagegate.core.params import BuildContext, Mode, Plan, apply_table
+from imagegate.core.params import BuildContext, Mode
+from imagegate.core.plan import Plan, apply_table
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import ImageRequest, InputImage
 from imagegate.core.sizes import resolve_target

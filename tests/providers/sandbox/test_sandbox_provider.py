@@ -9,7 +9,8 @@ from PIL import Image
 
 from imagegate.core.errors import UnsupportedParameter
 from imagegate.core.imaging import ImagePool
-from imagegate.core.params import BuildContext, Mode, apply_table
+from imagegate.core.params import BuildContext, Mode
+from imagegate.core.plan import apply_table
 from imagegate.core.presets import QWEN_PRESETS
 from imagegate.core.request import ImageRequest, InputImage
 from imagegate.core.sizes import resolve_target

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imagegate.server.guard import EVICTABLE_AFTER
+from imagegate.server.cap import EVICTABLE_AFTER
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0

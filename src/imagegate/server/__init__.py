@@ -1,6 +1,6 @@
 """The HTTP server runtime of `imagegate serve`: uvicorn, configured from `Settings.server`.
 
-- Read timeouts and a connection cap per worker (`imagegate.server.guard`), with `/healthz` and
+- Read timeouts and a connection cap per worker (`imagegate.server.guard`, `.cap`), with `/healthz` and
   `/readyz` still answered when the cap is reached.
 - `--workers N`: the listening socket is bound here with `IPPROTO_TCP` and handed to uvicorn's
   supervisor. uvicorn's own `bind_socket()` leaves `proto` at 0, accepted sockets inherit it and
@@ -30,7 +30,8 @@ from uvicorn.supervisors import Multiprocess
 
 from imagegate.observability.logs import uvicorn_log_config
 from imagegate.observability.ratelog import RateLimitedLog
-from imagegate.server.guard import ConnectionGuard, guarded_protocol_class
+from imagegate.server.cap import ConnectionGuard
+from imagegate.server.guard import guarded_protocol_class
 from imagegate.server.listen import bind_listeners, listen_backlog, listener_count
 from imagegate.settings import ServerSettings, Settings
 

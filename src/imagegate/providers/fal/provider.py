@@ -22,14 +22,9 @@ from imagegate.core.params import ParamTable
 from imagegate.core.request import InputImage, Operation
 from imagegate.core.sizes import SizePresets
 from imagegate.providers.base import CallContext, Provider, ProviderResult, Route
+from imagegate.providers.fal.status import FalOutput, QueueHandle, StatusCadence
 from imagegate.providers.fal.tables import TABLES, parse_output, size_presets
-from imagegate.providers.fal.transport import (
-    NOT_CONFIGURED,
-    FalOutput,
-    FalTransport,
-    QueueHandle,
-    StatusCadence,
-)
+from imagegate.providers.fal.transport import NOT_CONFIGURED, FalTransport
 from imagegate.providers.resume import unresumable_call
 
 __all__ = ["MAX_DATA_URI_CHARS", "FalProvider"]

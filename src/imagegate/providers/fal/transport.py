@@ -1,6 +1,7 @@
 """fal's HTTP protocol over plain httpx (fal-protocol.md): `Authorization: Key`, the queue (submit,
-status by polling or SSE, result, cancel), the sync run and storage upload. fal's failures become
-GatewayErrors through the one table in `errors.py` (`map_failure`).
+status by polling or SSE, result, cancel), the sync run and storage upload. The status and result
+requests, with the handle types, are in `status.py` (`StatusFollower`, a base of `FalTransport`).
+fal's failures become GatewayErrors through the one table in `errors.py` (`map_failure`).
 
 Queue flow: POST {queue_url}/{model} -> {request_id, status_url, response_url, cancel_url}; the
 returned URLs are used as given, never rebuilt. Follow status_url (202 IN_QUEUE / IN_PROGRESS, 200
@@ -20,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -30,29 +30,25 @@ from imagegate.core.deadline import within
 from imagegate.core.errors import GatewayError, ProviderNotConfigured, UpstreamError, UpstreamTimeout
 from imagegate.providers.common import (
     best_effort,
-    get_with_retry,
     never_sent,
     on_origins,
-    poll_delays,
     transport_error,
 )
-from imagegate.providers.fal.errors import TRANSIENT_STATUSES, FalFailure, Stage, map_failure
+from imagegate.providers.fal.errors import FalFailure, Stage, map_failure
 from imagegate.providers.fal.progress import OnProgress, ProgressReporter
-from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_slots, stream_url
+from imagegate.providers.fal.status import PROVIDER, FalOutput, QueueHandle, StatusCadence, StatusFollower
+from imagegate.providers.fal.stream import StatusStream, stream_slots
 from imagegate.providers.fal.wire import json_object as _json
-from imagegate.providers.fal.wire import json_or_none as _json_or_none
 from imagegate.settings import FalSettings
 from imagegate.upstream_http import call_timeout
 from imagegate.upstream_response import response_header
 
 __all__ = [
-    "NOT_CONFIGURED", "FalOutput", "FalTransport", "QueueHandle", "StatusCadence", "auth_header",
-    "request_timeout_header",
+    "NOT_CONFIGURED", "FalTransport", "auth_header", "request_timeout_header",
 ]
 
 log = logging.getLogger("imagegate.providers.fal")
 
-PROVIDER = "fal"
 NOT_CONFIGURED = "provider fal is not configured: set FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET)"
 USER_AGENT = "imagegate (fal adapter)"
 MIN_REQUEST_TIMEOUT = 1.0  # fal's clients refuse X-Fal-Request-Timeout <= 1 s
@@ -82,33 +78,7 @@ _HANDLE_URLS = ("status_url", "response_url", "cancel_url")  # the submit respon
 # ---- transport ------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class QueueHandle:
-    """The submit response: the URLs are fal's, used exactly as returned."""
-
-    model: str
-    request_id: str
-    status_url: str
-    response_url: str
-    cancel_url: str
-
-
-@dataclass(frozen=True, slots=True)
-class StatusCadence:
-    """How a queue job's status is followed: the SSE stream (polling if it breaks), or polls that
-    start `poll_interval` apart and grow to `poll_max_interval`."""
-
-    stream: bool
-    poll_interval: float
-
-
-@dataclass(slots=True)
-class FalOutput:
-    body: Any  # the model output JSON
-    request_id: str | None
-
-
-class FalTransport:
+class FalTransport(StatusFollower):
     """fal's protocol on the shared client. Every call carries a timeout derived from the deadline."""
 
     def __init__(self, http: httpx.AsyncClient, config: FalSettings) -> None:
@@ -260,90 +230,6 @@ class FalTransport:
         app = "/".join(parts[:3] if parts and parts[0] in ("workflows", "comfy") else parts[:2])
         return f"{self.config.queue_url.rstrip('/')}/{app}/requests/{quote(request_id, safe='')}/cancel"
 
-    async def wait(
-        self, handle: QueueHandle, report: ProgressReporter | None = None, cadence: StatusCadence | None = None
-    ) -> dict[str, Any]:
-        """The COMPLETED status payload. The status is asked once as soon as the submit is answered
-        (a quick job is done then: three plain requests in all); a job still running is followed on
-        the SSE stream when enabled and available (`stream.py`: one request instead of a poll every
-        0.5-3 s), else (and whenever the stream fails) by polling the same job."""
-        if cadence is None:  # the configured one (not built per job)
-            stream, interval = self.config.status_stream, self.config.poll_interval
-        else:
-            stream, interval = cadence.stream, cadence.poll_interval
-        if stream and self.stream.usable:
-            first = await self.status_once(handle, report)
-            if first.get("status") == "COMPLETED":
-                return first
-            status = await self.stream_status(handle, report)
-            if not isinstance(status, StreamMiss):
-                return status
-            if status is StreamMiss.BROKEN:
-                log.info("fal status stream broke for %s; polling instead", handle.request_id)
-        return await self.poll_status(handle, report, start=interval)
-
-    async def poll_status(
-        self, handle: QueueHandle, report: ProgressReporter | None = None, *, start: float | None = None
-    ) -> dict[str, Any]:
-        async for _ in poll_delays(start=start or self.config.poll_interval, cap=self.config.poll_max_interval):
-            body = await self.status_once(handle, report)
-            if body.get("status") == "COMPLETED":
-                return body
-        raise AssertionError("unreachable")  # poll_delays never ends
-
-    async def status_once(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any]:
-        """One GET of the job's status (with its logs when progress is reported)."""
-        url = _with_logs(handle.status_url) if report is not None else handle.status_url
-        response = await get_with_retry(self.http, url, provider=PROVIDER, headers=self.headers())
-        body = _json_or_none(response)
-        if response.status_code not in (200, 202) or not isinstance(body, dict):
-            raise map_failure(FalFailure.from_response(response), stage="status", model=handle.model)
-        if report is not None:
-            await report(body)
-        return body
-
-    async def stream_status(
-        self, handle: QueueHandle, report: ProgressReporter | None = None
-    ) -> dict[str, Any] | StreamMiss:
-        """Follow `{status_url}/stream` to the COMPLETED event, or say why not (the caller polls)."""
-        url = stream_url(handle.status_url)
-        if report is not None:
-            url = _with_logs(url)
-        return await self.stream.follow(url, {**self.headers(), "Accept": "text/event-stream"}, report)
-
-    async def result(self, handle: QueueHandle, status: Mapping[str, Any]) -> FalOutput:
-        """GET response_url and branch on its HTTP status (200 is the only success)."""
-        response = await self._get_result(handle.response_url)
-        if response.status_code == 202:  # not finished yet (should not follow COMPLETED): ask again
-            delays = poll_delays(start=self.config.poll_interval, cap=self.config.poll_max_interval)
-            await anext(delays)  # poll 0: the GET above
-            async for _ in delays:
-                response = await self._get_result(handle.response_url)
-                if response.status_code != 202:
-                    break
-        request_id = response_header(response, "x-fal-request-id") or handle.request_id
-        if response.status_code != 200:
-            failure = FalFailure.from_response(response, status_payload=status)
-            raise map_failure(failure, stage="result", model=handle.model)
-        body = _json(response)
-        failed = status.get("error") is not None or status.get("error_type") is not None
-        if failed and not (isinstance(body, dict) and body.get("images")):
-            raise map_failure(FalFailure.from_status(status, request_id), stage="result", model=handle.model)
-        return FalOutput(body, request_id)
-
-    async def _get_result(self, url: str) -> httpx.Response:
-        """One GET; only a transient answer (ingress error, 408/409/429, connection failure) is
-        retried. A failed job's result repeats its error, so retrying that would only waste time."""
-        try:
-            response = await self.http.get(url, headers=self.headers())
-        except httpx.HTTPError:
-            response = None
-        if response is None or (
-            response.status_code in TRANSIENT_STATUSES and "x-fal-request-id" not in response.headers
-        ):
-            response = await get_with_retry(self.http, url, provider=PROVIDER, headers=self.headers())
-        return response
-
     async def cancel(self, handle: QueueHandle) -> None:
         """PUT cancel_url. Best effort: its answers (OK, CANCELLATION_REQUESTED 202,
         ALREADY_COMPLETED 400, NOT_FOUND; exact codes undocumented) are only logged."""
@@ -420,10 +306,6 @@ class FalTransport:
             raise map_failure(FalFailure.from_response(put), stage="upload_put", model="storage")
         return file_url
 
-
-def _with_logs(url: str) -> str:
-    """The status URL asking for the job's logs (`?logs=1`), its own query kept."""
-    return str(httpx.URL(url).copy_merge_params({"logs": "1"}))
 
 
 def _remaining(deadline: float) -> float:

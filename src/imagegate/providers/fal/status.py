@@ -1,0 +1,152 @@
+"""A fal queue job once submitted: its handle (`QueueHandle`), how its status is followed
+(`StatusCadence`), and the requests that follow it to its output (`StatusFollower`, a base of
+`FalTransport`): the status by polling or on the SSE stream (`stream.py`), then the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from imagegate.providers.common import get_with_retry, poll_delays
+from imagegate.providers.fal.errors import TRANSIENT_STATUSES, FalFailure, map_failure
+from imagegate.providers.fal.progress import ProgressReporter
+from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_url
+from imagegate.providers.fal.wire import json_object as _json
+from imagegate.providers.fal.wire import json_or_none as _json_or_none
+from imagegate.settings import FalSettings
+from imagegate.upstream_plain import response_header
+
+__all__ = ["PROVIDER", "FalOutput", "QueueHandle", "StatusCadence", "StatusFollower"]
+
+log = logging.getLogger("imagegate.providers.fal")
+
+PROVIDER = "fal"
+
+
+@dataclass(slots=True)
+class QueueHandle:
+    """The submit response: the URLs are fal's, used exactly as returned."""
+
+    model: str
+    request_id: str
+    status_url: str
+    response_url: str
+    cancel_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCadence:
+    """How a queue job's status is followed: the SSE stream (polling if it breaks), or polls that
+    start `poll_interval` apart and grow to `poll_max_interval`."""
+
+    stream: bool
+    poll_interval: float
+
+
+@dataclass(slots=True)
+class FalOutput:
+    body: Any  # the model output JSON
+    request_id: str | None
+
+
+class StatusFollower:
+    """Status and result requests of `FalTransport` (which provides the attributes below)."""
+
+    http: httpx.AsyncClient
+    config: FalSettings
+    stream: StatusStream
+    headers: Callable[[], dict[str, str]]
+
+    async def wait(
+        self, handle: QueueHandle, report: ProgressReporter | None = None, cadence: StatusCadence | None = None
+    ) -> dict[str, Any]:
+        """The COMPLETED status payload. The status is asked once as soon as the submit is answered
+        (a quick job is done then: three plain requests in all); a job still running is followed on
+        the SSE stream when enabled and available (`stream.py`: one request instead of a poll every
+        0.5-3 s), else (and whenever the stream fails) by polling the same job."""
+        if cadence is None:  # the configured one (not built per job)
+            stream, interval = self.config.status_stream, self.config.poll_interval
+        else:
+            stream, interval = cadence.stream, cadence.poll_interval
+        if stream and self.stream.usable:
+            first = await self.status_once(handle, report)
+            if first.get("status") == "COMPLETED":
+                return first
+            status = await self.stream_status(handle, report)
+            if not isinstance(status, StreamMiss):
+                return status
+            if status is StreamMiss.BROKEN:
+                log.info("fal status stream broke for %s; polling instead", handle.request_id)
+        return await self.poll_status(handle, report, start=interval)
+
+    async def poll_status(
+        self, handle: QueueHandle, report: ProgressReporter | None = None, *, start: float | None = None
+    ) -> dict[str, Any]:
+        async for _ in poll_delays(start=start or self.config.poll_interval, cap=self.config.poll_max_interval):
+            body = await self.status_once(handle, report)
+            if body.get("status") == "COMPLETED":
+                return body
+        raise AssertionError("unreachable")  # poll_delays never ends
+
+    async def status_once(self, handle: QueueHandle, report: ProgressReporter | None = None) -> dict[str, Any]:
+        """One GET of the job's status (with its logs when progress is reported)."""
+        url = _with_logs(handle.status_url) if report is not None else handle.status_url
+        response = await get_with_retry(self.http, url, provider=PROVIDER, headers=self.headers())
+        body = _json_or_none(response)
+        if response.status_code not in (200, 202) or not isinstance(body, dict):
+            raise map_failure(FalFailure.from_response(response), stage="status", model=handle.model)
+        if report is not None:
+            await report(body)
+        return body
+
+    async def stream_status(
+        self, handle: QueueHandle, report: ProgressReporter | None = None
+    ) -> dict[str, Any] | StreamMiss:
+        """Follow `{status_url}/stream` to the COMPLETED event, or say why not (the caller polls)."""
+        url = stream_url(handle.status_url)
+        if report is not None:
+            url = _with_logs(url)
+        return await self.stream.follow(url, {**self.headers(), "Accept": "text/event-stream"}, report)
+
+    async def result(self, handle: QueueHandle, status: Mapping[str, Any]) -> FalOutput:
+        """GET response_url and branch on its HTTP status (200 is the only success)."""
+        response = await self._get_result(handle.response_url)
+        if response.status_code == 202:  # not finished yet (should not follow COMPLETED): ask again
+            delays = poll_delays(start=self.config.poll_interval, cap=self.config.poll_max_interval)
+            await anext(delays)  # poll 0: the GET above
+            async for _ in delays:
+                response = await self._get_result(handle.response_url)
+                if response.status_code != 202:
+                    break
+        request_id = response_header(response, "x-fal-request-id") or handle.request_id
+        if response.status_code != 200:
+            failure = FalFailure.from_response(response, status_payload=status)
+            raise map_failure(failure, stage="result", model=handle.model)
+        body = _json(response)
+        failed = status.get("error") is not None or status.get("error_type") is not None
+        if failed and not (isinstance(body, dict) and body.get("images")):
+            raise map_failure(FalFailure.from_status(status, request_id), stage="result", model=handle.model)
+        return FalOutput(body, request_id)
+
+    async def _get_result(self, url: str) -> httpx.Response:
+        """One GET; only a transient answer (ingress error, 408/409/429, connection failure) is
+        retried. A failed job's result repeats its error, so retrying that would only waste time."""
+        try:
+            response = await self.http.get(url, headers=self.headers())
+        except httpx.HTTPError:
+            response = None
+        if response is None or (
+            response.status_code in TRANSIENT_STATUSES and "x-fal-request-id" not in response.headers
+        ):
+            response = await get_with_retry(self.http, url, provider=PROVIDER, headers=self.headers())
+        return response
+
+
+def _with_logs(url: str) -> str:
+    """The status URL asking for the job's logs (`?logs=1`), its own query kept."""
+    return str(httpx.URL(url).copy_merge_params({"logs": "1"}))

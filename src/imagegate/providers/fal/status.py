@@ -19,7 +19,7 @@ from imagegate.providers.fal.stream import StatusStream, StreamMiss, stream_url
 from imagegate.providers.fal.wire import json_object as _json
 from imagegate.providers.fal.wire import json_or_none as _json_or_none
 from imagegate.settings import FalSettings
-from imagegate.upstream_plain import response_header
+from imagegate.upstream_response import response_header
 
 __all__ = ["PROVIDER", "FalOutput", "QueueHandle", "StatusCadence", "StatusFollower"]
 

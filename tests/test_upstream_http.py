@@ -9,12 +9,11 @@ import gzip
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import httpx
 import pytest
 
 from imagegate.providers.common import never_sent
-from imagegate.upstream_http import _TIMEOUT_SETTERS, call_timeout, client_timeout, upstream_client
+from imagegate.upstream_http import call_timeout, timeouts, upstream_client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -184,19 +183,11 @@ async def test_long_header_lines_pass_as_with_httpcore(serve: Callable[[Handler]
 
 
 @pytest.mark.parametrize("values", [(5.0, 5.0, 299.93), (None, None, None), (1.5, 10.0, 0.25), (7, 3, 2)])
-def test_a_timeout_filled_in_through_its_slots_is_the_one_aiohttp_builds(
-    values: tuple[float | None, float | None, float | None],
-) -> None:
-    """`client_timeout` skips `ClientTimeout`'s constructor (a new one per deadline-derived call):
-    what it returns is what the constructor makes, and stays immutable."""
-    assert _TIMEOUT_SETTERS is not None  # the fast path is the one taken with this aiohttp
+def test_the_pool_s_timeouts_are_httpx_s(values: tuple[float | None, float | None, float | None]) -> None:
     pool, connect, read = values
-    built = client_timeout(pool, connect, read)
-    expected = aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
-    assert (built, hash(built), repr(built)) == (expected, hash(expected), repr(expected))
-    assert client_timeout(pool, connect, read) is built  # cached
-    with pytest.raises(AttributeError):
-        built.sock_read = 1.0  # type: ignore[misc]
+    built = timeouts(pool, connect, read)
+    assert (built.pool, built.connect, built.read) == values
+    assert timeouts(pool, connect, read) is built  # cached
 
 
 @pytest.mark.parametrize(("seconds", "connect"), [(299.93, 10.0), (0.5, 0.5), (3, 3)])

@@ -1,9 +1,9 @@
 """The upstream client's plain path: `UpstreamClient` is httpx's `AsyncClient` on
-`upstream_http.AiohttpTransport`, with the calls the adapters make on every job (a GET, POST or
-PUT with headers, a JSON or bytes body and a timeout) sent straight to aiohttp.
+`upstream_http.WireTransport`, with the calls the adapters make on every job (a GET, POST or
+PUT with headers, a JSON or bytes body and a timeout) sent straight to its pool (`upstream_wire`).
 
 httpx's client layer (URL parsing, `Request` objects, the auth/redirect/stream machinery,
-`Response` streams) cost about twice aiohttp's own work per upstream call on the gateway's hot
+`Response` streams) costs more than the pool's own work per upstream call on the gateway's hot
 path. The plain path sends the same request on the wire (the same header list in the same order,
 the same body bytes, the URL exactly as given), returns the same `httpx.Response` (its body read,
 decoded by httpx when it is encoded), raises the same httpx exceptions (`upstream_http.httpx_error`)
@@ -13,7 +13,7 @@ everything else goes through httpx's own path.
 
 What does not change from call to call is worked out once: whether an origin (`scheme://host:port`)
 is plain, the header list a header set merges into (again when the client's headers change), the
-aiohttp timeout of an httpx timeout. What callers seldom read of a response (its `headers`,
+pool's timeouts of an httpx timeout. What callers seldom read of a response (its `headers`,
 `extensions`, `stream`, `request`, `elapsed`) is built on first use (`upstream_response`); most
 adapter calls read only the status and the JSON body.
 """
@@ -26,17 +26,12 @@ import re
 import time
 from typing import Any, NamedTuple
 
-import aiohttp
 import httpx
 from httpx._client import ClientState, UseClientDefault
 
-from imagegate.upstream_http import (
-    AiohttpTransport,
-    _NoCookies,
-    client_timeout,
-    httpx_error,
-)
+from imagegate.upstream_http import WireTransport, _NoCookies, httpx_error, timeouts
 from imagegate.upstream_response import _PlainResponse, _Sent
+from imagegate.upstream_wire import IDEMPOTENT, WireError
 
 __all__ = ["UpstreamClient", "plain_netloc", "plain_origin"]
 
@@ -60,6 +55,8 @@ _USE_DEFAULT = httpx.USE_CLIENT_DEFAULT
 class _Origin(NamedTuple):
     netloc: str  # the `Host` httpx sends
     parsed: tuple[str, str, int | None]  # (scheme, host, port) as `httpx.URL` has them
+    key: tuple[str, str, int]  # (scheme, host, port) the connection goes to
+    path: int  # where the path starts in the URL (after the origin)
 
 
 _origins: dict[str, _Origin | None] = {}
@@ -77,7 +74,10 @@ def _origin(prefix: str) -> _Origin | None:
         match["port"] is None or (match["port"] != _DEFAULT_PORTS[match["scheme"]] and int(match["port"]) <= 65535)
     ):
         port = None if match["port"] is None else int(match["port"])
-        origin = _Origin(match["netloc"], (match["scheme"], match["host"], port))
+        scheme, host = match["scheme"], match["host"]
+        origin = _Origin(
+            match["netloc"], (scheme, host, port), (scheme, host, port or int(_DEFAULT_PORTS[scheme])), len(prefix)
+        )
     if len(_origins) >= _CACHED:
         _origins.clear()
     _origins[prefix] = origin
@@ -122,28 +122,24 @@ class _ClientHeaders(NamedTuple):
 
 class _Merged(NamedTuple):
     """The client's headers merged with one call's: the list (without Host and body headers), the
-    lower-case names in it, and whether those include every header aiohttp adds to a bodiless
-    request unless told not to (`AiohttpTransport.send`'s `complete`)."""
+    lower-case names in it, and the list as it goes on the wire."""
 
     pairs: list[tuple[str, str]]
     present: frozenset[str]
-    complete: bool
-
-
-_AIOHTTP_AUTO = frozenset({"accept", "accept-encoding", "user-agent"})  # and content-type: see `_plain`
+    lines: str
 
 
 class _Target(NamedTuple):
-    netloc: str  # the URL's `Host`
+    origin: _Origin
     merged: _Merged
 
 
 class UpstreamClient(httpx.AsyncClient):
     """httpx's client on `AiohttpTransport`. A plain call (`get`/`post`/`put`/... with at most
     headers, a JSON or bytes body and a timeout, to a URL httpx sends unchanged) goes straight to
-    aiohttp: the same request on the wire, the same `httpx.Response` (body read, decoded by httpx),
+    the pool: the same request on the wire, the same `httpx.Response` (body read, decoded by httpx),
     the same httpx exceptions, the same `httpx` log line; without httpx's request, auth, redirect
-    and stream machinery, which cost more CPU than aiohttp's own work. Anything else (streams,
+    and stream machinery, which cost more CPU than the pool's own work. Anything else (streams,
     params, redirects followed, auth, hooks, mounts) takes httpx's ordinary path."""
 
     _plain_client: _ClientHeaders | None = None
@@ -192,20 +188,22 @@ class UpstreamClient(httpx.AsyncClient):
         if origin is None:
             return None
         merged = self._merged(headers)
-        return None if merged is None else _Target(origin.netloc, merged)
+        return None if merged is None else _Target(origin, merged)
 
-    def plain_get_headers(self, url: str, headers: Any) -> tuple[list[tuple[str, str]], bool] | None:
-        """The header list a plain GET of `url` with `headers` sends (`Host` first unless given) and
-        whether it names every header aiohttp would add (`AiohttpTransport.send`'s `complete`); None
-        when such a call would not take the plain path. For callers that read a response on aiohttp
-        themselves (the fal status stream) while sending what httpx would."""
+    def plain_get(self, url: str, headers: Any) -> tuple[tuple[str, str, int], list[tuple[str, str]], bytes] | None:
+        """Where a plain GET of `url` with `headers` goes, the header list it sends (`Host` first
+        unless given) and the request as written; None when such a call would not take the plain
+        path. For callers that read a response from the pool themselves (the fal status stream)
+        while sending what httpx would."""
         target = self._plain_target(url, headers, _USE_DEFAULT, _USE_DEFAULT)
         if target is None:
             return None
-        merged = target.merged
-        wire = [] if "host" in merged.present else [("Host", target.netloc)]
+        merged, origin = target.merged, target.origin
+        wire = [] if "host" in merged.present else [("Host", origin.netloc)]
         wire += merged.pairs
-        return wire, merged.complete
+        host = "" if "host" in merged.present else f"Host: {origin.netloc}\r\n"
+        data = f"GET {url[origin.path:]} HTTP/1.1\r\n{host}{merged.lines}\r\n".encode("latin-1")
+        return origin.key, wire, data
 
     def _plain_client_state(self) -> bool:
         """No auth, mounts, event hooks, base path, query params or cookies: nothing httpx would
@@ -217,7 +215,7 @@ class UpstreamClient(httpx.AsyncClient):
             self._plain_base = base
         hooks = self._event_hooks
         return (
-            isinstance(self._transport, AiohttpTransport) and self._auth is None and not self._mounts
+            isinstance(self._transport, WireTransport) and self._auth is None and not self._mounts
             and not hooks["request"] and not hooks["response"] and not self._params
             and (type(self._cookies) is _NoCookies or not self._cookies)  # (a _NoCookies keeps none)
         )
@@ -252,7 +250,7 @@ class UpstreamClient(httpx.AsyncClient):
             present = frozenset(names.union(client.lowered))
         else:
             pairs, present = list(client.pairs), frozenset(client.lowered)
-        merged = _Merged(pairs, present, present >= _AIOHTTP_AUTO)
+        merged = _Merged(pairs, present, "".join(f"{name}: {value}\r\n" for name, value in pairs))
         if len(self._plain_merged) >= _CACHED:
             self._plain_merged.clear()
         self._plain_merged[key] = merged
@@ -281,13 +279,13 @@ class UpstreamClient(httpx.AsyncClient):
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         self._state = ClientState.OPENED
         transport = self._transport
-        assert isinstance(transport, AiohttpTransport)  # checked by _plain_client_state
-        timeouts = self.timeout if timeout is _USE_DEFAULT or isinstance(timeout, UseClientDefault) else (
+        assert isinstance(transport, WireTransport)  # checked by _plain_client_state
+        timeouts_ = self.timeout if timeout is _USE_DEFAULT or isinstance(timeout, UseClientDefault) else (
             timeout if type(timeout) is httpx.Timeout else httpx.Timeout(timeout)
         )
-        merged = target.merged
+        merged, origin = target.merged, target.origin
         present = merged.present
-        wire = [] if "host" in present else [("Host", target.netloc)]
+        wire = [] if "host" in present else [("Host", origin.netloc)]
         body: bytes | None = None
         if content is not None:
             body = content
@@ -302,29 +300,31 @@ class UpstreamClient(httpx.AsyncClient):
             "transfer-encoding" not in present
         ):
             wire.append(("Content-Length", "0"))
+        before = len(wire)
         wire += merged.pairs
         if length and "content-length" not in present:
             assert body is not None
             wire.append(("Content-Length", str(len(body))))
         if typed and "content-type" not in present:
             wire.append(("Content-Type", "application/json"))
-        sent = _Sent(method, url, wire, body, timeouts)
-        data = body or None
-        # aiohttp types a body, and a POST/PUT/PATCH without one, unless the headers do
-        typed_on_wire = typed or "content-type" in present
-        complete = merged.complete and (typed_on_wire or (data is None and method not in _BODY_METHODS))
+        sent = _Sent(method, url, wire, body, timeouts_)
+        lines = [f"{method} {url[origin.path:]} HTTP/1.1\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in wire[:before]]
+        lines.append(merged.lines)
+        lines += [f"{name}: {value}\r\n" for name, value in wire[before + len(merged.pairs):]]
+        lines.append("\r\n")
+        data = "".join(lines).encode("latin-1")
+        if body:
+            data += body
+        pool = transport.pool()
         started = time.perf_counter()
         try:
-            answer = await transport.send(
-                method, url, wire, data, client_timeout(timeouts.pool, timeouts.connect, timeouts.read),
-                complete=complete,
+            answer = await pool.request(
+                pool.origin(*origin.key), data, timeouts(timeouts_.pool, timeouts_.connect, timeouts_.read), whole=True,
+                head_only=method == "HEAD", idempotent=method in IDEMPOTENT,
             )
-            try:
-                raw = await answer.read()
-            except BaseException:
-                answer.close()
-                raise
-        except (aiohttp.ClientError, OSError) as exc:
+            raw = await answer.read()
+        except WireError as exc:
             raise httpx_error(exc, sent.request()) from exc
         response = _PlainResponse.read_from(
             answer, raw, sent, self._default_encoding, time.perf_counter() - started

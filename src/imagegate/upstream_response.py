@@ -1,8 +1,8 @@
 """The plain path's response (`upstream_plain.UpstreamClient`): `_PlainResponse` is an
 `httpx.Response` in the state httpx's `read()` leaves one, with what callers seldom read of it
 (`headers`, `extensions`, `stream`, `request`, `elapsed`) built on first use from what the call
-sent (`_Sent`) and what aiohttp answered; `response_header` reads one header of any response
-without building those `headers`.
+sent (`_Sent`) and what the upstream answered (`upstream_wire.WireResponse`); `response_header`
+reads one header of any response without building those `headers`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import datetime
 from itertools import chain
 from typing import Any, NamedTuple
 
-import aiohttp
 import httpx
 
 from imagegate.upstream_http import response_extensions
+from imagegate.upstream_wire import WireResponse
 
 __all__ = ["response_header"]
 
@@ -42,16 +42,16 @@ class _PlainResponse(httpx.Response):
     read is built on first use: `headers`, `extensions`, `stream`, `request`, `elapsed`."""
 
     _sent: _Sent
-    _raw_headers: tuple[tuple[bytes, bytes], ...]
+    _raw_headers: list[tuple[bytes, bytes]]
     _reason: str | None
     _seconds: float
 
     @classmethod
     def read_from(
-        cls, answer: aiohttp.ClientResponse, raw: bytes, sent: _Sent, default_encoding: Any, seconds: float
+        cls, answer: WireResponse, raw: bytes, sent: _Sent, default_encoding: Any, seconds: float
     ) -> httpx.Response:
         """The response to `sent`: `answer`'s status and headers, `raw` its body as read."""
-        if "Content-Encoding" in answer.headers:  # httpx decodes the body, as on its own path
+        if answer.header(b"content-encoding") is not None:  # httpx decodes the body, as on its own path
             encoded = cls(
                 answer.status, headers=answer.raw_headers, stream=httpx.ByteStream(raw), request=sent.request(),
                 extensions=response_extensions(answer.reason), default_encoding=default_encoding,

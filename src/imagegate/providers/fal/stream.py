@@ -27,7 +27,6 @@ import resource
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import aiohttp
 import httpx
 from httpx._client import ClientState
 from httpx._decoders import LineDecoder
@@ -35,8 +34,9 @@ from httpx._decoders import LineDecoder
 from imagegate.providers.fal.progress import ProgressReporter
 from imagegate.providers.fal.wire import sse_event
 from imagegate.settings import FalSettings
-from imagegate.upstream_http import AiohttpTransport, client_timeout, response_extensions
+from imagegate.upstream_http import WireTransport, response_extensions, timeouts
 from imagegate.upstream_plain import UpstreamClient, plain_netloc
+from imagegate.upstream_wire import WireError, WireResponse
 
 __all__ = [
     "NO_STREAM_STATUSES", "SSE_READ_TIMEOUT", "StatusStream", "StreamMiss", "stream_slots", "stream_url",
@@ -47,11 +47,10 @@ _httpx_log = logging.getLogger("httpx")
 
 SSE_READ_TIMEOUT = 30.0  # fal sends a keep-alive comment every 15 s
 _TIMEOUT = httpx.Timeout(SSE_READ_TIMEOUT, connect=10.0)
-_TIMEOUTS = client_timeout(_TIMEOUT.pool, _TIMEOUT.connect, _TIMEOUT.read)
+_TIMEOUTS = timeouts(_TIMEOUT.pool, _TIMEOUT.connect, _TIMEOUT.read)
 NO_STREAM_STATUSES = frozenset({404, 405, 501})
 POOL_RESERVE = 1_000  # upstream connections left to submits, polls and results
 MAX_AUTO_SLOTS = 10_000
-CHUNK = 64 * 1024
 MAX_EVENT_CHARS = 1024 * 1024  # a longer line or event breaks the stream (the job polls): memory stays bounded
 
 
@@ -132,15 +131,15 @@ class _Events:
         return sse_event(self.data)
 
 
-class _AiohttpBody(httpx.AsyncByteStream):
-    """An aiohttp response body as an httpx stream (for httpx to decode a compressed body or a
+class _WireBody(httpx.AsyncByteStream):
+    """A response body from the pool as an httpx stream (for httpx to decode a compressed body or a
     declared charset)."""
 
-    def __init__(self, answer: aiohttp.ClientResponse) -> None:
+    def __init__(self, answer: WireResponse) -> None:
         self.answer = answer
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.answer.content.iter_chunked(CHUNK):
+        async for chunk in self.answer.chunks():
             yield chunk
 
 
@@ -149,7 +148,7 @@ class StatusStream:
     serves the stream at all.
 
     On the shared upstream client (`upstream_plain.UpstreamClient`) the stream is read straight
-    from aiohttp, as that client's plain calls are: the same request on the wire (the same header
+    from its pool (`upstream_wire`), as that client's plain calls are: the same request on the wire (the same header
     list, the URL as given), the same `httpx` log line, the lines httpx's `aiter_lines` would
     yield (its decoders), and every failure a BROKEN stream as an httpx error would be; without
     httpx's request, response and stream objects and their async generators, which cost more per
@@ -174,27 +173,14 @@ class StatusStream:
             return StreamMiss.BUSY
         self.open += 1
         try:
-            plain = self._plain(url, headers)
+            client = self.http
+            plain = client.plain_get(url, headers) if isinstance(client, UpstreamClient) else None
             if plain is not None:
-                return await self._follow_plain(plain[0], plain[1], url, plain[2], plain[3], report)
+                assert isinstance(client, UpstreamClient)
+                return await self._follow_plain(client, url, *plain, report)
             return await self._follow(url, headers, report)
         finally:
             self.open -= 1
-
-    def _plain(
-        self, url: str, headers: dict[str, str]
-    ) -> tuple[UpstreamClient, AiohttpTransport, list[tuple[str, str]], bool] | None:
-        """The client, its transport, the header list and aiohttp's `complete` flag when this stream
-        can go straight to aiohttp: the conditions of `UpstreamClient`'s plain path for a GET."""
-        client = self.http
-        if not isinstance(client, UpstreamClient):
-            return None
-        plain = client.plain_get_headers(url, headers)
-        if plain is None:
-            return None
-        transport = client._transport
-        assert isinstance(transport, AiohttpTransport)  # a plain path needs it
-        return client, transport, plain[0], plain[1]
 
     async def _follow(
         self, url: str, headers: dict[str, str], report: ProgressReporter | None
@@ -211,40 +197,45 @@ class StatusStream:
     async def _follow_plain(
         self,
         client: UpstreamClient,
-        transport: AiohttpTransport,
         url: str,
+        origin: tuple[str, str, int],
         wire: list[tuple[str, str]],
-        complete: bool,
+        data: bytes,
         report: ProgressReporter | None,
     ) -> dict[str, Any] | StreamMiss:
         if client._state == ClientState.CLOSED:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         client._state = ClientState.OPENED
+        transport = client._transport
+        assert isinstance(transport, WireTransport)  # a plain path needs it
+        pool = transport.pool()
         try:
-            answer = await transport.send("GET", url, wire, None, _TIMEOUTS, complete=complete)
-        except (aiohttp.ClientError, OSError):
+            answer = await pool.request(pool.origin(*origin), data, _TIMEOUTS, whole=False, idempotent=True)
+        except WireError:
             return StreamMiss.BROKEN
         try:
             if _httpx_log.isEnabledFor(logging.INFO):
                 _httpx_log.info('HTTP Request: %s %s "%s %d %s"', "GET", httpx.URL(url), "HTTP/1.1", answer.status,
-                                answer.reason or "")
-            ctype = ", ".join(answer.headers.getall("content-type", ()))
+                                answer.reason)
+            ctype = (answer.header(b"content-type") or b"").decode("latin-1")
             miss = self._miss(answer.status, ctype)
             if miss is not None:
                 return miss
             events = _Events()
             encoding = client._default_encoding
-            if "content-encoding" in answer.headers or "charset" in ctype.lower() or not isinstance(encoding, str):
+            if answer.header(b"content-encoding") is not None or "charset" in ctype.lower() or not isinstance(
+                encoding, str
+            ):
                 # httpx decodes these (a compressed body, a declared charset) as on its own path
                 response = httpx.Response(
-                    answer.status, headers=answer.raw_headers, stream=_AiohttpBody(answer),
+                    answer.status, headers=answer.raw_headers, stream=_WireBody(answer),
                     extensions=response_extensions(answer.reason), default_encoding=encoding,
                     request=httpx.Request("GET", url, headers=wire),
                 )
                 return await _completed(events, response.aiter_text(), report)
             text = codecs.getincrementaldecoder(encoding)(errors="replace")
             lines = _Lines()
-            async for chunk in answer.content.iter_chunked(CHUNK):
+            async for chunk in answer.chunks():
                 decoded = text.decode(chunk)
                 if decoded:
                     event = await _first_completed(events, lines.decode(decoded), report)
@@ -253,7 +244,7 @@ class StatusStream:
             decoded = text.decode(b"", True)
             tail = [*(lines.decode(decoded) if decoded else ()), *lines.flush()]
             return await _first_completed(events, tail, report) or _at_end(events)
-        except (aiohttp.ClientError, OSError, httpx.HTTPError, _TooLong):
+        except (WireError, OSError, httpx.HTTPError, _TooLong):
             return StreamMiss.BROKEN
         finally:
             answer.release()

@@ -13,9 +13,15 @@ Candidates (all behind the same call: `await client.get(url, headers=...)` + rea
   httpx-aiohttp    httpx.AsyncClient on httpx_aiohttp.AiohttpTransport (aiohttp's connector and parser)
   aiohttp          aiohttp.ClientSession directly (not the httpx API; reference)
   httpx2           httpx2.AsyncClient (httpcore2's pool; not the httpx API; reference)
+  imagegate        imagegate.upstream_http.upstream_client(): httpx's API, plain calls straight to
+                   imagegate.upstream_wire (asyncio protocols, llhttp, a pool per origin)
+  pyreqwest        pyreqwest's Client (Rust reqwest/hyper on its own threads; not the httpx API)
+  rnet             rnet's Client (Rust, on its own threads; not the httpx API)
 
-Candidates whose package is not installed are skipped (`pip install httpx-aiohttp` for the aiohttp
-ones; httpx2 comes with the openai SDK of the test extra).
+Candidates whose package is not installed are skipped (`pip install httpx-aiohttp aiohttp pyreqwest
+rnet` for those; httpx2 comes with the openai SDK of the test extra). Besides the process's CPU per
+request, the CPU of its main thread (the event loop's) is reported: the Rust clients do part of
+their work on threads of their own.
 
     .venv/bin/python bench/clients.py                 # ~1 min
     .venv/bin/python bench/clients.py --burst 3000 --seq 2000 --only httpx-flat httpx-aiohttp
@@ -81,6 +87,39 @@ async def make(name: str) -> tuple[Get, Callable[[], Awaitable[None]]]:
                 return len(await response.read())
 
         return aget, session.close
+    if name == "imagegate":
+        from imagegate.upstream_http import upstream_client
+
+        ours = upstream_client(limits=httpx.Limits(**LIMITS), timeout=httpx.Timeout(60))  # type: ignore[arg-type]
+
+        async def oget(url: str) -> int:
+            response = await ours.get(url, headers=HEADERS)
+            return len(response.content)
+
+        return oget, ours.aclose
+    if name == "pyreqwest":
+        from pyreqwest.client import ClientBuilder
+
+        rq = ClientBuilder().max_connections(1000).build()
+
+        async def rqget(url: str) -> int:
+            response = await rq.get(url).headers(HEADERS).build().send()
+            return len(await response.bytes())
+
+        return rqget, rq.close
+    if name == "rnet":
+        import rnet
+
+        rn = rnet.Client()
+
+        async def rnget(url: str) -> int:
+            response = await rn.get(url, headers=HEADERS)
+            return len(await response.bytes())
+
+        async def rnclose() -> None:
+            return None
+
+        return rnget, rnclose
     if name == "httpx2":
         import httpx2
 
@@ -100,6 +139,9 @@ CANDIDATES = {
     "httpx-aiohttp": "httpx_aiohttp",
     "aiohttp": "aiohttp",
     "httpx2": "httpx2",
+    "imagegate": "imagegate",
+    "pyreqwest": "pyreqwest",
+    "rnet": "rnet",
 }
 
 
@@ -127,10 +169,11 @@ async def measure(args: argparse.Namespace, fal_url: str) -> list[dict[str, Any]
         try:
             for _ in range(50):  # warm-up: connection open, imports
                 await get(url)
-            cpu0, t0 = time.process_time(), time.perf_counter()
+            cpu0, t0, main0 = time.process_time(), time.perf_counter(), time.thread_time()
             for _ in range(args.seq):
                 await get(url)
             row["seq_us"] = 1e6 * (time.process_time() - cpu0) / args.seq
+            row["seq_main_us"] = 1e6 * (time.thread_time() - main0) / args.seq
             row["seq_wall_us"] = 1e6 * (time.perf_counter() - t0) / args.seq
             cpu0, t0 = time.process_time(), time.perf_counter()
             try:
@@ -159,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = asyncio.run(measure(args, fal_url))
     print()
     print(f"clients: {machine_line()}; seq N={args.seq}, burst K={args.burst}")
-    print(f"{'candidate':16s} {'seq CPU/req':>12s} {'seq wall/req':>13s} {'burst wall':>11s} {'burst CPU/req':>14s}")
+    print(
+        f"{'candidate':16s} {'seq CPU/req':>12s} {'of it loop':>11s} {'seq wall/req':>13s} {'burst wall':>11s} "
+        f"{'burst CPU/req':>14s}"
+    )
     for row in rows:
         print(
-            f"{row['name']:16s} {row['seq_us']:9.0f} us {row['seq_wall_us']:10.0f} us {row['burst_wall']:10.2f}s "
-            f"{row['burst_cpu_ms']:11.2f} ms"
+            f"{row['name']:16s} {row['seq_us']:9.0f} us {row['seq_main_us']:8.0f} us {row['seq_wall_us']:10.0f} us "
+            f"{row['burst_wall']:10.2f}s {row['burst_cpu_ms']:11.2f} ms"
         )
     return 0
 

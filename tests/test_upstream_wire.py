@@ -453,7 +453,6 @@ async def test_body_delimited_by_eof_is_read_whole_and_not_reused(serve: Any) ->
     assert server.accepted == 2
 
 
-@pytest.mark.xfail(strict=True, reason="a reset taken for the end of an EOF-delimited body")
 async def test_body_delimited_by_eof_cut_by_a_reset_is_an_error(serve: Any) -> None:
     async def handler(conn: Conn) -> None:
         await conn.request()
@@ -546,7 +545,6 @@ async def test_garbage_answer_is_remote_protocol_error(serve: Any, garbage: byte
 # -- 6. cancellation --
 
 
-@pytest.mark.xfail(strict=True, reason="a cancelled exchange keeps its connection and slot")
 async def test_cancelled_while_waiting_for_the_answer_closes_and_frees_the_slot(serve: Any) -> None:
     async def handler(conn: Conn) -> None:
         while (raw := await conn.request()) is not None:
@@ -555,16 +553,53 @@ async def test_cancelled_while_waiting_for_the_answer_closes_and_frees_the_slot(
 
     server, url = await serve(handler)
     async with client_of(max_connections=1) as client:
-        for call in (lambda: client.get(f"{url}/slow"), lambda: client.post(f"{url}/slow", content=b"x", params={})):
+        async def body() -> AsyncIterator[bytes]:
+            yield b"x"
+
+        calls = (
+            lambda: client.get(f"{url}/slow"),  # plain path
+            lambda: client.post(f"{url}/slow", content=b"x", params={}),  # httpx path
+            lambda: client.post(f"{url}/slow", content=body(), params={}),  # httpx path, streamed body
+        )
+        for call in calls:
             task = asyncio.create_task(call())
-            await wait_for(lambda: len(server.requests) in (1, 3))
+            await wait_for(lambda: len(server.requests) % 2 == 1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             await asyncio.wait_for(server.conns[-1].eof.wait(), 1)  # that connection was closed
             assert (await client.get(f"{url}/fast")).content == b"ok"
         await check_slots(pool_of(client), server)
-    assert server.accepted == 3
+    assert server.accepted == 4
+
+
+async def test_cancelled_as_the_answer_completes_leaves_the_pooled_connection_alone(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task is cancelled in the loop turn its answer completes in: the connection, back in the
+    pool and handed to the next waiter, is not closed by the cancelled caller."""
+    server, url = await serve(keep_alive)
+    victim: list[asyncio.Task[Any]] = []
+    received = wire._Conn.data_received
+
+    def data_received(self: Any, data: bytes) -> None:
+        if victim:
+            victim.pop().cancel()  # its waiter is cancelled before the answer is parsed
+        received(self, data)
+
+    monkeypatch.setattr(wire._Conn, "data_received", data_received)
+    async with client_of(max_connections=1) as client:
+        await client.get(f"{url}/warm")
+        first = asyncio.create_task(client.get(f"{url}/first"))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(client.get(f"{url}/second"))
+        victim.append(first)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert (await second).content == b"GET /second HTTP/1.1"
+        await check_slots(pool_of(client), server)
+    assert server.accepted == 1
+    assert len(server.requests) == 3
 
 
 async def test_cancelled_in_the_queue_is_never_sent(serve: Any) -> None:
@@ -684,7 +719,6 @@ async def test_slow_consumer_pauses_the_socket_and_no_read_timeout(serve: Any) -
     assert server.accepted == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a connection pooled with its reading paused")
 async def test_body_released_while_paused_leaves_a_reusable_connection(serve: Any) -> None:
     """A body whose last bytes push the buffer over HIGH_WATER: the socket is paused as the message
     completes; the connection back in the pool must read again."""
@@ -737,7 +771,6 @@ async def test_streamed_request_body_is_framed_as_httpx_asked(serve: Any) -> Non
     assert server.accepted == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a connection pooled while its request body is being sent")
 async def test_answer_before_the_body_is_sent_does_not_reuse_the_connection(serve: Any) -> None:
     """The server answers (413, keep-alive) before the request's body is all sent: the rest of the
     body must not go out on a connection back in the pool, nor the next request after it."""

@@ -542,6 +542,22 @@ async def test_garbage_answer_is_remote_protocol_error(serve: Any, garbage: byte
     assert server.live == 0
 
 
+async def test_switching_protocols_is_remote_protocol_error(serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nxyz")
+
+    server, url = await serve(handler)
+    async with client_of() as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="upgrade"):
+            await client.get(f"{url}/a")
+        with pytest.raises(httpx.RemoteProtocolError, match="upgrade"):
+            await client.get(f"{url}/a", params={"b": "1"})
+        await check_slots(pool_of(client), server)
+    assert not [r for r in caplog.records if r.name == "asyncio"]  # an answer, not a crash of the protocol
+    assert server.accepted == 2
+
+
 # -- 6. cancellation --
 
 
@@ -806,6 +822,28 @@ async def test_answer_before_the_body_is_sent_does_not_reuse_the_connection(serv
         await check_slots(pool_of(client), server)
     assert seen == [b"POST /up HTTP/1.1", b"GET /next HTTP/1.1"]
     assert server.accepted == 2
+
+
+async def test_answer_head_before_the_body_is_sent_still_has_a_read_timeout(serve: Any) -> None:
+    """The head came while the body was being sent; the rest of the answer stalls: ReadTimeout,
+    not a wait for ever."""
+
+    async def handler(conn: Conn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab")
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"a"
+        await asyncio.sleep(0.1)
+        yield b"b"
+
+    server, url = await serve(handler)
+    async with client_of(read=0.2) as client:
+        async with client.stream("POST", f"{url}/up", content=parts()) as response:
+            assert response.status_code == 200
+            with pytest.raises(httpx.ReadTimeout):
+                await asyncio.wait_for(response.aread(), 2)
+        await check_slots(pool_of(client), server)
 
 
 # -- 9. read timeout between bytes --

@@ -225,6 +225,9 @@ class _Conn(asyncio.Protocol):
             self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101 (any other upgrade fails in on_headers_complete)
+            self._failed(BadResponse("unexpected protocol upgrade"))
+            return
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, _Stop):
@@ -703,7 +706,7 @@ class WirePool:
         waiter, response = conn.begin(False, head_only)
         try:
             await conn.send_stream(head, body, chunked)
-            if not waiter.done():
+            if conn.response is response:  # the answer is not complete (its head may have come)
                 conn.arm_read_timeout(timeouts.read)
             return await waiter
         except BaseException:

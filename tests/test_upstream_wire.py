@@ -846,6 +846,49 @@ async def test_answer_head_before_the_body_is_sent_still_has_a_read_timeout(serv
         await check_slots(pool_of(client), server)
 
 
+async def test_streamed_body_the_server_does_not_read_is_write_timeout(serve: Any) -> None:
+    failed = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        if conn.index == 0:
+            await conn.reader.readuntil(b"\r\n\r\n")
+            await failed.wait()  # reads nothing more until the client gave up
+        else:
+            await keep_alive(conn)
+
+    block = b"w" * (1 << 20)
+
+    async def parts() -> AsyncIterator[bytes]:
+        for _ in range(256):
+            yield block
+
+    server, url = await serve(handler)
+    async with client_of(max_connections=1, write=0.3) as client:
+        with pytest.raises(httpx.WriteTimeout) as caught:
+            await asyncio.wait_for(client.post(f"{url}/up", content=parts()), 3)
+        failed.set()
+        assert not never_sent(caught.value)
+        assert (await client.get(f"{url}/next")).status_code == 200  # its slot is free
+        await check_slots(pool_of(client), server)
+    assert server.accepted == 2
+
+
+async def test_streamed_body_that_fails_closes_its_connection(serve: Any) -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"a"
+        raise ValueError("no more")
+
+    server, url = await serve(keep_alive)
+    async with client_of(max_connections=1, pool=1.0) as client:
+        with pytest.raises(ValueError, match="no more"):
+            await client.post(f"{url}/up", content=parts())
+        await asyncio.wait_for(server.conns[0].eof.wait(), 1)
+        assert (await client.get(f"{url}/next")).status_code == 200
+        await check_slots(pool_of(client), server)
+    assert server.accepted == 2
+    assert [r.split(b" ")[1] for r in server.requests] == [b"/next"]
+
+
 # -- 9. read timeout between bytes --
 
 

@@ -15,7 +15,7 @@ Per origin (`scheme://host:port`, and the TLS name when it differs):
 
 Failures are `WireError`s that say how far the request got (`upstream_http.httpx_error` maps them
 to httpx's): `ConnectFailed` and `ConnectTimedOut` before anything was written (no connection, or
-none free in time); `ReadTimedOut`, `Disconnected` and `BadResponse` after. A response head is
+none free in time); `ReadTimedOut`, `WriteTimedOut`, `Disconnected` and `BadResponse` after. A response head is
 bounded (`MAX_HEAD`), a body read whole too (`MAX_BODY`); a streamed body is read as the consumer
 asks for it, the socket paused while `HIGH_WATER` bytes wait.
 
@@ -39,7 +39,7 @@ from imagegate.core.deadline import within
 
 __all__ = [
     "IDEMPOTENT", "MAX_BODY", "MAX_HEAD", "BadResponse", "ConnectFailed", "ConnectTimedOut", "Disconnected",
-    "ReadTimedOut", "StaleConnection", "Timeouts", "WireError", "WirePool", "WireResponse",
+    "ReadTimedOut", "StaleConnection", "Timeouts", "WireError", "WirePool", "WireResponse", "WriteTimedOut",
 ]
 
 MAX_HEAD = 64 * 1024  # status line and headers of one response
@@ -67,6 +67,10 @@ class ReadTimedOut(WireError):
     """The request went out; the answer (or its next bytes) did not come in time."""
 
 
+class WriteTimedOut(WireError):
+    """A streamed request body could not be written in time (the server does not read it)."""
+
+
 class Disconnected(WireError):
     """The connection closed before the response was complete."""
 
@@ -82,12 +86,15 @@ class BadResponse(WireError):
 
 class Timeouts:
     """Seconds (None: no limit): `pool` to wait for a free connection, `connect` to open one,
-    `read` between the request's end and any next bytes of its answer."""
+    `read` between the request's end and any next bytes of its answer, `write` for the socket to
+    take more of a streamed request body."""
 
-    __slots__ = ("connect", "pool", "read")
+    __slots__ = ("connect", "pool", "read", "write")
 
-    def __init__(self, pool: float | None, connect: float | None, read: float | None) -> None:
-        self.pool, self.connect, self.read = pool, connect, read
+    def __init__(
+        self, pool: float | None, connect: float | None, read: float | None, write: float | None = None
+    ) -> None:
+        self.pool, self.connect, self.read, self.write = pool, connect, read, write
 
 
 class WireResponse:
@@ -339,7 +346,9 @@ class _Conn(asyncio.Protocol):
         self.sent = True
         self.arm_read_timeout(read_timeout)
 
-    async def send_stream(self, head: bytes, body: AsyncIterable[bytes] | Iterable[bytes], chunked: bool) -> None:
+    async def send_stream(
+        self, head: bytes, body: AsyncIterable[bytes] | Iterable[bytes], chunked: bool, write_timeout: float | None
+    ) -> None:
         """The head, then a streamed body (chunked when the headers say so): for httpx's path. It
         stops when the connection closes (the exchange's response, or its error, says how it ended:
         a server may answer before the body is all sent, and then the connection is not reused)."""
@@ -348,11 +357,11 @@ class _Conn(asyncio.Protocol):
         transport.write(head)
         if isinstance(body, AsyncIterable):
             async for chunk in body:
-                if not await self._write(chunk, chunked):
+                if not await self._write(chunk, chunked, write_timeout):
                     return
         else:
             for chunk in body:
-                if not await self._write(chunk, chunked):
+                if not await self._write(chunk, chunked, write_timeout):
                     return
         if not self.alive:
             return
@@ -360,8 +369,9 @@ class _Conn(asyncio.Protocol):
             transport.write(b"0\r\n\r\n")
         self.sent = True
 
-    async def _write(self, chunk: bytes, chunked: bool) -> bool:
-        """Write one piece of the body; False once the connection is closed."""
+    async def _write(self, chunk: bytes, chunked: bool, timeout: float | None) -> bool:
+        """Write one piece of the body (waiting at most `timeout` for the socket to take the
+        buffered bytes); False once the connection is closed."""
         if not self.alive:
             return False
         if not chunk:
@@ -371,7 +381,10 @@ class _Conn(asyncio.Protocol):
         if self.writing_paused:
             self.drain = self.loop.create_future()
             try:
-                await self.drain
+                with within(timeout if timeout is not None else _FOREVER):
+                    await self.drain
+            except TimeoutError:
+                raise WriteTimedOut("Timed out writing the request body") from None
             finally:
                 self.drain = None
         return True
@@ -705,7 +718,7 @@ class WirePool:
         conn = await origin.acquire(timeouts)
         waiter, response = conn.begin(False, head_only)
         try:
-            await conn.send_stream(head, body, chunked)
+            await conn.send_stream(head, body, chunked, timeouts.write)
             if conn.response is response:  # the answer is not complete (its head may have come)
                 conn.arm_read_timeout(timeouts.read)
             return await waiter
@@ -752,7 +765,9 @@ def _abandon(waiter: asyncio.Future[WireResponse], response: WireResponse) -> No
     """The caller left an exchange (its task cancelled: `waiter` is then cancelled too): a connection
     still in it is closed; one whose response was complete is back in the pool already and is left
     alone (it may serve another exchange by now)."""
-    if waiter.done() and not waiter.cancelled():
+    if not waiter.done():
+        waiter.cancel()  # (nobody awaits what the connection's end would set)
+    elif not waiter.cancelled():
         waiter.exception()  # (retrieved)
     response.release()
 

@@ -192,8 +192,9 @@ def pool_of(client: httpx.AsyncClient) -> WirePool:
 
 
 async def check_slots(pool: WirePool, *servers: Server) -> None:
-    """Every origin's slot count is its number of live connections, nobody waits, no idle
-    connection has a timer running; the servers see as many connections open as the pool has."""
+    """Every origin's slot count is its number of live connections, nobody waits, no read timer
+    runs; the servers see as many connections open as the pool has. (Call it with no request in
+    flight.)"""
     await asyncio.sleep(0.05)  # closes reach both sides
     total = 0
     for origin in pool.origins.values():
@@ -204,6 +205,11 @@ async def check_slots(pool: WirePool, *servers: Server) -> None:
         assert all(c.timer is None and c.response is None for c in origin.idle if c.alive)
         total += len(live)
     assert not [c for c in conns if c.counted and c.origin.pool is pool and not c.alive]
+    scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+    timers = [
+        h for h in scheduled if not h.cancelled() and isinstance(getattr(h._callback, "__self__", None), wire._Conn)
+    ]
+    assert not timers  # no read timer outlives its exchange
     if servers:
         assert sum(server.live for server in servers) == total
 

@@ -16,7 +16,7 @@ upstream client").
   failed so was never sent), `ReadTimeout` when the answer was late, `RemoteProtocolError` when
   the server hung up or answered garbage;
 - httpx's per-request timeouts: `connect` (TCP + TLS), `read` (between bytes), `pool` (waiting
-  for a free connection);
+  for a free connection), `write` (a streamed request body: for the socket to take more);
 - the request exactly as httpx built it (its header list, its body framing), bodies untouched
   (httpx decodes), no redirects (httpx follows them when asked), no cookies kept, the
   `sni_hostname` extension (connect to an address, verify the name).
@@ -52,6 +52,7 @@ from imagegate.upstream_wire import (
     WireError,
     WirePool,
     WireResponse,
+    WriteTimedOut,
 )
 
 __all__ = ["WireTransport", "call_timeout", "httpx_error", "timeouts", "upstream_client"]
@@ -68,6 +69,8 @@ def httpx_error(exc: WireError, request: httpx.Request) -> httpx.TransportError:
         return httpx.ConnectError(message, request=request)
     if isinstance(exc, ReadTimedOut):
         return httpx.ReadTimeout(message, request=request)
+    if isinstance(exc, WriteTimedOut):
+        return httpx.WriteTimeout(message, request=request)
     if isinstance(exc, Disconnected | BadResponse):
         return httpx.RemoteProtocolError(message, request=request)
     return httpx.ReadError(message, request=request)
@@ -127,7 +130,7 @@ class WireTransport(httpx.AsyncBaseTransport):
              *(b"%s: %s\r\n" % (key, value) for key, value in request.headers.raw), b"\r\n"]
         )
         limits = request.extensions.get("timeout", {})
-        wait = Timeouts(limits.get("pool"), limits.get("connect"), limits.get("read"))
+        wait = Timeouts(limits.get("pool"), limits.get("connect"), limits.get("read"), limits.get("write"))
         head_only = method == b"HEAD"
         try:
             try:

@@ -15,7 +15,7 @@ Per origin (`scheme://host:port`, and the TLS name when it differs):
 
 Failures are `WireError`s that say how far the request got (`upstream_http.httpx_error` maps them
 to httpx's): `ConnectFailed` and `ConnectTimedOut` before anything was written (no connection, or
-none free in time); `ReadTimedOut`, `Disconnected` and `BadResponse` after. A response head is
+none free in time); `ReadTimedOut`, `WriteTimedOut`, `Disconnected` and `BadResponse` after. A response head is
 bounded (`MAX_HEAD`), a body read whole too (`MAX_BODY`); a streamed body is read as the consumer
 asks for it, the socket paused while `HIGH_WATER` bytes wait.
 
@@ -39,7 +39,7 @@ from imagegate.core.deadline import within
 
 __all__ = [
     "IDEMPOTENT", "MAX_BODY", "MAX_HEAD", "BadResponse", "ConnectFailed", "ConnectTimedOut", "Disconnected",
-    "ReadTimedOut", "StaleConnection", "Timeouts", "WireError", "WirePool", "WireResponse",
+    "ReadTimedOut", "StaleConnection", "Timeouts", "WireError", "WirePool", "WireResponse", "WriteTimedOut",
 ]
 
 MAX_HEAD = 64 * 1024  # status line and headers of one response
@@ -67,6 +67,10 @@ class ReadTimedOut(WireError):
     """The request went out; the answer (or its next bytes) did not come in time."""
 
 
+class WriteTimedOut(WireError):
+    """A streamed request body could not be written in time (the server does not read it)."""
+
+
 class Disconnected(WireError):
     """The connection closed before the response was complete."""
 
@@ -82,12 +86,15 @@ class BadResponse(WireError):
 
 class Timeouts:
     """Seconds (None: no limit): `pool` to wait for a free connection, `connect` to open one,
-    `read` between the request's end and any next bytes of its answer."""
+    `read` between the request's end and any next bytes of its answer, `write` for the socket to
+    take more of a streamed request body."""
 
-    __slots__ = ("connect", "pool", "read")
+    __slots__ = ("connect", "pool", "read", "write")
 
-    def __init__(self, pool: float | None, connect: float | None, read: float | None) -> None:
-        self.pool, self.connect, self.read = pool, connect, read
+    def __init__(
+        self, pool: float | None, connect: float | None, read: float | None, write: float | None = None
+    ) -> None:
+        self.pool, self.connect, self.read, self.write = pool, connect, read, write
 
 
 class WireResponse:
@@ -180,7 +187,7 @@ class _Conn(asyncio.Protocol):
     __slots__ = (
         "alive", "answered", "counted", "drain", "expect_body_until_eof", "head_bytes", "head_done", "head_only",
         "head_waiter", "idle_since", "last_read", "loop", "origin", "parser", "read_timeout", "reading_paused",
-        "response", "reused", "timer", "transport", "writing_paused",
+        "response", "reused", "sent", "timer", "transport", "writing_paused",
     )
 
     def __init__(self, origin: _Origin) -> None:
@@ -191,6 +198,7 @@ class _Conn(asyncio.Protocol):
         self.alive = True  # not closed by either side
         self.reused = False  # served an exchange before this one
         self.answered = False  # bytes of this exchange's answer came
+        self.sent = False  # this exchange's request is all written
         self.counted = True  # holds one of its origin's `limit` slots
         self.response: WireResponse | None = None
         self.head_waiter: asyncio.Future[WireResponse] | None = None
@@ -224,6 +232,9 @@ class _Conn(asyncio.Protocol):
             self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101 (any other upgrade fails in on_headers_complete)
+            self._failed(BadResponse("unexpected protocol upgrade"))
+            return
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, _Stop):
@@ -246,8 +257,8 @@ class _Conn(asyncio.Protocol):
             drain.set_result(None)
         if self.response is not None:
             response = self.response
-            if self.head_done and self.expect_body_until_eof and response._error is None:
-                self._complete()  # a body delimited by the end of the connection
+            if self.head_done and self.expect_body_until_eof and response._error is None and exc is None:
+                self._complete()  # a body delimited by the end of the connection (not by a reset)
             elif self.reused and not self.answered:
                 self._failed(StaleConnection("Server disconnected without sending a response."))
             else:
@@ -315,50 +326,68 @@ class _Conn(asyncio.Protocol):
 
     # -- the exchange --
 
-    def begin(self, whole: bool, head_only: bool) -> asyncio.Future[WireResponse]:
-        """A new exchange: the future of its response (complete if `whole`, else its head)."""
-        self.response = WireResponse(self, whole)
+    def begin(self, whole: bool, head_only: bool) -> tuple[asyncio.Future[WireResponse], WireResponse]:
+        """A new exchange: the future of its response (complete if `whole`, else its head), and
+        that response."""
+        response = self.response = WireResponse(self, whole)
         self.answered = False
+        self.sent = False
         self.head_done = False
         self.head_only = head_only
         self.head_bytes = 0
         self.expect_body_until_eof = False
         waiter = self.head_waiter = self.loop.create_future()
-        return waiter
+        return waiter, response
 
     def send(self, data: bytes, read_timeout: float | None) -> None:
         """Write the whole request; the read timeout runs from now."""
         assert self.transport is not None
         self.transport.write(data)
+        self.sent = True
         self.arm_read_timeout(read_timeout)
 
-    async def send_stream(self, head: bytes, body: AsyncIterable[bytes] | Iterable[bytes], chunked: bool) -> None:
-        """The head, then a streamed body (chunked when the headers say so): for httpx's path."""
+    async def send_stream(
+        self, head: bytes, body: AsyncIterable[bytes] | Iterable[bytes], chunked: bool, write_timeout: float | None
+    ) -> None:
+        """The head, then a streamed body (chunked when the headers say so): for httpx's path. It
+        stops when the connection closes (the exchange's response, or its error, says how it ended:
+        a server may answer before the body is all sent, and then the connection is not reused)."""
         transport = self.transport
         assert transport is not None
         transport.write(head)
         if isinstance(body, AsyncIterable):
             async for chunk in body:
-                await self._write(chunk, chunked)
+                if not await self._write(chunk, chunked, write_timeout):
+                    return
         else:
             for chunk in body:
-                await self._write(chunk, chunked)
+                if not await self._write(chunk, chunked, write_timeout):
+                    return
+        if not self.alive:
+            return
         if chunked:
             transport.write(b"0\r\n\r\n")
+        self.sent = True
 
-    async def _write(self, chunk: bytes, chunked: bool) -> None:
-        if not chunk:
-            return
+    async def _write(self, chunk: bytes, chunked: bool, timeout: float | None) -> bool:
+        """Write one piece of the body (waiting at most `timeout` for the socket to take the
+        buffered bytes); False once the connection is closed."""
         if not self.alive:
-            raise Disconnected("Server disconnected while the request was being sent.")
+            return False
+        if not chunk:
+            return True
         assert self.transport is not None
         self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
         if self.writing_paused:
             self.drain = self.loop.create_future()
             try:
-                await self.drain
+                with within(timeout if timeout is not None else _FOREVER):
+                    await self.drain
+            except TimeoutError:
+                raise WriteTimedOut("Timed out writing the request body") from None
             finally:
                 self.drain = None
+        return True
 
     def arm_read_timeout(self, read_timeout: float | None) -> None:
         """Start the read timeout: the request is written."""
@@ -396,10 +425,15 @@ class _Conn(asyncio.Protocol):
         response._done = True
         response._conn = None
         reusable = (
-            self.alive and not self.expect_body_until_eof and not self.head_only and self.parser.should_keep_alive()
-        )
+            self.alive and self.sent and not self.expect_body_until_eof and not self.head_only
+            and self.parser.should_keep_alive()
+        )  # (an answer that came before the request's body was all sent: the connection is not reused)
         if reusable:
             self.parser = httptools.HttpResponseParser(self)  # llhttp's state after a message: start afresh
+            if self.reading_paused:  # the body's last bytes filled the buffer: the next exchange reads
+                self.reading_paused = False
+                assert self.transport is not None
+                self.transport.resume_reading()
         self._head_arrived(response)
         response._wake()
         if reusable:
@@ -657,7 +691,7 @@ class WirePool:
         fresh = False
         while True:
             conn = await origin.acquire(timeouts, fresh)
-            waiter = conn.begin(whole, head_only)
+            waiter, response = conn.begin(whole, head_only)
             conn.send(data, timeouts.read)
             try:
                 return await waiter
@@ -666,7 +700,7 @@ class WirePool:
                     raise
                 fresh = True
             except asyncio.CancelledError:
-                _abandon(conn, waiter)
+                _abandon(waiter, response)
                 raise
 
     async def request_stream(
@@ -682,14 +716,14 @@ class WirePool:
         """`request` with a body written as it is produced (chunked when `chunked`); the response
         with its head read."""
         conn = await origin.acquire(timeouts)
-        waiter = conn.begin(False, head_only)
+        waiter, response = conn.begin(False, head_only)
         try:
-            await conn.send_stream(head, body, chunked)
-            if not waiter.done():
+            await conn.send_stream(head, body, chunked, timeouts.write)
+            if conn.response is response:  # the answer is not complete (its head may have come)
                 conn.arm_read_timeout(timeouts.read)
             return await waiter
         except BaseException:
-            _abandon(conn, waiter)
+            _abandon(waiter, response)
             raise
 
     async def resolve(
@@ -727,13 +761,15 @@ class WirePool:
         self.origins.clear()
 
 
-def _abandon(conn: _Conn, waiter: asyncio.Future[WireResponse]) -> None:
-    """The caller left an exchange: a connection still in it is closed; a response that arrived
-    meanwhile is released (its connection is back in the pool if it was complete)."""
+def _abandon(waiter: asyncio.Future[WireResponse], response: WireResponse) -> None:
+    """The caller left an exchange (its task cancelled: `waiter` is then cancelled too): a connection
+    still in it is closed; one whose response was complete is back in the pool already and is left
+    alone (it may serve another exchange by now)."""
     if not waiter.done():
-        conn.abort()
-    elif not waiter.cancelled() and waiter.exception() is None:
-        waiter.result().release()
+        waiter.cancel()  # (nobody awaits what the connection's end would set)
+    elif not waiter.cancelled():
+        waiter.exception()  # (retrieved)
+    response.release()
 
 
 def _is_ip(host: str) -> bool:

@@ -42,8 +42,8 @@ _CANCEL_WAIT_SECONDS = 10.0  # for upstream cancellations (fal's cancel call is 
 def _http_client(streams: int = 0) -> httpx.AsyncClient:
     """One pooled client for every upstream call. Per-call timeouts are set by the adapters.
 
-    Its transport (`upstream_http`: aiohttp's pool and parser behind httpx's API) costs the same per
-    request however many are in flight; at most 1000 connections per upstream host, more requests
+    Its transport (`upstream_http`: the gateway's own HTTP/1.1 pool behind httpx's API) costs the
+    same per request however many are in flight; at most 1000 connections per upstream host, more requests
     wait in a FIFO queue. Idle connections are dropped before common server idle timeouts (uvicorn
     5 s) can race a reuse. `streams` more per host for fal's status streams (one held per job)."""
     return upstream_client(

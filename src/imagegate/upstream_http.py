@@ -190,7 +190,7 @@ def call_timeout(seconds: float, *, connect: float) -> httpx.Timeout:
 
 
 def response_extensions(reason: str | None) -> dict[str, Any]:
-    """httpx's response extensions for an aiohttp response's `reason`."""
+    """httpx's response extensions for a response's `reason`."""
     reason = reason or ""
     try:
         phrase = _reasons[reason]

@@ -1,4 +1,4 @@
-"""fal's status stream on the shared upstream client is read straight from aiohttp (`StatusStream`'s
+"""fal's status stream on the shared upstream client is read straight from its pool (`StatusStream`'s
 plain path): byte for byte the request httpx's `stream()` sends, the same events, the same log line
 and the same verdicts (COMPLETED, UNSUPPORTED remembered, BROKEN) for every answer, compared here
 with httpx's own path on the same client and the same scripted answers."""
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from imagegate.providers.fal.progress import ProgressReporter
-from imagegate.providers.fal.stream import MAX_EVENT_CHARS, StatusStream, StreamMiss, stream_url
+from imagegate.providers.fal.stream import MAX_EVENT_CHARS, StatusStream, StreamMiss, _Events, stream_url
 from imagegate.upstream_http import upstream_client
 
 HEADERS = {"Authorization": "Key k", "Accept": "text/event-stream", "User-Agent": "imagegate (fal adapter)"}
@@ -115,7 +115,7 @@ async def _follow(
         if plain:
             verdict = await stream.follow(url, dict(HEADERS), cast(ProgressReporter, report))
         else:  # httpx's own path on the same client
-            verdict = await stream._follow(url, dict(HEADERS), cast(ProgressReporter, report))
+            verdict = await stream._follow(url, dict(HEADERS), _Events(), cast(ProgressReporter, report))
     finally:
         await _stop(server)
     request = seen[0].replace(url.split("/")[2].encode(), b"HOST") if seen else b""

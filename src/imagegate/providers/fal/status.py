@@ -21,7 +21,7 @@ from imagegate.providers.fal.wire import json_or_none as _json_or_none
 from imagegate.settings import FalSettings
 from imagegate.upstream_response import response_header
 
-__all__ = ["PROVIDER", "FalOutput", "QueueHandle", "StatusCadence", "StatusFollower"]
+__all__ = ["PROVIDER", "FalOutput", "FirstLook", "QueueHandle", "StatusCadence", "StatusFollower"]
 
 log = logging.getLogger("imagegate.providers.fal")
 
@@ -48,6 +48,37 @@ class StatusCadence:
     poll_interval: float
 
 
+class FirstLook:
+    """Whether to ask a queue job's status once before following its stream, learned per model.
+
+    The look pays for a model whose jobs are often done by then: such a job ends in three plain
+    requests (submit, status, result) and opens no stream. For a model whose jobs are still running,
+    it is one request more per job. So the look is taken while the share of a model's jobs found
+    done at once (a moving average over about the last RATE_JOBS jobs, starting at 1) is at least
+    FLOOR. While it is skipped, the stream's first event tells the same: a job done when its stream
+    opened sends COMPLETED first, which brings the look back for a model that became fast."""
+
+    FLOOR = 0.1
+    RATE_JOBS = 16
+    MODELS = 1024  # models remembered (a full table starts again)
+
+    __slots__ = ("rates",)
+
+    def __init__(self) -> None:
+        self.rates: dict[str, float] = {}
+
+    def worth(self, model: str) -> bool:
+        return self.rates.get(model, 1.0) >= self.FLOOR
+
+    def saw(self, model: str, done: bool) -> None:
+        """A job of `model` was (or was not) done at its first look or its stream's first event."""
+        rates = self.rates
+        rate = rates.get(model, 1.0)
+        if len(rates) >= self.MODELS and model not in rates:
+            rates.clear()
+        rates[model] = rate + ((1.0 if done else 0.0) - rate) / self.RATE_JOBS
+
+
 @dataclass(slots=True)
 class FalOutput:
     body: Any  # the model output JSON
@@ -60,24 +91,34 @@ class StatusFollower:
     http: httpx.AsyncClient
     config: FalSettings
     stream: StatusStream
+    first_look: FirstLook
     headers: Callable[[], dict[str, str]]
 
     async def wait(
         self, handle: QueueHandle, report: ProgressReporter | None = None, cadence: StatusCadence | None = None
     ) -> dict[str, Any]:
-        """The COMPLETED status payload. The status is asked once as soon as the submit is answered
-        (a quick job is done then: three plain requests in all); a job still running is followed on
-        the SSE stream when enabled and available (`stream.py`: one request instead of a poll every
-        0.5-3 s), else (and whenever the stream fails) by polling the same job."""
+        """The COMPLETED status payload. A job is followed on the SSE stream when enabled and
+        available (`stream.py`: one request instead of a poll every 0.5-3 s), else (and whenever
+        the stream fails) by polling the same job. Before the stream, the status is asked once as
+        soon as the submit is answered while that pays for the model (`FirstLook`): a quick job is
+        done then, three plain requests in all."""
         if cadence is None:  # the configured one (not built per job)
             stream, interval = self.config.status_stream, self.config.poll_interval
         else:
             stream, interval = cadence.stream, cadence.poll_interval
         if stream and self.stream.usable:
-            first = await self.status_once(handle, report)
-            if first.get("status") == "COMPLETED":
-                return first
-            status = await self.stream_status(handle, report)
+            look, model = self.first_look, handle.model
+            learn = None
+            if look.worth(model):
+                first = await self.status_once(handle, report)
+                done = first.get("status") == "COMPLETED"
+                look.saw(model, done)
+                if done:
+                    return first
+            else:
+                def learn(done: bool) -> None:
+                    look.saw(model, done)
+            status = await self.stream_status(handle, report, learn)
             if not isinstance(status, StreamMiss):
                 return status
             if status is StreamMiss.BROKEN:
@@ -105,13 +146,17 @@ class StatusFollower:
         return body
 
     async def stream_status(
-        self, handle: QueueHandle, report: ProgressReporter | None = None
+        self,
+        handle: QueueHandle,
+        report: ProgressReporter | None = None,
+        learn: Callable[[bool], None] | None = None,
     ) -> dict[str, Any] | StreamMiss:
-        """Follow `{status_url}/stream` to the COMPLETED event, or say why not (the caller polls)."""
+        """Follow `{status_url}/stream` to the COMPLETED event, or say why not (the caller polls).
+        `learn`: told whether the job was done when the stream opened."""
         url = stream_url(handle.status_url)
         if report is not None:
             url = _with_logs(url)
-        return await self.stream.follow(url, {**self.headers(), "Accept": "text/event-stream"}, report)
+        return await self.stream.follow(url, {**self.headers(), "Accept": "text/event-stream"}, report, learn)
 
     async def result(self, handle: QueueHandle, status: Mapping[str, Any]) -> FalOutput:
         """GET response_url and branch on its HTTP status (200 is the only success)."""

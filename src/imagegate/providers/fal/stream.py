@@ -24,7 +24,7 @@ import codecs
 import enum
 import logging
 import resource
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
@@ -108,11 +108,12 @@ class _Events:
     """SSE lines -> events: `data` fields are joined, an empty line ends an event, other fields
     and comments (fal's keep-alives) are skipped."""
 
-    __slots__ = ("data", "size")
+    __slots__ = ("count", "data", "size")
 
     def __init__(self) -> None:
         self.data: list[str] = []
         self.size = 0
+        self.count = 0  # events so far (not counting empty ones: comments, keep-alives)
 
     def line(self, line: str) -> dict[str, Any] | None:
         if line:
@@ -124,6 +125,8 @@ class _Events:
                     raise _TooLong
             return None
         event, self.data, self.size = sse_event(self.data), [], 0
+        if event is not None:
+            self.count += 1
         return event
 
     def end(self) -> dict[str, Any] | None:
@@ -165,32 +168,43 @@ class StatusStream:
         return self.unsupported is None
 
     async def follow(
-        self, url: str, headers: dict[str, str], report: ProgressReporter | None
+        self,
+        url: str,
+        headers: dict[str, str],
+        report: ProgressReporter | None,
+        learn: Callable[[bool], None] | None = None,
     ) -> dict[str, Any] | StreamMiss:
+        """The COMPLETED event, or why there is none. `learn`, when given, is told whether that
+        event was the stream's first (the job was done when the stream opened)."""
         if self.unsupported is not None:
             return StreamMiss.UNSUPPORTED
         if self.open >= self.max_open:
             return StreamMiss.BUSY
         self.open += 1
+        events = _Events()
         try:
             client = self.http
             plain = client.plain_get(url, headers) if isinstance(client, UpstreamClient) else None
             if plain is not None:
                 assert isinstance(client, UpstreamClient)
-                return await self._follow_plain(client, url, *plain, report)
-            return await self._follow(url, headers, report)
+                found = await self._follow_plain(client, url, *plain, events, report)
+            else:
+                found = await self._follow(url, headers, events, report)
         finally:
             self.open -= 1
+        if learn is not None and not isinstance(found, StreamMiss):
+            learn(events.count == 1)
+        return found
 
     async def _follow(
-        self, url: str, headers: dict[str, str], report: ProgressReporter | None
+        self, url: str, headers: dict[str, str], events: _Events, report: ProgressReporter | None
     ) -> dict[str, Any] | StreamMiss:
         try:
             async with self.http.stream("GET", url, headers=headers, timeout=_TIMEOUT) as response:
                 miss = self._miss(response.status_code, response.headers.get("content-type", ""))
                 if miss is not None:
                     return miss
-                return await _completed(_Events(), response.aiter_text(), report)
+                return await _completed(events, response.aiter_text(), report)
         except (httpx.HTTPError, _TooLong):
             return StreamMiss.BROKEN
 
@@ -201,6 +215,7 @@ class StatusStream:
         origin: tuple[str, str, int],
         wire: list[tuple[str, str]],
         data: bytes,
+        events: _Events,
         report: ProgressReporter | None,
     ) -> dict[str, Any] | StreamMiss:
         if client._state == ClientState.CLOSED:
@@ -221,7 +236,6 @@ class StatusStream:
             miss = self._miss(answer.status, ctype)
             if miss is not None:
                 return miss
-            events = _Events()
             encoding = client._default_encoding
             if answer.header(b"content-encoding") is not None or "charset" in ctype.lower() or not isinstance(
                 encoding, str

@@ -36,7 +36,7 @@ from imagegate.providers.common import (
 )
 from imagegate.providers.fal.errors import FalFailure, Stage, map_failure
 from imagegate.providers.fal.progress import OnProgress, ProgressReporter
-from imagegate.providers.fal.status import PROVIDER, FalOutput, QueueHandle, StatusCadence, StatusFollower
+from imagegate.providers.fal.status import PROVIDER, FalOutput, FirstLook, QueueHandle, StatusCadence, StatusFollower
 from imagegate.providers.fal.stream import StatusStream, stream_slots
 from imagegate.providers.fal.wire import json_object as _json
 from imagegate.settings import FalSettings
@@ -85,6 +85,7 @@ class FalTransport(StatusFollower):
         self.http = http
         self.config = config
         self.stream = StatusStream(http, stream_slots(config))
+        self.first_look = FirstLook()
         self._auth: tuple[tuple[object, ...], str | None] = ((), None)  # (the key settings, auth_header of them)
 
     def auth(self) -> str | None:

@@ -218,7 +218,10 @@ async def test_an_endless_line_or_event_is_a_broken_stream_not_unbounded_memory(
     stream = StatusStream(client, 10)
     try:
         async with asyncio.timeout(30):
-            verdict = await (stream.follow if plain else stream._follow)(url, dict(HEADERS), None)
+            if plain:
+                verdict = await stream.follow(url, dict(HEADERS), None)
+            else:
+                verdict = await stream._follow(url, dict(HEADERS), _Events(), None)
     finally:
         server.close()
     assert verdict is StreamMiss.BROKEN and stream.unsupported is None

@@ -264,7 +264,7 @@ async def inflight(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-BASELINE_COMMIT = "70ef5e4"  # the tree measured by the previous report: the baseline of `instructions`
+BASELINE_COMMIT = "f426a53"  # the tree measured by the previous report: the baseline of `instructions`
 _INSTRUCTIONS = re.compile(r"fal (queue|sync) mode, c=1, passthrough: ([0-9.]+) M instructions per request")
 
 

@@ -420,3 +420,40 @@ async def test_a_fresh_use_client_default_timeout_means_the_client_s_timeout(
     assert response.status_code == 202
     assert response.request.extensions["timeout"] == httpx.Timeout(5.0).as_dict()
     assert not httpx_sends and len(seen) == 1  # it went the plain way
+
+
+BAD_HEADERS: list[tuple[dict[str, str], str]] = [
+    ({"Authorization": "Key k\r\nX-Injected: 1"}, "authorization"),  # a second header smuggled in
+    ({"Authorization": "Key k\n"}, "authorization"),  # a key read from a file with its newline
+    ({"X-Sp": " padded"}, "x-sp"),
+    ({"X-Nul": "a\x00b"}, "x-nul"),
+    ({"X Bad": "v"}, "x bad"),
+    ({"X-Bad:": "v"}, "x-bad:"),
+]
+
+
+@pytest.mark.parametrize(("headers", "name"), BAD_HEADERS)
+async def test_a_header_httpx_would_refuse_is_refused_not_written(
+    capture: Capture, headers: dict[str, str], name: str
+) -> None:
+    """httpx's own transport (h11) refuses a header name or value that is not HTTP (a CR or LF in
+    a value would write a header of its own): `httpx.LocalProtocolError`, nothing sent. The plain
+    path and httpx's path on the gateway's transport refuse it too, with a message that names the
+    header but does not quote its value (a credential)."""
+    base, seen = capture
+    async with _client() as client, httpx.AsyncClient() as reference:
+        with pytest.raises(httpx.LocalProtocolError):
+            await reference.get(f"{base}/ref", headers=headers)
+        for call in (
+            lambda: client.get(f"{base}/plain", headers=headers),
+            lambda: client.post(f"{base}/plain", json={"a": 1}, headers=headers),
+            lambda: httpx.AsyncClient.request(client, "GET", f"{base}/httpx", headers=headers),
+        ):
+            with pytest.raises(httpx.LocalProtocolError) as caught:
+                await call()
+            assert name in str(caught.value).lower()
+            assert "Key k" not in str(caught.value)
+        client.headers.update(headers)  # the client's own headers (e.g. a configured key)
+        with pytest.raises(httpx.LocalProtocolError):
+            await client.get(f"{base}/client")
+    assert seen == []

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import httpx
 from httpx._client import ClientState, UseClientDefault
 
-from imagegate.upstream_http import WireTransport, _NoCookies, httpx_error, timeouts
+from imagegate.upstream_http import WireTransport, _NoCookies, bad_header, httpx_error, timeouts
 from imagegate.upstream_response import _PlainResponse, _Sent
 from imagegate.upstream_wire import IDEMPOTENT, WireError
 
@@ -223,7 +223,7 @@ class UpstreamClient(httpx.AsyncClient):
     def _merged(self, headers: Any) -> _Merged | None:
         """The client's headers with the call's `headers` replacing same-named ones (appended in
         the call's order); None unless `headers` is None or a dict of ASCII str names and values
-        (what httpx encodes as ASCII)."""
+        (what httpx encodes as ASCII), and every header is one h11 would write (`bad_header`)."""
         client = self._plain_client
         if client is None or client.source != self._headers._list:
             client = self._client_headers()
@@ -250,6 +250,8 @@ class UpstreamClient(httpx.AsyncClient):
             present = frozenset(names.union(client.lowered))
         else:
             pairs, present = list(client.pairs), frozenset(client.lowered)
+        if bad_header([(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]) is not None:
+            return None  # httpx's path refuses it (`WireTransport`); never cached
         merged = _Merged(pairs, present, "".join(f"{name}: {value}\r\n" for name, value in pairs))
         if len(self._plain_merged) >= _CACHED:
             self._plain_merged.clear()

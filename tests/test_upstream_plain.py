@@ -457,3 +457,59 @@ async def test_a_header_httpx_would_refuse_is_refused_not_written(
         with pytest.raises(httpx.LocalProtocolError):
             await client.get(f"{base}/client")
     assert seen == []
+
+
+REFERENCE_CALLS: list[tuple[str, str, dict[str, Any]]] = [
+    *CALLS,
+    ("GET", "/host", {"headers": {"X-A": "1", "host": "images.example", "Accept": "image/*"}}),  # core.fetch's Host
+    ("POST", "/te", {"json": [1], "headers": {"Transfer-Encoding": "chunked"}}),
+    ("PUT", "/te", {"content": b"abc", "headers": {"transfer-encoding": "chunked"}}),
+    ("POST", "/typed-len", {"json": {"a": "\u00e9"}, "headers": {"Content-Type": "application/json; charset=utf-8"}}),
+    ("OPTIONS", "/opt", {}),
+    ("post", "/lower", {"json": {"n": 1.5}}),
+]
+
+
+async def _framing_server(seen: list[bytes]) -> asyncio.Server:
+    """`_capture_server`, reading a body as a server does: chunked when `Transfer-Encoding` says
+    so (it wins over Content-Length), else Content-Length bytes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = [line.lower() for line in head.split(b"\r\n")]
+                if any(line.startswith(b"transfer-encoding:") and b"chunked" in line for line in lines):
+                    body = await reader.readuntil(b"0\r\n\r\n")
+                else:
+                    length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
+                    body = await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+                return
+            seen.append(head + body)
+            writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    return await asyncio.start_server(handler, "127.0.0.1", 0)
+
+
+async def test_plain_calls_send_what_httpx_s_own_transport_sends() -> None:
+    """Byte for byte what a plain `httpx.AsyncClient` (its own transport: httpcore and h11) writes
+    for the same calls with the same client headers: h11 writes `Host` first, and frames a body
+    chunked when the headers say `Transfer-Encoding: chunked`."""
+    seen: list[bytes] = []
+    server = await _framing_server(seen)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    reference = httpx.AsyncClient(timeout=httpx.Timeout(1.0), headers={"user-agent": "imagegate/test"})
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=4)
+    ours = upstream_client(limits=limits, timeout=httpx.Timeout(1.0), headers={"user-agent": "imagegate/test"})
+    async with ours as client, reference:
+        for method, path, kwargs in REFERENCE_CALLS:
+            for sender in (client, reference):
+                response = await sender.request(method, base + path, **kwargs)
+                assert response.status_code == 202
+    server.close()
+    pairs = list(zip(seen[0::2], seen[1::2], strict=True))
+    assert len(pairs) == len(REFERENCE_CALLS)
+    for (method, path, _), (ours, theirs) in zip(REFERENCE_CALLS, pairs, strict=True):
+        assert ours == theirs, (method, path)

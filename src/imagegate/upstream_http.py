@@ -75,6 +75,13 @@ def bad_header(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def host_first(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The header list in the order h11 (httpx's own transport) writes it: `Host` first."""
+    if not headers or headers[0][0].lower() == b"host" or not any(k.lower() == b"host" for k, _ in headers):
+        return headers
+    return [p for p in headers if p[0].lower() == b"host"] + [p for p in headers if p[0].lower() != b"host"]
+
+
 def refused_header(name: str, request: httpx.Request) -> httpx.LocalProtocolError:
     return httpx.LocalProtocolError(f"Illegal request header {name!r}", request=request)
 
@@ -150,16 +157,18 @@ class WireTransport(httpx.AsyncBaseTransport):
         method = request.method.encode("ascii")
         head = b"".join(
             [method, b" ", url.raw_path, b" HTTP/1.1\r\n",
-             *(b"%s: %s\r\n" % (key, value) for key, value in raw), b"\r\n"]
+             *(b"%s: %s\r\n" % (key, value) for key, value in host_first(raw)), b"\r\n"]
         )
         limits = request.extensions.get("timeout", {})
         wait = Timeouts(limits.get("pool"), limits.get("connect"), limits.get("read"), limits.get("write"))
         head_only = method == b"HEAD"
+        chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
         try:
             try:
+                if chunked:  # a body in hand is chunk-framed too, as h11 frames it
+                    raise httpx.RequestNotRead()
                 body = request.content
             except httpx.RequestNotRead:  # a streamed body, framed as its headers say
-                chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
                 stream = request.stream
                 assert isinstance(stream, httpx.AsyncByteStream)
                 response = await pool.request_stream(origin, head, stream, chunked, wait, head_only=head_only)

@@ -22,7 +22,7 @@ from imagegate.providers.base import CallContext, Route
 from imagegate.providers.common import on_origins
 from imagegate.providers.fal import FalProvider
 from imagegate.settings import FalSettings, ProvidersSettings, Settings
-from imagegate.upstream_http import upstream_client
+from imagegate.upstream_http import WireTransport, upstream_client
 from imagegate.upstream_plain import plain_netloc, plain_origin
 from imagegate.upstream_response import response_header
 
@@ -513,3 +513,29 @@ async def test_plain_calls_send_what_httpx_s_own_transport_sends() -> None:
     assert len(pairs) == len(REFERENCE_CALLS)
     for (method, path, _), (ours, theirs) in zip(REFERENCE_CALLS, pairs, strict=True):
         assert ours == theirs, (method, path)
+
+
+async def test_a_connection_closed_after_it_was_handed_to_a_waiter_is_not_written_to(capture: Capture) -> None:
+    """A waiting call is handed a released connection, which closes before the call's task runs
+    (here: the server's unasked 408 on it, which closes it at once). The call connects anew in
+    the slot that freed: its POST reaches the server once, not written into a closed socket and
+    then waited on until its read timeout."""
+    from imagegate.upstream_wire import Timeouts
+
+    base, seen = capture
+    port = int(base.rsplit(":", 1)[1])
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=4)
+    async with upstream_client(limits=limits, timeout=httpx.Timeout(0.5)) as client:
+        await client.get(f"{base}/warm")
+        assert isinstance(client._transport, WireTransport)
+        origin = client._transport.pool().origin("http", "127.0.0.1", port)
+        held = await origin.acquire(Timeouts(1.0, 1.0, 1.0))  # the one connection, idle until now
+        post = asyncio.create_task(client.post(f"{base}/submit", json={"prompt": "x"}))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(origin.waiters) == 1
+        origin.release(held)  # handed to the waiting POST ...
+        held.data_received(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\r\n")  # ... and closed
+        response = await post
+    assert response.status_code == 202
+    assert [r.split(b" ", 2)[:2] for r in seen] == [[b"GET", b"/warm"], [b"POST", b"/submit"]]

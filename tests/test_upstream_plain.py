@@ -537,5 +537,6 @@ async def test_a_connection_closed_after_it_was_handed_to_a_waiter_is_not_writte
         origin.release(held)  # handed to the waiting POST ...
         held.data_received(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\r\n")  # ... and closed
         response = await post
+        assert (origin.open, len(origin.idle)) == (1, 1)  # the new connection holds the one slot
     assert response.status_code == 202
     assert [r.split(b" ", 2)[:2] for r in seen] == [[b"GET", b"/warm"], [b"POST", b"/submit"]]

@@ -22,7 +22,7 @@ from imagegate.providers.base import CallContext, Route
 from imagegate.providers.common import on_origins
 from imagegate.providers.fal import FalProvider
 from imagegate.settings import FalSettings, ProvidersSettings, Settings
-from imagegate.upstream_http import upstream_client
+from imagegate.upstream_http import WireTransport, upstream_client
 from imagegate.upstream_plain import plain_netloc, plain_origin
 from imagegate.upstream_response import response_header
 
@@ -420,3 +420,123 @@ async def test_a_fresh_use_client_default_timeout_means_the_client_s_timeout(
     assert response.status_code == 202
     assert response.request.extensions["timeout"] == httpx.Timeout(5.0).as_dict()
     assert not httpx_sends and len(seen) == 1  # it went the plain way
+
+
+BAD_HEADERS: list[tuple[dict[str, str], str]] = [
+    ({"Authorization": "Key k\r\nX-Injected: 1"}, "authorization"),  # a second header smuggled in
+    ({"Authorization": "Key k\n"}, "authorization"),  # a key read from a file with its newline
+    ({"X-Sp": " padded"}, "x-sp"),
+    ({"X-Nul": "a\x00b"}, "x-nul"),
+    ({"X Bad": "v"}, "x bad"),
+    ({"X-Bad:": "v"}, "x-bad:"),
+]
+
+
+@pytest.mark.parametrize(("headers", "name"), BAD_HEADERS)
+async def test_a_header_httpx_would_refuse_is_refused_not_written(
+    capture: Capture, headers: dict[str, str], name: str
+) -> None:
+    """httpx's own transport (h11) refuses a header name or value that is not HTTP (a CR or LF in
+    a value would write a header of its own): `httpx.LocalProtocolError`, nothing sent. The plain
+    path and httpx's path on the gateway's transport refuse it too, with a message that names the
+    header but does not quote its value (a credential)."""
+    base, seen = capture
+    async with _client() as client, httpx.AsyncClient() as reference:
+        with pytest.raises(httpx.LocalProtocolError):
+            await reference.get(f"{base}/ref", headers=headers)
+        for call in (
+            lambda: client.get(f"{base}/plain", headers=headers),
+            lambda: client.post(f"{base}/plain", json={"a": 1}, headers=headers),
+            lambda: httpx.AsyncClient.request(client, "GET", f"{base}/httpx", headers=headers),
+        ):
+            with pytest.raises(httpx.LocalProtocolError) as caught:
+                await call()
+            assert name in str(caught.value).lower()
+            assert "Key k" not in str(caught.value)
+        client.headers.update(headers)  # the client's own headers (e.g. a configured key)
+        with pytest.raises(httpx.LocalProtocolError):
+            await client.get(f"{base}/client")
+    assert seen == []
+
+
+REFERENCE_CALLS: list[tuple[str, str, dict[str, Any]]] = [
+    *CALLS,
+    ("GET", "/host", {"headers": {"X-A": "1", "host": "images.example", "Accept": "image/*"}}),  # core.fetch's Host
+    ("POST", "/te", {"json": [1], "headers": {"Transfer-Encoding": "chunked"}}),
+    ("PUT", "/te", {"content": b"abc", "headers": {"transfer-encoding": "chunked"}}),
+    ("POST", "/typed-len", {"json": {"a": "\u00e9"}, "headers": {"Content-Type": "application/json; charset=utf-8"}}),
+    ("OPTIONS", "/opt", {}),
+    ("post", "/lower", {"json": {"n": 1.5}}),
+]
+
+
+async def _framing_server(seen: list[bytes]) -> asyncio.Server:
+    """`_capture_server`, reading a body as a server does: chunked when `Transfer-Encoding` says
+    so (it wins over Content-Length), else Content-Length bytes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = [line.lower() for line in head.split(b"\r\n")]
+                if any(line.startswith(b"transfer-encoding:") and b"chunked" in line for line in lines):
+                    body = await reader.readuntil(b"0\r\n\r\n")
+                else:
+                    length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
+                    body = await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+                return
+            seen.append(head + body)
+            writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    return await asyncio.start_server(handler, "127.0.0.1", 0)
+
+
+async def test_plain_calls_send_what_httpx_s_own_transport_sends() -> None:
+    """Byte for byte what a plain `httpx.AsyncClient` (its own transport: httpcore and h11) writes
+    for the same calls with the same client headers: h11 writes `Host` first, and frames a body
+    chunked when the headers say `Transfer-Encoding: chunked`."""
+    seen: list[bytes] = []
+    server = await _framing_server(seen)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    reference = httpx.AsyncClient(timeout=httpx.Timeout(1.0), headers={"user-agent": "imagegate/test"})
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=4)
+    ours = upstream_client(limits=limits, timeout=httpx.Timeout(1.0), headers={"user-agent": "imagegate/test"})
+    async with ours as client, reference:
+        for method, path, kwargs in REFERENCE_CALLS:
+            for sender in (client, reference):
+                response = await sender.request(method, base + path, **kwargs)
+                assert response.status_code == 202
+    server.close()
+    pairs = list(zip(seen[0::2], seen[1::2], strict=True))
+    assert len(pairs) == len(REFERENCE_CALLS)
+    for (method, path, _), (ours, theirs) in zip(REFERENCE_CALLS, pairs, strict=True):
+        assert ours == theirs, (method, path)
+
+
+async def test_a_connection_closed_after_it_was_handed_to_a_waiter_is_not_written_to(capture: Capture) -> None:
+    """A waiting call is handed a released connection, which closes before the call's task runs
+    (here: the server's unasked 408 on it, which closes it at once). The call connects anew in
+    the slot that freed: its POST reaches the server once, not written into a closed socket and
+    then waited on until its read timeout."""
+    from imagegate.upstream_wire import Timeouts
+
+    base, seen = capture
+    port = int(base.rsplit(":", 1)[1])
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=4)
+    async with upstream_client(limits=limits, timeout=httpx.Timeout(0.5)) as client:
+        await client.get(f"{base}/warm")
+        assert isinstance(client._transport, WireTransport)
+        origin = client._transport.pool().origin("http", "127.0.0.1", port)
+        held = await origin.acquire(Timeouts(1.0, 1.0, 1.0))  # the one connection, idle until now
+        post = asyncio.create_task(client.post(f"{base}/submit", json={"prompt": "x"}))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(origin.waiters) == 1
+        origin.release(held)  # handed to the waiting POST ...
+        held.data_received(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\r\n")  # ... and closed
+        response = await post
+        assert (origin.open, len(origin.idle)) == (1, 1)  # the new connection holds the one slot
+    assert response.status_code == 202
+    assert [r.split(b" ", 2)[:2] for r in seen] == [[b"GET", b"/warm"], [b"POST", b"/submit"]]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import http.cookiejar
+import re
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -55,9 +56,34 @@ from imagegate.upstream_wire import (
     WriteTimedOut,
 )
 
-__all__ = ["WireTransport", "call_timeout", "httpx_error", "timeouts", "upstream_client"]
+__all__ = ["WireTransport", "bad_header", "call_timeout", "httpx_error", "timeouts", "upstream_client"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# What h11 (httpx's own transport) accepts in a request header: a token for a name, no CR, LF,
+# NUL or other whitespace in a value but single spaces/tabs between its parts. Anything else
+# would be written as is here (a CR LF in a value writes a header of its own): refused instead.
+_HEADER_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_HEADER_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+
+
+def bad_header(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The name of the first header h11 would refuse (its value is not quoted: it may be a
+    credential); None when all are fine."""
+    for name, value in headers:
+        if _HEADER_NAME.fullmatch(name) is None or _HEADER_VALUE.fullmatch(value) is None:
+            return name.decode("latin-1")
+    return None
+
+
+def host_first(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The header list in the order h11 (httpx's own transport) writes it: `Host` first."""
+    if not headers or headers[0][0].lower() == b"host" or not any(k.lower() == b"host" for k, _ in headers):
+        return headers
+    return [p for p in headers if p[0].lower() == b"host"] + [p for p in headers if p[0].lower() != b"host"]
+
+
+def refused_header(name: str, request: httpx.Request) -> httpx.LocalProtocolError:
+    return httpx.LocalProtocolError(f"Illegal request header {name!r}", request=request)
 
 
 def httpx_error(exc: WireError, request: httpx.Request) -> httpx.TransportError:
@@ -121,22 +147,28 @@ class WireTransport(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol '{scheme}://'.", request=request)
         if not url.host:
             raise httpx.UnsupportedProtocol("Request URL is missing a host.", request=request)
+        raw = request.headers.raw
+        bad = bad_header(raw)
+        if bad is not None:
+            raise refused_header(bad, request)
         pool = self.pool()
         sni = request.extensions.get("sni_hostname")
         origin = pool.origin(scheme, url.host, url.port or _DEFAULT_PORTS[scheme], sni)
         method = request.method.encode("ascii")
         head = b"".join(
             [method, b" ", url.raw_path, b" HTTP/1.1\r\n",
-             *(b"%s: %s\r\n" % (key, value) for key, value in request.headers.raw), b"\r\n"]
+             *(b"%s: %s\r\n" % (key, value) for key, value in host_first(raw)), b"\r\n"]
         )
         limits = request.extensions.get("timeout", {})
         wait = Timeouts(limits.get("pool"), limits.get("connect"), limits.get("read"), limits.get("write"))
         head_only = method == b"HEAD"
+        chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
         try:
             try:
+                if chunked:  # a body in hand is chunk-framed too, as h11 frames it
+                    raise httpx.RequestNotRead()
                 body = request.content
             except httpx.RequestNotRead:  # a streamed body, framed as its headers say
-                chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
                 stream = request.stream
                 assert isinstance(stream, httpx.AsyncByteStream)
                 response = await pool.request_stream(origin, head, stream, chunked, wait, head_only=head_only)

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import httpx
 from httpx._client import ClientState, UseClientDefault
 
-from imagegate.upstream_http import WireTransport, _NoCookies, httpx_error, timeouts
+from imagegate.upstream_http import WireTransport, _NoCookies, bad_header, httpx_error, timeouts
 from imagegate.upstream_response import _PlainResponse, _Sent
 from imagegate.upstream_wire import IDEMPOTENT, WireError
 
@@ -134,6 +134,11 @@ class _Target(NamedTuple):
     merged: _Merged
 
 
+def _host_first(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The header list in the order h11 (httpx's own transport) writes it: `Host` first."""
+    return [p for p in headers if p[0].lower() == "host"] + [p for p in headers if p[0].lower() != "host"]
+
+
 class UpstreamClient(httpx.AsyncClient):
     """httpx's client on `AiohttpTransport`. A plain call (`get`/`post`/`put`/... with at most
     headers, a JSON or bytes body and a timeout, to a URL httpx sends unchanged) goes straight to
@@ -188,7 +193,9 @@ class UpstreamClient(httpx.AsyncClient):
         if origin is None:
             return None
         merged = self._merged(headers)
-        return None if merged is None else _Target(origin, merged)
+        if merged is None or "transfer-encoding" in merged.present:  # h11 chunk-frames the body: httpx's path
+            return None
+        return _Target(origin, merged)
 
     def plain_get(self, url: str, headers: Any) -> tuple[tuple[str, str, int], list[tuple[str, str]], bytes] | None:
         """Where a plain GET of `url` with `headers` goes, the header list it sends (`Host` first
@@ -199,10 +206,13 @@ class UpstreamClient(httpx.AsyncClient):
         if target is None:
             return None
         merged, origin = target.merged, target.origin
-        wire = [] if "host" in merged.present else [("Host", origin.netloc)]
-        wire += merged.pairs
-        host = "" if "host" in merged.present else f"Host: {origin.netloc}\r\n"
-        data = f"GET {url[origin.path:]} HTTP/1.1\r\n{host}{merged.lines}\r\n".encode("latin-1")
+        if "host" in merged.present:  # the caller's own Host: first on the wire, as h11 writes it
+            wire = list(merged.pairs)
+            lines = "".join(f"{name}: {value}\r\n" for name, value in _host_first(wire))
+            data = f"GET {url[origin.path:]} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
+            return origin.key, wire, data
+        wire = [("Host", origin.netloc), *merged.pairs]
+        data = f"GET {url[origin.path:]} HTTP/1.1\r\nHost: {origin.netloc}\r\n{merged.lines}\r\n".encode("latin-1")
         return origin.key, wire, data
 
     def _plain_client_state(self) -> bool:
@@ -223,7 +233,7 @@ class UpstreamClient(httpx.AsyncClient):
     def _merged(self, headers: Any) -> _Merged | None:
         """The client's headers with the call's `headers` replacing same-named ones (appended in
         the call's order); None unless `headers` is None or a dict of ASCII str names and values
-        (what httpx encodes as ASCII)."""
+        (what httpx encodes as ASCII), and every header is one h11 would write (`bad_header`)."""
         client = self._plain_client
         if client is None or client.source != self._headers._list:
             client = self._client_headers()
@@ -250,6 +260,8 @@ class UpstreamClient(httpx.AsyncClient):
             present = frozenset(names.union(client.lowered))
         else:
             pairs, present = list(client.pairs), frozenset(client.lowered)
+        if bad_header([(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]) is not None:
+            return None  # httpx's path refuses it (`WireTransport`); never cached
         merged = _Merged(pairs, present, "".join(f"{name}: {value}\r\n" for name, value in pairs))
         if len(self._plain_merged) >= _CACHED:
             self._plain_merged.clear()
@@ -309,9 +321,12 @@ class UpstreamClient(httpx.AsyncClient):
             wire.append(("Content-Type", "application/json"))
         sent = _Sent(method, url, wire, body, timeouts_)
         lines = [f"{method} {url[origin.path:]} HTTP/1.1\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in wire[:before]]
-        lines.append(merged.lines)
-        lines += [f"{name}: {value}\r\n" for name, value in wire[before + len(merged.pairs):]]
+        if "host" in present:  # the caller's own Host: first on the wire, as h11 writes it
+            lines += [f"{name}: {value}\r\n" for name, value in _host_first(wire)]
+        else:
+            lines += [f"{name}: {value}\r\n" for name, value in wire[:before]]
+            lines.append(merged.lines)
+            lines += [f"{name}: {value}\r\n" for name, value in wire[before + len(merged.pairs):]]
         lines.append("\r\n")
         data = "".join(lines).encode("latin-1")
         if body:

@@ -516,6 +516,10 @@ class _Origin:
             self.open -= 1
         if self.limit and self.open >= self.limit:
             handed = await self._wait(timeouts.pool)
+            if handed is not None and not handed.alive:
+                # closed after it was handed over (before this task ran): its slot was freed then
+                # (to the next waiter, or the count), so this caller asks again; nothing was written
+                return await self.acquire(timeouts, fresh)
             if handed is not None:
                 if not fresh:
                     return handed

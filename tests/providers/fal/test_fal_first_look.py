@@ -87,3 +87,40 @@ async def test_a_slow_model_stops_paying_the_look_and_a_fast_one_gets_it_back(
         assert await job() == ["submit", "stream", "result"]
         for _ in range(3):  # ... and the look is back: no stream at all
             assert await job() == ["submit", "status", "result"]
+
+
+@pytest.mark.parametrize(
+    ("body", "done"),
+    [
+        (b'data: {"status": "COMPLETED"}\n\n', True),
+        (b'data: {"status": "COMPLETED"}', True),  # the only event, unterminated: the stream's first
+        (b'data: {"status": "IN_PROGRESS"}\n\ndata: {"status": "COMPLETED"}\n\n', False),
+        (b'data: {"status": "IN_PROGRESS"}\n\ndata: {"status": "COMPLETED"}', False),  # its second
+    ],
+)
+@pytest.mark.parametrize("plain", [True, False])
+async def test_the_stream_teaches_whether_completed_was_its_first_event(body: bytes, done: bool, plain: bool) -> None:
+    """`learn` is told whether the COMPLETED event was the stream's first, also when that event is
+    the unterminated end of the stream (on the plain path and on httpx's)."""
+    import asyncio
+
+    from imagegate.providers.fal.stream import StatusStream
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/fal-ai/x/requests/r1/status/stream"
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=4)
+    learned: list[bool] = []
+    client = upstream_client(limits=limits, timeout=httpx.Timeout(2.0)) if plain else httpx.AsyncClient()
+    try:
+        async with client:
+            found = await StatusStream(client, 10).follow(url, {"Authorization": "Key k"}, None, learned.append)
+    finally:
+        server.close()
+    assert found == {"status": "COMPLETED"}
+    assert learned == [done]

@@ -130,8 +130,11 @@ class _Events:
         return event
 
     def end(self) -> dict[str, Any] | None:
-        """The event left without its closing empty line when the stream ended."""
-        return sse_event(self.data)
+        """The event left without its closing empty line when the stream ended (counted too)."""
+        event = sse_event(self.data)
+        if event is not None:
+            self.count += 1
+        return event
 
 
 class _WireBody(httpx.AsyncByteStream):

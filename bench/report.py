@@ -228,8 +228,9 @@ def render(r: dict[str, Any]) -> str:
             "## Requests in flight",
             "",
             f"Command: `{CMD} --only inflight`. K requests sent at once, model "
-            "time as configured; imagegate runs its real defaults (one status check, then the fal status "
-            "stream), the direct client polls (0.5 s, backing off to 3 s), LiteLLM holds one sync call per "
+            "time as configured; imagegate runs its real defaults (the fal status stream, after one status "
+            "check while that pays for the model), the direct client polls (0.5 s, backing off to 3 s), "
+            "LiteLLM holds one sync call per "
             "request. K = 3,000 and 10,000 with "
             "the gateway's RSS, /healthz and upstream requests per job: the next section (`bench/inflight_burst.py`).",
             "",
@@ -302,26 +303,29 @@ def render(r: dict[str, Any]) -> str:
         "bounds both: compare imagegate's sync mode (one upstream call, like LiteLLM) with LiteLLM. Queue mode makes "
         "three upstream calls per job (submit, status, result) and pays for them. What is left per request "
         "(callgrind, `--only instructions`: the targets table) is spread over the two HTTP hops: the "
-        "upstream calls (aiohttp's request and response objects; queue mode minus sync mode is two more calls), "
+        "upstream calls (the gateway's own HTTP/1.1 client since 2026-11-30, `upstream_wire.py`: about 60 us of CPU "
+        "per call behind httpx's API, where aiohttp took 105 us on its own API and 304 us behind httpx's, "
+        "bench/README.md, \"The candidates\"; queue mode minus sync mode is two more calls), "
         "uvicorn's protocol and our four middlewares, and the kernel's work for each socket write (not counted "
         "by callgrind; on loopback a write also runs the receiver's side of TCP). FastAPI's routing and "
         "exception layers are no longer on the image routes (`api/hot_routes.py`).",
         "- **In flight.** Polling costs 5-8 upstream requests per 5 s job; the fal status stream (the default) costs "
-        "one, after one immediate status check (4-4.6 requests per job in all vs the direct client's 7-8). "
-        "LiteLLM holds one sync call per job; a job that has not finished after 4× the model time + 20 s counts "
-        "as failed.",
-        "- **What blocks K = 10,000 at 1.3× in one process, and what would meet it.** Every job is served, RSS "
-        "stays under 300 MiB and `/healthz` under 100 ms at p99, but one process has one core: its CPU per job "
-        "(accepting and parsing the client's request, four upstream requests, answering; column *gw CPU* of the "
-        "burst table divided by K, about 1.6 ms) times 10,000 is longer than the direct client's whole run, "
-        "which spends about a third of that per job on the same two cores. 1.3× needs about 0.8 ms of CPU per "
-        "job in one process (half of what is left after this report's cuts, which took instructions per "
-        "request to 0.68-0.72× of `70ef5e4`'s), or a second core: `--workers 2` (table above, the fake and the "
-        "load client on the same two cores). K = 3,000 meets the target when connections arrive paced "
-        "(`inflight_burst.py`). Fired all at the same instant by the asyncio client of `--only inflight`, it does "
-        "not: the fake takes 3,000 submits at once, while the gateway must first accept, parse and submit each on "
-        "its one core, so its last submits leave about 3 s after the direct client's (no listen-queue overflow or "
-        "SYN retransmission was counted in /proc/net/netstat during such a burst).",
+        "one. The status is asked once before the stream only while that pays for the model (`FirstLook` in "
+        "`providers/fal/status.py`: for a 5 s model it stops after the first ~36 jobs). Open streams are capped at "
+        "a quarter of the open-file limit less 1,000 (4,000 with this machine's 20,000, which also hold the "
+        "client connections), so at K = 10,000 the jobs beyond the cap poll (columns *polls/job*, *streams/job*): "
+        "5-6 upstream requests per job there, 3-4 at K = 3,000, against the direct client's 8. LiteLLM holds one "
+        "sync call per job; a job that has not finished after 4× the model time + 20 s counts as failed.",
+        "- **K = 10,000 in one process.** On 2026-11-29 (`f426a53`) the gateway spent about 1.6 ms of CPU per job "
+        "(column *gw CPU* of the burst table divided by K) and took 1.9× the direct client's wall time; 3,000 "
+        "fired at one instant (`--only inflight`) took 1.38×. The upstream client was the largest part of a py-spy "
+        "profile (aiohttp's request and response machinery about a quarter, its connection setup 5 %). With "
+        "`upstream_wire.py` and the learned first status look the gateway spends 1.0-1.1 ms per job and both "
+        "meet 1.3×: 1.18-1.20× at K = 10,000 in the three runs of this code (1.22-1.31× before the learned "
+        "look). What is left per job: socket writes on both hops (about a fifth of the profile: on loopback a "
+        "write also runs the receiver's side of TCP), the event loop (~13 %), uvicorn's protocol (~10 %) and the "
+        "gateway's own request handling. The margin is thin on two cores shared with the fake and the load "
+        "client; `--workers 2` gives more (table above).",
         "- **Is the harness the bottleneck?** The load client and the fake use a fraction of a millisecond of CPU "
         "per request (columns *client* and *fake*) against several milliseconds for either proxy, and a second fake "
         "process changes the direct client's throughput little.",

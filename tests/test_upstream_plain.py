@@ -540,3 +540,69 @@ async def test_a_connection_closed_after_it_was_handed_to_a_waiter_is_not_writte
         assert (origin.open, len(origin.idle)) == (1, 1)  # the new connection holds the one slot
     assert response.status_code == 202
     assert [r.split(b" ", 2)[:2] for r in seen] == [[b"GET", b"/warm"], [b"POST", b"/submit"]]
+
+
+async def _serve_once(head: bytes, body: bytes) -> asyncio.Server:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(head % len(body) + body)
+            await writer.drain()
+
+    return await asyncio.start_server(handler, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("plain", [True, False])
+async def test_a_compression_bomb_is_a_decoding_error_within_bounded_memory(
+    plain: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gzip body that decodes past MAX_BODY fails as httpx's decoder fails, and no more than one
+    slice's expansion is held beyond the bound (on the plain path: read whole; on httpx's own path:
+    the stream is decoded slice by slice, so a caller's own cap holds)."""
+    import tracemalloc
+
+    from imagegate import upstream_response
+
+    monkeypatch.setattr(upstream_response, "MAX_BODY", 2 * 1024 * 1024)
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)  # ~64 KB that decode to 64 MiB
+    head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n"
+    server = await _serve_once(head, bomb)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/result"
+    tracemalloc.start()
+    try:
+        async with _client() as client:
+            if plain:
+                with pytest.raises(httpx.DecodingError) as caught:
+                    await client.get(url)
+                assert caught.value.request.url == url
+            else:
+                size = 0
+                async with httpx.AsyncClient.stream(client, "GET", url) as response:
+                    async for part in response.aiter_bytes():
+                        size += len(part)
+                        if size > 2 * 1024 * 1024:  # the caller's own cap (providers/common.read_capped)
+                            break
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        server.close()
+    assert peak < 24 * 1024 * 1024, peak  # not the 64 MiB the body decodes to (a slice expands to ~4 MiB)
+
+
+async def test_an_encoded_body_within_the_bound_reads_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagegate import upstream_response
+
+    monkeypatch.setattr(upstream_response, "MAX_BODY", 100_000)
+    body = b'{"images": "' + b"a" * 99_000 + b'"}'
+    head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n"
+    server = await _serve_once(head, gzip.compress(body))
+    try:
+        async with _client() as client:
+            response = await client.get(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/result")
+    finally:
+        server.close()
+    assert response.content == body and response.json()["images"] == "a" * 99_000
+    assert response.is_closed and response.num_bytes_downloaded == len(gzip.compress(body))

@@ -56,9 +56,10 @@ from imagegate.upstream_wire import (
     WriteTimedOut,
 )
 
-__all__ = ["WireTransport", "bad_header", "call_timeout", "httpx_error", "timeouts", "upstream_client"]
+__all__ = ["DECODE_SLICE", "WireTransport", "bad_header", "call_timeout", "httpx_error", "timeouts", "upstream_client"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+DECODE_SLICE = 4 * 1024  # encoded bytes handed to httpx's decoder at a time (deflate expands up to ~1,000x)
 # What h11 (httpx's own transport) accepts in a request header: a token for a name, no CR, LF,
 # NUL or other whitespace in a value but single spaces/tabs between its parts. Anything else
 # would be written as is here (a CR LF in a value writes a header of its own): refused instead.
@@ -103,14 +104,23 @@ def httpx_error(exc: WireError, request: httpx.Request) -> httpx.TransportError:
 
 
 class _ResponseStream(httpx.AsyncByteStream):
+    """A response body for httpx; an encoded one in slices of DECODE_SLICE bytes, so that one step of
+    httpx's decoder never expands more than one slice (a compression bomb stays bounded by what
+    the caller reads)."""
+
     def __init__(self, response: WireResponse, request: httpx.Request) -> None:
         self._response = response
         self._request = request
+        self._encoded = response.header(b"content-encoding") is not None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.chunks():
-                yield chunk
+                if self._encoded and len(chunk) > DECODE_SLICE:
+                    for start in range(0, len(chunk), DECODE_SLICE):
+                        yield chunk[start:start + DECODE_SLICE]
+                else:
+                    yield chunk
         except WireError as exc:
             raise httpx_error(exc, self._request) from exc
 

@@ -8,15 +8,16 @@ reads one header of any response without building those `headers`.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
 from itertools import chain
 from typing import Any, NamedTuple
 
 import httpx
 
-from imagegate.upstream_http import response_extensions
-from imagegate.upstream_wire import WireResponse
+from imagegate.upstream_http import DECODE_SLICE, response_extensions
+from imagegate.upstream_wire import MAX_BODY, WireResponse
 
-__all__ = ["response_header"]
+__all__ = ["decoded", "response_header"]
 
 
 class _Sent(NamedTuple):
@@ -37,6 +38,32 @@ class _Sent(NamedTuple):
         )
 
 
+class _Slices(httpx.SyncByteStream):
+    """A body in hand, in DECODE_SLICE pieces: what one step of httpx's decoder gets."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def __iter__(self) -> Iterator[bytes]:
+        raw = self.raw
+        for start in range(0, len(raw), DECODE_SLICE):
+            yield raw[start:start + DECODE_SLICE]
+
+
+def decoded(response: httpx.Response) -> bytes:
+    """The body of an encoded response as httpx's `read()` decodes it, at most MAX_BODY bytes of it:
+    a body that decodes to more (a compression bomb) is an `httpx.DecodingError`, with no more than
+    one slice's expansion held beyond the bound."""
+    parts, size = [], 0
+    for part in response.iter_bytes():
+        size += len(part)
+        if size > MAX_BODY:
+            response.close()
+            raise httpx.DecodingError(f"response body decodes to more than {MAX_BODY} bytes", request=response.request)
+        parts.append(part)
+    return b"".join(parts)
+
+
 class _PlainResponse(httpx.Response):
     """A response of the plain path, in the state httpx's `read()` leaves one. What callers seldom
     read is built on first use: `headers`, `extensions`, `stream`, `request`, `elapsed`."""
@@ -53,10 +80,10 @@ class _PlainResponse(httpx.Response):
         """The response to `sent`: `answer`'s status and headers, `raw` its body as read."""
         if answer.header(b"content-encoding") is not None:  # httpx decodes the body, as on its own path
             encoded = cls(
-                answer.status, headers=answer.raw_headers, stream=httpx.ByteStream(raw), request=sent.request(),
+                answer.status, headers=answer.raw_headers, stream=_Slices(raw), request=sent.request(),
                 extensions=response_extensions(answer.reason), default_encoding=default_encoding,
             )
-            encoded.read()  # a decoding error names its request, as httpx's does
+            encoded._content = decoded(encoded)  # a decoding error names its request, as httpx's does
             encoded.elapsed = datetime.timedelta(seconds=seconds)
             return encoded
         # What httpx.Response(...) and then read() set, without running the identity decoder.

@@ -226,3 +226,36 @@ async def test_an_endless_line_or_event_is_a_broken_stream_not_unbounded_memory(
         server.close()
     assert verdict is StreamMiss.BROKEN and stream.unsupported is None
     assert sent < 16 * MAX_EVENT_CHARS  # read no further than the bound (and the socket buffers)
+
+
+async def test_a_compressed_endless_line_is_a_broken_stream_within_bounded_memory(client: httpx.AsyncClient) -> None:
+    """A gzip stream whose one line decodes to 64 MiB: BROKEN once the line passes MAX_EVENT_CHARS,
+    decoded a slice at a time (never the whole chunk at once)."""
+    import tracemalloc
+
+    bomb = gzip.compress(b"x" * (64 * 1024 * 1024), compresslevel=9)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(head % len(bomb) + bomb)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{PATH}"
+    stream = StatusStream(client, 10)
+    tracemalloc.start()
+    try:
+        async with asyncio.timeout(30):
+            verdict = await stream.follow(url, dict(HEADERS), None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        server.close()
+    assert verdict is StreamMiss.BROKEN and stream.unsupported is None
+    assert peak < 24 * 1024 * 1024, peak

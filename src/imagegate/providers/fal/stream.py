@@ -34,7 +34,7 @@ from httpx._decoders import LineDecoder
 from imagegate.providers.fal.progress import ProgressReporter
 from imagegate.providers.fal.wire import sse_event
 from imagegate.settings import FalSettings
-from imagegate.upstream_http import WireTransport, response_extensions, timeouts
+from imagegate.upstream_http import DECODE_SLICE, WireTransport, response_extensions, timeouts
 from imagegate.upstream_plain import UpstreamClient, plain_netloc
 from imagegate.upstream_wire import WireError, WireResponse
 
@@ -145,8 +145,9 @@ class _WireBody(httpx.AsyncByteStream):
         self.answer = answer
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.answer.chunks():
-            yield chunk
+        async for chunk in self.answer.chunks():  # in slices: one step of a decoder expands one slice
+            for start in range(0, len(chunk), DECODE_SLICE):
+                yield chunk[start:start + DECODE_SLICE]
 
 
 class StatusStream:

@@ -236,17 +236,7 @@ async def test_a_compressed_endless_line_is_a_broken_stream_within_bounded_memor
     bomb = gzip.compress(b"x" * (64 * 1024 * 1024), compresslevel=9)
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n"
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(head % len(bomb) + bomb)
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    server = await _script_server([head % len(bomb) + bomb], [])
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{PATH}"
     stream = StatusStream(client, 10)
     tracemalloc.start()
@@ -256,6 +246,6 @@ async def test_a_compressed_endless_line_is_a_broken_stream_within_bounded_memor
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        server.close()
+        await _stop(server)
     assert verdict is StreamMiss.BROKEN and stream.unsupported is None
     assert peak < 24 * 1024 * 1024, peak

@@ -313,8 +313,9 @@ def render(r: dict[str, Any]) -> str:
         "one. The status is asked once before the stream only while that pays for the model (`FirstLook` in "
         "`providers/fal/status.py`: for a 5 s model it stops after the first ~36 jobs). Open streams are capped at "
         "a quarter of the open-file limit less 1,000 (4,000 with this machine's 20,000, which also hold the "
-        "client connections), so at K = 10,000 the jobs beyond the cap poll (columns *polls/job*, *streams/job*): "
-        "5-6 upstream requests per job there, 3-4 at K = 3,000, against the direct client's 8. LiteLLM holds one "
+        "client connections), so at K = 10,000 a job that finds every slot taken polls until a slot frees up, then "
+        "takes the stream (columns *polls/job*, *streams/job*): about 5 upstream requests per job there, 3-4 at "
+        "K = 3,000, against the direct client's 8. LiteLLM holds one "
         "sync call per job; a job that has not finished after 4× the model time + 20 s counts as failed.",
         "- **K = 10,000 in one process.** On 2026-11-29 (`f426a53`) the gateway spent about 1.6 ms of CPU per job "
         "(column *gw CPU* of the burst table divided by K) and took 1.9× the direct client's wall time; 3,000 "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
@@ -124,3 +125,33 @@ async def test_the_stream_teaches_whether_completed_was_its_first_event(body: by
         server.close()
     assert found == {"status": "COMPLETED"}
     assert learned == [done]
+
+
+async def test_a_job_polling_because_every_stream_was_taken_takes_one_that_frees_up(
+    fal: tuple[FakeFal, LocalServer],
+) -> None:
+    """With one stream slot: the first job streams; the second finds it taken and polls, and at its
+    first poll after the first job ended it follows the stream instead (no more polls)."""
+    fake, srv = fal
+    fake.reset()
+    config = FalSettings(
+        **fal_provider_settings(srv.url, status_stream=True, status_stream_max=1, poll_interval=0.2,
+                                poll_max_interval=0.2)
+    )
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=4)
+    async with upstream_client(limits=limits, timeout=httpx.Timeout(10.0)) as http:
+        transport = FalTransport(http, config)
+        fake.scenario = FalScenario(model_seconds=0.3)
+        first = asyncio.create_task(transport.run_queued(MODEL, PAYLOAD, deadline=time.monotonic() + 10))
+        while not fake.stream_opens:
+            await asyncio.sleep(0.01)
+        fake.scenario = FalScenario(model_seconds=2.0)
+        second = await transport.run_queued(MODEL, PAYLOAD, deadline=time.monotonic() + 10)
+        assert (await first).body["images"] and second.body["images"]
+        assert transport.stream.open == 0
+    second_id = second.request_id
+    assert fake.stream_opens[0] != second_id and fake.stream_opens[1:] == [second_id]
+    polls = [r for r in fake.requests if r.path.endswith(f"{second_id}/status")]
+    # the look, poll 0 when the stream was busy, then ~0.2 s polls until the first job's end (0.3 s):
+    # a few, not the ~10 that 2 s of polling would take
+    assert 1 <= len(polls) <= 5, len(polls)

@@ -123,12 +123,26 @@ class StatusFollower:
                 return status
             if status is StreamMiss.BROKEN:
                 log.info("fal status stream broke for %s; polling instead", handle.request_id)
+            return await self.poll_status(handle, report, start=interval, stream_later=status is StreamMiss.BUSY)
         return await self.poll_status(handle, report, start=interval)
 
     async def poll_status(
-        self, handle: QueueHandle, report: ProgressReporter | None = None, *, start: float | None = None
+        self,
+        handle: QueueHandle,
+        report: ProgressReporter | None = None,
+        *,
+        start: float | None = None,
+        stream_later: bool = False,
     ) -> dict[str, Any]:
-        async for _ in poll_delays(start=start or self.config.poll_interval, cap=self.config.poll_max_interval):
+        """Poll to COMPLETED. `stream_later`: the stream was busy (every slot taken); at each later
+        poll time a slot free by then follows the job on the stream instead (one request to its end,
+        and the end seen at once); if that stream fails, the job is polled at once and from then on."""
+        async for number in poll_delays(start=start or self.config.poll_interval, cap=self.config.poll_max_interval):
+            if stream_later and number and self.stream.free():
+                status = await self.stream_status(handle, report)
+                if not isinstance(status, StreamMiss):
+                    return status
+                stream_later = status is StreamMiss.BUSY  # (broken or not served: poll from now on)
             body = await self.status_once(handle, report)
             if body.get("status") == "COMPLETED":
                 return body

@@ -171,6 +171,10 @@ class StatusStream:
     def usable(self) -> bool:
         return self.unsupported is None
 
+    def free(self) -> bool:
+        """A stream would be opened now (served, and a slot free)."""
+        return self.unsupported is None and self.open < self.max_open
+
     async def follow(
         self,
         url: str,

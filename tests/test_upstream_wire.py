@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+import imagegate.upstream_conn as upstream_conn
 import imagegate.upstream_wire as wire
 from imagegate.providers.common import never_sent
 from imagegate.upstream_http import WireTransport, upstream_client
@@ -156,19 +157,19 @@ def reset(conn: Conn) -> None:
 # -- the client side, and the pool's bookkeeping --
 
 
-conns: list[Any] = []  # every wire._Conn made during the test
+conns: list[Any] = []  # every wire.Connection made during the test
 
 
 @pytest.fixture(autouse=True)
 def track_conns(monkeypatch: pytest.MonkeyPatch) -> None:
     conns.clear()
-    made = wire._Conn.connection_made
+    made = wire.Connection.connection_made
 
     def connection_made(self: Any, transport: asyncio.BaseTransport) -> None:
         conns.append(self)
         made(self, transport)
 
-    monkeypatch.setattr(wire._Conn, "connection_made", connection_made)
+    monkeypatch.setattr(wire.Connection, "connection_made", connection_made)
 
 
 def client_of(
@@ -207,7 +208,8 @@ async def check_slots(pool: WirePool, *servers: Server) -> None:
     assert not [c for c in conns if c.counted and c.origin.pool is pool and not c.alive]
     scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
     timers = [
-        h for h in scheduled if not h.cancelled() and isinstance(getattr(h._callback, "__self__", None), wire._Conn)
+        h for h in scheduled
+        if not h.cancelled() and isinstance(getattr(h._callback, "__self__", None), wire.Connection)
     ]
     assert not timers  # no read timer outlives its exchange
     if servers:
@@ -400,7 +402,7 @@ async def test_endless_response_head_is_cut_off(serve: Any) -> None:
 async def test_whole_body_over_max_body_is_refused(
     serve: Any, monkeypatch: pytest.MonkeyPatch, framing: str
 ) -> None:
-    monkeypatch.setattr(wire, "MAX_BODY", 1000)
+    monkeypatch.setattr(upstream_conn, "MAX_BODY", 1000)  # where the connection reads it
 
     async def handler(conn: Conn) -> None:
         while (raw := await conn.request()) is not None:
@@ -602,14 +604,14 @@ async def test_cancelled_as_the_answer_completes_leaves_the_pooled_connection_al
     pool and handed to the next waiter, is not closed by the cancelled caller."""
     server, url = await serve(keep_alive)
     victim: list[asyncio.Task[Any]] = []
-    received = wire._Conn.data_received
+    received = wire.Connection.data_received
 
     def data_received(self: Any, data: bytes) -> None:
         if victim:
             victim.pop().cancel()  # its waiter is cancelled before the answer is parsed
         received(self, data)
 
-    monkeypatch.setattr(wire._Conn, "data_received", data_received)
+    monkeypatch.setattr(wire.Connection, "data_received", data_received)
     async with client_of(max_connections=1) as client:
         await client.get(f"{url}/warm")
         first = asyncio.create_task(client.get(f"{url}/first"))

@@ -321,12 +321,15 @@ def render(r: dict[str, Any]) -> str:
         "(column *gw CPU* of the burst table divided by K) and took 1.9× the direct client's wall time; 3,000 "
         "fired at one instant (`--only inflight`) took 1.38×. The upstream client was the largest part of a py-spy "
         "profile (aiohttp's request and response machinery about a quarter, its connection setup 5 %). With "
-        "`upstream_wire.py` and the learned first status look the gateway spends 1.0-1.1 ms per job and both "
-        "meet 1.3×: 1.18-1.20× at K = 10,000 in the three runs of this code (1.22-1.31× before the learned "
-        "look). What is left per job: socket writes on both hops (about a fifth of the profile: on loopback a "
-        "write also runs the receiver's side of TCP), the event loop (~13 %), uvicorn's protocol (~10 %) and the "
-        "gateway's own request handling. The margin is thin on two cores shared with the fake and the load "
-        "client; `--workers 2` gives more (table above).",
+        "`upstream_wire.py`, the learned first status look and streams taken as slots free up (every job then "
+        "streams: column *streams/job*), the gateway spends about 1 ms per job and both meet 1.3×: at K = 10,000 "
+        "0.90-1.25× over the eight runs of this code (this report's among them), the spread being the shared "
+        "machine's. What is left per job: socket writes on both hops (about a fifth of a py-spy profile: on "
+        "loopback a write also runs the receiver's side of TCP), the event loop itself (~15 %), uvicorn's protocol "
+        "(~10 %) and the gateway's own request handling, no item above 4 %. `/healthz` is answered in the read "
+        "callback, so its latency is the length of the event-loop iteration it arrives in: the faster a burst is "
+        "worked through, the more callbacks an iteration holds (28-75 ms at p99 in these runs, once 154 ms; "
+        "`--workers 2`, whose two processes share the two cores with the fake and the client, above 100 ms).",
         "- **Is the harness the bottleneck?** The load client and the fake use a fraction of a millisecond of CPU "
         "per request (columns *client* and *fake*) against several milliseconds for either proxy, and a second fake "
         "process changes the direct client's throughput little.",

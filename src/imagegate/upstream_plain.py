@@ -140,7 +140,7 @@ def _host_first(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 class UpstreamClient(httpx.AsyncClient):
-    """httpx's client on `AiohttpTransport`. A plain call (`get`/`post`/`put`/... with at most
+    """httpx's client on `WireTransport`. A plain call (`get`/`post`/`put`/... with at most
     headers, a JSON or bytes body and a timeout, to a URL httpx sends unchanged) goes straight to
     the pool: the same request on the wire, the same `httpx.Response` (body read, decoded by httpx),
     the same httpx exceptions, the same `httpx` log line; without httpx's request, auth, redirect

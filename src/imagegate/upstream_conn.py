@@ -130,12 +130,16 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks --
 
     def on_status(self, status: bytes) -> None:
-        assert self.response is not None
-        self.response.reason = status.decode("latin-1")
+        response = self.response
+        if response is None:  # a second answer after the one asked for: the connection is not reused
+            raise BadResponse("bytes after the response")
+        response.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        self.response.raw_headers.append((name, value))
+        response = self.response
+        if response is None:
+            raise BadResponse("bytes after the response")
+        response.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -171,11 +175,13 @@ class Connection(asyncio.Protocol):
             response._wake()
 
     def on_message_complete(self) -> None:
-        response = self.response
-        if response is None or not self.head_done:  # the end of an informational response
+        """The answer is complete. The parser goes on to a next message, as llhttp does on a kept-
+        alive connection (not by raising: an exception per answer would leave a reference cycle of
+        its traceback's frames per upstream request for the collector); bytes of an answer nobody
+        asked for then fail in `on_status` and the connection is closed."""
+        if self.response is None or not self.head_done:  # the end of an informational response
             return
         self._complete()
-        raise _Stop  # bytes after the answer (none expected) are not parsed
 
     # -- the exchange --
 
@@ -281,12 +287,10 @@ class Connection(asyncio.Protocol):
             self.alive and self.sent and not self.expect_body_until_eof and not self.head_only
             and self.parser.should_keep_alive()
         )  # (an answer that came before the request's body was all sent: the connection is not reused)
-        if reusable:
-            self.parser = httptools.HttpResponseParser(self)  # llhttp's state after a message: start afresh
-            if self.reading_paused:  # the body's last bytes filled the buffer: the next exchange reads
-                self.reading_paused = False
-                assert self.transport is not None
-                self.transport.resume_reading()
+        if reusable and self.reading_paused:  # the body's last bytes filled the buffer: the next exchange reads
+            self.reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
         self._head_arrived(response)
         response._wake()
         if reusable:

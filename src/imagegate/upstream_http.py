@@ -37,8 +37,8 @@ import asyncio
 import http.cookiejar
 import re
 import ssl
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, AnyStr
 
 import httpx
 
@@ -56,9 +56,13 @@ from imagegate.upstream_wire import (
     WriteTimedOut,
 )
 
-__all__ = ["DECODE_SLICE", "WireTransport", "bad_header", "call_timeout", "httpx_error", "timeouts", "upstream_client"]
+__all__ = [
+    "DECODE_SLICE", "DEFAULT_PORTS", "WireBody", "WireTransport", "bad_header", "call_timeout", "decode_slices",
+    "host_first", "httpx_error", "timeouts", "upstream_client",
+]
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST = frozenset({b"host", "host"})  # the header's name, lower case, as bytes (httpx's lists) or str
 DECODE_SLICE = 4 * 1024  # encoded bytes handed to httpx's decoder at a time (deflate expands up to ~1,000x)
 # What h11 (httpx's own transport) accepts in a request header: a token for a name, no CR, LF,
 # NUL or other whitespace in a value but single spaces/tabs between its parts. Anything else
@@ -76,11 +80,22 @@ def bad_header(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-def host_first(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The header list in the order h11 (httpx's own transport) writes it: `Host` first."""
-    if not headers or headers[0][0].lower() == b"host" or not any(k.lower() == b"host" for k, _ in headers):
+def host_first(headers: list[tuple[AnyStr, AnyStr]]) -> list[tuple[AnyStr, AnyStr]]:
+    """The header list (of bytes or of str) in the order h11 (httpx's own transport) writes it:
+    `Host` first."""
+    if not headers or headers[0][0].lower() in _HOST or not any(k.lower() in _HOST for k, _ in headers):
         return headers
-    return [p for p in headers if p[0].lower() == b"host"] + [p for p in headers if p[0].lower() != b"host"]
+    return [p for p in headers if p[0].lower() in _HOST] + [p for p in headers if p[0].lower() not in _HOST]
+
+
+def decode_slices(chunk: bytes) -> Iterator[bytes]:
+    """`chunk` in pieces of at most DECODE_SLICE bytes: what one step of httpx's decoder is handed,
+    so that it never expands more than one slice at once (a compression bomb stays bounded)."""
+    if len(chunk) <= DECODE_SLICE:
+        yield chunk
+        return
+    for start in range(0, len(chunk), DECODE_SLICE):
+        yield chunk[start:start + DECODE_SLICE]
 
 
 def refused_header(name: str, request: httpx.Request) -> httpx.LocalProtocolError:
@@ -103,10 +118,9 @@ def httpx_error(exc: WireError, request: httpx.Request) -> httpx.TransportError:
     return httpx.ReadError(message, request=request)
 
 
-class _ResponseStream(httpx.AsyncByteStream):
-    """A response body for httpx; an encoded one in slices of DECODE_SLICE bytes, so that one step of
-    httpx's decoder never expands more than one slice (a compression bomb stays bounded by what
-    the caller reads)."""
+class WireBody(httpx.AsyncByteStream):
+    """A response body from the pool as an httpx stream, its failures httpx's; an encoded one in
+    `decode_slices` (a compression bomb stays bounded by what the caller reads)."""
 
     def __init__(self, response: WireResponse, request: httpx.Request) -> None:
         self._response = response
@@ -116,9 +130,9 @@ class _ResponseStream(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.chunks():
-                if self._encoded and len(chunk) > DECODE_SLICE:
-                    for start in range(0, len(chunk), DECODE_SLICE):
-                        yield chunk[start:start + DECODE_SLICE]
+                if self._encoded:
+                    for piece in decode_slices(chunk):
+                        yield piece
                 else:
                     yield chunk
         except WireError as exc:
@@ -153,7 +167,7 @@ class WireTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         scheme = url.scheme
-        if scheme not in _DEFAULT_PORTS:
+        if scheme not in DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol '{scheme}://'.", request=request)
         if not url.host:
             raise httpx.UnsupportedProtocol("Request URL is missing a host.", request=request)
@@ -163,7 +177,7 @@ class WireTransport(httpx.AsyncBaseTransport):
             raise refused_header(bad, request)
         pool = self.pool()
         sni = request.extensions.get("sni_hostname")
-        origin = pool.origin(scheme, url.host, url.port or _DEFAULT_PORTS[scheme], sni)
+        origin = pool.origin(scheme, url.host, url.port or DEFAULT_PORTS[scheme], sni)
         method = request.method.encode("ascii")
         head = b"".join(
             [method, b" ", url.raw_path, b" HTTP/1.1\r\n",
@@ -192,7 +206,7 @@ class WireTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
-            stream=_ResponseStream(response, request),
+            stream=WireBody(response, request),
             extensions=response_extensions(response.reason),
         )
 

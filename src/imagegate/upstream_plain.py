@@ -29,7 +29,15 @@ from typing import Any, NamedTuple
 import httpx
 from httpx._client import ClientState, UseClientDefault
 
-from imagegate.upstream_http import WireTransport, _NoCookies, bad_header, httpx_error, timeouts
+from imagegate.upstream_http import (
+    DEFAULT_PORTS,
+    WireTransport,
+    _NoCookies,
+    bad_header,
+    host_first,
+    httpx_error,
+    timeouts,
+)
 from imagegate.upstream_response import _PlainResponse, _Sent
 from imagegate.upstream_wire import IDEMPOTENT, WireError
 
@@ -44,7 +52,6 @@ _PLAIN_ORIGIN = re.compile(
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")  # httpx quotes it
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:[/?]|\Z)")  # httpx removes it
-_DEFAULT_PORTS = {"http": "80", "https": "443"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CACHED = 256  # entries per cache below; a full cache starts again (the working set is a handful)
 _httpx_log = logging.getLogger("httpx")
@@ -71,12 +78,12 @@ def _origin(prefix: str) -> _Origin | None:
     match = _PLAIN_ORIGIN.fullmatch(prefix)
     origin = None
     if match is not None and (
-        match["port"] is None or (match["port"] != _DEFAULT_PORTS[match["scheme"]] and int(match["port"]) <= 65535)
+        match["port"] is None or (int(match["port"]) != DEFAULT_PORTS[match["scheme"]] and int(match["port"]) <= 65535)
     ):
         port = None if match["port"] is None else int(match["port"])
         scheme, host = match["scheme"], match["host"]
         origin = _Origin(
-            match["netloc"], (scheme, host, port), (scheme, host, port or int(_DEFAULT_PORTS[scheme])), len(prefix)
+            match["netloc"], (scheme, host, port), (scheme, host, port or DEFAULT_PORTS[scheme]), len(prefix)
         )
     if len(_origins) >= _CACHED:
         _origins.clear()
@@ -132,11 +139,6 @@ class _Merged(NamedTuple):
 class _Target(NamedTuple):
     origin: _Origin
     merged: _Merged
-
-
-def _host_first(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The header list in the order h11 (httpx's own transport) writes it: `Host` first."""
-    return [p for p in headers if p[0].lower() == "host"] + [p for p in headers if p[0].lower() != "host"]
 
 
 class UpstreamClient(httpx.AsyncClient):
@@ -208,7 +210,7 @@ class UpstreamClient(httpx.AsyncClient):
         merged, origin = target.merged, target.origin
         if "host" in merged.present:  # the caller's own Host: first on the wire, as h11 writes it
             wire = list(merged.pairs)
-            lines = "".join(f"{name}: {value}\r\n" for name, value in _host_first(wire))
+            lines = "".join(f"{name}: {value}\r\n" for name, value in host_first(wire))
             data = f"GET {url[origin.path:]} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
             return origin.key, wire, data
         wire = [("Host", origin.netloc), *merged.pairs]
@@ -322,7 +324,7 @@ class UpstreamClient(httpx.AsyncClient):
         sent = _Sent(method, url, wire, body, timeouts_)
         lines = [f"{method} {url[origin.path:]} HTTP/1.1\r\n"]
         if "host" in present:  # the caller's own Host: first on the wire, as h11 writes it
-            lines += [f"{name}: {value}\r\n" for name, value in _host_first(wire)]
+            lines += [f"{name}: {value}\r\n" for name, value in host_first(wire)]
         else:
             lines += [f"{name}: {value}\r\n" for name, value in wire[:before]]
             lines.append(merged.lines)

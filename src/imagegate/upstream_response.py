@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from imagegate.upstream_http import DECODE_SLICE, response_extensions
+from imagegate.upstream_http import decode_slices, response_extensions
 from imagegate.upstream_wire import MAX_BODY, WireResponse
 
 __all__ = ["decoded", "response_header"]
@@ -39,15 +39,13 @@ class _Sent(NamedTuple):
 
 
 class _Slices(httpx.SyncByteStream):
-    """A body in hand, in DECODE_SLICE pieces: what one step of httpx's decoder gets."""
+    """A body in hand, in `decode_slices`: what one step of httpx's decoder gets."""
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
 
     def __iter__(self) -> Iterator[bytes]:
-        raw = self.raw
-        for start in range(0, len(raw), DECODE_SLICE):
-            yield raw[start:start + DECODE_SLICE]
+        return decode_slices(self.raw)
 
 
 def decoded(response: httpx.Response) -> bytes:

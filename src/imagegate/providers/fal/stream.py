@@ -34,9 +34,9 @@ from httpx._decoders import LineDecoder
 from imagegate.providers.fal.progress import ProgressReporter
 from imagegate.providers.fal.wire import sse_event
 from imagegate.settings import FalSettings
-from imagegate.upstream_http import DECODE_SLICE, WireTransport, response_extensions, timeouts
+from imagegate.upstream_http import WireBody, WireTransport, response_extensions, timeouts
 from imagegate.upstream_plain import UpstreamClient, plain_netloc
-from imagegate.upstream_wire import WireError, WireResponse
+from imagegate.upstream_wire import WireError
 
 __all__ = [
     "NO_STREAM_STATUSES", "SSE_READ_TIMEOUT", "StatusStream", "StreamMiss", "stream_slots", "stream_url",
@@ -135,19 +135,6 @@ class _Events:
         if event is not None:
             self.count += 1
         return event
-
-
-class _WireBody(httpx.AsyncByteStream):
-    """A response body from the pool as an httpx stream (for httpx to decode a compressed body or a
-    declared charset)."""
-
-    def __init__(self, answer: WireResponse) -> None:
-        self.answer = answer
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.answer.chunks():  # in slices: one step of a decoder expands one slice
-            for start in range(0, len(chunk), DECODE_SLICE):
-                yield chunk[start:start + DECODE_SLICE]
 
 
 class StatusStream:
@@ -249,10 +236,10 @@ class StatusStream:
                 encoding, str
             ):
                 # httpx decodes these (a compressed body, a declared charset) as on its own path
+                request = httpx.Request("GET", url, headers=wire)
                 response = httpx.Response(
-                    answer.status, headers=answer.raw_headers, stream=_WireBody(answer),
-                    extensions=response_extensions(answer.reason), default_encoding=encoding,
-                    request=httpx.Request("GET", url, headers=wire),
+                    answer.status, headers=answer.raw_headers, stream=WireBody(answer, request),
+                    extensions=response_extensions(answer.reason), default_encoding=encoding, request=request,
                 )
                 return await _completed(events, response.aiter_text(), report)
             text = codecs.getincrementaldecoder(encoding)(errors="replace")

@@ -8,12 +8,13 @@ import asyncio
 import gzip
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
 from imagegate.providers.common import never_sent
-from imagegate.upstream_http import call_timeout, timeouts, upstream_client
+from imagegate.upstream_http import WireTransport, call_timeout, timeouts, upstream_client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -195,3 +196,19 @@ def test_a_call_timeout_is_httpx_s(seconds: float, connect: float) -> None:
     built, expected = call_timeout(seconds, connect=connect), httpx.Timeout(seconds, connect=connect)
     assert (built, built.as_dict(), repr(built)) == (expected, expected.as_dict(), repr(expected))
     assert httpx.Timeout(built) == expected  # what httpx makes of it when handed one
+
+
+async def test_the_gateway_s_client_allows_1000_per_origin_plus_the_fal_stream_slots(tmp_path: Path) -> None:
+    """README: at most 1,000 connections per upstream origin plus one per fal status stream slot,
+    at most 1,000 idle ones kept, idle ones closed after 4 s (the pool's limits, which the tests of
+    upstream_wire hold it to)."""
+    from tests.conftest import gateway_settings
+
+    from imagegate.app import create_app
+
+    app = create_app(gateway_settings(tmp_path, providers={"fal": {"status_stream_max": 7}}))
+    transport = app.state.http._transport
+    assert isinstance(transport, WireTransport)
+    pool = transport.pool()
+    assert (pool.limit, pool.max_idle, pool.keepalive) == (1007, 1000, 4)
+    await app.state.http.aclose()

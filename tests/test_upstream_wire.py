@@ -286,6 +286,25 @@ async def test_get_on_a_connection_closed_unanswered_is_retried_once_on_a_new_on
     assert [r.split(b" ")[1] for r in server.requests] == [b"/a", b"/b", b"/b", b"/c", b"/c"]
 
 
+async def test_put_on_a_connection_closed_unanswered_is_retried_once_as_a_get_is(serve: Any) -> None:
+    """PUT is idempotent (an upload to storage): sent once more on a new connection, as README says."""
+
+    async def handler(conn: Conn) -> None:
+        raw = await conn.request()
+        assert raw is not None
+        await conn.send(answer(200, raw.split(b" ")[1]))
+        await conn.request()
+        conn.writer.close()
+
+    server, url = await serve(handler)
+    async with client_of() as client:
+        assert (await client.put(f"{url}/a", content=b"one")).content == b"/a"
+        assert (await client.put(f"{url}/b", content=b"two")).content == b"/b"
+        await check_slots(pool_of(client), server)
+    assert server.accepted == 2
+    assert [r.split(b" ")[:2] for r in server.requests] == [[b"PUT", b"/a"], [b"PUT", b"/b"], [b"PUT", b"/b"]]
+
+
 async def test_get_retried_on_a_new_connection_that_also_closes_fails(serve: Any) -> None:
     async def handler(conn: Conn) -> None:
         await conn.request()

@@ -141,6 +141,21 @@ class _Target(NamedTuple):
     merged: _Merged
 
 
+def _head(method: str, url: str, origin: _Origin, merged: _Merged, wire: list[tuple[str, str]], before: int) -> str:
+    """The request line and header block as h11 writes them. `wire` is the header list sent:
+    `before` headers (Host unless given, a zero Content-Length when due), `merged.pairs`, then
+    the body's; the merged part is written from `merged.lines`, built once per header set."""
+    lines = [f"{method} {url[origin.path:]} HTTP/1.1\r\n"]
+    if "host" in merged.present:  # the caller's own Host: first on the wire, as h11 writes it
+        lines += [f"{name}: {value}\r\n" for name, value in host_first(wire)]
+    else:
+        lines += [f"{name}: {value}\r\n" for name, value in wire[:before]]
+        lines.append(merged.lines)
+        lines += [f"{name}: {value}\r\n" for name, value in wire[before + len(merged.pairs):]]
+    lines.append("\r\n")
+    return "".join(lines)
+
+
 class UpstreamClient(httpx.AsyncClient):
     """httpx's client on `WireTransport`. A plain call (`get`/`post`/`put`/... with at most
     headers, a JSON or bytes body and a timeout, to a URL httpx sends unchanged) goes straight to
@@ -208,14 +223,10 @@ class UpstreamClient(httpx.AsyncClient):
         if target is None:
             return None
         merged, origin = target.merged, target.origin
-        if "host" in merged.present:  # the caller's own Host: first on the wire, as h11 writes it
-            wire = list(merged.pairs)
-            lines = "".join(f"{name}: {value}\r\n" for name, value in host_first(wire))
-            data = f"GET {url[origin.path:]} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
-            return origin.key, wire, data
-        wire = [("Host", origin.netloc), *merged.pairs]
-        data = f"GET {url[origin.path:]} HTTP/1.1\r\nHost: {origin.netloc}\r\n{merged.lines}\r\n".encode("latin-1")
-        return origin.key, wire, data
+        wire = [] if "host" in merged.present else [("Host", origin.netloc)]
+        before = len(wire)
+        wire += merged.pairs
+        return origin.key, wire, _head("GET", url, origin, merged, wire, before).encode("latin-1")
 
     def _plain_client_state(self) -> bool:
         """No auth, mounts, event hooks, base path, query params or cookies: nothing httpx would
@@ -322,15 +333,7 @@ class UpstreamClient(httpx.AsyncClient):
         if typed and "content-type" not in present:
             wire.append(("Content-Type", "application/json"))
         sent = _Sent(method, url, wire, body, timeouts_)
-        lines = [f"{method} {url[origin.path:]} HTTP/1.1\r\n"]
-        if "host" in present:  # the caller's own Host: first on the wire, as h11 writes it
-            lines += [f"{name}: {value}\r\n" for name, value in host_first(wire)]
-        else:
-            lines += [f"{name}: {value}\r\n" for name, value in wire[:before]]
-            lines.append(merged.lines)
-            lines += [f"{name}: {value}\r\n" for name, value in wire[before + len(merged.pairs):]]
-        lines.append("\r\n")
-        data = "".join(lines).encode("latin-1")
+        data = _head(method, url, origin, merged, wire, before).encode("latin-1")
         if body:
             data += body
         pool = transport.pool()
